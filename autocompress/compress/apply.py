@@ -1,0 +1,120 @@
+"""Apply a plan to a model: every block linear compressed by its LayerConfig (fake-quant).
+
+The result is an ordinary float model whose weights hold the dequantized values (and, for
+low-rank layers, two stacked linears), which is what quality evaluation needs. Packed storage
+and fast kernels live in runtime/.
+
+Calibration: RTN and magnitude pruning need none. GPTQ and Wanda need each layer's input
+statistics; by default they are taken *sequentially*, block by block through the already
+compressed prefix (as GPTQ's reference code does); ``mode="parallel"`` takes them all from the
+uncompressed model in one pass (faster, and reusable across plans via ``stats=``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import AutocompressError
+from ..model import LayerInfo, LoadedModel
+from ..plan import LayerConfig, Plan
+from .calibration import InputStats, collect_stats, sequential
+from .weights import CompressedLayer, LayerStats, compress_weight
+
+
+class LowRankLinear(nn.Module):
+    """y = A (B x) + bias: a linear layer stored as two factors."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, dtype):
+        super().__init__()
+        self.down = nn.Linear(b.shape[1], b.shape[0], bias=False, dtype=dtype)
+        self.up = nn.Linear(a.shape[1], a.shape[0], bias=bias is not None, dtype=dtype)
+        with torch.no_grad():
+            self.down.weight.copy_(b)
+            self.up.weight.copy_(a)
+            if bias is not None:
+                self.up.bias.copy_(bias)
+        self.in_features, self.out_features = b.shape[1], a.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+def needs_calibration(configs: Iterable[LayerConfig]) -> bool:
+    return any(cfg.method == "gptq" and cfg.bits < 16
+               or (cfg.is_pruned and cfg.prune_method == "wanda") for cfg in configs)
+
+
+def _layer_stats(stats: InputStats | None) -> LayerStats | None:
+    if stats is None:
+        return None
+    return LayerStats(H=stats.hessian, act_norm=stats.act_norm, n_samples=stats.n_samples)
+
+
+def _install(model: nn.Module, name: str, compressed: CompressedLayer) -> None:
+    module = model.get_submodule(name)
+    dtype = module.weight.dtype
+    if len(compressed.factors) == 1:
+        with torch.no_grad():
+            module.weight.copy_(compressed.factors[0].to(dtype))
+        return
+    a, b = compressed.factors
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, LowRankLinear(a, b, module.bias, dtype))
+
+
+def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[str, LayerConfig],
+                     stats: dict[str, InputStats] | None) -> None:
+    for layer in layers:
+        cfg = configs[layer.name]
+        if cfg.is_identity:
+            # stored in float16: round-trip so evaluation sees what deployment would
+            module = model.get_submodule(layer.name)
+            with torch.no_grad():
+                module.weight.copy_(module.weight.half().float())
+            continue
+        weight = model.get_submodule(layer.name).weight.detach().float()
+        layer_stats = _layer_stats(stats.get(layer.name)) if stats else None
+        _install(model, layer.name, compress_weight(weight, cfg, layer_stats))
+
+
+def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
+                   calib_windows: torch.Tensor | None = None, mode: str = "sequential",
+                   stats: dict[str, InputStats] | None = None, progress: bool = True) -> nn.Module:
+    """A compressed copy of ``loaded.model`` (the original is left untouched)."""
+    names = [layer.name for layer in loaded.layers]
+    configs = plan.resolve(names) if isinstance(plan, Plan) else plan
+    missing = [n for n in names if n not in configs]
+    if missing:
+        raise AutocompressError(f"no config for layer(s) {missing[:3]}")
+    model = copy.deepcopy(loaded.model)
+    active = [layer for layer in loaded.layers if not configs[layer.name].is_identity]
+    calibrate = needs_calibration(configs[layer.name] for layer in active)
+    if calibrate and stats is None and calib_windows is None:
+        raise AutocompressError(
+            "this plan uses GPTQ or Wanda, which need calibration text (--calib-text, or the "
+            "default corpus)"
+        )
+    if not calibrate or stats is not None or mode == "parallel":
+        if calibrate and stats is None:
+            stats = collect_stats(model, active, calib_windows, progress=progress)
+        layers = loaded.layers
+        for layer in tqdm(layers, desc="compress", disable=not progress, leave=False):
+            _compress_layers(model, [layer], configs, stats)
+        return model
+    if mode != "sequential":
+        raise AutocompressError(f"unknown calibration mode {mode!r}: use sequential or parallel")
+    # identity layers first (fp16 rounding), then the rest block by block
+    _compress_layers(model, [l for l in loaded.layers if configs[l.name].is_identity], configs, None)
+
+    def compress_block(_index: int, block_stats: dict[str, InputStats]) -> None:
+        block_layers = [l for l in active if l.name in block_stats]
+        _compress_layers(model, block_layers, configs, block_stats)
+
+    sequential(model, active, calib_windows, compress_block, progress=progress)
+    return model

@@ -1,0 +1,188 @@
+"""Calibration statistics of each linear layer's input: H = E[x xᵀ] and ‖X_j‖₂.
+
+Layers that read the same tensor (q/k/v read the attention norm's output, gate/up the MLP
+norm's) share one accumulator, so H is computed once per distinct input.
+
+Two ways to run the model:
+- ``collect_stats``: one pass of the unchanged model (all layers see uncompressed inputs);
+- ``BlockRunner``: block by block, as GPTQ's reference implementation does, so that each block's
+  statistics can be taken *through the already-compressed prefix* (sequential mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..model import LayerInfo
+
+# Which layers read the same input tensor inside a Llama block.
+_INPUT_GROUP = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
+                "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
+
+
+def input_group(layer: LayerInfo) -> tuple[Any, str]:
+    return (layer.block, _INPUT_GROUP.get(layer.kind, layer.name))
+
+
+class InputAccumulator:
+    """Running sums for one input: Σ x xᵀ (float64) and the token count."""
+
+    def __init__(self, dim: int):
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        self.xtx.addmm_(x.T, x)
+        self.n += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """E[x xᵀ] in float32 (GPTQ's H up to its factor 2)."""
+        return (self.xtx / max(self.n, 1)).float()
+
+    @property
+    def act_norm(self) -> torch.Tensor:
+        """‖X_j‖₂ over all calibration tokens (Wanda's activation norm)."""
+        return self.xtx.diagonal().clamp_min(0).sqrt().float()
+
+
+@dataclass
+class InputStats:
+    hessian: torch.Tensor  # [in, in] E[x xᵀ]
+    act_norm: torch.Tensor  # [in]
+    n_samples: int
+
+
+def _hook_layers(model: nn.Module, layers: Iterable[LayerInfo],
+                 accumulators: dict[tuple, InputAccumulator]) -> list:
+    handles = []
+    seen: set[tuple] = set()
+    for layer in layers:
+        group = input_group(layer)
+        if group in seen:
+            continue
+        seen.add(group)
+        acc = accumulators.setdefault(group, InputAccumulator(layer.in_features))
+
+        def hook(_module, args, acc=acc):
+            acc.add(args[0])
+
+        handles.append(model.get_submodule(layer.name).register_forward_pre_hook(hook))
+    return handles
+
+
+def _stats_by_layer(layers: Iterable[LayerInfo], accumulators: dict[tuple, InputAccumulator]
+                    ) -> dict[str, InputStats]:
+    out: dict[str, InputStats] = {}
+    cache: dict[tuple, InputStats] = {}
+    for layer in layers:
+        group = input_group(layer)
+        if group not in cache:
+            acc = accumulators[group]
+            cache[group] = InputStats(acc.hessian, acc.act_norm, acc.n)
+        out[layer.name] = cache[group]  # shared object: q/k/v hold the same H
+    return out
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,
+                  progress: bool = True) -> dict[str, InputStats]:
+    """Input statistics of every layer in ``layers`` from one pass of ``model`` over windows."""
+    accumulators: dict[tuple, InputAccumulator] = {}
+    handles = _hook_layers(model, layers, accumulators)
+    try:
+        for i in tqdm(range(windows.shape[0]), desc="calibration", disable=not progress, leave=False):
+            model(windows[i:i + 1], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return _stats_by_layer(layers, accumulators)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class BlockRunner:
+    """Runs a Llama-style model one decoder block at a time over calibration windows.
+
+    The inputs of block 0 (hidden states and the keyword arguments the model passes every
+    block: rotary embeddings, mask, positions) are captured once; ``run_block`` then pushes the
+    hidden states through one block, so compressing block b before running it makes every
+    later block see the compressed prefix.
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor):
+        self.model = model
+        self.blocks = model.model.layers
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: list[dict] = []
+        self._capture(windows)
+
+    @torch.no_grad()
+    def _capture(self, windows: torch.Tensor) -> None:
+        def grab(_module, args, kwargs):
+            self.hidden.append(args[0].detach())
+            self.kwargs.append({k: v for k, v in kwargs.items() if k != "past_key_values"})
+            raise _StopForward
+
+        handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for i in range(windows.shape[0]):
+                try:
+                    self.model(windows[i:i + 1], use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def run_block(self, index: int, layers: list[LayerInfo] | None = None
+                  ) -> dict[str, InputStats] | None:
+        """Input stats of ``layers`` (all inside block ``index``) with the block as it is now.
+        Does not advance the hidden states: call ``advance`` after compressing the block."""
+        if not layers:
+            return None
+        accumulators: dict[tuple, InputAccumulator] = {}
+        handles = _hook_layers(self.model, layers, accumulators)
+        try:
+            for hidden, kwargs in zip(self.hidden, self.kwargs):
+                self.blocks[index](hidden, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return _stats_by_layer(layers, accumulators)
+
+    @torch.no_grad()
+    def advance(self, index: int) -> None:
+        """Replace the hidden states by block ``index``'s outputs (its current weights)."""
+        self.hidden = [_block_output(self.blocks[index](h, **kw))
+                       for h, kw in zip(self.hidden, self.kwargs)]
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def sequential(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,
+               compress_block: Callable[[int, dict[str, InputStats]], None],
+               progress: bool = True) -> None:
+    """For each block in order: take its layers' input stats through the already-compressed
+    prefix, let ``compress_block(block, stats)`` install the compressed weights, then advance."""
+    runner = BlockRunner(model, windows)
+    by_block: dict[int, list[LayerInfo]] = {}
+    for layer in layers:
+        by_block.setdefault(layer.block, []).append(layer)
+    for index in tqdm(range(len(runner.blocks)), desc="sequential", disable=not progress,
+                      leave=False):
+        block_layers = by_block.get(index, [])
+        if block_layers:
+            stats = runner.run_block(index, block_layers)
+            compress_block(index, stats)
+        runner.advance(index)

@@ -1,0 +1,155 @@
+"""Round-to-nearest (RTN) uniform quantization with one scale and zero point per group.
+
+A group is ``group_size`` consecutive input columns of one output row (``-1``: the whole row).
+With b bits and qmax = 2^b − 1 (the GPTQ / AutoGPTQ grid):
+
+- asymmetric: scale = (max − min) / qmax,  zero = round(−min / scale)
+- symmetric:  scale = 2·max|w| / qmax,     zero = 2^(b−1)
+
+codes q = clamp(round(w / scale) + zero, 0, qmax) and dequantized w' = (q − zero) · scale.
+Scales and zeros stay float32. ``round`` is torch's (half to even), as in the reference code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..accounting import n_groups
+
+QuantOption = tuple[int, int, bool]  # (bits, group_size, sym)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes plus per-group parameters; ``dequantize()`` gives the float weight back."""
+
+    q: Tensor  # uint8 codes, [out, in]
+    scale: Tensor  # float32, [out, n_groups]
+    zero: Tensor  # float32, [out, n_groups] (integer-valued)
+    bits: int
+    group_size: int  # -1 = one group per output row
+    sym: bool
+
+    def dequantize(self) -> Tensor:
+        in_features = self.q.shape[1]
+        scale = expand_groups(self.scale, self.group_size, in_features)
+        zero = expand_groups(self.zero, self.group_size, in_features)
+        return dequantize_codes(self.q.float(), scale, zero)
+
+
+def expand_groups(params: Tensor, group_size: int, in_features: int) -> Tensor:
+    """Per-group values [out, n_groups] -> per-column values [out, in]."""
+    return params.repeat_interleave(_group_width(in_features, group_size), dim=1)[:, :in_features]
+
+
+def group_params(w: Tensor, bits: int, group_size: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """(scale, zero), each [out, n_groups], of the RTN grid of every group of ``w``."""
+    _check_grid(bits, group_size)
+    return _params_from_range(*_group_range(_as_matrix(w), group_size), bits, sym)
+
+
+def quantize_with_params(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Codes on a fixed grid, elementwise with broadcasting: clamp(round(w/s) + z, 0, qmax)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize_codes(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """w' = (q − zero) · scale (elementwise, broadcasting)."""
+    return (q - zero) * scale
+
+
+def quantize_rtn(w: Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
+    """Round every weight to the nearest point of its group's grid."""
+    w = _as_matrix(w)
+    scale, zero = group_params(w, bits, group_size, sym)
+    q = quantize_with_params(w, _per_column(scale, group_size, w),
+                             _per_column(zero, group_size, w), bits)
+    return QuantizedWeight(q.to(torch.uint8), scale, zero, bits, group_size, sym)
+
+
+def fake_quantize(w: Tensor, bits: int, group_size: int, sym: bool) -> Tensor:
+    """RTN-quantized then dequantized ``w`` (float32)."""
+    return quantize_rtn(w, bits, group_size, sym).dequantize()
+
+
+def quant_error_many(w: Tensor, options: Sequence[QuantOption], H: Tensor | None = None) -> Tensor:
+    """RTN error of each (bits, group_size, sym) option: ‖ΔW‖_F², or tr(ΔW H ΔWᵀ) given H [in, in].
+
+    With H = E[x xᵀ] the weighted form is the expected squared output error E‖ΔW x‖².
+    Options sharing a group size share one min/max pass over the weight.
+    """
+    w = _as_matrix(w)
+    H = None if H is None else H.float()
+    ranges: dict[int, tuple[Tensor, Tensor]] = {}
+    errors = torch.empty(len(options), dtype=torch.float32)
+    for k, (bits, group_size, sym) in enumerate(options):
+        _check_grid(bits, group_size)
+        if group_size not in ranges:
+            ranges[group_size] = _group_range(w, group_size)
+        scale, zero = _params_from_range(*ranges[group_size], bits, sym)
+        scale, zero = _per_column(scale, group_size, w), _per_column(zero, group_size, w)
+        w_hat = dequantize_codes(quantize_with_params(w, scale, zero, bits), scale, zero)
+        errors[k] = _squared_error(w - w_hat, H)
+    return errors
+
+
+def _squared_error(delta: Tensor, H: Tensor | None) -> Tensor:
+    if H is None:
+        return delta.pow(2).sum()
+    return ((delta @ H) * delta).sum()
+
+
+def _per_column(params: Tensor, group_size: int, w: Tensor) -> Tensor:
+    return expand_groups(params, group_size, w.shape[1])
+
+
+def _params_from_range(wmin: Tensor, wmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    qmax = 2**bits - 1
+    if sym:
+        scale = 2 * torch.maximum(wmin.abs(), wmax.abs()) / qmax
+        # an all-zero group: any positive scale dequantizes it to 0 exactly
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.full_like(scale, 2 ** (bits - 1))
+    scale = (wmax - wmin) / qmax
+    # a constant group c: scale |c| gives zero = −sign(c) and code 0, so w' = sign(c)·|c| = c
+    constant_scale = torch.where(wmin != 0, wmin.abs(), torch.ones_like(wmin))
+    scale = torch.where(scale > 0, scale, constant_scale)
+    return scale, torch.round(-wmin / scale)
+
+
+def _group_range(w: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Per-group (min, max), each [out, n_groups]."""
+    grouped = _grouped(w, group_size)
+    return grouped.amin(dim=2), grouped.amax(dim=2)
+
+
+def _grouped(w: Tensor, group_size: int) -> Tensor:
+    """[out, in] -> [out, n_groups, width]. A ragged last group is padded with copies of the
+    row's last column, which belongs to that group and so changes neither its min nor its max."""
+    out_features, in_features = w.shape
+    width = _group_width(in_features, group_size)
+    pad = n_groups(in_features, group_size) * width - in_features
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(out_features, pad)], dim=1)
+    return w.reshape(out_features, -1, width)
+
+
+def _group_width(in_features: int, group_size: int) -> int:
+    return in_features if group_size == -1 else group_size
+
+
+def _check_grid(bits: int, group_size: int) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"integer quantization needs 1..8 bits, got {bits}")
+    if group_size != -1 and group_size < 1:
+        raise ValueError(f"group_size must be positive or -1 (per channel), got {group_size}")
+
+
+def _as_matrix(w: Tensor) -> Tensor:
+    if w.dim() != 2:
+        raise ValueError(f"expected a [out, in] weight matrix, got shape {tuple(w.shape)}")
+    return w.detach().float()

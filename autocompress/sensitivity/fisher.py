@@ -1,0 +1,39 @@
+"""Empirical Fisher diagonal of the LM loss with respect to each layer's weight.
+
+F_ij = E_w[(∂L_w / ∂W_ij)²] over calibration windows w (L_w: mean next-token loss of window w).
+To second order around a minimum, perturbing W by ΔW raises the loss by about ½ Σ F ⊙ ΔW²
+(the Fisher approximates the Hessian's diagonal), which makes the per-layer costs additive.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..model import LayerInfo
+
+
+def fisher_diagonal(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,
+                    progress: bool = True) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of each layer's weight over ``windows`` [n, L] (one sample per
+    window). Only the listed layers' weights take gradients; the model is left unchanged."""
+    params = {layer.name: model.get_submodule(layer.name).weight for layer in layers}
+    previous = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    try:
+        for i in tqdm(range(windows.shape[0]), desc="fisher", disable=not progress, leave=False):
+            window = windows[i:i + 1]
+            loss = model(window, labels=window, use_cache=False).loss
+            grads = torch.autograd.grad(loss, list(params.values()))
+            for name, grad in zip(params, grads):
+                sums[name].add_(grad.float().square())
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(previous[name])
+    n = windows.shape[0]
+    return {name: s / n for name, s in sums.items()}

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from autocompress.errors import AutocompressError
+from autocompress.plan import LayerConfig, ModelIdentity, Plan, compact_overrides, uniform_plan
+
+LAYERS = {"model.layers.0.self_attn.q_proj": [64, 64], "model.layers.0.mlp.down_proj": [64, 128],
+          "model.layers.1.mlp.down_proj": [64, 128]}
+IDENTITY = ModelIdentity(name="tiny", content_hash="abc", layers=LAYERS)
+
+
+def test_overrides_exact_beats_regex_beats_default():
+    plan = Plan(model=IDENTITY, default=LayerConfig(bits=4),
+                overrides={"re:.*down_proj": {"bits": 8},
+                           "model.layers.1.mlp.down_proj": {"bits": 3, "group_size": 32}})
+    assert plan.config_for("model.layers.0.self_attn.q_proj") == LayerConfig(bits=4)
+    assert plan.config_for("model.layers.0.mlp.down_proj").bits == 8
+    last = plan.config_for("model.layers.1.mlp.down_proj")
+    assert (last.bits, last.group_size) == (3, 32)
+
+
+def test_round_trip(tmp_path):
+    plan = Plan(model=IDENTITY, default=LayerConfig(bits=3, sym=True),
+                overrides={"re:.*q_proj": {"sparsity": 0.5, "prune_method": "magnitude"}},
+                figures={"x": 1})
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1
+    assert set(data["default"]) >= {"bits", "group_size", "sym", "method", "sparsity", "pattern",
+                                    "rank_ratio"}
+    again = Plan.load(path)
+    assert again.resolve(LAYERS) == plan.resolve(LAYERS)
+    assert again.figures == {"x": 1}
+
+
+@pytest.mark.parametrize("fields", [
+    {"bits": 7}, {"group_size": 100}, {"method": "awq"}, {"sparsity": 0.95},
+    {"pattern": "2:4", "sparsity": 0.3}, {"rank_ratio": 0.0}, {"colour": "red"},
+])
+def test_invalid_config_rejected(fields):
+    with pytest.raises(AutocompressError):
+        LayerConfig.from_dict(fields)
+
+
+def test_plan_for_other_model_names_mismatched_layers():
+    plan = uniform_plan(IDENTITY, LayerConfig(bits=4))
+    other = ModelIdentity(name="other", content_hash="zzz",
+                          layers={"model.layers.0.self_attn.q_proj": [64, 32],
+                                  "model.layers.0.mlp.down_proj": [64, 128]})
+    with pytest.raises(AutocompressError) as err:
+        plan.check_model(other)
+    message = str(err.value)
+    assert "model.layers.1.mlp.down_proj" in message  # missing from the other model
+    assert "model.layers.0.self_attn.q_proj" in message  # different shape
+    assert "\n" not in message
+
+
+def test_unknown_override_name_is_an_error():
+    plan = Plan(model=IDENTITY, overrides={"model.layers.0.self_attn.qproj": {"bits": 8}})
+    with pytest.raises(AutocompressError, match="qproj"):
+        plan.check_override_names(LAYERS)
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"schema_version": 99}),
+                                     json.dumps({"schema_version": 1})])
+def test_corrupt_plan_file(tmp_path, content):
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    with pytest.raises(AutocompressError):
+        Plan.load(path)
+
+
+def test_compact_overrides_only_keeps_differences():
+    default = LayerConfig(bits=3)
+    configs = {"a": LayerConfig(bits=3), "b": LayerConfig(bits=8, group_size=32)}
+    assert compact_overrides(configs, default) == {"b": {"bits": 8, "group_size": 32}}
+
+
+def test_short_labels():
+    assert LayerConfig(bits=4).short() == "4b g64 asym rtn"
+    assert LayerConfig(bits=16, pattern="2:4").short() == "fp16 2:4-wanda"
+    assert LayerConfig(bits=3, group_size=-1, sym=True, method="gptq", rank_ratio=0.5).short() == \
+        "3b gch sym gptq r0.50"
