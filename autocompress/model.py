@@ -177,6 +177,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     except OSError as exc:
         raise AutocompressError(f"could not load model from {str(hf_dir)!r}: {exc}") from None
     model.eval()
+    model.requires_grad_(False)  # inference by default; sensitivity proxies enable what they need
     layers, head = discover_layers(model)
     if not layers:
         raise AutocompressError(f"model {spec!r} has no Llama-style q/k/v/o/gate/up/down linears")
