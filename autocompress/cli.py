@@ -175,10 +175,10 @@ def _load_for_plan(args):
 
 
 def _calib_windows(args, loaded, plan):
-    from .compress.apply import needs_calibration
+    from .compress.apply import uses_calibration
     from .data import load_stream
 
-    if not needs_calibration(plan.resolve(l.name for l in loaded.layers).values()):
+    if not uses_calibration(plan.resolve(l.name for l in loaded.layers).values()):
         return None
     stream = load_stream(loaded.tokenizer, args.calib_text, "calib")
     return stream.windows(args.calib_windows, args.window_len)

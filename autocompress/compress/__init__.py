@@ -14,10 +14,18 @@ from .quant import (
     quantize_rtn,
     quantize_with_params,
 )
-from .weights import CompressedLayer, CompressedMatrix, LayerStats, compress_matrix, compress_weight
+from .weights import (
+    CompressedLayer,
+    CompressedMatrix,
+    GPTQSettings,
+    LayerStats,
+    compress_matrix,
+    compress_weight,
+)
 
 __all__ = [
     "GPTQ",
+    "GPTQSettings",
     "CompressedLayer",
     "CompressedMatrix",
     "LayerStats",

@@ -23,7 +23,7 @@ from ..errors import AutocompressError
 from ..model import LayerInfo, LoadedModel
 from ..plan import LayerConfig, Plan
 from .calibration import InputStats, collect_stats, sequential
-from .weights import CompressedLayer, LayerStats, compress_weight
+from .weights import CompressedLayer, GPTQSettings, LayerStats, compress_weight
 
 
 class LowRankLinear(nn.Module):
@@ -45,8 +45,15 @@ class LowRankLinear(nn.Module):
 
 
 def needs_calibration(configs: Iterable[LayerConfig]) -> bool:
+    """GPTQ and Wanda cannot run without input statistics."""
     return any(cfg.method == "gptq" and cfg.bits < 16
                or (cfg.is_pruned and cfg.prune_method == "wanda") for cfg in configs)
+
+
+def uses_calibration(configs: Iterable[LayerConfig]) -> bool:
+    """Also true for low rank, which whitens by the input statistics when it has them."""
+    configs = list(configs)
+    return needs_calibration(configs) or any(cfg.is_low_rank for cfg in configs)
 
 
 def _layer_stats(stats: InputStats | None) -> LayerStats | None:
@@ -69,7 +76,8 @@ def _install(model: nn.Module, name: str, compressed: CompressedLayer) -> None:
 
 
 def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[str, LayerConfig],
-                     stats: dict[str, InputStats] | None) -> None:
+                     stats: dict[str, InputStats] | None,
+                     gptq: GPTQSettings = GPTQSettings()) -> None:
     for layer in layers:
         cfg = configs[layer.name]
         if cfg.is_identity:
@@ -80,12 +88,13 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
             continue
         weight = model.get_submodule(layer.name).weight.detach().float()
         layer_stats = _layer_stats(stats.get(layer.name)) if stats else None
-        _install(model, layer.name, compress_weight(weight, cfg, layer_stats))
+        _install(model, layer.name, compress_weight(weight, cfg, layer_stats, gptq))
 
 
 def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
                    calib_windows: torch.Tensor | None = None, mode: str = "sequential",
-                   stats: dict[str, InputStats] | None = None, progress: bool = True) -> nn.Module:
+                   stats: dict[str, InputStats] | None = None, progress: bool = True,
+                   gptq: GPTQSettings = GPTQSettings()) -> nn.Module:
     """A compressed copy of ``loaded.model`` (the original is left untouched)."""
     names = [layer.name for layer in loaded.layers]
     configs = plan.resolve(names) if isinstance(plan, Plan) else plan
@@ -94,18 +103,19 @@ def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
         raise AutocompressError(f"no config for layer(s) {missing[:3]}")
     model = copy.deepcopy(loaded.model)
     active = [layer for layer in loaded.layers if not configs[layer.name].is_identity]
-    calibrate = needs_calibration(configs[layer.name] for layer in active)
-    if calibrate and stats is None and calib_windows is None:
+    active_configs = [configs[layer.name] for layer in active]
+    if needs_calibration(active_configs) and stats is None and calib_windows is None:
         raise AutocompressError(
             "this plan uses GPTQ or Wanda, which need calibration text (--calib-text, or the "
             "default corpus)"
         )
+    calibrate = uses_calibration(active_configs) and (stats is not None or calib_windows is not None)
     if not calibrate or stats is not None or mode == "parallel":
         if calibrate and stats is None:
             stats = collect_stats(model, active, calib_windows, progress=progress)
         layers = loaded.layers
         for layer in tqdm(layers, desc="compress", disable=not progress, leave=False):
-            _compress_layers(model, [layer], configs, stats)
+            _compress_layers(model, [layer], configs, stats, gptq)
         return model
     if mode != "sequential":
         raise AutocompressError(f"unknown calibration mode {mode!r}: use sequential or parallel")
@@ -114,7 +124,7 @@ def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
 
     def compress_block(_index: int, block_stats: dict[str, InputStats]) -> None:
         block_layers = [l for l in active if l.name in block_stats]
-        _compress_layers(model, block_layers, configs, block_stats)
+        _compress_layers(model, block_layers, configs, block_stats, gptq)
 
     sequential(model, active, calib_windows, compress_block, progress=progress)
     return model

@@ -37,6 +37,15 @@ class LayerStats:
         return None
 
 
+@dataclass(frozen=True)
+class GPTQSettings:
+    """Knobs of GPTQ that are not part of a plan's format (they change how, not what, is stored)."""
+
+    damp: float = 0.01  # λ = damp · mean(diag H)
+    act_order: bool = False  # quantize columns by descending diag(H) (static groups)
+    block_size: int = 128
+
+
 @dataclass
 class CompressedMatrix:
     factor: Tensor  # pruned and dequantized, float32
@@ -57,21 +66,22 @@ class CompressedLayer:
         return self.factors[0] @ self.factors[1]
 
 
-def compress_weight(w: Tensor, cfg: LayerConfig,
-                    stats: LayerStats | None = None) -> CompressedLayer:
+def compress_weight(w: Tensor, cfg: LayerConfig, stats: LayerStats | None = None,
+                    gptq: GPTQSettings = GPTQSettings()) -> CompressedLayer:
     """Apply ``cfg`` to ``w`` [out, in]; ``stats`` (of the layer's input) is needed by GPTQ and
     Wanda, and whitens the low-rank factorisation when it holds H."""
     w = w.detach().float()
     if not cfg.is_low_rank:
-        return _layer([compress_matrix(w, cfg, stats)])
+        return _layer([compress_matrix(w, cfg, stats, gptq)])
     _check_two_four_rank(w, cfg)
     A, B = low_rank_factors(w, cfg.rank_ratio, H=None if stats is None else stats.H)
-    b = compress_matrix(B, cfg, stats)
-    a = compress_matrix(A, cfg, _stats_after(b.factor, stats))
+    b = compress_matrix(B, cfg, stats, gptq)
+    a = compress_matrix(A, cfg, _stats_after(b.factor, stats), gptq)
     return _layer([a, b])
 
 
-def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None) -> CompressedMatrix:
+def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
+                    gptq: GPTQSettings = GPTQSettings()) -> CompressedMatrix:
     """Prune then quantize one matrix (float32 [out, in]) whose input has ``stats``."""
     mask = _prune_mask(w, cfg, stats) if cfg.is_pruned else None
     kept = w if mask is None else prune(w, mask)
@@ -80,7 +90,7 @@ def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None) -> Co
     if cfg.method == "gptq":
         # GPTQ gets the unpruned weight and the mask: it zeroes the pruned weights itself and
         # compensates for them (SparseGPT), which pre-pruning would prevent
-        quantized = _gptq(w, cfg, stats, mask)
+        quantized = _gptq(w, cfg, stats, mask, gptq)
     else:
         # the pruned zeros stay exactly 0: a group holding a 0 has 0 on its grid (code = zero)
         quantized = quantize_rtn(kept, cfg.bits, cfg.group_size, cfg.sym)
@@ -105,8 +115,8 @@ def _prune_mask(w: Tensor, cfg: LayerConfig, stats: LayerStats | None) -> Tensor
     return wanda_mask(w, act_norm, sparsity, cfg.pattern)
 
 
-def _gptq(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
-          mask: Tensor | None) -> QuantizedWeight:
+def _gptq(w: Tensor, cfg: LayerConfig, stats: LayerStats | None, mask: Tensor | None,
+          settings: GPTQSettings) -> QuantizedWeight:
     if stats is None or stats.H is None:
         raise AutocompressError(
             "GPTQ needs calibration data (the layer's input Hessian); "
@@ -114,7 +124,8 @@ def _gptq(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
         )
     # GPTQ's convention is H = 2·E[x xᵀ]
     gptq = GPTQ.from_hessian(w, 2 * stats.H, stats.n_samples)
-    return gptq.quantize(cfg.bits, cfg.group_size, cfg.sym, mask=mask)
+    return gptq.quantize(cfg.bits, cfg.group_size, cfg.sym, damp=settings.damp,
+                         block_size=settings.block_size, act_order=settings.act_order, mask=mask)
 
 
 def _stats_after(B: Tensor, stats: LayerStats | None) -> LayerStats | None:
