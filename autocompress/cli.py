@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="whole footprint: 4GB, 3.5GiB, 80MB, 62000000")
     p.add_argument("--bits", type=_bits_list, default=[2, 3, 4, 8], help="bit widths to choose from")
     p.add_argument("--group-size", type=_group_size, default=64)
+    p.add_argument("--space", default=None,
+                   help="search space YAML (search_spaces/*.yaml); replaces --bits/--group-size")
     p.add_argument("--out", required=True, help="output directory (plan.json, tables)")
     p.add_argument("--holdout-windows", type=_positive_int, default=4,
                    help="held-out calibration windows to measure candidates on")
@@ -231,7 +233,8 @@ def cmd_search(args) -> int:
     from .units import parse_size
 
     budget = parse_size(args.budget)
-    space = SearchSpace.bits_only(args.bits, group_size=args.group_size)
+    space = SearchSpace.from_yaml(args.space) if args.space else \
+        SearchSpace.bits_only(args.bits, group_size=args.group_size)
     loaded = load_model(args.model)
     settings = SearchSettings(budget=budget, context=args.context, batch=args.batch,
                               n_calib=args.calib_windows, n_holdout=args.holdout_windows,

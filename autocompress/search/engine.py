@@ -157,15 +157,14 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
 def _candidates(table: SensitivityTable, space: SearchSpace, capacity: int,
                 footprint_of) -> list[Candidate]:
     cost, size = table.cost_matrix(), table.bytes_matrix()
-    found: list[Candidate] = []
-    seen: set[tuple] = set()
+    found: dict[tuple, Candidate] = {}
 
     def add(label: str, configs: dict[str, LayerConfig], predicted: float | None) -> None:
         signature = tuple(configs[n] for n in table.layers)
-        if signature in seen:
+        if signature in found:  # same plan reached twice: measure once, keep both names
+            found[signature].label += f" = {label}"
             return
-        seen.add(signature)
-        found.append(Candidate(label, configs, footprint_of(configs), predicted))
+        found[signature] = Candidate(label, configs, footprint_of(configs), predicted)
 
     choice = solve_mckp(cost, size, capacity)
     add("proxy optimum", table.configs(choice), table.predicted(choice)[0])
@@ -184,7 +183,7 @@ def _candidates(table: SensitivityTable, space: SearchSpace, capacity: int,
     if uniform is not None:
         cfg, predicted = uniform
         add(f"uniform {cfg.short()}", {n: cfg for n in table.layers}, predicted)
-    return found
+    return list(found.values())
 
 
 def _best_uniform(table: SensitivityTable, space: SearchSpace, capacity: int

@@ -8,6 +8,9 @@ this class.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from ..errors import AutocompressError
 from ..model import LayerInfo
@@ -30,6 +33,24 @@ class SearchSpace:
             raise AutocompressError(f"--bits {bad} not supported: choose from {VALID_BITS}")
         return cls([LayerConfig(bits=b, group_size=group_size, sym=sym, method=method)
                     for b in sorted(set(bits))])
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SearchSpace":
+        """``defaults:`` (a partial LayerConfig) and ``options:`` (a list of partial configs)."""
+        path = Path(path)
+        if not path.is_file():
+            raise AutocompressError(f"search space {str(path)!r} not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise AutocompressError(f"search space {str(path)!r} is not valid YAML ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("options"), list):
+            raise AutocompressError(f"search space {str(path)!r} needs an 'options:' list")
+        unknown = set(data) - {"defaults", "options"}
+        if unknown:
+            raise AutocompressError(f"search space {str(path)!r} has unknown keys {sorted(unknown)}")
+        base = LayerConfig.from_dict(data.get("defaults") or {})
+        return cls([LayerConfig.from_dict(option, base) for option in data["options"]])
 
     def for_layer(self, layer: LayerInfo) -> list[LayerConfig]:
         return list(self.options)

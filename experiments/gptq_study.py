@@ -1,0 +1,85 @@
+"""What makes GPTQ work (or not) on SmolLM2-135M: calibration mode, amount and text, damping,
+act-order; RTN at the same format for reference. Writes experiments/results/gptq_study.json
+(resumable).
+
+    .venv/bin/python experiments/gptq_study.py [--bits 3] [--windows 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CALIB_TEXT, EVAL_TEXT, ResultFile, check_data, machine  # noqa: E402
+
+from autocompress.compress.apply import compress_model  # noqa: E402
+from autocompress.compress.weights import GPTQSettings  # noqa: E402
+from autocompress.data import load_stream  # noqa: E402
+from autocompress.evaluate import evaluate  # noqa: E402
+from autocompress.model import load_model  # noqa: E402
+from autocompress.plan import LayerConfig  # noqa: E402
+
+# name -> (calibration mode, calibration windows, calibration text, GPTQ settings)
+VARIANTS = {
+    "parallel-16": ("parallel", 16, "wiki", GPTQSettings()),
+    "sequential-16": ("sequential", 16, "wiki", GPTQSettings()),
+    "sequential-16-damp0.1": ("sequential", 16, "wiki", GPTQSettings(damp=0.1)),
+    "sequential-16-actorder": ("sequential", 16, "wiki", GPTQSettings(act_order=True)),
+    "sequential-64": ("sequential", 64, "wiki", GPTQSettings()),
+    "sequential-16-pydoc": ("sequential", 16, "pydoc", GPTQSettings()),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--window-len", type=int, default=512)
+    parser.add_argument("--only", default=None)
+    args = parser.parse_args()
+    check_data()
+    torch.set_num_threads(2)
+    protocol = {
+        "model": "smollm2-135m (Q4_1 GGUF dequantized to float32)",
+        "eval": f"wiki.test.raw, first {args.windows} non-overlapping windows of {args.window_len}",
+        "format": f"{args.bits}-bit, group 64, asymmetric, all 210 block linears",
+        "machine": machine(),
+    }
+    results = ResultFile(f"gptq_study_{args.bits}bit.json", protocol)
+    wanted = set(args.only.split(",")) if args.only else None
+    loaded = load_model("smollm2-135m")
+    eval_windows = load_stream(loaded.tokenizer, EVAL_TEXT, "eval").windows(args.windows,
+                                                                               args.window_len)
+    streams = {"wiki": load_stream(loaded.tokenizer, CALIB_TEXT, "calib"),
+               "pydoc": load_stream(loaded.tokenizer, None, "calib")}
+
+    if not results.has("rtn") and (not wanted or "rtn" in wanted):
+        model = compress_model(loaded, {l.name: LayerConfig(bits=args.bits) for l in loaded.layers},
+                               progress=False)
+        ppl = evaluate(model, eval_windows, progress=False).ppl
+        results.put("rtn", {"ppl": ppl})
+        print(f"{'rtn':>24}: ppl {ppl:8.2f}", flush=True)
+
+    cfg = LayerConfig(bits=args.bits, method="gptq")
+    for name, (mode, n_windows, text, settings) in VARIANTS.items():
+        if results.has(name) or (wanted and name not in wanted):
+            continue
+        calib = streams[text].windows(n_windows, args.window_len)
+        t = time.perf_counter()
+        model = compress_model(loaded, {l.name: cfg for l in loaded.layers}, calib, mode=mode,
+                               gptq=settings, progress=False)
+        compress_s = time.perf_counter() - t
+        ppl = evaluate(model, eval_windows, progress=False).ppl
+        results.put(name, {"ppl": ppl, "mode": mode, "calib_windows": n_windows,
+                           "calib_text": text, "gptq": asdict(settings), "compress_s": compress_s})
+        print(f"{name:>24}: ppl {ppl:8.2f}  compress {compress_s:6.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
