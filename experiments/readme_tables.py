@@ -1,0 +1,107 @@
+"""Render experiments/results/*.json as the README's tables (between marker comments), so the
+README never shows a number that a benchmark did not write.
+
+    .venv/bin/python experiments/readme_tables.py          # rewrite README.md in place
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, RESULTS  # noqa: E402
+
+LABELS = {
+    "base": "uncompressed (float; weights already Q4_1-rounded)",
+    "rtn8": "RTN 8-bit", "rtn4": "RTN 4-bit", "rtn3": "RTN 3-bit", "rtn2": "RTN 2-bit",
+    "gptq4": "GPTQ 4-bit", "gptq3": "GPTQ 3-bit", "gptq2": "GPTQ 2-bit",
+    "wanda50": "Wanda 50% unstructured (fp16 values)", "wanda2:4": "Wanda 2:4 (fp16 values)",
+    "svd0.5": "SVD rank ratio 0.5, whitened (fp16 factors)",
+    "search@rtn3": "`search` at the total bytes of RTN 3-bit",
+}
+
+
+def _fmt_ppl(ppl: float) -> str:
+    return f"{ppl:.3g}" if ppl >= 1e4 else f"{ppl:.2f}"
+
+
+def baselines() -> str:
+    data = json.loads((RESULTS / "baselines.json").read_text())
+    p = data["protocol"]
+    rows = ["| plan | perplexity | bits/weight (block linears) | block-linear bytes | "
+            "total footprint (ctx 2048) | compress s | eval s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for key, label in LABELS.items():
+        e = data["entries"].get(key)
+        if e is None:
+            continue
+        extra = ""
+        if key == "search@rtn3":
+            extra = f" (chosen: {e['chosen']}; search {e['search_s']:.0f} s)"
+        rows.append(f"| {label}{extra} | {_fmt_ppl(e['ppl'])} | {e['bits_per_weight']:.2f} | "
+                    f"{e['layer_weight_bytes'] / 1e6:.1f} MB | {e['total_bytes'] / 1e6:.1f} MB | "
+                    f"{e['compress_s']:.0f} | {e['eval_s']:.0f} |")
+    protocol = (f"Protocol: {p['model']}; evaluation {p['eval']}; calibration {p['calibration']}; "
+                f"{p['formats']}; machine {p['machine']}.")
+    return "\n".join(rows) + "\n\n" + protocol
+
+
+def search_candidates() -> str:
+    data = json.loads((RESULTS / "baselines.json").read_text())
+    e = data["entries"].get("search@rtn3")
+    if e is None:
+        return "(not measured yet)"
+    rows = ["| candidate | total bytes | predicted Δloss (Fisher) | held-out KL | held-out ppl |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for c in e["candidates"]:
+        m = c["measured"]
+        pred = "" if c["predicted"] is None else f"{c['predicted']:.3f}"
+        rows.append(f"| {c['label']} | {c['total_bytes'] / 1e6:.2f} MB | {pred} | "
+                    f"{m['kl']:.4f} | {m['ppl']:.2f} |")
+    t = e["timings_s"]
+    return "\n".join(rows) + (
+        f"\n\nHeld-out: 4 windows of 512 tokens from the end of wiki.valid.tokens (never the test "
+        f"split). Timings: sensitivity {t['sensitivity_s']:.0f} s, solve {t['solve_s']:.1f} s, "
+        f"measured check {t['measure_s']:.0f} s.")
+
+
+def gptq_study() -> str:
+    out = []
+    for path in sorted(RESULTS.glob("gptq_study_*bit.json")):
+        data = json.loads(path.read_text())
+        p = data["protocol"]
+        rows = ["| variant | calibration | perplexity | compress s |", "| --- | --- | ---: | ---: |"]
+        for key, e in data["entries"].items():
+            if key == "rtn":
+                rows.append(f"| RTN (reference) | none | {_fmt_ppl(e['ppl'])} | |")
+                continue
+            g = e["gptq"]
+            knobs = f"damp {g['damp']}" + (", act-order" if g["act_order"] else "")
+            calib = f"{e['mode']}, {e['calib_windows']} × 512 tokens of {e['calib_text']}, {knobs}"
+            rows.append(f"| {key} | {calib} | {_fmt_ppl(e['ppl'])} | {e['compress_s']:.0f} |")
+        out.append(f"{p['format']}:\n\n" + "\n".join(rows) +
+                   f"\n\nProtocol: {p['model']}; {p['eval']}; machine {p['machine']}.")
+    return "\n\n".join(out) or "(not measured yet)"
+
+
+SECTIONS = {"baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
+
+
+def main() -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    for name, render in SECTIONS.items():
+        try:
+            body = render()
+        except FileNotFoundError:
+            continue
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
