@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..accounting import Footprint, model_footprint
+from ..accounting import Footprint, layer_bytes, model_footprint
 from ..compress.apply import compress_model
 from ..data import CalibrationData, calibration_data
 from ..errors import AutocompressError
@@ -90,13 +90,14 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                out_dir: str | Path | None = None, progress: bool = True,
                log=print) -> SearchResult:
     timings: dict[str, float] = {}
-    names = [layer.name for layer in loaded.layers]
 
     def footprint_of(configs: dict[str, LayerConfig]) -> Footprint:
         return model_footprint(loaded, configs, settings.context, settings.batch)
 
     # Bytes outside the searched layers are fixed: the layers get what the budget leaves.
-    smallest = {n: min(space.for_layer(l), key=lambda c: c.bits) for n, l in zip(names, loaded.layers)}
+    smallest = {layer.name: min(space.for_layer(layer),
+                                key=lambda c: layer_bytes(layer.out_features, layer.in_features, c))
+                for layer in loaded.layers}
     fixed = footprint_of(smallest)
     capacity = settings.budget - (fixed.total - fixed.layer_weights)
     if capacity < fixed.layer_weights:
@@ -116,7 +117,8 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     timings["sensitivity_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    candidates = _candidates(table, space, capacity, footprint_of)
+    groups = space.decision_groups(loaded.layers)
+    candidates = _candidates(table, space, groups, capacity, footprint_of)
     timings["solve_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -154,9 +156,26 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                         timings=timings)
 
 
-def _candidates(table: SensitivityTable, space: SearchSpace, capacity: int,
-                footprint_of) -> list[Candidate]:
+def _grouped(table: SensitivityTable, groups: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Cost and bytes per decision group: tied layers share one option index, so their rows
+    add up (their option lists are equal by construction of the space)."""
     cost, size = table.cost_matrix(), table.bytes_matrix()
+    return (np.stack([cost[g].sum(axis=0) for g in groups]),
+            np.stack([size[g].sum(axis=0) for g in groups]))
+
+
+def _expand(choice: list[int], groups: list[list[int]], n_layers: int) -> list[int]:
+    per_layer = [0] * n_layers
+    for group, option in zip(groups, choice):
+        for index in group:
+            per_layer[index] = option
+    return per_layer
+
+
+def _candidates(table: SensitivityTable, space: SearchSpace, groups: list[list[int]],
+                capacity: int, footprint_of) -> list[Candidate]:
+    cost, size = _grouped(table, groups)
+    n_layers = len(table.layers)
     found: dict[tuple, Candidate] = {}
 
     def add(label: str, configs: dict[str, LayerConfig], predicted: float | None) -> None:
@@ -166,35 +185,37 @@ def _candidates(table: SensitivityTable, space: SearchSpace, capacity: int,
             return
         found[signature] = Candidate(label, configs, footprint_of(configs), predicted)
 
-    choice = solve_mckp(cost, size, capacity)
-    add("proxy optimum", table.configs(choice), table.predicted(choice)[0])
+    def add_solution(label: str, allowed: np.ndarray | None = None) -> None:
+        choice = _expand(solve_mckp(cost, size, capacity, allowed=allowed), groups, n_layers)
+        add(label, table.configs(choice), table.predicted(choice)[0])
 
-    bits = np.array([[o.bits for o in opts] + [99] * (cost.shape[1] - len(opts))
-                     for opts in table.options])
+    add_solution("proxy optimum")
+    bits = np.array([[table.options[g[0]][o].bits if o < len(table.options[g[0]]) else 99
+                      for o in range(cost.shape[1])] for g in groups])
     no_two_bit = bits > 2
     if (~no_two_bit).any() and no_two_bit.any(axis=1).all():
         try:
-            choice = solve_mckp(cost, size, capacity, allowed=no_two_bit)
-            add("proxy optimum, no 2-bit", table.configs(choice), table.predicted(choice)[0])
+            add_solution("proxy optimum, no 2-bit", allowed=no_two_bit)
         except InfeasibleBudget:
             pass
 
     uniform = _best_uniform(table, space, capacity)
     if uniform is not None:
-        cfg, predicted = uniform
-        add(f"uniform {cfg.short()}", {n: cfg for n in table.layers}, predicted)
+        cfg, choice = uniform
+        add(f"uniform {cfg.short()}", table.configs(choice), table.predicted(choice)[0])
     return list(found.values())
 
 
 def _best_uniform(table: SensitivityTable, space: SearchSpace, capacity: int
-                  ) -> tuple[LayerConfig, float] | None:
-    """The largest uniform option that fits (None if none fits): more bytes, more fidelity."""
+                  ) -> tuple[LayerConfig, list[int]] | None:
+    """The largest uniform option that fits (pinned layers keep their pin): more bytes, more
+    fidelity. None if none fits."""
     best = None
     for cfg in space.uniform_configs():
-        choice = [opts.index(cfg) for opts in table.options]
-        cost, size = table.predicted(choice)
+        choice = [opts.index(cfg) if cfg in opts else 0 for opts in table.options]
+        size = table.predicted(choice)[1]
         if size <= capacity and (best is None or size > best[2]):
-            best = (cfg, cost, size)
+            best = (cfg, choice, size)
     return None if best is None else best[:2]
 
 

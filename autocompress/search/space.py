@@ -1,13 +1,26 @@
-"""The options the search may give each layer.
+"""The options the search may give each layer (search_spaces/*.yaml).
 
-Issue-2 scope: the same list of options for every block linear (bits-only by default, at one
-group size). Per-kind options, tied groups and pinned layers from search_spaces/*.yaml build on
-this class.
+```yaml
+defaults: {group_size: 64, sym: false, method: rtn}   # merged under every option
+options:                                               # every layer kind ...
+  - {bits: 3}
+  - {bits: 4}
+kinds:                                                 # ... unless its kind has its own list
+  down: [{bits: 4}, {bits: 8}]
+tied: [[q, k, v], [gate, up]]                          # one choice per block for these kinds
+pinned:                                                # fixed config: exact name or re:REGEX
+  "re:model\\.layers\\.0\\..*": {bits: 8}
+```
+
+Tied kinds must have the same option list (they share one decision, e.g. for a fused QKV
+kernel). A pinned layer has exactly one option, and a pinned layer inside a tied group unties
+from it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -16,15 +29,32 @@ from ..errors import AutocompressError
 from ..model import LayerInfo
 from ..plan import VALID_BITS, LayerConfig
 
+_KEYS = {"defaults", "options", "kinds", "tied", "pinned"}
+
 
 @dataclass
 class SearchSpace:
     options: list[LayerConfig]
+    kinds: dict[str, list[LayerConfig]] = field(default_factory=dict)
+    tied: list[list[str]] = field(default_factory=list)
+    pinned: dict[str, LayerConfig] = field(default_factory=dict)
+    name: str = "custom"
 
     def __post_init__(self) -> None:
-        if not self.options:
+        if not self.options and not self.kinds:
             raise AutocompressError("the search space has no options")
+        for group in self.tied:
+            lists = {tuple(self.kinds.get(kind, self.options)) for kind in group}
+            if len(lists) > 1:
+                raise AutocompressError(f"tied kinds {group} must have the same options")
+        for key in self.pinned:
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as exc:
+                    raise AutocompressError(f"pinned {key!r} is not a valid regex: {exc}") from None
 
+    # -- construction -------------------------------------------------------------------------
     @classmethod
     def bits_only(cls, bits: list[int], group_size: int = 64, sym: bool = False,
                   method: str = "rtn") -> "SearchSpace":
@@ -32,11 +62,10 @@ class SearchSpace:
         if bad:
             raise AutocompressError(f"--bits {bad} not supported: choose from {VALID_BITS}")
         return cls([LayerConfig(bits=b, group_size=group_size, sym=sym, method=method)
-                    for b in sorted(set(bits))])
+                    for b in sorted(set(bits))], name="bits")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpace":
-        """``defaults:`` (a partial LayerConfig) and ``options:`` (a list of partial configs)."""
         path = Path(path)
         if not path.is_file():
             raise AutocompressError(f"search space {str(path)!r} not found")
@@ -44,17 +73,63 @@ class SearchSpace:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise AutocompressError(f"search space {str(path)!r} is not valid YAML ({exc})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("options"), list):
+        if not isinstance(data, dict) or not isinstance(data.get("options", []), list):
             raise AutocompressError(f"search space {str(path)!r} needs an 'options:' list")
-        unknown = set(data) - {"defaults", "options"}
+        unknown = set(data) - _KEYS
         if unknown:
             raise AutocompressError(f"search space {str(path)!r} has unknown keys {sorted(unknown)}")
         base = LayerConfig.from_dict(data.get("defaults") or {})
-        return cls([LayerConfig.from_dict(option, base) for option in data["options"]])
+
+        def configs(items) -> list[LayerConfig]:
+            if not isinstance(items, list):
+                raise AutocompressError(f"search space {str(path)!r}: option lists must be lists")
+            return [LayerConfig.from_dict(item, base) for item in items]
+
+        kinds = data.get("kinds") or {}
+        pinned = data.get("pinned") or {}
+        if not isinstance(kinds, dict) or not isinstance(pinned, dict):
+            raise AutocompressError(f"search space {str(path)!r}: 'kinds' and 'pinned' are maps")
+        return cls(
+            options=configs(data.get("options") or []),
+            kinds={kind: configs(items) for kind, items in kinds.items()},
+            tied=[list(group) for group in data.get("tied") or []],
+            pinned={key: LayerConfig.from_dict(cfg, base) for key, cfg in pinned.items()},
+            name=path.stem,
+        )
+
+    # -- per layer -------------------------------------------------------------------------------
+    def pinned_config(self, layer: LayerInfo) -> LayerConfig | None:
+        if layer.name in self.pinned:
+            return self.pinned[layer.name]
+        for key, cfg in self.pinned.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], layer.name):
+                return cfg
+        return None
 
     def for_layer(self, layer: LayerInfo) -> list[LayerConfig]:
-        return list(self.options)
+        pinned = self.pinned_config(layer)
+        if pinned is not None:
+            return [pinned]
+        options = self.kinds.get(layer.kind, self.options)
+        if not options:
+            raise AutocompressError(f"the search space has no options for {layer.kind} layers")
+        return list(options)
+
+    def decision_groups(self, layers: list[LayerInfo]) -> list[list[int]]:
+        """Indices of layers that share one decision: tied kinds within a block, else alone."""
+        kind_group = {kind: i for i, group in enumerate(self.tied) for kind in group}
+        groups: dict[tuple, list[int]] = {}
+        for index, layer in enumerate(layers):
+            if layer.kind in kind_group and self.pinned_config(layer) is None:
+                key = ("tied", layer.block, kind_group[layer.kind])
+            else:
+                key = ("single", index)
+            groups.setdefault(key, []).append(index)
+        return list(groups.values())
 
     def uniform_configs(self) -> list[LayerConfig]:
-        """The options that can be given to every layer alike (the uniform baselines)."""
-        return list(self.options)
+        """Options every non-pinned layer can take alike (the uniform baselines)."""
+        lists = [self.options] + list(self.kinds.values())
+        lists = [l for l in lists if l]
+        common = [cfg for cfg in lists[0] if all(cfg in other for other in lists[1:])]
+        return common

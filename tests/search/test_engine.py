@@ -63,3 +63,20 @@ def test_larger_budget_gets_more_bits(tiny_loaded):
                        progress=False, log=lambda m: None)
     assert large.chosen.footprint.layer_weights > small.chosen.footprint.layer_weights
     assert large.chosen.measured["kl"] < small.chosen.measured["kl"]
+
+
+def test_tied_layers_share_one_choice_and_pins_hold(tiny_loaded, tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("options: [{bits: 2}, {bits: 3}, {bits: 4}, {bits: 8}]\n"
+                    "tied: [[q, k, v], [gate, up]]\n"
+                    "pinned: {'re:.*[.]1[.]mlp[.]down_proj': {bits: 8}}\n")
+    space = SearchSpace.from_yaml(path)
+    result = run_search(tiny_loaded, space, SearchSettings(budget=_uniform_total(tiny_loaded, 4), **SMALL),
+                        progress=False, log=lambda m: None)
+    for cand in result.candidates:
+        cfg = cand.configs
+        for block in (0, 1):
+            attn = {cfg[f"model.layers.{block}.self_attn.{k}_proj"] for k in "qkv"}
+            mlp = {cfg[f"model.layers.{block}.mlp.{k}_proj"] for k in ("gate", "up")}
+            assert len(attn) == 1 and len(mlp) == 1
+        assert cfg["model.layers.1.mlp.down_proj"].bits == 8

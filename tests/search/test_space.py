@@ -31,3 +31,35 @@ def test_bad_space_files(tmp_path, text, match):
 def test_bad_bits_flag():
     with pytest.raises(AutocompressError, match="not supported"):
         SearchSpace.bits_only([1, 4])
+
+
+def test_kinds_tied_and_pinned(tiny_loaded, tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("""
+defaults: {group_size: 32}
+options: [{bits: 3}, {bits: 4}]
+kinds:
+  down: [{bits: 4}, {bits: 8}]
+tied: [[q, k, v], [gate, up]]
+pinned:
+  "re:model\\\\.layers\\\\.0\\\\.self_attn\\\\.q_proj": {bits: 8}
+""")
+    space = SearchSpace.from_yaml(path)
+    layers = tiny_loaded.layers
+    by_name = {l.name: l for l in layers}
+    assert space.for_layer(by_name["model.layers.0.self_attn.q_proj"]) == [LayerConfig(bits=8, group_size=32)]
+    assert [c.bits for c in space.for_layer(by_name["model.layers.1.mlp.down_proj"])] == [4, 8]
+    groups = [[layers[i].name for i in g] for g in space.decision_groups(layers)]
+    assert ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj",
+            "model.layers.1.self_attn.v_proj"] in groups
+    assert ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"] in groups  # q pinned
+    assert ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"] in groups
+    assert sum(len(g) for g in groups) == len(layers)
+    assert [c.bits for c in space.uniform_configs()] == [4]
+
+
+def test_tied_kinds_need_equal_options(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("options: [{bits: 3}]\nkinds: {q: [{bits: 4}]}\ntied: [[q, k]]\n")
+    with pytest.raises(AutocompressError, match="same options"):
+        SearchSpace.from_yaml(path)
