@@ -1,7 +1,7 @@
-"""A minimal ONNX model writer: just enough protobuf to build one-node graphs for ONNX Runtime.
+"""A minimal ONNX model writer: just enough protobuf to build small graphs for ONNX Runtime.
 
 The ``onnx`` package is not a dependency (onnxruntime does not need it), and the graphs the
-CPU kernels need are tiny: a few inputs, initializers and one node with integer attributes.
+CPU kernels need are tiny: one input, initializers and a few nodes with integer attributes.
 Protobuf's wire format for those is a handful of rules, written out here:
 a field is a varint key ``(number << 3) | wire_type``; wire type 0 = varint, 2 = length-delimited
 (strings, bytes, sub-messages, packed repeated integers).
@@ -93,10 +93,11 @@ def value_info(name: str, dtype: int, shape: Sequence[int | str]) -> bytes:
     return _str_field(1, name) + _bytes_field(2, _bytes_field(1, tensor_type))
 
 
-def model_bytes(node: Node, inputs: Sequence[bytes], outputs: Sequence[bytes],
+def model_bytes(nodes: Node | Sequence[Node], inputs: Sequence[bytes], outputs: Sequence[bytes],
                 initializers: Sequence[bytes] = (), opsets: dict[str, int] | None = None) -> bytes:
-    """Serialized ModelProto of a one-node graph (inputs / outputs from ``value_info``)."""
-    graph = _bytes_field(1, node.encode()) + _str_field(2, "g")
+    """Serialized ModelProto of a graph of ``nodes`` (inputs / outputs from ``value_info``)."""
+    nodes = [nodes] if isinstance(nodes, Node) else nodes
+    graph = b"".join(_bytes_field(1, node.encode()) for node in nodes) + _str_field(2, "g")
     graph += b"".join(_bytes_field(5, t) for t in initializers)
     graph += b"".join(_bytes_field(11, v) for v in inputs)
     graph += b"".join(_bytes_field(12, v) for v in outputs)

@@ -35,30 +35,28 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     n_bytes = packed_nbytes(flat.numel(), bits)
     if 8 % bits == 0:
         return _pack_dividing(flat, bits)[:n_bytes]
-    parts = [_pack_chunk(flat[i:i + CHUNK_CODES], bits) for i in range(0, flat.numel(), CHUNK_CODES)]
+    parts = [_pack_chunk(flat[i:i + CHUNK_CODES], bits)
+             for i in range(0, flat.numel(), CHUNK_CODES)]
     return torch.cat(parts)[:n_bytes] if parts else torch.empty(0, dtype=torch.uint8)
 
 
 def unpack_codes(stream: Tensor, bits: int, n_codes: int, start: int = 0) -> Tensor:
-    """Codes [start, start + n_codes) of a packed stream, as uint8 (the inverse of pack_codes).
-
-    ``start`` must be a multiple of 8 for widths that do not divide 8, so that decoding begins on
-    a byte boundary (8 codes = b bytes).
-    """
+    """Codes [start, start + n_codes) of a packed stream, as uint8 (the inverse of pack_codes)."""
     _check_bits(bits)
     if 8 % bits == 0:
         per_byte = 8 // bits
         first, skip = divmod(start, per_byte)
         last = math.ceil((start + n_codes) / per_byte)
         return _unpack_dividing(stream[first:last], bits)[skip:skip + n_codes]
-    if start % 8:
-        raise ValueError(f"{bits}-bit streams are decoded from multiples of 8 codes, got {start}")
+    # decode from the 8-code word holding ``start`` (8 codes = b bytes), then drop the lead-in
     out = torch.empty(n_codes, dtype=torch.uint8)
     for offset in range(0, n_codes, CHUNK_CODES):
         count = min(CHUNK_CODES, n_codes - offset)
+        lead = (start + offset) % 8
         first = (start + offset) // 8 * bits
-        out[offset:offset + count] = _unpack_chunk(stream[first:first + math.ceil(count / 8) * bits],
-                                                   bits)[:count]
+        words = math.ceil((count + lead) / 8)
+        out[offset:offset + count] = _unpack_chunk(stream[first:first + words * bits],
+                                                   bits)[lead:lead + count]
     return out
 
 

@@ -21,12 +21,11 @@ import numpy as np
 from ..accounting import Footprint, layer_bytes, model_footprint
 from ..compress.apply import compress_model
 from ..data import CalibrationData, calibration_data
-from ..errors import AutocompressError
 from ..evaluate import ReferenceCache, evaluate
 from ..io_utils import atomic_write_text
 from ..model import LoadedModel
 from ..plan import LayerConfig, Plan, compact_overrides
-from ..sensitivity.build import fisher_table
+from ..sensitivity.build import build_table, make_proxy
 from ..sensitivity.table import SensitivityTable
 from .exact import InfeasibleBudget, solve_mckp
 from .space import SearchSpace
@@ -41,6 +40,7 @@ class SearchSettings:
     n_holdout: int = 4  # windows for the measured check
     window_len: int = 512
     calib_text: str | None = None
+    proxy: str = "fisher"
 
 
 @dataclass
@@ -66,26 +66,6 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _table_key(loaded: LoadedModel, calib: CalibrationData, space: SearchSpace) -> dict:
-    return {"model": loaded.identity.content_hash, "calib": calib.digest,
-            "options": [o.to_dict() for o in space.options], "proxy": "fisher"}
-
-
-def _cached_table(path: Path, key: dict, log) -> SensitivityTable | None:
-    if not path.is_file():
-        return None
-    try:
-        table = SensitivityTable.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, AutocompressError, UnicodeDecodeError):
-        log(f"sensitivity cache {path} is corrupt; rebuilding it")
-        return None
-    if table.meta.get("key") != key:
-        log(f"sensitivity cache {path} is for other inputs; rebuilding it")
-        return None
-    log(f"reusing sensitivity table {path}")
-    return table
-
-
 def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings,
                out_dir: str | Path | None = None, progress: bool = True,
                log=print) -> SearchResult:
@@ -106,14 +86,12 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     t0 = time.perf_counter()
     calib = calibration_data(loaded.tokenizer, settings.calib_text, settings.n_calib,
                              settings.n_holdout, settings.window_len)
-    key = _table_key(loaded, calib, space)
-    table_path = Path(out_dir) / "sensitivity.json" if out_dir else None
-    table = _cached_table(table_path, key, log) if table_path else None
-    if table is None:
-        table = fisher_table(loaded, space, calib.calib, progress=progress)
-        table.meta["key"] = key
-        if table_path:
-            table.save(table_path)
+    proxy = make_proxy(settings.proxy)
+    cache = Path(out_dir) / "sensitivity.cache.json" if out_dir else None
+    table = build_table(loaded, space, proxy, calib.calib, calib.digest, cache=cache,
+                        progress=progress, log=log)
+    if out_dir:
+        table.save(Path(out_dir) / "sensitivity.json")
     timings["sensitivity_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -1,43 +1,115 @@
-"""Build a sensitivity table from a proxy.
+"""Build a sensitivity table from any proxy, with an on-disk cache that resumes per layer.
 
-Issue-2 proxy: ``fisher`` — ½ Σ F ⊙ ΔW², with F the empirical Fisher diagonal over
-calibration windows and ΔW the real error of the option (the compressed weight minus the
-original, from the same operators the plan is applied with).
+For every layer, the real error ΔW of each option is computed with the operators that apply
+plans (compress/weights.py; GPTQ and Wanda with input statistics from one calibration pass),
+and the proxy turns the ΔWs into costs. Rows are written to the cache as they are finished, so
+an interrupted build resumes at the next layer; a cache for other inputs, or a corrupt one, is
+rebuilt with a line saying so.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..accounting import layer_bytes
-from ..compress.weights import compress_weight
-from ..errors import AutocompressError
-from ..model import LoadedModel
-from .fisher import fisher_diagonal
+from ..compress.apply import uses_calibration
+from ..compress.calibration import collect_stats
+from ..compress.weights import LayerStats, compress_weight
+from ..io_utils import atomic_write_text
+from ..model import LoadedModel, cache_dir
+from ..plan import LayerConfig
+from .base import PROXIES, SensitivityProxy
 from .table import SensitivityTable
 
 
-def fisher_table(loaded: LoadedModel, space, windows: torch.Tensor,
-                 progress: bool = True) -> SensitivityTable:
+def make_proxy(name: str) -> SensitivityProxy:
+    from ..errors import AutocompressError
+    from . import fisher, hessian, hutchinson  # noqa: F401  (register the proxies)
+
+    try:
+        return PROXIES[name]()
+    except KeyError:
+        raise AutocompressError(
+            f"unknown proxy {name!r}: choose from {', '.join(sorted(PROXIES))}") from None
+
+
+def table_key(loaded: LoadedModel, calib_digest: str, options: list[list[LayerConfig]],
+              proxy: SensitivityProxy) -> dict:
+    option_digest = hashlib.sha256(json.dumps(
+        [[o.to_dict() for o in opts] for opts in options], sort_keys=True).encode()).hexdigest()[:16]
+    return {"model": loaded.identity.content_hash, "calib": calib_digest, "options": option_digest,
+            **proxy.describe()}
+
+
+class TableCache:
+    """Rows of one table under construction, in one JSON file written atomically per row."""
+
+    def __init__(self, path: Path, key: dict, log: Callable[[str], None] = print):
+        self.path, self.key = Path(path), key
+        self.rows: dict[str, dict] = {}
+        if not self.path.is_file():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("rows"), dict):
+                raise ValueError("no rows")
+        except (ValueError, UnicodeDecodeError):
+            log(f"sensitivity cache {self.path} is corrupt; rebuilding it")
+            return
+        if data.get("key") != key:
+            log(f"sensitivity cache {self.path} is for other inputs; rebuilding it")
+            return
+        self.rows = data["rows"]
+        if self.rows:
+            log(f"reusing {len(self.rows)} cached rows of {self.path}")
+
+    @classmethod
+    def default_path(cls, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return cache_dir() / "sensitivity" / f"{key['proxy']}-{digest}.json"
+
+    def put(self, layer: str, cost: list[float], size: list[int]) -> None:
+        self.rows[layer] = {"cost": cost, "bytes": size}
+        atomic_write_text(self.path, json.dumps({"key": self.key, "rows": self.rows}))
+
+
+def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: torch.Tensor,
+                calib_digest: str, cache: TableCache | Path | None = None,
+                progress: bool = True, log: Callable[[str], None] = print) -> SensitivityTable:
     layers = loaded.layers
     options = [space.for_layer(layer) for layer in layers]
-    if any(o.method == "gptq" or (o.is_pruned and o.prune_method == "wanda")
-           for opts in options for o in opts):
-        raise AutocompressError("the fisher proxy here scores RTN and magnitude options only")
-    fisher = fisher_diagonal(loaded.model, layers, windows, progress=progress)
-    costs, sizes = [], []
-    for layer, opts in tqdm(list(zip(layers, options)), desc="sensitivity", disable=not progress,
-                            leave=False):
-        weight = loaded.module(layer.name).weight.detach().float()
-        f = fisher[layer.name]
-        row = []
-        for cfg in opts:
-            delta = compress_weight(weight, cfg).weight() - weight
-            row.append(0.5 * float((f * delta.square()).sum()))
-        costs.append(row)
-        sizes.append([layer_bytes(layer.out_features, layer.in_features, cfg) for cfg in opts])
+    key = table_key(loaded, calib_digest, options, proxy)
+    if not isinstance(cache, TableCache):
+        cache = TableCache(cache or TableCache.default_path(key), key, log)
+    todo = [i for i, layer in enumerate(layers) if layer.name not in cache.rows]
+    if todo:
+        todo_layers = [layers[i] for i in todo]
+        proxy.prepare(loaded, windows, todo_layers, progress=progress)
+        stats = None
+        if uses_calibration(o for i in todo for o in options[i]):
+            stats = collect_stats(loaded.model, todo_layers, windows, progress=progress)
+        for i in tqdm(todo, desc=f"{proxy.name} table", disable=not progress, leave=False):
+            layer = layers[i]
+            weight = loaded.module(layer.name).weight.detach().float()
+            layer_stats = None
+            if stats is not None:
+                s = stats[layer.name]
+                layer_stats = LayerStats(H=s.hessian, act_norm=s.act_norm, n_samples=s.n_samples)
+            deltas = [compress_weight(weight, cfg, layer_stats).weight() - weight
+                      for cfg in options[i]]
+            cost = proxy.layer_costs(layer, weight, deltas)
+            size = [layer_bytes(layer.out_features, layer.in_features, cfg) for cfg in options[i]]
+            cache.put(layer.name, cost, size)
     return SensitivityTable(
-        layers=[layer.name for layer in layers], options=options, cost=costs, bytes=sizes,
-        proxy="fisher", meta={"windows": int(windows.shape[0]), "window_len": int(windows.shape[1])},
+        layers=[layer.name for layer in layers], options=options,
+        cost=[cache.rows[layer.name]["cost"] for layer in layers],
+        bytes=[cache.rows[layer.name]["bytes"] for layer in layers],
+        proxy=proxy.name,
+        meta={"key": key, "windows": int(windows.shape[0]), "window_len": int(windows.shape[1])},
     )

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..model import LayerInfo
+from ..model import LayerInfo, LoadedModel
+from .base import SensitivityProxy, register
 
 
 def fisher_diagonal(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,
@@ -19,21 +20,49 @@ def fisher_diagonal(model: nn.Module, layers: list[LayerInfo], windows: torch.Te
     """Mean squared gradient of each layer's weight over ``windows`` [n, L] (one sample per
     window). Only the listed layers' weights take gradients; the model is left unchanged."""
     params = {layer.name: model.get_submodule(layer.name).weight for layer in layers}
-    previous = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-    try:
+    with gradients_for(model, params.values()):
+        sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
         for i in tqdm(range(windows.shape[0]), desc="fisher", disable=not progress, leave=False):
             window = windows[i:i + 1]
             loss = model(window, labels=window, use_cache=False).loss
             grads = torch.autograd.grad(loss, list(params.values()))
             for name, grad in zip(params, grads):
                 sums[name].add_(grad.float().square())
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(previous[name])
     n = windows.shape[0]
     return {name: s / n for name, s in sums.items()}
+
+
+class gradients_for:
+    """Context manager: only ``params`` require grad inside; every flag is restored after."""
+
+    def __init__(self, model: nn.Module, params):
+        self.model, self.params = model, list(params)
+
+    def __enter__(self):
+        self.previous = {name: p.requires_grad for name, p in self.model.named_parameters()}
+        self.model.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self.previous[name])
+        return False
+
+
+@register
+class FisherProxy(SensitivityProxy):
+    """cost(ΔW) = ½ Σ F ⊙ ΔW² with F the empirical Fisher diagonal of the layer's weight."""
+
+    name = "fisher"
+    uses_gradients = True
+
+    def prepare(self, loaded: LoadedModel, windows: torch.Tensor, layers: list[LayerInfo],
+                progress: bool = True) -> None:
+        self.fisher = fisher_diagonal(loaded.model, layers, windows, progress=progress)
+
+    def layer_costs(self, layer: LayerInfo, weight: torch.Tensor,
+                    deltas: list[torch.Tensor]) -> list[float]:
+        f = self.fisher[layer.name]
+        return [0.5 * float((f * d.square()).sum()) for d in deltas]

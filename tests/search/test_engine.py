@@ -39,11 +39,11 @@ def test_sensitivity_table_is_reused_and_rebuilt_when_corrupt(tiny_loaded, tmp_p
     messages = []
     run_search(tiny_loaded, space, settings, out_dir=tmp_path, progress=False, log=messages.append)
     assert any("reusing" in m for m in messages)
-    (tmp_path / "sensitivity.json").write_text("{broken")
+    (tmp_path / "sensitivity.cache.json").write_text("{broken")
     messages.clear()
     run_search(tiny_loaded, space, settings, out_dir=tmp_path, progress=False, log=messages.append)
     assert any("corrupt" in m for m in messages)
-    json.loads((tmp_path / "sensitivity.json").read_text())  # rewritten whole
+    json.loads((tmp_path / "sensitivity.cache.json").read_text())  # rewritten whole
 
 
 def test_infeasible_budget_states_the_smallest_size(tiny_loaded):

@@ -1,7 +1,8 @@
 import torch
 
 from autocompress.search.space import SearchSpace
-from autocompress.sensitivity.build import fisher_table
+from autocompress.sensitivity.build import build_table
+from autocompress.sensitivity.fisher import FisherProxy
 from autocompress.sensitivity.fisher import fisher_diagonal
 
 
@@ -23,10 +24,11 @@ def test_fisher_is_mean_squared_gradient_per_window(tiny_loaded):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_fisher_table_costs_fall_with_bits(tiny_loaded):
+def test_fisher_table_costs_fall_with_bits(tiny_loaded, tmp_path):
     windows = torch.randint(0, tiny_loaded.model.config.vocab_size, (2, 16),
                             generator=torch.Generator().manual_seed(0))
-    table = fisher_table(tiny_loaded, SearchSpace.bits_only([2, 4, 8]), windows, progress=False)
+    table = build_table(tiny_loaded, SearchSpace.bits_only([2, 4, 8]), FisherProxy(), windows,
+                        "test", cache=tmp_path / "cache.json", progress=False)
     assert len(table.layers) == len(tiny_loaded.layers)
     for costs, sizes in zip(table.cost, table.bytes):
         assert costs[0] > costs[1] > costs[2] >= 0

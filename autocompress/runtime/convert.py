@@ -1,0 +1,351 @@
+"""Whole models in packed form: compress + pack every block linear, save, load back.
+
+``pack_model`` compresses a model's block linears as ``compress.apply.compress_model`` does
+(same order, same calibration: sequential through the compressed prefix by default) but keeps
+each layer's codes, replacing its ``nn.Linear`` by a ``QuantLinear`` that runs from packed
+storage. Layers the plan leaves at 16 bits are stored in float16 as well (the accounting's
+format), so every block linear is a QuantLinear.
+
+A packed model directory holds:
+- ``packed.safetensors``: per layer and matrix i, ``{layer}.{i}.data`` (uint8 bit stream),
+  ``.scale`` and ``.zero`` (float16), and ``{layer}.bias`` if any; its metadata
+  ``autocompress_packed`` is JSON: per layer the LayerConfig and every matrix's shape and layout;
+- ``model.safetensors``: every other weight (embeddings, norms, an untied head) as it was;
+- ``config.json``, the tokenizer files and ``plan.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..compress.apply import needs_calibration, uses_calibration
+from ..compress.calibration import InputStats, collect_stats, sequential
+from ..compress.weights import GPTQSettings, LayerStats, compress_weight
+from ..errors import AutocompressError
+from ..io_utils import atomic_write_text
+from ..model import LayerInfo, LoadedModel, discover_layers
+from ..plan import LayerConfig, Plan
+from .cpu_kernels import (
+    OrtMatMulNBitsGroup,
+    OrtMatMulNBitsKernel,
+    ort_available,
+    ort_unsupported_reason,
+)
+from .modules import QuantLinear
+from .packed import PackedLinear, PackedMatrix
+
+FORMAT_VERSION = 1
+PACKED_FILE = "packed.safetensors"
+REST_FILE = "model.safetensors"
+
+
+# -- packing ----------------------------------------------------------------------------------
+
+def pack_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[str, LayerConfig],
+                calib_windows: torch.Tensor | None = None, mode: str = "sequential",
+                stats: dict[str, InputStats] | None = None, progress: bool = True,
+                gptq: GPTQSettings = GPTQSettings()) -> dict[str, PackedLinear]:
+    """Compress and pack every layer of ``layers`` (``model`` itself is modified only in
+    sequential mode, where each block's linears get their fake-quant weights so that the next
+    block's statistics are taken through the compressed prefix)."""
+    missing = [layer.name for layer in layers if layer.name not in configs]
+    if missing:
+        raise AutocompressError(f"no config for layer(s) {missing[:3]}")
+    active = [layer for layer in layers if not configs[layer.name].is_identity]
+    active_configs = [configs[layer.name] for layer in active]
+    if needs_calibration(active_configs) and stats is None and calib_windows is None:
+        raise AutocompressError("this plan uses GPTQ or Wanda, which need calibration text "
+                                "(--calib-text, or the default corpus)")
+    if mode not in ("sequential", "parallel"):
+        raise AutocompressError(f"unknown calibration mode {mode!r}: use sequential or parallel")
+    packed: dict[str, PackedLinear] = {}
+
+    def pack(layer: LayerInfo, layer_stats: InputStats | None, install: bool) -> None:
+        cfg = configs[layer.name]
+        module = model.get_submodule(layer.name)
+        compressed = compress_weight(module.weight.detach().float(), cfg,
+                                     _layer_stats(layer_stats), gptq)
+        packed[layer.name] = PackedLinear.from_compressed(compressed, cfg)
+        if install:
+            with torch.no_grad():
+                module.weight.copy_(compressed.weight().to(module.weight.dtype))
+
+    identity = [layer for layer in layers if configs[layer.name].is_identity]
+    calibrate = uses_calibration(active_configs) and (stats is not None
+                                                      or calib_windows is not None)
+    if calibrate and stats is None and mode == "sequential":
+        # as compress_model: the float16 layers first, then block by block through the prefix
+        for layer in identity:
+            pack(layer, None, install=True)
+
+        def compress_block(_index: int, block_stats: dict[str, InputStats]) -> None:
+            for layer in active:
+                if layer.name in block_stats:
+                    pack(layer, block_stats[layer.name], install=True)
+
+        sequential(model, active, calib_windows, compress_block, progress=progress)
+        return packed
+    if calibrate and stats is None:
+        stats = collect_stats(model, active, calib_windows, progress=progress)
+    for layer in tqdm(layers, desc="pack", disable=not progress, leave=False):
+        pack(layer, stats.get(layer.name) if stats else None, install=False)
+    return packed
+
+
+def pack_model(model_or_loaded: nn.Module | LoadedModel, plan: Plan | dict[str, LayerConfig],
+               calib_windows: torch.Tensor | None = None, mode: str = "sequential",
+               backend: str = "auto", stats: dict[str, InputStats] | None = None,
+               keep_packed: bool | None = None, progress: bool = True,
+               gptq: GPTQSettings = GPTQSettings()) -> nn.Module:
+    """A copy of the model with every block linear compressed by ``plan`` and replaced by a
+    QuantLinear running on ``backend`` (the original model is left untouched)."""
+    if isinstance(model_or_loaded, LoadedModel):
+        source, layers = model_or_loaded.model, model_or_loaded.layers
+        if isinstance(plan, Plan):
+            plan.check_model(model_or_loaded.identity)
+    else:
+        source, (layers, _) = model_or_loaded, discover_layers(model_or_loaded)
+    configs = plan.resolve(layer.name for layer in layers) if isinstance(plan, Plan) else plan
+    model = copy.deepcopy(source)
+    packed = pack_layers(model, layers, configs, calib_windows, mode, stats, progress, gptq)
+    install_packed(model, packed, backend, keep_packed)
+    return model
+
+
+def install_packed(model: nn.Module, packed: dict[str, PackedLinear], backend: str = "auto",
+                   keep_packed: bool | None = None,
+                   biases: dict[str, torch.Tensor] | None = None,
+                   ort_threads: int | None = None, share_inputs: bool = True) -> None:
+    """Replace each named ``nn.Linear`` (or placeholder) of ``model`` by a QuantLinear.
+    ``share_inputs``: layers that read one tensor (q/k/v, gate/up) and run on ONNX Runtime
+    share one session, run once per input."""
+    shared = _shared_ort_kernels(packed, backend, ort_threads) if share_inputs else {}
+    for name, layer in packed.items():
+        old = model.get_submodule(name)
+        bias = biases.get(name) if biases is not None else getattr(old, "bias", None)
+        kernels = [shared[name]] if name in shared else None
+        _set_submodule(model, name, QuantLinear(layer, bias, backend, name, keep_packed,
+                                                ort_threads, kernels))
+
+
+# Llama-style projections that read the same tensor inside their parent module
+SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in"}
+
+
+def _shared_ort_kernels(packed: dict[str, PackedLinear], backend: str,
+                        ort_threads: int | None) -> dict[str, OrtMatMulNBitsKernel]:
+    """ORT kernels of the layers that share an input, grouped into one session each."""
+    if backend not in ("auto", "ort") or not ort_available():
+        return {}
+    by_input: dict[tuple[str, str], list[str]] = {}
+    for name, layer in packed.items():
+        parent, _, child = name.rpartition(".")
+        matrix = layer.matrices[0]
+        if (child in SHARED_INPUT and len(layer.matrices) == 1 and not matrix.data.is_cuda
+                and ort_unsupported_reason(matrix) is None):
+            by_input.setdefault((parent, SHARED_INPUT[child]), []).append(name)
+    kernels = {}
+    for names in by_input.values():
+        if len(names) < 2:
+            continue
+        group = OrtMatMulNBitsGroup([packed[n].matrices[0] for n in names], threads=ort_threads)
+        for index, name in enumerate(names):
+            kernels[name] = OrtMatMulNBitsKernel(group=group, index=index)
+    return kernels
+
+
+def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _layer_stats(stats: InputStats | None) -> LayerStats | None:
+    if stats is None:
+        return None
+    return LayerStats(H=stats.hessian, act_norm=stats.act_norm, n_samples=stats.n_samples)
+
+
+# -- saving -----------------------------------------------------------------------------------
+
+def save_packed(model: nn.Module, out: str | Path, plan: Plan | None = None,
+                tokenizer: Any = None) -> Path:
+    """Write ``model`` (with QuantLinear layers) as a packed model directory, atomically."""
+    out = Path(out)
+    layers = quant_linears(model)
+    if not layers:
+        raise AutocompressError("the model has no packed layers: pack it first (pack_model)")
+    tensors, described = {}, {}
+    for name, module in layers.items():
+        if module.packed is None:
+            raise AutocompressError(
+                f"layer {name} runs on ONNX Runtime and no longer holds its packed weights; "
+                "pack with keep_packed=True (or backend 'torch') to save")
+        described[name] = _describe(module.packed)
+        for i, matrix in enumerate(module.packed.matrices):
+            for field in ("data", "scale", "zero"):
+                value = getattr(matrix, field)
+                if value is not None:
+                    tensors[f"{name}.{i}.{field}"] = value.detach().cpu().contiguous()
+        if module.bias is not None:
+            tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {"format_version": FORMAT_VERSION, "layers": described}
+    save_file(tensors, str(tmp / PACKED_FILE), metadata={"autocompress_packed": json.dumps(meta)})
+    save_file(_rest_state(model, layers), str(tmp / REST_FILE), metadata={"format": "pt"})
+    config = getattr(model, "config", None)
+    if config is not None:
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if plan is not None:
+        atomic_write_text(tmp / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
+    _replace_dir(tmp, out)
+    return out
+
+
+def _describe(packed: PackedLinear) -> dict[str, Any]:
+    return {"config": packed.config.to_dict(),
+            "matrices": [dict(out_features=m.out_features, in_features=m.in_features,
+                              bits=m.bits, group_size=m.group_size, sym=m.sym, layout=m.layout,
+                              n_kept=m.n_kept) for m in packed.matrices]}
+
+
+def _rest_state(model: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
+    """Every tensor outside the packed layers; a head tied to the embeddings is left out."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if any(key.startswith(name + ".") for name in layers):
+            continue
+        state[key] = value
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    seen: dict[int, str] = {}
+    out = {}
+    for key, value in state.items():  # safetensors refuses shared storage: keep one name
+        if value.data_ptr() in seen and value.numel():
+            continue
+        seen[value.data_ptr()] = key
+        out[key] = value.detach().cpu().contiguous()
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        backup = out.with_name(out.name + ".old")
+        shutil.rmtree(backup, ignore_errors=True)
+        out.rename(backup)
+        tmp.rename(out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+@dataclass
+class PackedModel:
+    model: nn.Module
+    tokenizer: Any
+    plan: Plan | None
+    directory: Path
+
+
+def load_packed_layers(directory: str | Path) -> tuple[dict[str, PackedLinear],
+                                                       dict[str, torch.Tensor]]:
+    """(packed layers, biases) from a packed model directory's packed.safetensors."""
+    path = Path(directory) / PACKED_FILE
+    if not path.is_file():
+        raise AutocompressError(f"{str(directory)!r} is not a packed model directory "
+                                f"(no {PACKED_FILE}); write one with 'autocompress apply --packed'")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("autocompress_packed", "null") or "null")
+        if not meta or meta.get("format_version") != FORMAT_VERSION:
+            raise AutocompressError(f"{str(path)!r} has no packed-format metadata this version "
+                                    f"reads (format_version {FORMAT_VERSION})")
+        keys = set(f.keys())
+
+        def get(key: str) -> torch.Tensor | None:
+            # a copy in process memory, not a view of the mapped file: the layers then hold
+            # what they measure, and the directory may be rewritten while they run
+            return f.get_tensor(key).clone() if key in keys else None
+
+        layers, biases = {}, {}
+        for name, desc in meta["layers"].items():
+            matrices = [PackedMatrix(**m, data=get(f"{name}.{i}.data"),
+                                     scale=get(f"{name}.{i}.scale"), zero=get(f"{name}.{i}.zero"))
+                        for i, m in enumerate(desc["matrices"])]
+            layers[name] = PackedLinear(matrices, LayerConfig.from_dict(desc["config"]))
+            bias = get(f"{name}.bias")
+            if bias is not None:
+                biases[name] = bias
+    return layers, biases
+
+
+def load_packed(directory: str | Path, backend: str = "auto", dtype: torch.dtype = torch.float32,
+                keep_packed: bool | None = None) -> PackedModel:
+    """Rebuild a packed model directory's model: the packed layers as QuantLinear on
+    ``backend``, every other weight from model.safetensors (cast to ``dtype``)."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    layers, biases = load_packed_layers(directory)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    with init_empty_weights(include_buffers=False):  # no float copy of what is packed
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    install_packed(model, layers, backend, keep_packed, biases)
+    rest = {k: v.to(dtype) if v.is_floating_point() else v
+            for k, v in load_file(str(directory / REST_FILE)).items()}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    if unexpected:
+        raise AutocompressError(f"{directory}: weights the model does not have: {unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise AutocompressError(f"{directory}: weights missing from {REST_FILE}: {still_meta[:3]}")
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    plan = Plan.load(directory / "plan.json") if (directory / "plan.json").is_file() else None
+    return PackedModel(model, tokenizer, plan, directory)
+
+
+# -- the CLI's entry point --------------------------------------------------------------------
+
+def apply_packed(loaded: LoadedModel, plan: Plan, out: str | Path,
+                 calib_windows: torch.Tensor | None = None, mode: str = "sequential",
+                 progress: bool = True) -> dict[str, int]:
+    """``autocompress apply --packed``: compress ``loaded`` by ``plan``, write the packed model
+    directory ``out``; return its byte counts (packed layers, and the plan's accounting)."""
+    from ..accounting import layer_bytes
+
+    model = pack_model(loaded, plan, calib_windows, mode=mode, backend="torch", progress=progress)
+    save_packed(model, out, plan, loaded.tokenizer)
+    configs = plan.resolve(layer.name for layer in loaded.layers)
+    return {"packed_layer_bytes": sum(m.packed.nbytes() for m in quant_linears(model).values()),
+            "accounted_layer_bytes": sum(layer_bytes(*layer.shape, configs[layer.name])
+                                         for layer in loaded.layers)}

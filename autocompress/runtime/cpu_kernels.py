@@ -1,0 +1,275 @@
+"""CPU kernels for packed matrices: y = x Wᵀ with W = (q − z) · s held packed.
+
+Measured on this machine (2-core AMD EPYC, AVX2, torch 2.13 CPU, onnxruntime 1.32; DESIGN.md's
+table and experiments/results/kernels.json), the fastest way per format is:
+
+- 2, 4 and 8-bit dense: ONNX Runtime's ``MatMulNBits`` (com.microsoft, MLAS kernels) at
+  ``accuracy_level`` 4, i.e. int8 activations: several times faster than fp32 ``x @ W.T``.
+  Only that configuration is fast: float zero points, accuracy level 0, or the weight fed as a
+  graph input instead of a constant initializer (no prepacking) are all 10-70x slower, and
+  8-bit refuses float zero points outright. So zero points go in as packed uint8, which holds
+  only z in [0, 2^b − 1]; the rare group whose z lies outside (all its weights of one sign) is
+  sent in clamped, z_c, and corrected exactly afterwards:
+      y = x Wᵀ = Σ_k x_k (q_k − z_c) s − Σ_g (z − z_c)_g s_g Σ_{k∈g} x_k.
+  ORT prepacks the weight into its own layout (float32 scales, block sums), which is
+  ~1.3x our bytes plus ~0.1 MB per session; the kernel keeps nothing else.
+- torch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are slower than fp32
+  here (DESIGN.md), so no backend uses them; experiments/kernels.py measures them again.
+- everything else (3, 5, 6 bits, 2:4 and unstructured sparsity, float16): ``TorchUnpackKernel``,
+  dequantizing a few rows at a time (a chunk that stays in cache) and multiplying in float32,
+  so no dense copy of the weight is ever held.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import torch
+from torch import Tensor
+
+from ..errors import AutocompressError
+from .onnx_proto import FLOAT, Node, model_bytes, tensor_proto, value_info
+from .packed import PackedMatrix
+from .packing import pack_codes
+
+ORT_BITS = (2, 4, 8)
+ORT_BLOCKS = (16, 32, 64, 128, 256)
+CHUNK_ELEMENTS = 1 << 16  # weights dequantized at a time by the torch kernel (256 KB of fp32)
+
+
+class TorchUnpackKernel:
+    """Any format: dequantize ``rows`` output rows at a time, multiply, write that slice of y."""
+
+    name = "torch"
+
+    def __init__(self, matrix: PackedMatrix):
+        self.matrix = matrix
+        # a multiple of 8 rows keeps every chunk's first code on a whole byte
+        self.rows = max(8, CHUNK_ELEMENTS // max(1, matrix.in_features) // 8 * 8)
+
+    def nbytes(self) -> int:
+        return self.matrix.nbytes()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.matrix
+        y_t = torch.empty(m.out_features, x.shape[0], dtype=torch.float32)
+        x_t = x.float().T
+        for start in range(0, m.out_features, self.rows):
+            stop = min(start + self.rows, m.out_features)
+            torch.mm(m.dequantize_rows(start, stop), x_t, out=y_t[start:stop])
+        return y_t.T
+
+
+def ort_unsupported_reason(matrix: PackedMatrix) -> str | None:
+    """Why ONNX Runtime's MatMulNBits cannot run ``matrix``, or None when it can."""
+    if matrix.bits not in ORT_BITS:
+        return f"{matrix.bits}-bit weights (MatMulNBits runs 2, 4 and 8 bits)"
+    if matrix.layout != "dense":
+        return f"{matrix.layout} sparse weights (MatMulNBits runs dense weights)"
+    return None
+
+
+def ort_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OrtMatMulNBitsGroup:
+    """One ONNX Runtime session for the matrices that read the same input (q/k/v, gate/up): a
+    MatMulNBits node each, weights, scales and zero points as constant initializers (so MLAS
+    prepacks them). One run serves all members: fewer sessions (~50 KB each) and fewer calls
+    (~20 us each) per token."""
+
+    def __init__(self, matrices: list[PackedMatrix], accuracy_level: int = 4,
+                 threads: int | None = None):
+        for matrix in matrices:
+            reason = ort_unsupported_reason(matrix)
+            if reason:
+                raise AutocompressError(f"the ort backend has no kernel for {reason}")
+        if len({m.in_features for m in matrices}) != 1:
+            raise ValueError("matrices of one ORT group must share their input size")
+        self.in_features = matrices[0].in_features
+        self.out_features = [m.out_features for m in matrices]
+        self.accuracy_level = accuracy_level
+        self.session = _ort_session(self._model(matrices), threads)
+        self.corrections = [_zero_correction(m) for m in matrices]
+        self._source = None  # weak reference to the input whose outputs are pending
+        self._key: tuple = ()
+        self._pending: dict[int, Tensor] = {}
+
+    def run(self, x: Tensor) -> list[Tensor]:
+        """Every member's y = x Wᵀ, x float32 [M, K]."""
+        x = x.float().contiguous()
+        outputs = [torch.from_numpy(y) for y in self.session.run(None, {"A": x.numpy()})]
+        for y, correction in zip(outputs, self.corrections):
+            if correction is not None:
+                rows, groups, offsets, width = correction
+                y.index_add_(1, rows, -(_group_sums(x, width)[:, groups] * offsets))
+        return outputs
+
+    def output(self, index: int, x: Tensor) -> Tensor:
+        """Member ``index``'s output; the others' are kept until they ask for the same input
+        (the same tensor, or a view of it, unchanged since: version counter and pointer)."""
+        owner = x if x._base is None else x._base
+        key = (x.data_ptr(), tuple(x.shape), owner._version)
+        if (index in self._pending and self._source is not None and self._source() is owner
+                and key == self._key):
+            return self._pending.pop(index)
+        outputs = self.run(x)
+        self._source, self._key = weakref.ref(owner), key
+        self._pending = {i: y for i, y in enumerate(outputs) if i != index}
+        return outputs[index]
+
+    def _model(self, matrices: list[PackedMatrix]) -> bytes:
+        nodes, initializers, outputs = [], [], []
+        for i, matrix in enumerate(matrices):
+            node, tensors = _matmul_nbits_node(matrix, f"_{i}", self.accuracy_level)
+            nodes.append(node)
+            initializers += tensors
+            outputs.append(value_info(node.outputs[0], FLOAT, ["M", matrix.out_features]))
+        return model_bytes(nodes, [value_info("A", FLOAT, ["M", self.in_features])], outputs,
+                           initializers)
+
+
+class OrtMatMulNBitsKernel:
+    """y = x Wᵀ by ONNX Runtime's MatMulNBits: member ``index`` of a group (its own by default)."""
+
+    name = "ort"
+
+    def __init__(self, matrix: PackedMatrix | None = None, accuracy_level: int = 4,
+                 threads: int | None = None, group: OrtMatMulNBitsGroup | None = None,
+                 index: int = 0):
+        self.group = group or OrtMatMulNBitsGroup([matrix], accuracy_level, threads)
+        self.index = index
+        self._correction = self.group.corrections[index]
+
+    def nbytes(self) -> int:
+        """What this kernel holds besides ORT's prepacked copy (which ORT owns)."""
+        if self._correction is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._correction[:3])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if len(self.group.out_features) == 1:
+            return self.group.run(x)[0]
+        return self.group.output(self.index, x)
+
+
+def _matmul_nbits_node(matrix: PackedMatrix, suffix: str, accuracy_level: int):
+    """The MatMulNBits node of ``matrix`` (input "A", output "Y{suffix}") and its initializers:
+    codes re-laid as MatMulNBits wants them, [N, n_blocks, block·bits/8] (each row padded to
+    whole blocks), float32 scales [N, n_blocks], packed uint8 zero points when asymmetric."""
+    n, k, bits = matrix.out_features, matrix.in_features, matrix.bits
+    block = _ort_block(matrix)
+    n_blocks = math.ceil(k / block)
+    codes = torch.zeros(n, n_blocks * block, dtype=torch.uint8)
+    codes[:, :k] = matrix.dense_codes()
+    weight = pack_codes(codes, bits).reshape(n, n_blocks, block * bits // 8)
+    scale = _per_block(matrix.scale.float(), matrix, block)
+    names = [f"B{suffix}", f"scales{suffix}"]
+    initializers = [tensor_proto(names[0], weight.numpy()), tensor_proto(names[1], scale.numpy())]
+    if not matrix.sym:  # symmetric grids use MatMulNBits' default zero point, 2^(b−1)
+        zero = _per_block(_clamped_zero(matrix), matrix, block).to(torch.uint8)
+        per_byte = 8 // bits
+        padded = torch.zeros(n, math.ceil(n_blocks / per_byte) * per_byte, dtype=torch.uint8)
+        padded[:, :n_blocks] = zero
+        names.append(f"zero_points{suffix}")
+        initializers.append(tensor_proto(names[-1], pack_codes(padded, bits).reshape(n, -1).numpy()))
+    node = Node("MatMulNBits", ["A", *names], [f"Y{suffix}"], domain="com.microsoft",
+                attributes=dict(K=k, N=n, bits=bits, block_size=block,
+                                accuracy_level=accuracy_level))
+    return node, initializers
+
+
+def _ort_block(matrix: PackedMatrix) -> int:
+    """MatMulNBits' block: the group size, or for one group per row the largest power of two
+    up to 128 that fits the row (the row's scale is repeated over its blocks)."""
+    if matrix.group_size != -1:
+        if matrix.group_size not in ORT_BLOCKS:
+            raise AutocompressError(
+                f"the ort backend has no kernel for group size {matrix.group_size}")
+        return matrix.group_size
+    return max(b for b in ORT_BLOCKS[:4] if b <= max(16, matrix.in_features))
+
+
+def _per_block(params: Tensor, matrix: PackedMatrix, block: int) -> Tensor:
+    """Per-group values [out, n_groups] -> per-MatMulNBits-block values [out, n_blocks]."""
+    n_blocks = math.ceil(matrix.in_features / block)
+    if matrix.group_size == -1:
+        return params[:, :1].expand(-1, n_blocks).contiguous()
+    return params.contiguous()
+
+
+def _clamped_zero(matrix: PackedMatrix) -> Tensor:
+    return matrix.zero_points().round().clamp(0, 2**matrix.bits - 1)
+
+
+def _zero_correction(matrix: PackedMatrix):
+    """Sparse (rows, groups, (z − z_c)·s, group width) of the groups whose zero point was
+    clamped for ORT, or None when there are none (the usual case)."""
+    if matrix.sym:
+        return None
+    zero = matrix.zero_points()
+    delta = zero - _clamped_zero(matrix)
+    rows, groups = torch.nonzero(delta, as_tuple=True)
+    if rows.numel() == 0:
+        return None
+    offsets = delta[rows, groups] * matrix.scale.float()[rows, groups]
+    return rows, groups, offsets, matrix.group_width
+
+
+def _group_sums(x: Tensor, width: int) -> Tensor:
+    """Σ_{k∈g} x_k for every group g of ``width`` columns (the last may be shorter)."""
+    n_groups = math.ceil(x.shape[1] / width)
+    padded = torch.nn.functional.pad(x, (0, n_groups * width - x.shape[1]))
+    return padded.reshape(x.shape[0], n_groups, width).sum(dim=2)
+
+
+_POOL: dict[str, int] = {}  # {"global": threads} once ORT's global pool is made, else {"none": 0}
+
+
+def _ort_session(model: bytes, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # a per-session arena is memory the weight doesn't need
+    options.enable_mem_pattern = False
+    threads = threads or torch.get_num_threads()
+    if _use_global_pool(threads):
+        # one pool for all sessions: a pool per session costs ~60 ms and threads of its own
+        options.use_per_session_threads = False
+    else:
+        options.intra_op_num_threads = threads  # 1: the calling thread, no pool at all
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _use_global_pool(threads: int) -> bool:
+    """ORT's global thread pool is sized once per process, before its first session; once it
+    exists every session must use it (ORT refuses per-session pools beside it). A first
+    request for 1 thread makes no pool: sessions then run on the calling thread."""
+    if not _POOL:
+        if threads == 1:
+            _POOL["none"] = 0
+        else:
+            from onnxruntime.capi import _pybind_state
+
+            try:
+                _pybind_state.set_global_thread_pool_sizes(threads, 1)
+                _POOL["global"] = threads
+            except Exception as exc:  # an ORT environment made elsewhere already exists
+                warnings.warn(f"ONNX Runtime global thread pool not set ({exc}); "
+                              "using per-session pools")
+                _POOL["none"] = 0
+    if "global" in _POOL:
+        if threads != _POOL["global"]:
+            warnings.warn(f"ONNX Runtime's thread pool has {_POOL['global']} threads for this "
+                          f"process; {threads} asked for")
+        return True
+    return False

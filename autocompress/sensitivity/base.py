@@ -1,0 +1,45 @@
+"""The extension point for sensitivity proxies (one subclass per proxy, as Optuna's samplers).
+
+A proxy predicts, for one layer, how much the LM loss rises when the layer's weight W is
+replaced by its compressed version W + ΔW, for several options at once. The builder
+(sensitivity/build.py) computes the real ΔW of every option with the same operators that apply
+plans, and hands them to ``layer_costs``; the proxy turns them into additive costs (nats).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..model import LayerInfo, LoadedModel
+
+
+class SensitivityProxy(ABC):
+    """Subclasses set ``name`` and implement ``prepare`` and ``layer_costs``."""
+
+    name: str = "abstract"
+    #: True when ``prepare`` needs gradients (backward passes through the model)
+    uses_gradients: bool = False
+
+    @abstractmethod
+    def prepare(self, loaded: LoadedModel, windows: torch.Tensor, layers: list[LayerInfo],
+                progress: bool = True) -> None:
+        """Gather whatever statistics the proxy needs from calibration ``windows`` [n, L]."""
+
+    @abstractmethod
+    def layer_costs(self, layer: LayerInfo, weight: torch.Tensor,
+                    deltas: list[torch.Tensor]) -> list[float]:
+        """Predicted loss increase of each ΔW in ``deltas`` (same shape as ``weight``)."""
+
+    def describe(self) -> dict:
+        """Settings that change the table's numbers (part of its cache key)."""
+        return {"proxy": self.name}
+
+
+PROXIES: dict[str, type[SensitivityProxy]] = {}
+
+
+def register(cls: type[SensitivityProxy]) -> type[SensitivityProxy]:
+    PROXIES[cls.name] = cls
+    return cls

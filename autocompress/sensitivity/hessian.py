@@ -1,0 +1,68 @@
+"""Layer-output Hessian proxy, weighted by how the loss responds to each output channel.
+
+The layer's output error on token t is δy_t = ΔW x_t. With the input second moment
+H = E_t[x xᵀ] (as in GPTQ/OBS), Σ_t ‖δy_t‖² = T · tr(ΔW H ΔWᵀ): the unweighted proxy. Output
+errors of different layers (and channels) move the loss very differently, so each output channel
+i is weighted by s_i = E_w[Σ_t (∂L_w/∂y_{t,i})²], the diagonal empirical Fisher of the layer's
+output; to second order
+
+    ΔL ≈ ½ Σ_i s_i (ΔW H ΔWᵀ)_ii.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..compress.calibration import collect_stats
+from ..model import LayerInfo, LoadedModel
+from .base import SensitivityProxy, register
+from .fisher import gradients_for
+
+
+def output_fisher(loaded: LoadedModel, layers: list[LayerInfo], windows: torch.Tensor,
+                  progress: bool = True) -> dict[str, torch.Tensor]:
+    """s_i = E_w[Σ_t (∂L_w/∂y_{t,i})²] per output channel of every layer, from backward hooks."""
+    model = loaded.model
+    sums = {layer.name: torch.zeros(layer.out_features) for layer in layers}
+    handles = []
+    for layer in layers:
+        def hook(_module, _grad_input, grad_output, name=layer.name):
+            g = grad_output[0].detach().float()
+            sums[name] += g.reshape(-1, g.shape[-1]).square().sum(dim=0)
+
+        handles.append(model.get_submodule(layer.name).register_full_backward_hook(hook))
+    # gradients must flow to the layers' outputs; the embedding is the cheapest leaf to enable
+    try:
+        with gradients_for(model, [model.get_input_embeddings().weight]):
+            for i in tqdm(range(windows.shape[0]), desc="output fisher", disable=not progress,
+                          leave=False):
+                window = windows[i:i + 1]
+                model(window, labels=window, use_cache=False).loss.backward()
+            model.get_input_embeddings().weight.grad = None
+    finally:
+        for h in handles:
+            h.remove()
+    n = windows.shape[0]
+    return {name: s / n for name, s in sums.items()}
+
+
+@register
+class HessianProxy(SensitivityProxy):
+    name = "hessian"
+    uses_gradients = True
+
+    def prepare(self, loaded: LoadedModel, windows: torch.Tensor, layers: list[LayerInfo],
+                progress: bool = True) -> None:
+        self.stats = collect_stats(loaded.model, layers, windows, progress=progress)
+        self.weights = output_fisher(loaded, layers, windows, progress=progress)
+
+    def layer_costs(self, layer: LayerInfo, weight: torch.Tensor,
+                    deltas: list[torch.Tensor]) -> list[float]:
+        H = self.stats[layer.name].hessian
+        s = self.weights[layer.name]
+        costs = []
+        for d in deltas:
+            per_channel = ((d @ H) * d).sum(dim=1)  # (ΔW H ΔWᵀ)_ii
+            costs.append(0.5 * float((s * per_channel).sum()))
+        return costs

@@ -1,0 +1,115 @@
+"""CPU kernels against x @ (dequantized packed weight).T.
+
+The torch kernel multiplies in float32: float tolerance. ONNX Runtime's MatMulNBits at
+accuracy_level 4 quantizes the activations to int8 per block (MLAS's "CompInt8" path), so its
+outputs differ from the float product by about 0.5-1% of their largest magnitude; the tests
+allow 2% (ORT_INT8_RTOL). At accuracy_level 0 it is float-exact.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from autocompress.compress.weights import compress_weight
+from autocompress.errors import AutocompressError
+from autocompress.plan import LayerConfig
+from autocompress.runtime.cpu_kernels import OrtMatMulNBitsKernel, TorchUnpackKernel
+from autocompress.runtime.packed import PackedLinear
+
+ORT_INT8_RTOL = 2e-2
+
+
+def packed_matrix(shape, cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g)
+    w[0] = w[0].abs() + 0.5  # all-positive row: asymmetric zero points below 0
+    w[-1] = -w[-1].abs() - 0.5  # all-negative row: zero points above 2^b - 1
+    return PackedLinear.from_compressed(compress_weight(w, cfg), cfg).matrices[0]
+
+
+def reference(x, matrix):
+    return (x.double() @ matrix.dequantize().double().T).float()
+
+
+def poisoned_check(y, ref, rtol_of_max):
+    assert not torch.isnan(y).any()
+    assert float((y - ref).abs().max()) <= rtol_of_max * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("bits,group,sym", list(itertools.product((2, 4, 8), (32, 128, -1),
+                                                                  (False, True))))
+@pytest.mark.parametrize("shape", [(24, 72), (37, 200)])
+def test_ort_matches_dequantized(bits, group, sym, shape):
+    matrix = packed_matrix(shape, LayerConfig(bits=bits, group_size=group, sym=sym))
+    x = torch.randn(3, shape[1])
+    poisoned_check(OrtMatMulNBitsKernel(matrix)(x), reference(x, matrix), ORT_INT8_RTOL)
+    exact = OrtMatMulNBitsKernel(matrix, accuracy_level=0)(x)
+    torch.testing.assert_close(exact, reference(x, matrix), rtol=1e-4, atol=1e-4)
+
+
+def test_ort_corrects_clamped_zero_points():
+    matrix = packed_matrix((16, 64), LayerConfig(bits=4, group_size=32))
+    kernel = OrtMatMulNBitsKernel(matrix, accuracy_level=0)
+    assert kernel._correction is not None  # the one-sign rows need it
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(kernel(x), reference(x, matrix), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_ort_refuses_other_widths(bits):
+    with pytest.raises(AutocompressError, match=f"{bits}-bit"):
+        OrtMatMulNBitsKernel(packed_matrix((8, 64), LayerConfig(bits=bits)))
+
+
+def test_ort_refuses_sparse():
+    cfg = LayerConfig(bits=4, group_size=32, pattern="2:4", sparsity=0.5, prune_method="magnitude")
+    with pytest.raises(AutocompressError, match="2:4"):
+        OrtMatMulNBitsKernel(packed_matrix((8, 64), cfg))
+
+
+@pytest.mark.parametrize("cfg", [LayerConfig(bits=3, group_size=64),
+                                 LayerConfig(bits=5, group_size=-1, sym=True),
+                                 LayerConfig(bits=16),
+                                 LayerConfig(bits=4, sparsity=0.4, prune_method="magnitude"),
+                                 LayerConfig(bits=6, pattern="2:4", sparsity=0.5,
+                                             prune_method="magnitude")],
+                         ids=lambda c: c.short())
+def test_torch_kernel_in_chunks(cfg, monkeypatch):
+    from autocompress.runtime import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "CHUNK_ELEMENTS", 8 * 100)  # 8 rows a chunk: many chunks
+    matrix = packed_matrix((45, 100), cfg)
+    kernel = TorchUnpackKernel(matrix)
+    assert kernel.rows == 8
+    x = torch.randn(5, 100)
+    torch.testing.assert_close(kernel(x), reference(x, matrix), rtol=1e-5, atol=1e-5)
+
+
+def test_ort_group_serves_each_member_once_per_input():
+    from autocompress.runtime.cpu_kernels import OrtMatMulNBitsGroup
+
+    cfgs = [LayerConfig(bits=4, group_size=32), LayerConfig(bits=8, group_size=64, sym=True),
+            LayerConfig(bits=2, group_size=-1)]
+    matrices = [packed_matrix((n, 96), c, seed=n) for n, c in zip((40, 16, 24), cfgs)]
+    group = OrtMatMulNBitsGroup(matrices, accuracy_level=0)
+    members = [OrtMatMulNBitsKernel(group=group, index=i) for i in range(3)]
+    calls = []
+    run = group.run
+    group.run = lambda x: calls.append(1) or run(x)
+    hidden = torch.randn(2, 5, 96)
+    x = hidden.reshape(-1, 96)  # QuantLinear passes a fresh view of the same tensor each time
+    outs = [member(hidden.reshape(-1, 96)) for member in members]
+    assert len(calls) == 1
+    for y, matrix in zip(outs, matrices):
+        torch.testing.assert_close(y, reference(x, matrix), rtol=1e-4, atol=1e-4)
+    hidden.mul_(2)  # changed in place: nothing pending may be served for it
+    members[0](hidden.reshape(-1, 96))
+    y = members[1](hidden.reshape(-1, 96))
+    assert len(calls) == 2
+    torch.testing.assert_close(y, reference(hidden.reshape(-1, 96), matrices[1]),
+                               rtol=1e-4, atol=1e-4)
+    other = torch.randn(3, 96)  # another input: recomputed
+    torch.testing.assert_close(members[2](other), reference(other, matrices[2]),
+                               rtol=1e-4, atol=1e-4)
+    assert len(calls) == 3
