@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib(p, 16)
     _add_memory(p)
 
+    p = sub.add_parser("sensitivity", help="build a sensitivity table (layers x options) and a heat map")
+    _add_model(p)
+    p.add_argument("--proxy", default="fisher", help="fisher | hessian | hutchinson | measured")
+    p.add_argument("--space", default="search_spaces/default.yaml", help="search space YAML")
+    p.add_argument("--out", required=True, help="table JSON to write (the PNG goes beside it)")
+    _add_calib(p, 8)
+
     p = sub.add_parser("search", help="search a per-layer plan under a memory budget")
     _add_model(p)
     p.add_argument("--budget", required=True, help="whole footprint: 4GB, 3.5GiB, 80MB, 62000000")
@@ -109,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default=None,
                    help="search space YAML (search_spaces/*.yaml); replaces --bits/--group-size")
     p.add_argument("--out", required=True, help="output directory (plan.json, tables)")
+    p.add_argument("--proxy", default="fisher", help="fisher | hessian | hutchinson | measured")
     p.add_argument("--holdout-windows", type=_positive_int, default=4,
                    help="held-out calibration windows to measure candidates on")
     _add_calib(p, 8)
@@ -238,7 +246,8 @@ def cmd_search(args) -> int:
     loaded = load_model(args.model)
     settings = SearchSettings(budget=budget, context=args.context, batch=args.batch,
                               n_calib=args.calib_windows, n_holdout=args.holdout_windows,
-                              window_len=args.window_len, calib_text=args.calib_text)
+                              window_len=args.window_len, calib_text=args.calib_text,
+                              proxy=args.proxy)
     result = run_search(loaded, space, settings, out_dir=args.out,
                         log=lambda m: console.print(m, highlight=False))
     chosen = result.chosen
@@ -249,7 +258,29 @@ def cmd_search(args) -> int:
     return 0
 
 
-COMMANDS = {"layers": cmd_layers, "plan": cmd_plan, "apply": cmd_apply, "eval": cmd_eval,
+def cmd_sensitivity(args) -> int:
+    from .data import calibration_data
+    from .model import load_model
+    from .search.space import SearchSpace
+    from .sensitivity.build import build_table, make_proxy
+    from .sensitivity.heatmap import save_heatmap
+
+    space = SearchSpace.from_yaml(args.space)
+    proxy = make_proxy(args.proxy)
+    loaded = load_model(args.model)
+    calib = calibration_data(loaded.tokenizer, args.calib_text, args.calib_windows, 0,
+                             args.window_len)
+    table = build_table(loaded, space, proxy, calib.calib, calib.digest,
+                        log=lambda m: console.print(m, highlight=False))
+    out = Path(args.out)
+    table.save(out)
+    png = out.with_suffix(".png")
+    save_heatmap(table, png, title=f"{loaded.name}: {proxy.name} proxy, predicted Δloss (nats)")
+    console.print(f"wrote {out} and {png}", highlight=False)
+    return 0
+
+
+COMMANDS = {"layers": cmd_layers, "sensitivity": cmd_sensitivity, "plan": cmd_plan, "apply": cmd_apply, "eval": cmd_eval,
             "search": cmd_search}
 
 if __name__ == "__main__":

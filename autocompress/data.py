@@ -117,9 +117,6 @@ class TokenStream:
             start = 0
         return self.ids[start:start + n * window_len].view(n, window_len).clone()
 
-    def digest(self) -> str:
-        return hashlib.sha256(self.ids.numpy().tobytes()).hexdigest()[:16]
-
 
 def load_stream(tokenizer: Any, path: str | Path | None, part: str) -> TokenStream:
     text, source = read_text(path, part)
@@ -133,7 +130,7 @@ class CalibrationData:
     calib: torch.Tensor  # [n_calib, L]
     holdout: torch.Tensor  # [n_holdout, L]
     source: str
-    digest: str
+    digest: str  # of the calibration windows (the sensitivity cache key)
 
 
 def calibration_data(tokenizer: Any, path: str | Path | None, n_calib: int, n_holdout: int,
@@ -148,8 +145,8 @@ def calibration_data(tokenizer: Any, path: str | Path | None, n_calib: int, n_ho
             "--calib-text or fewer/shorter windows"
         )
     calib = stream.windows(n_calib, window_len)
-    holdout = stream.windows(n_holdout, window_len, from_end=True)
-    digest = hashlib.sha256(
-        f"{stream.digest()}:{n_calib}:{n_holdout}:{window_len}".encode()
-    ).hexdigest()[:16]
+    holdout = stream.windows(n_holdout, window_len, from_end=True) if n_holdout else \
+        torch.empty(0, window_len, dtype=calib.dtype)
+    # the calibration windows alone identify what a sensitivity table was computed from
+    digest = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
     return CalibrationData(calib=calib, holdout=holdout, source=stream.source, digest=digest)

@@ -212,6 +212,16 @@ def model_identity(name: str, layers: list[LayerInfo]) -> ModelIdentity:
     return ModelIdentity(name=name, content_hash=digest, layers=shapes)
 
 
+def weights_fingerprint(loaded: LoadedModel) -> str:
+    """A cheap hash of the block linears' values (every 997th weight of each): two models with
+    the same shapes but different weights (a fine-tune, another seed) get different keys."""
+    digest = hashlib.sha256()
+    for layer in loaded.layers:
+        sample = loaded.module(layer.name).weight.detach().reshape(-1)[::997].float()
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def non_layer_params(loaded: LoadedModel) -> int:
     """Parameters outside the block linears (embeddings, norms, an untied head), counted once."""
     seen: set[int] = set()

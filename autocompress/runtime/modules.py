@@ -66,7 +66,7 @@ def triton_usable() -> bool:
 def make_kernel(matrix: PackedMatrix, backend: str = "auto", layer: str = "",
                 ort_threads: int | None = None):
     """The kernel of ``backend`` for ``matrix``; ``layer`` names it in errors. ``ort_threads``:
-    threads of the ORT sessions (default torch's; 1 runs them on the calling thread)."""
+    threads of the ORT sessions (default 1: the calling thread, see cpu_kernels.py)."""
     if backend not in BACKENDS:
         raise AutocompressError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if matrix.bits == 16 and matrix.layout == "dense":

@@ -4,7 +4,8 @@
 2. Exact proxy optimum under the byte budget (``exact.solve_mckp``), plus the optimum without
    2-bit options: second-order proxies underrate 2-bit damage, which is far from additive.
 3. Every candidate and the best uniform plan that fits are applied and measured (KL to the
-   uncompressed model, and perplexity) on held-out windows from the *calibration* text; the
+   uncompressed model, and perplexity) on held-out windows from the *calibration* text
+   (search/measure.py; GPTQ/Wanda statistics from one pass of the uncompressed model); the
    lowest KL wins. So the search never returns a plan that measures worse than the best
    fitting uniform plan, and says which one won.
 """
@@ -19,15 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from ..accounting import Footprint, layer_bytes, model_footprint
-from ..compress.apply import compress_model
 from ..data import CalibrationData, calibration_data
-from ..evaluate import ReferenceCache, evaluate
 from ..io_utils import atomic_write_text
 from ..model import LoadedModel
 from ..plan import LayerConfig, Plan, compact_overrides
 from ..sensitivity.build import build_table, make_proxy
 from ..sensitivity.table import SensitivityTable
 from .exact import InfeasibleBudget, solve_mckp
+from .measure import PlanMeter
 from .space import SearchSpace
 
 
@@ -100,13 +100,9 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     timings["solve_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    reference = ReferenceCache(loaded.model, calib.holdout)
+    meter = PlanMeter(loaded, calib.holdout, calib.calib, progress=progress)
     for cand in candidates:
-        model = compress_model(loaded, cand.configs, calib.calib, progress=False)
-        result = evaluate(model, calib.holdout, reference, progress=progress,
-                          desc=f"check {cand.label}")
-        cand.measured = {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens}
-        del model
+        cand.measured = meter.measure(cand.configs, desc=f"check {cand.label}")
     timings["measure_s"] = time.perf_counter() - t0
     chosen = min(candidates, key=lambda c: c.measured["kl"])
 

@@ -22,7 +22,7 @@ from ..compress.apply import uses_calibration
 from ..compress.calibration import collect_stats
 from ..compress.weights import LayerStats, compress_weight
 from ..io_utils import atomic_write_text
-from ..model import LoadedModel, cache_dir
+from ..model import LoadedModel, cache_dir, weights_fingerprint
 from ..plan import LayerConfig
 from .base import PROXIES, SensitivityProxy
 from .table import SensitivityTable
@@ -30,7 +30,7 @@ from .table import SensitivityTable
 
 def make_proxy(name: str) -> SensitivityProxy:
     from ..errors import AutocompressError
-    from . import fisher, hessian, hutchinson  # noqa: F401  (register the proxies)
+    from . import fisher, hessian, hutchinson, measured  # noqa: F401  (register the proxies)
 
     try:
         return PROXIES[name]()
@@ -43,8 +43,8 @@ def table_key(loaded: LoadedModel, calib_digest: str, options: list[list[LayerCo
               proxy: SensitivityProxy) -> dict:
     option_digest = hashlib.sha256(json.dumps(
         [[o.to_dict() for o in opts] for opts in options], sort_keys=True).encode()).hexdigest()[:16]
-    return {"model": loaded.identity.content_hash, "calib": calib_digest, "options": option_digest,
-            **proxy.describe()}
+    return {"model": loaded.identity.content_hash, "weights": weights_fingerprint(loaded),
+            "calib": calib_digest, "options": option_digest, **proxy.describe()}
 
 
 class TableCache:

@@ -1,8 +1,13 @@
 """Empirical Fisher diagonal of the LM loss with respect to each layer's weight.
 
-F_ij = E_w[(∂L_w / ∂W_ij)²] over calibration windows w (L_w: mean next-token loss of window w).
-To second order around a minimum, perturbing W by ΔW raises the loss by about ½ Σ F ⊙ ΔW²
-(the Fisher approximates the Hessian's diagonal), which makes the per-layer costs additive.
+F_ij = E_w[(∂L_w / ∂W_ij)²] over calibration windows w (L_w: mean next-token loss of the T
+predicted tokens of window w). The Fisher of the *summed* loss of a window approximates its
+Hessian, and L_w is that sum over T, so the increase of the mean loss (nats per token, the unit
+of measured KL) for a perturbation ΔW is, to second order,
+
+    ΔL ≈ ½ T Σ F ⊙ ΔW²,
+
+additive over layers.
 """
 
 from __future__ import annotations
@@ -61,8 +66,12 @@ class FisherProxy(SensitivityProxy):
     def prepare(self, loaded: LoadedModel, windows: torch.Tensor, layers: list[LayerInfo],
                 progress: bool = True) -> None:
         self.fisher = fisher_diagonal(loaded.model, layers, windows, progress=progress)
+        self.tokens = windows.shape[1] - 1  # T: each window's loss is a mean over T tokens
 
     def layer_costs(self, layer: LayerInfo, weight: torch.Tensor,
                     deltas: list[torch.Tensor]) -> list[float]:
         f = self.fisher[layer.name]
-        return [0.5 * float((f * d.square()).sum()) for d in deltas]
+        return [0.5 * self.tokens * float((f * d.square()).sum()) for d in deltas]
+
+    def describe(self) -> dict:
+        return {"proxy": self.name, "version": 2}  # 2: costs scaled by T

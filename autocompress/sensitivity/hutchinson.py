@@ -11,6 +11,7 @@ times its energy (Dong et al. 2020):
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..model import LayerInfo, LoadedModel
@@ -25,7 +26,9 @@ def hutchinson_traces(loaded: LoadedModel, layers: list[LayerInfo], windows: tor
     params = [model.get_submodule(layer.name).weight for layer in layers]
     sums = [0.0] * len(layers)
     generator = torch.Generator().manual_seed(seed)
-    with gradients_for(model, params):
+    # double backward needs SDPA's math backend: the fused kernels (flash attention on CPU,
+    # flash / memory-efficient on CUDA) have no derivative of their backward
+    with gradients_for(model, params), sdpa_kernel(SDPBackend.MATH):
         steps = [(i, p) for i in range(windows.shape[0]) for p in range(probes)]
         for i, _ in tqdm(steps, desc="hutchinson", disable=not progress, leave=False):
             window = windows[i:i + 1]

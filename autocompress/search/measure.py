@@ -1,0 +1,36 @@
+"""Measure plans for real: apply (fake-quant) and take KL to the uncompressed model, and
+perplexity, on held-out windows. One meter serves many plans: the reference log-probabilities
+and the calibration statistics (for GPTQ, Wanda and whitened low rank) are computed once and
+shared, so calibration here is one pass of the uncompressed model ("parallel" mode)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..compress.apply import compress_model, uses_calibration
+from ..compress.calibration import InputStats, collect_stats
+from ..evaluate import ReferenceCache, evaluate
+from ..model import LoadedModel
+from ..plan import LayerConfig
+
+
+class PlanMeter:
+    def __init__(self, loaded: LoadedModel, holdout: torch.Tensor, calib: torch.Tensor | None,
+                 progress: bool = False):
+        self.loaded, self.holdout, self.calib, self.progress = loaded, holdout, calib, progress
+        self.reference = ReferenceCache(loaded.model, holdout)
+        self._stats: dict[str, InputStats] | None = None
+
+    def stats_for(self, configs: dict[str, LayerConfig]) -> dict[str, InputStats] | None:
+        if self.calib is None or not uses_calibration(configs.values()):
+            return None
+        if self._stats is None:
+            self._stats = collect_stats(self.loaded.model, self.loaded.layers, self.calib,
+                                        progress=self.progress)
+        return self._stats
+
+    def measure(self, configs: dict[str, LayerConfig], desc: str = "measure") -> dict:
+        model = compress_model(self.loaded, configs, stats=self.stats_for(configs),
+                               progress=False)
+        result = evaluate(model, self.holdout, self.reference, progress=self.progress, desc=desc)
+        return {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens}
