@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("plan")
     _add_model(p, None)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--packed", action="store_true",
+                   help="write bit-packed low-bit storage (runtime format) instead of float16")
     p.add_argument("--mode", choices=["sequential", "parallel"], default="sequential",
                    help="GPTQ/Wanda calibration through the compressed prefix, or not")
     _add_calib(p, 16)
@@ -199,7 +201,18 @@ def cmd_apply(args) -> int:
     from .export.safetensors import save_compressed
 
     plan, loaded = _load_for_plan(args)
-    model = compress_model(loaded, plan, _calib_windows(args, loaded, plan), mode=args.mode)
+    calib = _calib_windows(args, loaded, plan)
+    if args.packed:
+        from .runtime.convert import apply_packed
+        from .units import format_size
+
+        sizes = apply_packed(loaded, plan, args.out, calib, mode=args.mode)
+        console.print(f"wrote packed model to {args.out}: block linears "
+                      f"{format_size(sizes['packed_layer_bytes'])} "
+                      f"(plan accounting {format_size(sizes['accounted_layer_bytes'])})",
+                      highlight=False)
+        return 0
+    model = compress_model(loaded, plan, calib, mode=args.mode)
     save_compressed(model, loaded, plan, args.out)
     console.print(f"wrote compressed model to {args.out}")
     return 0

@@ -66,3 +66,23 @@ def test_eval_missing_text_and_wrong_model(tiny_model_dir, tmp_path, capsys):
 
     assert main(["eval", str(tmp_path / "nope.json")]) == 2
     assert "not found" in _error_line(capsys)
+
+
+def test_apply_packed_matches_accounting(tiny_model_dir, tmp_path, capsys):
+    from autocompress.model import load_model
+    from autocompress.plan import Plan
+    from autocompress.runtime.convert import load_packed
+
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(tiny_model_dir), "--bits", "3", "--out", str(plan_path)]) == 0
+    assert main(["apply", str(plan_path), "--packed", "--out", str(tmp_path / "packed")]) == 0
+    assert "plan accounting" in capsys.readouterr().err
+    packed = load_packed(tmp_path / "packed")
+    loaded = load_model(str(tiny_model_dir))
+    from autocompress.compress.apply import compress_model
+
+    reference = compress_model(loaded, Plan.load(plan_path), progress=False)
+    x = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        got = packed.model(x).logits
+        assert torch.allclose(got, reference(x).logits, atol=2e-2, rtol=1e-2)
