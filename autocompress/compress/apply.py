@@ -13,7 +13,7 @@ uncompressed model in one pass (faster, and reusable across plans via ``stats=``
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -75,34 +75,38 @@ def _install(model: nn.Module, name: str, compressed: CompressedLayer) -> None:
     setattr(parent, child, LowRankLinear(a, b, module.bias, dtype))
 
 
+OnLayer = Callable[[LayerInfo, LayerConfig, CompressedLayer], None]
+
+
 def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[str, LayerConfig],
-                     stats: dict[str, InputStats] | None,
-                     gptq: GPTQSettings = GPTQSettings()) -> None:
+                     stats: dict[str, InputStats] | None, gptq: GPTQSettings,
+                     on_layer: OnLayer | None) -> None:
     for layer in layers:
         cfg = configs[layer.name]
-        if cfg.is_identity:
-            # stored in float16: round-trip so evaluation sees what deployment would
-            module = model.get_submodule(layer.name)
-            with torch.no_grad():
-                module.weight.copy_(module.weight.half().float())
-            continue
         weight = model.get_submodule(layer.name).weight.detach().float()
         layer_stats = _layer_stats(stats.get(layer.name)) if stats else None
-        _install(model, layer.name, compress_weight(weight, cfg, layer_stats, gptq))
+        # identity configs come back rounded to float16, as deployment stores them
+        compressed = compress_weight(weight, cfg, layer_stats, gptq)
+        if on_layer is not None:
+            on_layer(layer, cfg, compressed)
+        _install(model, layer.name, compressed)
 
 
-def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
-                   calib_windows: torch.Tensor | None = None, mode: str = "sequential",
-                   stats: dict[str, InputStats] | None = None, progress: bool = True,
-                   gptq: GPTQSettings = GPTQSettings()) -> nn.Module:
-    """A compressed copy of ``loaded.model`` (the original is left untouched)."""
-    names = [layer.name for layer in loaded.layers]
-    configs = plan.resolve(names) if isinstance(plan, Plan) else plan
-    missing = [n for n in names if n not in configs]
+def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
+                         configs: dict[str, LayerConfig],
+                         calib_windows: torch.Tensor | None = None, mode: str = "sequential",
+                         stats: dict[str, InputStats] | None = None, progress: bool = True,
+                         gptq: GPTQSettings = GPTQSettings(),
+                         on_layer: OnLayer | None = None) -> None:
+    """Compress ``layers`` of ``model`` in place; ``on_layer`` sees every compressed layer
+    (the packed runtime builds its storage from it)."""
+    missing = [layer.name for layer in layers if layer.name not in configs]
     if missing:
         raise AutocompressError(f"no config for layer(s) {missing[:3]}")
-    model = copy.deepcopy(loaded.model)
-    active = [layer for layer in loaded.layers if not configs[layer.name].is_identity]
+    if mode not in ("sequential", "parallel"):
+        raise AutocompressError(f"unknown calibration mode {mode!r}: use sequential or parallel")
+    active = [layer for layer in layers if not configs[layer.name].is_identity]
+    identity = [layer for layer in layers if configs[layer.name].is_identity]
     active_configs = [configs[layer.name] for layer in active]
     if needs_calibration(active_configs) and stats is None and calib_windows is None:
         raise AutocompressError(
@@ -113,18 +117,28 @@ def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
     if not calibrate or stats is not None or mode == "parallel":
         if calibrate and stats is None:
             stats = collect_stats(model, active, calib_windows, progress=progress)
-        layers = loaded.layers
         for layer in tqdm(layers, desc="compress", disable=not progress, leave=False):
-            _compress_layers(model, [layer], configs, stats, gptq)
-        return model
-    if mode != "sequential":
-        raise AutocompressError(f"unknown calibration mode {mode!r}: use sequential or parallel")
-    # identity layers first (fp16 rounding), then the rest block by block
-    _compress_layers(model, [l for l in loaded.layers if configs[l.name].is_identity], configs, None)
+            _compress_layers(model, [layer], configs, stats, gptq, on_layer)
+        return
+    # sequential: float16 layers first, then block by block through the compressed prefix
+    _compress_layers(model, identity, configs, None, gptq, on_layer)
 
     def compress_block(_index: int, block_stats: dict[str, InputStats]) -> None:
         block_layers = [l for l in active if l.name in block_stats]
-        _compress_layers(model, block_layers, configs, block_stats, gptq)
+        _compress_layers(model, block_layers, configs, block_stats, gptq, on_layer)
 
     sequential(model, active, calib_windows, compress_block, progress=progress)
+
+
+def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
+                   calib_windows: torch.Tensor | None = None, mode: str = "sequential",
+                   stats: dict[str, InputStats] | None = None, progress: bool = True,
+                   gptq: GPTQSettings = GPTQSettings(),
+                   on_layer: OnLayer | None = None) -> nn.Module:
+    """A compressed copy of ``loaded.model`` (the original is left untouched)."""
+    names = [layer.name for layer in loaded.layers]
+    configs = plan.resolve(names) if isinstance(plan, Plan) else plan
+    model = copy.deepcopy(loaded.model)
+    compress_layers_into(model, loaded.layers, configs, calib_windows, mode, stats, progress,
+                         gptq, on_layer)
     return model

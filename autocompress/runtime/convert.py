@@ -27,11 +27,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..compress.apply import needs_calibration, uses_calibration
-from ..compress.calibration import InputStats, collect_stats, sequential
-from ..compress.weights import GPTQSettings, LayerStats, compress_weight
+from ..compress.apply import compress_layers_into
+from ..compress.calibration import InputStats
+from ..compress.weights import GPTQSettings
 from ..errors import AutocompressError
 from ..io_utils import atomic_write_text
 from ..model import LayerInfo, LoadedModel, discover_layers
@@ -56,50 +55,15 @@ def pack_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[str, La
                 calib_windows: torch.Tensor | None = None, mode: str = "sequential",
                 stats: dict[str, InputStats] | None = None, progress: bool = True,
                 gptq: GPTQSettings = GPTQSettings()) -> dict[str, PackedLinear]:
-    """Compress and pack every layer of ``layers`` (``model`` itself is modified only in
-    sequential mode, where each block's linears get their fake-quant weights so that the next
-    block's statistics are taken through the compressed prefix)."""
-    missing = [layer.name for layer in layers if layer.name not in configs]
-    if missing:
-        raise AutocompressError(f"no config for layer(s) {missing[:3]}")
-    active = [layer for layer in layers if not configs[layer.name].is_identity]
-    active_configs = [configs[layer.name] for layer in active]
-    if needs_calibration(active_configs) and stats is None and calib_windows is None:
-        raise AutocompressError("this plan uses GPTQ or Wanda, which need calibration text "
-                                "(--calib-text, or the default corpus)")
-    if mode not in ("sequential", "parallel"):
-        raise AutocompressError(f"unknown calibration mode {mode!r}: use sequential or parallel")
+    """Compress and pack every layer of ``layers``. ``model`` is compressed in place on the way
+    (fake-quant weights, so that sequential calibration sees the compressed prefix)."""
     packed: dict[str, PackedLinear] = {}
 
-    def pack(layer: LayerInfo, layer_stats: InputStats | None, install: bool) -> None:
-        cfg = configs[layer.name]
-        module = model.get_submodule(layer.name)
-        compressed = compress_weight(module.weight.detach().float(), cfg,
-                                     _layer_stats(layer_stats), gptq)
+    def keep(layer: LayerInfo, cfg: LayerConfig, compressed) -> None:
         packed[layer.name] = PackedLinear.from_compressed(compressed, cfg)
-        if install:
-            with torch.no_grad():
-                module.weight.copy_(compressed.weight().to(module.weight.dtype))
 
-    identity = [layer for layer in layers if configs[layer.name].is_identity]
-    calibrate = uses_calibration(active_configs) and (stats is not None
-                                                      or calib_windows is not None)
-    if calibrate and stats is None and mode == "sequential":
-        # as compress_model: the float16 layers first, then block by block through the prefix
-        for layer in identity:
-            pack(layer, None, install=True)
-
-        def compress_block(_index: int, block_stats: dict[str, InputStats]) -> None:
-            for layer in active:
-                if layer.name in block_stats:
-                    pack(layer, block_stats[layer.name], install=True)
-
-        sequential(model, active, calib_windows, compress_block, progress=progress)
-        return packed
-    if calibrate and stats is None:
-        stats = collect_stats(model, active, calib_windows, progress=progress)
-    for layer in tqdm(layers, desc="pack", disable=not progress, leave=False):
-        pack(layer, stats.get(layer.name) if stats else None, install=False)
+    compress_layers_into(model, layers, configs, calib_windows, mode, stats, progress, gptq,
+                         on_layer=keep)
     return packed
 
 
@@ -174,12 +138,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-def _layer_stats(stats: InputStats | None) -> LayerStats | None:
-    if stats is None:
-        return None
-    return LayerStats(H=stats.hessian, act_norm=stats.act_norm, n_samples=stats.n_samples)
 
 
 # -- saving -----------------------------------------------------------------------------------

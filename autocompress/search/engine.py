@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..accounting import Footprint, layer_bytes, model_footprint
-from ..data import CalibrationData, calibration_data
+from ..data import calibration_data
 from ..io_utils import atomic_write_text
 from ..model import LoadedModel
 from ..plan import LayerConfig, Plan, compact_overrides
