@@ -92,7 +92,32 @@ def gptq_study() -> str:
     return "\n\n".join(out) or "(not measured yet)"
 
 
-SECTIONS = {"baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
+def kernels() -> str:
+    out = []
+    for name in ("kernels.json", "kernels_threads1.json"):
+        path = RESULTS / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        p, e = data["protocol"], data["entries"]
+        bw = e.get("bandwidth", {})
+        rows = [f"{p['threads']} thread(s); measured copy bandwidth {bw.get('copy_gb_s', 0):.1f} GB/s",
+                "", "| decode | tokens/s | MB read/token | layer MB resident / plan | share of bandwidth | kernels | load avg |",
+                "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+        for key, r in e.items():
+            if "tokens_per_s" not in r:
+                continue
+            kernels_used = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
+            rows.append(f"| {key} | {r['tokens_per_s']:.1f} | {r['bytes_per_token'] / 1e6:.0f} | "
+                        f"{r['layer_bytes_resident'] / 1e6:.1f} / {r['layer_bytes_plan'] / 1e6:.1f} | "
+                        f"{100 * r.get('share_of_copy_bandwidth', 0):.0f}% | {kernels_used} | "
+                        f"{r['load_average_1min']:.1f} |")
+        out.append("\n".join(rows) + f"\n\nProtocol: {p['model']}, batch 1, {p['tokens']} decoded "
+                   f"tokens after the prompt {p['prompt']!r}; machine {p['machine']}.")
+    return "\n\n".join(out) or "(not measured yet)"
+
+
+SECTIONS = {"kernels": kernels, "baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
 
 
 def main() -> None:

@@ -80,13 +80,19 @@ OnLayer = Callable[[LayerInfo, LayerConfig, CompressedLayer], None]
 
 def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[str, LayerConfig],
                      stats: dict[str, InputStats] | None, gptq: GPTQSettings,
-                     on_layer: OnLayer | None) -> None:
+                     on_layer: OnLayer | None, memo: dict | None = None) -> None:
     for layer in layers:
         cfg = configs[layer.name]
-        weight = model.get_submodule(layer.name).weight.detach().float()
-        layer_stats = _layer_stats(stats.get(layer.name)) if stats else None
-        # identity configs come back rounded to float16, as deployment stores them
-        compressed = compress_weight(weight, cfg, layer_stats, gptq)
+        key = (layer.name, cfg)
+        if memo is not None and key in memo:
+            compressed = memo[key]
+        else:
+            weight = model.get_submodule(layer.name).weight.detach().float()
+            layer_stats = _layer_stats(stats.get(layer.name)) if stats else None
+            # identity configs come back rounded to float16, as deployment stores them
+            compressed = compress_weight(weight, cfg, layer_stats, gptq)
+            if memo is not None and (cfg.is_low_rank or cfg.method == "gptq"):
+                memo[key] = compressed  # the expensive ones (SVD, GPTQ) only
         if on_layer is not None:
             on_layer(layer, cfg, compressed)
         _install(model, layer.name, compressed)
@@ -97,9 +103,14 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
                          calib_windows: torch.Tensor | None = None, mode: str = "sequential",
                          stats: dict[str, InputStats] | None = None, progress: bool = True,
                          gptq: GPTQSettings = GPTQSettings(),
-                         on_layer: OnLayer | None = None) -> None:
+                         on_layer: OnLayer | None = None, memo: dict | None = None) -> None:
     """Compress ``layers`` of ``model`` in place; ``on_layer`` sees every compressed layer
-    (the packed runtime builds its storage from it)."""
+    (the packed runtime builds its storage from it). ``memo`` (parallel mode with fixed
+    ``stats`` only) keeps expensive per-(layer, config) results across calls, for callers that
+    measure many plans."""
+    if memo is not None and (stats is None or mode != "parallel"):
+        raise ValueError("memo needs fixed stats and parallel mode: results must not depend on "
+                         "the rest of the plan")
     missing = [layer.name for layer in layers if layer.name not in configs]
     if missing:
         raise AutocompressError(f"no config for layer(s) {missing[:3]}")
@@ -118,7 +129,7 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
         if calibrate and stats is None:
             stats = collect_stats(model, active, calib_windows, progress=progress)
         for layer in tqdm(layers, desc="compress", disable=not progress, leave=False):
-            _compress_layers(model, [layer], configs, stats, gptq, on_layer)
+            _compress_layers(model, [layer], configs, stats, gptq, on_layer, memo)
         return
     # sequential: float16 layers first, then block by block through the compressed prefix
     _compress_layers(model, identity, configs, None, gptq, on_layer)
@@ -134,11 +145,11 @@ def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
                    calib_windows: torch.Tensor | None = None, mode: str = "sequential",
                    stats: dict[str, InputStats] | None = None, progress: bool = True,
                    gptq: GPTQSettings = GPTQSettings(),
-                   on_layer: OnLayer | None = None) -> nn.Module:
+                   on_layer: OnLayer | None = None, memo: dict | None = None) -> nn.Module:
     """A compressed copy of ``loaded.model`` (the original is left untouched)."""
     names = [layer.name for layer in loaded.layers]
     configs = plan.resolve(names) if isinstance(plan, Plan) else plan
     model = copy.deepcopy(loaded.model)
     compress_layers_into(model, loaded.layers, configs, calib_windows, mode, stats, progress,
-                         gptq, on_layer)
+                         gptq, on_layer, memo)
     return model

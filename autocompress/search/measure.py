@@ -20,6 +20,7 @@ class PlanMeter:
         self.loaded, self.holdout, self.calib, self.progress = loaded, holdout, calib, progress
         self.reference = ReferenceCache(loaded.model, holdout)
         self._stats: dict[str, InputStats] | None = None
+        self._memo: dict = {}  # SVD / GPTQ results per (layer, config), shared by all plans
 
     def stats_for(self, configs: dict[str, LayerConfig]) -> dict[str, InputStats] | None:
         if self.calib is None or not uses_calibration(configs.values()):
@@ -30,7 +31,8 @@ class PlanMeter:
         return self._stats
 
     def measure(self, configs: dict[str, LayerConfig], desc: str = "measure") -> dict:
-        model = compress_model(self.loaded, configs, stats=self.stats_for(configs),
-                               progress=False)
+        stats = self.stats_for(configs)
+        model = compress_model(self.loaded, configs, stats=stats, mode="parallel", progress=False,
+                               memo=self._memo if stats is not None else None)
         result = evaluate(model, self.holdout, self.reference, progress=self.progress, desc=desc)
         return {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens}

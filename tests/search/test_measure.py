@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from autocompress.compress.apply import compress_model
+from autocompress.plan import LayerConfig
+from autocompress.search.measure import PlanMeter
+
+
+def test_meter_reuses_expensive_layers_without_changing_results(tiny_loaded):
+    g = torch.Generator().manual_seed(0)
+    vocab = tiny_loaded.model.config.vocab_size
+    holdout, calib = torch.randint(0, vocab, (2, 32), generator=g), torch.randint(0, vocab, (2, 32), generator=g)
+    meter = PlanMeter(tiny_loaded, holdout, calib)
+    names = [l.name for l in tiny_loaded.layers]
+    low_rank = {n: LayerConfig(bits=8, rank_ratio=0.5) for n in names}
+    mixed = {**low_rank, names[0]: LayerConfig(bits=4)}
+    first = meter.measure(low_rank)
+    assert len(meter._memo) == len(names)
+    second = meter.measure(mixed)
+    fresh = PlanMeter(tiny_loaded, holdout, calib).measure(mixed)
+    assert second["kl"] == pytest.approx(fresh["kl"], rel=1e-6)
+    assert first["kl"] != second["kl"]
+
+
+def test_memo_refuses_sequential_mode(tiny_loaded):
+    with pytest.raises(ValueError, match="memo"):
+        compress_model(tiny_loaded, {l.name: LayerConfig(bits=4) for l in tiny_loaded.layers},
+                       mode="sequential", memo={})
