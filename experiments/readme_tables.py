@@ -117,7 +117,48 @@ def kernels() -> str:
     return "\n\n".join(out) or "(not measured yet)"
 
 
-SECTIONS = {"kernels": kernels, "baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
+def proxy_fidelity() -> str:
+    data = json.loads((RESULTS / "proxy_fidelity.json").read_text())
+    p, e = data["protocol"], data["entries"]
+    rows = ["| proxy | Spearman | Kendall | table build s |", "| --- | ---: | ---: | ---: |"]
+    for key, r in e.items():
+        if key == "plans":
+            continue
+        rows.append(f"| {key} | {r['spearman']:.3f} | {r['kendall']:.3f} | {r['table_build_s']:.0f} |")
+    kls = [plan["kl"] for plan in e.get("plans", {}).values()]
+    bpw = [plan["bits_per_weight"] for plan in e.get("plans", {}).values()]
+    span = (f"{len(kls)} plans, {min(bpw):.2f} to {max(bpw):.2f} bits/weight, measured KL "
+            f"{min(kls):.3f} to {max(kls):.3f} nats/token") if kls else ""
+    return "\n".join(rows) + (f"\n\nProtocol: {p['model']}; space {p['space']}; {p['plans']} "
+                               f"({span}); proxies calibrated on {p['proxy_calibration']}; "
+                               f"measured {p['measured']}; machine {p['machine']}.")
+
+
+def joint_vs_bits() -> str:
+    out = []
+    base = json.loads((RESULTS / "baselines.json").read_text())["entries"]
+    for path in sorted(RESULTS.glob("joint_vs_bits_*.json")):
+        data = json.loads(path.read_text())
+        p, e = data["protocol"], data["entries"]
+        rows = ["| budget (total bytes) | joint space | bits only | uniform RTN | uniform GPTQ |",
+                "| --- | ---: | ---: | ---: | ---: |"]
+        budgets = sorted({k.split("@")[1] for k in e}, key=float)
+        for b in budgets:
+            joint, bits = e.get(f"joint@{b}"), e.get(f"bits@{b}")
+            whole = str(int(float(b))) if float(b) == int(float(b)) else None
+            rtn = base.get(f"rtn{whole}") if whole else None
+            gptq = base.get(f"gptq{whole}") if whole else None
+            budget = (joint or bits)["budget_bytes"]
+            cell = lambda r: "" if r is None else f"{_fmt_ppl(r['ppl'])}"  # noqa: E731
+            rows.append(f"| uniform {b}-bit: {budget / 1e6:.2f} MB | {cell(joint)} | {cell(bits)} | "
+                        f"{cell(rtn)} | {cell(gptq)} |")
+        chosen = "; ".join(f"{k}: {v['chosen']}" for k, v in e.items())
+        out.append("\n".join(rows) + f"\n\nChosen by the measured check: {chosen}.\n\nProtocol: "
+                   f"{p['model']}; search {p['search']}; evaluation {p['eval']}; machine {p['machine']}.")
+    return "\n\n".join(out) or "(not measured yet)"
+
+
+SECTIONS = {"kernels": kernels, "proxy-fidelity": proxy_fidelity, "joint-vs-bits": joint_vs_bits, "baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
 
 
 def main() -> None:
