@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..compress.apply import LowRankLinear
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_write_text, replace_dir
 from ..model import LoadedModel
 from ..plan import Plan
 
@@ -48,11 +48,4 @@ def save_compressed(model: nn.Module, loaded: LoadedModel, plan: Plan, out: str 
               metadata={"format": "pt", "autocompress_plan": json.dumps(plan.to_dict())})
     loaded.tokenizer.save_pretrained(tmp)
     atomic_write_text(tmp / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
-    if out.exists():
-        backup = out.with_name(out.name + ".old")
-        shutil.rmtree(backup, ignore_errors=True)
-        out.rename(backup)
-        tmp.rename(out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    replace_dir(tmp, out)

@@ -32,7 +32,7 @@ from ..compress.apply import compress_layers_into
 from ..compress.calibration import InputStats
 from ..compress.weights import GPTQSettings
 from ..errors import AutocompressError
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_write_text, replace_dir
 from ..model import LayerInfo, LoadedModel, discover_layers
 from ..plan import LayerConfig, Plan
 from .cpu_kernels import (
@@ -176,7 +176,7 @@ def save_packed(model: nn.Module, out: str | Path, plan: Plan | None = None,
         tokenizer.save_pretrained(tmp)
     if plan is not None:
         atomic_write_text(tmp / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
-    _replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return out
 
 
@@ -205,17 +205,6 @@ def _rest_state(model: nn.Module, layers: dict[str, QuantLinear]) -> dict[str, t
         seen[value.data_ptr()] = key
         out[key] = value.detach().cpu().contiguous()
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        backup = out.with_name(out.name + ".old")
-        shutil.rmtree(backup, ignore_errors=True)
-        out.rename(backup)
-        tmp.rename(out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 # -- loading ----------------------------------------------------------------------------------
