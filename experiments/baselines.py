@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CALIB_TEXT, EVAL_TEXT, ResultFile, check_data, machine  # noqa: E402
+from common import CALIB_TEXT, EVAL_TEXT, MODEL_LABEL, ResultFile, check_data, eval_protocol, machine  # noqa: E402
 
 from autocompress.accounting import model_footprint  # noqa: E402
 from autocompress.compress.apply import compress_model, uses_calibration  # noqa: E402
@@ -50,10 +49,9 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     check_data()
-    torch.set_num_threads(2)
     protocol = {
-        "model": "smollm2-135m (Q4_1 GGUF dequantized to float32)",
-        "eval": f"wiki.test.raw, first {args.windows} non-overlapping windows of {args.window_len}",
+        "model": MODEL_LABEL,
+        "eval": eval_protocol(args.windows, args.window_len),
         "calibration": f"wiki.valid.tokens, first {args.calib_windows} windows of {args.window_len}"
                        " (GPTQ sequential through the compressed prefix, Wanda, whitened SVD)",
         "formats": "group 64 asymmetric unless stated; scales/zeros float16 in the byte count",

@@ -28,10 +28,19 @@ def machine() -> str:
            f"{torch.get_num_threads()} threads"
 
 
+MODEL_LABEL = "smollm2-135m (Q4_1 GGUF dequantized to float32)"
+
+
 def check_data() -> None:
+    """Fail early without the shared data; benchmarks run on both cores."""
     for path in (CALIB_TEXT, EVAL_TEXT):
         if not path.is_file():
             raise SystemExit(f"missing {path}: the benchmarks read WikiText-2 from ../shared/data")
+    torch.set_num_threads(2)
+
+
+def eval_protocol(windows: int, window_len: int) -> str:
+    return f"wiki.test.raw, first {windows} non-overlapping windows of {window_len}"
 
 
 class ResultFile:

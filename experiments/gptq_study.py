@@ -14,10 +14,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CALIB_TEXT, EVAL_TEXT, ResultFile, check_data, machine  # noqa: E402
+from common import CALIB_TEXT, EVAL_TEXT, MODEL_LABEL, ResultFile, check_data, eval_protocol, machine  # noqa: E402
 
 from autocompress.compress.apply import compress_model  # noqa: E402
 from autocompress.compress.weights import GPTQSettings  # noqa: E402
@@ -44,10 +43,9 @@ def main() -> None:
     parser.add_argument("--only", default=None)
     args = parser.parse_args()
     check_data()
-    torch.set_num_threads(2)
     protocol = {
-        "model": "smollm2-135m (Q4_1 GGUF dequantized to float32)",
-        "eval": f"wiki.test.raw, first {args.windows} non-overlapping windows of {args.window_len}",
+        "model": MODEL_LABEL,
+        "eval": eval_protocol(args.windows, args.window_len),
         "format": f"{args.bits}-bit, group 64, asymmetric, all 210 block linears",
         "machine": machine(),
     }

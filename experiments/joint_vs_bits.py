@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CALIB_TEXT, EVAL_TEXT, REPO, ResultFile, check_data, machine  # noqa: E402
+from common import CALIB_TEXT, EVAL_TEXT, MODEL_LABEL, REPO, ResultFile, check_data, eval_protocol, machine  # noqa: E402
 
 from autocompress.accounting import model_footprint  # noqa: E402
 from autocompress.compress.apply import compress_model  # noqa: E402
@@ -45,11 +44,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     args = parser.parse_args()
     check_data()
-    torch.set_num_threads(2)
     protocol = {
-        "model": "smollm2-135m (Q4_1 GGUF dequantized to float32)",
+        "model": MODEL_LABEL,
         "search": f"proxy {args.proxy}, 8 calibration + 4 held-out windows of 512 of wiki.valid.tokens",
-        "eval": f"wiki.test.raw, first {args.windows} non-overlapping windows of 512",
+        "eval": eval_protocol(args.windows, 512),
         "machine": machine(),
     }
     results = ResultFile(f"joint_vs_bits_{args.proxy}.json", protocol)

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.stats import kendalltau, spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CALIB_TEXT, REPO, ResultFile, check_data, machine  # noqa: E402
+from common import CALIB_TEXT, MODEL_LABEL, REPO, ResultFile, check_data, machine  # noqa: E402
 
 from autocompress.accounting import model_footprint  # noqa: E402
 from autocompress.data import calibration_data  # noqa: E402
@@ -61,9 +60,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     check_data()
-    torch.set_num_threads(2)
     protocol = {
-        "model": "smollm2-135m (Q4_1 GGUF dequantized to float32)",
+        "model": MODEL_LABEL,
         "space": Path(args.space).name,
         "proxy_calibration": f"wiki.valid.tokens, first {args.calib_windows} windows of {args.window_len}",
         "measured": f"KL to the uncompressed model, last {args.holdout_windows} windows of "

@@ -18,15 +18,6 @@ from autocompress.sensitivity.build import build_table
 from autocompress.sensitivity.measured import MeasuredProxy, kl_rows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a busy 2-core machine are ~100x slower with 2 threads (spin waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _windows(loaded, n=3, length=20, seed=0):
     return torch.randint(0, loaded.model.config.vocab_size, (n, length),
                          generator=torch.Generator().manual_seed(seed))
