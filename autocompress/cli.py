@@ -50,6 +50,12 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_positive_int, default=1, help="sequences decoded at once")
 
 
+def _add_device(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--device", required=required, default=None,
+                   help="device profile: a name from `autocompress devices`, an alias such as "
+                        "jetson, or a profile YAML")
+
+
 def _add_calib(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--calib-text", default=None,
                    help="calibration text file (default: the embedded pydoc corpus)")
@@ -68,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
 
     p = sub.add_parser("plan", help="write a uniform plan (a baseline)")
+    p.add_argument("--config", default=None,
+                   help="a model's config.json instead of --model (no weights needed)")
     _add_model(p)
     p.add_argument("--bits", type=int, required=True)
     p.add_argument("--group-size", type=_group_size, default=64)
@@ -100,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kl", action="store_true", help="skip KL (halves the time)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--mode", choices=["sequential", "parallel"], default="sequential")
+    _add_device(p, required=False)
     _add_calib(p, 16)
     _add_memory(p)
 
@@ -112,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="search a per-layer plan under a memory budget")
     _add_model(p)
-    p.add_argument("--budget", required=True, help="whole footprint: 4GB, 3.5GiB, 80MB, 62000000")
+    p.add_argument("--budget", default=None,
+                   help="whole footprint: 4GB, 3.5GiB, 80MB, 62000000 (default with --device: "
+                        "the memory the device lets a model use)")
+    _add_device(p, required=False)
+    p.add_argument("--latency", default=None,
+                   help="most predicted time per decoded token on --device, e.g. 30ms")
+    p.add_argument("--min-tps", type=float, default=None,
+                   help="fewest predicted decoded tokens/s on --device (batch 1)")
     p.add_argument("--bits", type=_bits_list, default=[2, 3, 4, 8], help="bit widths to choose from")
     p.add_argument("--group-size", type=_group_size, default=64)
     p.add_argument("--space", default=None,
@@ -123,6 +139,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out calibration windows to measure candidates on")
     _add_calib(p, 8)
     _add_memory(p)
+    p = sub.add_parser("devices", help="list the device profiles with memory and bandwidth")
+
+    p = sub.add_parser("profile", help="measure this machine and write a device profile")
+    p.add_argument("--out", required=True, help="profile YAML to write, e.g. hw_profiles/my-box.yaml")
+    p.add_argument("--name", default=None, help="profile name (default: the file's stem)")
+    _add_model(p)
+    p.add_argument("--config", default=None,
+                   help="measure at the layer shapes of this config.json instead of --model's")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads")
+    p.add_argument("--formats", default=None,
+                   help="formats to measure, e.g. f16,q4,q8 (default: every runtime format: "
+                        "f16, q2-q6, q8, q4+2:4, q4+sparse)")
+
+    p = sub.add_parser("estimate",
+                       help="predict a plan's memory and decode speed on a device from a config")
+    p.add_argument("plan", help="plan JSON")
+    _add_device(p, required=True)
+    p.add_argument("--config", default=None,
+                   help="model config.json (default: the plan's model's, without loading weights)")
+    p.add_argument("--model", default=None, help="model whose config to use (default: the plan's)")
+    _add_memory(p)
+    p.add_argument("--kv-bits", type=int, choices=[4, 8, 16], default=16, help="KV-cache bits")
+    p.add_argument("--head-format", default=None,
+                   help="format of embeddings and head: f16, bf16, f32, q4, q8 ... "
+                        "(default: the device's float dtype)")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=512,
+                   help="prompt length for the prefill estimate")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
 
@@ -158,19 +202,32 @@ def cmd_layers(args) -> int:
 
 def cmd_plan(args) -> int:
     from .accounting import model_footprint
-    from .model import load_model
     from .plan import LayerConfig, uniform_plan
     from .report import footprint_table, print_tables
 
     config = LayerConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
                          method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                          prune_method=args.prune_method, rank_ratio=args.rank_ratio)
-    loaded = load_model(args.model)
-    plan = uniform_plan(loaded.identity, config)
-    fp = model_footprint(loaded, plan.resolve(l.name for l in loaded.layers), args.context, args.batch)
+    if args.config:  # a model too big for this machine: its config is enough for a plan
+        from .hardware.architecture import read_config
+        from .hardware.memory import memory_breakdown
+        from .model import model_identity
+
+        arch = read_config(args.config)
+        name, identity = arch.name, model_identity(arch.name, arch.layers)
+        identity.source = str(args.config)
+        fp = memory_breakdown(arch, [config] * len(arch.layers), args.context, args.batch)
+    else:
+        from .model import load_model
+
+        loaded = load_model(args.model)
+        name, identity = loaded.name, loaded.identity
+        fp = model_footprint(loaded, {l.name: config for l in loaded.layers}, args.context,
+                             args.batch)
+    plan = uniform_plan(identity, config)
     plan.figures.update({"footprint": fp.as_dict(), "context": args.context, "batch": args.batch})
     plan.save(args.out)
-    print_tables(footprint_table(fp, title=f"{config.short()} on {loaded.name}"), console=console)
+    print_tables(footprint_table(fp, title=f"{config.short()} on {name}"), console=console)
     console.print(f"wrote {args.out}")
     return 0
 
@@ -225,6 +282,11 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .report import footprint_table, print_tables
 
+    profile = None
+    if args.device:  # a bad device fails before the long evaluation, not after
+        from .hardware.profile import load_profile
+
+        profile = load_profile(args.device)
     plan, loaded = _load_for_plan(args)
     stream = load_stream(loaded.tokenizer, args.eval_text, "eval")
     n_windows = args.windows or min(40, stream.max_windows(args.window_len))
@@ -236,37 +298,82 @@ def cmd_eval(args) -> int:
     record = {**result.as_dict(), "weight_bytes": fp.weights, "total_bytes": fp.total,
               "layer_weight_bytes": fp.layer_weights, "eval_text": stream.source,
               "window_len": args.window_len}
+    device = None
+    if profile is not None:
+        from .hardware.architecture import Architecture
+        from .hardware.estimate import estimate_plan
+
+        device = estimate_plan(plan, Architecture.from_loaded(loaded), profile,
+                               args.context, args.batch)
+        record["device"] = device.as_dict()
     if args.json:
         print(json.dumps(record))
     else:
         print_tables(footprint_table(fp), console=console)
+        if device is not None:
+            _print_device_estimate(device)
         kl = "" if result.kl is None else f", KL {result.kl:.4f} nats/token"
         Console().print(f"perplexity {result.ppl:.3f}{kl} on {result.windows} windows of "
                         f"{args.window_len} tokens of {stream.source}", highlight=False)
     return 0
 
 
+def _device_and_latency(args):
+    """(profile or None, what an alias chose or None, most seconds per token or None) from
+    --device/--latency/--min-tps."""
+    from .units import parse_duration
+
+    if (args.latency or args.min_tps) and not args.device:
+        raise AutocompressError("--latency and --min-tps need --device: the speed is predicted "
+                                "on a device profile (`autocompress devices` lists them)")
+    if args.min_tps is not None and args.min_tps <= 0:
+        raise AutocompressError(f"--min-tps must be positive, got {args.min_tps}")
+    limits = [s for s in (args.latency and parse_duration(args.latency),
+                          args.min_tps and 1.0 / args.min_tps) if s]
+    device = note = None
+    if args.device:
+        from .hardware.profile import read_profile, resolve_device
+
+        path, note = resolve_device(args.device)
+        device = read_profile(path)
+    return device, note, (min(limits) if limits else None)
+
+
 def cmd_search(args) -> int:
     from .model import load_model
-    from .report import candidates_table, footprint_table, kinds_table, print_tables
+    from .report import (
+        candidates_table,
+        decode_table,
+        footprint_table,
+        kinds_table,
+        print_tables,
+    )
     from .search.engine import SearchSettings, run_search
     from .search.space import SearchSpace
     from .units import parse_size
 
-    budget = parse_size(args.budget)
+    budget = parse_size(args.budget) if args.budget else None
+    device, note, max_latency = _device_and_latency(args)
+    if budget is None and device is None:
+        raise AutocompressError("give --budget (e.g. 4GB), --device, or both")
     space = SearchSpace.from_yaml(args.space) if args.space else \
         SearchSpace.bits_only(args.bits, group_size=args.group_size)
     loaded = load_model(args.model)
     settings = SearchSettings(budget=budget, context=args.context, batch=args.batch,
                               n_calib=args.calib_windows, n_holdout=args.holdout_windows,
                               window_len=args.window_len, calib_text=args.calib_text,
-                              proxy=args.proxy)
+                              proxy=args.proxy, device=device, max_latency_s=max_latency)
     result = run_search(loaded, space, settings, out_dir=args.out,
                         log=lambda m: console.print(m, highlight=False))
     chosen = result.chosen
-    print_tables(kinds_table(loaded.layers, chosen.configs),
-                 footprint_table(chosen.footprint, budget),
-                 candidates_table(result.candidates, chosen.label), console=console)
+    tables = [kinds_table(loaded.layers, chosen.configs),
+              footprint_table(chosen.footprint, settings.effective_budget()),
+              candidates_table(result.candidates, chosen.label)]
+    if chosen.decode is not None:
+        tables.append(decode_table(chosen.decode, device.name))
+    print_tables(*tables, console=console)
+    if note:  # said at the end, where it is read (and never before an error line)
+        console.print(note, highlight=False)
     console.print(f"chosen: {chosen.label}; wrote {Path(args.out) / 'plan.json'}", highlight=False)
     return 0
 
@@ -293,8 +400,107 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
+def _print_device_estimate(estimate) -> None:
+    from .report import decode_table, print_tables
+    from .units import format_size
+
+    verdict = "[green]fits[/green]" if estimate.fits else "[red]does not fit[/red]"
+    console.print(f"memory on {estimate.device}: {format_size(estimate.footprint.total)} of "
+                  f"{format_size(estimate.usable_bytes)} usable: {verdict}", highlight=False)
+    print_tables(decode_table(estimate.decode, estimate.device), console=console)
+    console.print(f"prefill of {estimate.prefill.tokens} tokens: "
+                  f"{estimate.prefill.seconds * 1e3:.1f} ms "
+                  f"({estimate.prefill.tokens_per_s:.0f} tokens/s)", highlight=False)
+
+
+def cmd_devices(args) -> int:
+    from .hardware.profile import ALIASES, available_profiles, read_profile
+    from .report import devices_table, print_tables
+
+    profiles, problems = {}, []
+    for name, path in available_profiles().items():
+        try:
+            profiles[name] = read_profile(path)
+        except AutocompressError as exc:
+            problems.append(str(exc))
+    print_tables(devices_table(profiles, ALIASES), console=Console())
+    Console().print(f"--device jetson means {ALIASES['jetson']} (the Orin Nano developer kit "
+                    "most edge deployments start from); any profile YAML path works too",
+                    highlight=False)
+    for problem in problems:
+        console.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+    return 2 if problems else 0
+
+
+def cmd_profile(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .hardware.architecture import read_config
+    from .hardware.measure import RUNTIME_FORMATS, ProfileSettings, formats_from_names, \
+        measure_profile
+    from .hardware.profile import profile_to_yaml
+    from .io_utils import atomic_write_text
+
+    out = Path(args.out)
+    if args.config:
+        arch = read_config(args.config)
+    else:
+        from .model import resolve_model_path
+
+        _, hf_dir = resolve_model_path(args.model)
+        arch = read_config(hf_dir / "config.json")
+    if not out.parent.is_dir():
+        raise AutocompressError(f"directory {out.parent} does not exist; create it first")
+    formats = formats_from_names(args.formats) if args.formats else RUNTIME_FORMATS
+    settings = ProfileSettings(name=args.name or out.stem.lower(), threads=args.threads,
+                               formats=formats)
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("profiling", total=1.0)
+        profile = measure_profile(arch, settings, progress=lambda step, done: bar.update(
+            task, completed=done, description=f"profiling: {step}"))
+    atomic_write_text(out, profile_to_yaml(profile))
+    console.print(f"wrote {out}: copy bandwidth {profile.memory.bandwidth_gbps:.1f} GB/s, "
+                  f"f32 GEMM {profile.compute.peak_tflops['f32'] * 1e3:.0f} GFLOPS, "
+                  f"{len(profile.lookup)} measured layer latencies; use it with --device {out}",
+                  highlight=False)
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from .hardware.estimate import architecture_for, estimate_plan
+    from .hardware.profile import read_profile, resolve_device
+    from .plan import Plan
+    from .report import footprint_table, print_tables
+
+    plan = Plan.load(args.plan)
+    path, note = resolve_device(args.device)
+    profile = read_profile(path)
+    if args.head_format:
+        from .hardware.profile import check_format_name
+
+        try:
+            check_format_name(args.head_format)
+        except ValueError as exc:
+            raise AutocompressError(f"--head-format: {exc}") from None
+    arch = architecture_for(plan, args.config, args.model)
+    estimate = estimate_plan(plan, arch, profile, args.context, args.batch, args.kv_bits,
+                             args.head_format, args.prompt_tokens)
+    if args.json:
+        print(json.dumps({"model": arch.name, **estimate.as_dict()}))
+    else:
+        print_tables(footprint_table(estimate.footprint, estimate.usable_bytes,
+                                     title=f"Memory of {arch.name} on {profile.name}"),
+                     console=console)
+        _print_device_estimate(estimate)
+    if note:
+        console.print(note, highlight=False)
+    return 0
+
+
 COMMANDS = {"layers": cmd_layers, "sensitivity": cmd_sensitivity, "plan": cmd_plan, "apply": cmd_apply, "eval": cmd_eval,
-            "search": cmd_search}
+            "search": cmd_search, "devices": cmd_devices, "profile": cmd_profile,
+            "estimate": cmd_estimate}
 
 if __name__ == "__main__":
     sys.exit(main())

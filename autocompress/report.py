@@ -83,3 +83,46 @@ def print_tables(*tables: Table, console: Console | None = None) -> None:
     console = console or Console()
     for table in tables:
         console.print(table)
+
+
+def devices_table(profiles: dict, aliases: dict[str, str]) -> Table:
+    """One row per device profile: memory, what a model may use, bandwidth, peak, formats."""
+    table = Table(title="Device profiles (hw_profiles/)")
+    for col in ("name", "kind", "memory", "usable", "bandwidth", "f16/bf16 peak", "2:4",
+                "fast formats", "aliases"):
+        table.add_column(col, justify="right" if col in ("memory", "usable", "bandwidth",
+                                                          "f16/bf16 peak") else "left")
+    by_target: dict[str, list[str]] = defaultdict(list)
+    for alias, target in aliases.items():
+        by_target[target].append(alias)
+    for name, profile in profiles.items():
+        peaks = profile.compute.peak_tflops
+        peak = peaks.get("f16") or peaks.get("bf16") or peaks.get("f32")
+        table.add_row(
+            name, profile.kind, format_size(profile.memory.capacity),
+            format_size(profile.memory.usable_bytes), f"{profile.memory.bandwidth_gbps:g} GB/s",
+            f"{peak:g} TFLOPS", "yes" if profile.compute.sparse_2_4 else "no",
+            " ".join(sorted(profile.formats, key=_format_name_key)),
+            ", ".join(sorted(by_target.get(name, []))))
+    return table
+
+
+def _format_name_key(name: str) -> tuple:
+    base = name.split("+")[0]
+    return (base[0] == "q", int(base[1:]) if base[0] == "q" else 0, name)
+
+
+def decode_table(estimate, device: str, title: str | None = None) -> Table:
+    """Predicted decode time per token, by part."""
+    table = Table(title=title or f"Predicted decode on {device} (batch 1, context "
+                                 f"{estimate.context})")
+    table.add_column("part")
+    table.add_column("ms/token", justify="right")
+    for label, seconds in (("block linears", estimate.layers_s), ("head", estimate.head_s),
+                           ("KV cache", estimate.kv_s),
+                           ("per-block work, dispatch", estimate.overhead_s)):
+        table.add_row(label, f"{seconds * 1e3:.3f}")
+    table.add_row("[bold]total[/bold]", f"[bold]{estimate.seconds_per_token * 1e3:.3f}[/bold]")
+    table.add_row("tokens/s", f"{estimate.tokens_per_s:.1f}")
+    table.add_row("bytes read per token", format_size(estimate.bytes_per_token))
+    return table

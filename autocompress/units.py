@@ -43,3 +43,19 @@ def format_size(n_bytes: float) -> str:
             return f"{n_bytes / factor:.3g} {unit}" if n_bytes / factor < 100 else \
                 f"{n_bytes / factor:.0f} {unit}"
     return f"{int(n_bytes)} B"
+
+
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(us|µs|ms|s)\s*$")
+_DURATION_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """'30ms' -> 0.03 seconds; a unit is required (us, ms or s)."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise AutocompressError(
+            f"cannot read duration {text!r}: write a number with a unit, e.g. 30ms, 0.05s or 800us")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise AutocompressError(f"duration {text!r} must be positive")
+    return seconds

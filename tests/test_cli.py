@@ -21,6 +21,10 @@ def _error_line(capsys) -> str:
     (["search", "--budget", "4 bananas"], "4 bananas"),
     (["search", "--budget", "4GB", "--model", "no-such-model"], "unknown model"),
     (["search", "--budget", "1KB"], "no plan fits"),
+    (["search", "--budget", "4GB", "--device", "jetsn"], "unknown device 'jetsn'"),
+    (["search", "--budget", "4GB", "--min-tps", "20"], "need --device"),
+    (["search", "--device", "jetson", "--latency", "fast"], "cannot read duration 'fast'"),
+    (["search"], "give --budget"),
 ])
 def test_search_bad_input(tiny_model_dir, tmp_path, capsys, argv, expected):
     argv = argv + ["--out", str(tmp_path / "out")]
@@ -86,3 +90,61 @@ def test_apply_packed_matches_accounting(tiny_model_dir, tmp_path, capsys):
     with torch.no_grad():
         got = packed.model(x).logits
         assert torch.allclose(got, reference(x).logits, atol=2e-2, rtol=1e-2)
+
+
+# -- hardware verbs ----------------------------------------------------------------------------
+
+def test_devices_lists_every_profile(capsys):
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    assert "jetson-orin-nano-8gb" in out and "--device jetson means jetson-orin-nano-8gb" in out
+
+
+def test_estimate_a_plan_from_a_config_alone(tmp_path, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "llama-2-7b.json"
+    plan_path = tmp_path / "q4.json"
+    assert main(["plan", "--config", str(config), "--bits", "4", "--group-size", "32",
+                 "--out", str(plan_path)]) == 0
+    capsys.readouterr()
+    assert main(["estimate", str(plan_path), "--device", "jetson-agx-orin-64gb", "--json",
+                 "--context", "512"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["fits"] and record["decode"]["context"] == 512
+    assert 20 < record["decode"]["tokens_per_s"] < 80
+    # the same plan on the 4 GB Orin Nano does not fit, and says so without failing
+    assert main(["estimate", str(plan_path), "--device", "jetson-orin-nano-4gb", "--json"]) == 0
+    assert not json.loads(capsys.readouterr().out)["fits"]
+
+
+def test_estimate_refuses_a_plan_for_another_model(tiny_model_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    plan_path = tmp_path / "tiny.json"
+    assert main(["plan", "--model", str(tiny_model_dir), "--bits", "4", "--out", str(plan_path)]) == 0
+    capsys.readouterr()
+    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "llama-2-7b.json"
+    assert main(["estimate", str(plan_path), "--device", "jetson", "--config", str(config)]) == 2
+    assert "plan was made for model" in _error_line(capsys).replace("--device jetson means", "")
+
+
+def test_profile_writes_a_loadable_profile_and_bad_profiles_exit_2(tiny_model_dir, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "box.yaml"
+    assert main(["profile", "--out", str(out), "--model", str(tiny_model_dir),
+                 "--formats", "q5+2:4,q7"]) == 2
+    assert "unknown format 'q7'" in _error_line(capsys)
+    assert main(["profile", "--out", str(out), "--model", str(tiny_model_dir),
+                 "--formats", "f16,q4"]) == 0
+    assert "wrote" in capsys.readouterr().err
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(tiny_model_dir), "--bits", "4", "--out", str(plan_path)]) == 0
+    capsys.readouterr()
+    assert main(["estimate", str(plan_path), "--device", str(out), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["device"] == "box" and record["decode"]["sources"] == {"lookup": 14}
+
+    out.write_text(out.read_text().replace("bandwidth_gbps:", "bandwidth_gbps: -1 #"))
+    assert main(["estimate", str(plan_path), "--device", str(out)]) == 2
+    assert "memory.bandwidth_gbps" in _error_line(capsys)

@@ -4,10 +4,15 @@ minimum summed cost, solved as a 0/1 integer program with scipy's HiGHS-backed `
     minimise   Σ_l Σ_o cost[l,o] · x[l,o]
     subject to Σ_o x[l,o] = 1                  for every layer l
                Σ_l Σ_o bytes[l,o] · x[l,o] ≤ C
+               Σ_l Σ_o r_k[l,o] · x[l,o] ≤ R_k   for every further resource k (e.g. latency)
                x ∈ {0, 1}
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+import sys
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -15,6 +20,18 @@ from scipy.sparse import csr_matrix
 
 from ..errors import AutocompressError
 from ..units import format_size
+
+
+class Limit:
+    """A further resource per (layer, option), e.g. predicted decode seconds, and its maximum.
+    ``describe(minimum)`` words the error when even the smallest choice exceeds it."""
+
+    def __init__(self, usage: np.ndarray, maximum: float, describe):
+        self.usage, self.maximum, self.describe = usage, maximum, describe
+
+
+class InfeasibleLimit(AutocompressError):
+    """No choice of options meets a further limit (latency)."""
 
 
 class InfeasibleBudget(AutocompressError):
@@ -31,9 +48,11 @@ class InfeasibleBudget(AutocompressError):
 
 
 def solve_mckp(cost: np.ndarray, size: np.ndarray, capacity: int,
-               allowed: np.ndarray | None = None, time_limit: float = 60.0) -> list[int]:
+               allowed: np.ndarray | None = None, time_limit: float = 60.0,
+               limits: tuple[Limit, ...] = ()) -> list[int]:
     """Optimal option index per layer. ``cost``/``size``: [layers, options]; ``allowed``: bool mask
-    of usable options (padding, or options excluded by a caller)."""
+    of usable options (padding, or options excluded by a caller); ``limits``: further resources,
+    each summed over the chosen options and kept at most its maximum."""
     n_layers, n_opts = cost.shape
     allowed = np.isfinite(cost) if allowed is None else (allowed & np.isfinite(cost))
     if not allowed.any(axis=1).all():
@@ -41,19 +60,29 @@ def solve_mckp(cost: np.ndarray, size: np.ndarray, capacity: int,
     minimum = int(np.where(allowed, size, np.iinfo(np.int64).max).min(axis=1).sum())
     if minimum > capacity:
         raise InfeasibleBudget(capacity, minimum)
+    for limit in limits:
+        least = float(np.where(allowed, limit.usage, np.inf).min(axis=1).sum())
+        if least > limit.maximum:
+            raise InfeasibleLimit(limit.describe(least))
 
     target = capacity
-    for _ in range(5):  # HiGHS tolerances can overshoot by a few bytes: tighten and re-solve
-        choice = _solve(cost, size, target, allowed, time_limit)
-        used = int(size[np.arange(n_layers), choice].sum())
-        if used <= capacity:
+    targets = [limit.maximum for limit in limits]
+    rows = np.arange(n_layers)
+    for _ in range(5):  # HiGHS tolerances can overshoot a little: tighten and re-solve
+        choice = _solve(cost, size, target, allowed, time_limit,
+                        [(limit.usage, t) for limit, t in zip(limits, targets)])
+        used = int(size[rows, choice].sum())
+        over = [float(limit.usage[rows, choice].sum()) - limit.maximum for limit in limits]
+        if used <= capacity and all(o <= 1e-9 * max(1.0, abs(limit.maximum))
+                                    for o, limit in zip(over, limits)):
             return choice.tolist()
-        target -= used - capacity
+        target -= max(used - capacity, 0)
+        targets = [t - max(o, 0) * 1.01 for t, o in zip(targets, over)]
     raise AutocompressError("the exact solver could not meet the byte budget exactly")
 
 
 def _solve(cost: np.ndarray, size: np.ndarray, capacity: float, allowed: np.ndarray,
-           time_limit: float) -> np.ndarray:
+           time_limit: float, extra: list[tuple[np.ndarray, float]] = ()) -> np.ndarray:
     n_layers, n_opts = cost.shape
     idx = np.flatnonzero(allowed.ravel())  # only allowed (layer, option) pairs become variables
     layer_of = idx // n_opts
@@ -62,14 +91,19 @@ def _solve(cost: np.ndarray, size: np.ndarray, capacity: float, allowed: np.ndar
     one_per_layer = csr_matrix((np.ones(idx.size), (layer_of, np.arange(idx.size))),
                                shape=(n_layers, idx.size))
     bytes_row = size.ravel()[idx].astype(np.float64)[None, :]
-    result = milp(
-        c,
-        constraints=[LinearConstraint(one_per_layer, 1, 1),
-                     LinearConstraint(bytes_row, -np.inf, capacity)],
-        integrality=np.ones(idx.size),
-        bounds=Bounds(0, 1),
-        options={"time_limit": time_limit, "mip_rel_gap": 1e-9},
-    )
+    constraints = [LinearConstraint(one_per_layer, 1, 1),
+                   LinearConstraint(bytes_row, -np.inf, capacity)]
+    for usage, maximum in extra:
+        constraints.append(LinearConstraint(usage.ravel()[idx].astype(np.float64)[None, :],
+                                            -np.inf, maximum))
+    with _quiet_c_stdout():
+        result = milp(
+            c,
+            constraints=constraints,
+            integrality=np.ones(idx.size),
+            bounds=Bounds(0, 1),
+            options={"time_limit": time_limit, "mip_rel_gap": 1e-9},
+        )
     if result.x is None:
         raise AutocompressError(f"the exact solver failed: {result.message}")
     chosen = idx[result.x > 0.5]
@@ -78,3 +112,23 @@ def _solve(cost: np.ndarray, size: np.ndarray, capacity: float, allowed: np.ndar
     if (choice < 0).any():
         raise AutocompressError("the exact solver returned an incomplete assignment")
     return choice
+
+
+@contextlib.contextmanager
+def _quiet_c_stdout():
+    """HiGHS sometimes prints solver internals from C straight to file descriptor 1 (ignoring
+    ``disp``); keep them off the user's stdout, which may carry --json output."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured stdout (pytest, notebooks)
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)

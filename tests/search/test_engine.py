@@ -80,3 +80,87 @@ def test_tied_layers_share_one_choice_and_pins_hold(tiny_loaded, tmp_path):
             mlp = {cfg[f"model.layers.{block}.mlp.{k}_proj"] for k in ("gate", "up")}
             assert len(attn) == 1 and len(mlp) == 1
         assert cfg["model.layers.1.mlp.down_proj"].bits == 8
+
+
+# -- device constraints (hardware profiles) ---------------------------------------------------
+
+def _device(**changes):
+    from tests.hardware.conftest import make_profile
+
+    # 1 MB/s and no fixed costs: predicted decode time is the bytes read, so the tiny model's
+    # layer choices move it
+    base = {"memory__bandwidth_gbps": 1e-3, "memory__capacity": "1GB",
+            "memory__usable_fraction": 1.0,
+            "formats": {"f16": {"efficiency": 1.0}, **{f"q{b}": {"efficiency": 1.0}
+                                                        for b in (2, 3, 4, 8)}}}
+    base.update(changes)
+    return make_profile(**base)
+
+
+def _layer_bytes(tiny_loaded, configs):
+    from autocompress.accounting import layer_bytes
+
+    return sum(layer_bytes(*l.shape, configs[l.name]) for l in tiny_loaded.layers)
+
+
+def test_device_memory_caps_the_budget(tiny_loaded):
+    space = SearchSpace.bits_only([2, 3, 4, 8])
+    budget = _uniform_total(tiny_loaded, 8)
+    free = run_search(tiny_loaded, space, SearchSettings(budget=budget, **SMALL),
+                      progress=False, log=lambda m: None)
+    small_device = _device(memory__capacity=_uniform_total(tiny_loaded, 3) + 2000)
+    messages = []
+    capped = run_search(tiny_loaded, space,
+                        SearchSettings(budget=budget, device=small_device, **SMALL),
+                        progress=False, log=messages.append)
+    assert capped.chosen.footprint.total <= small_device.memory.usable_bytes
+    assert _layer_bytes(tiny_loaded, capped.chosen.configs) < \
+        _layer_bytes(tiny_loaded, free.chosen.configs)
+    assert any("capped" in m for m in messages)
+    # no --budget at all: the device's memory is the budget
+    alone = run_search(tiny_loaded, space, SearchSettings(budget=None, device=small_device,
+                                                          **SMALL),
+                       progress=False, log=lambda m: None)
+    assert alone.chosen.configs == capped.chosen.configs
+
+
+def test_min_tps_moves_the_plan_to_fewer_bytes(tiny_loaded):
+    from autocompress.hardware.architecture import Architecture
+    from autocompress.hardware.latency import LatencyModel
+
+    space = SearchSpace.bits_only([2, 3, 4, 8])
+    device = _device()
+    settings = dict(budget=_uniform_total(tiny_loaded, 8), device=device, **SMALL)
+    free = run_search(tiny_loaded, space, SearchSettings(**settings), progress=False,
+                      log=lambda m: None)
+    model, arch = LatencyModel(device), Architecture.from_loaded(tiny_loaded)
+    q3 = model.decode(arch, [LayerConfig(bits=3)] * len(arch.layers), SMALL["context"])
+    limit = q3.seconds_per_token * 1.001  # about what uniform 3-bit takes
+    fast = run_search(tiny_loaded, space, SearchSettings(max_latency_s=limit, **settings),
+                      progress=False, log=lambda m: None)
+    assert fast.chosen.decode.seconds_per_token <= limit
+    assert free.chosen.decode.seconds_per_token > limit
+    assert _layer_bytes(tiny_loaded, fast.chosen.configs) < \
+        _layer_bytes(tiny_loaded, free.chosen.configs)
+    for cand in fast.candidates:
+        assert cand.decode.seconds_per_token <= limit * (1 + 1e-9)
+
+
+def test_unreachable_speed_says_how_fast_the_fastest_plan_is(tiny_loaded):
+    from autocompress.search.exact import InfeasibleLimit
+
+    with pytest.raises(InfeasibleLimit, match="no plan in the search space reaches .* the "
+                                              "fastest predicts"):
+        run_search(tiny_loaded, SearchSpace.bits_only([4, 8]),
+                   SearchSettings(budget=None, device=_device(), max_latency_s=1e-6, **SMALL),
+                   progress=False, log=lambda m: None)
+
+
+def test_real_jetson_profile_caps_a_4gb_budget(tiny_loaded):
+    from autocompress.hardware.profile import load_profile
+
+    nano4 = load_profile("jetson-orin-nano-4gb")
+    settings = SearchSettings(budget=4 * 10**9, device=nano4)
+    assert settings.effective_budget() == nano4.memory.usable_bytes < 4 * 10**9
+    nano8 = load_profile("jetson-orin-nano-8gb")
+    assert SearchSettings(budget=4 * 10**9, device=nano8).effective_budget() == 4 * 10**9

@@ -1,0 +1,52 @@
+"""Memory model: what a plan needs resident on a device, by part.
+
+weights of the block linears at the plan's formats + embeddings and head (at ``head_format``;
+norms in float16) + KV cache (context × batch at ``kv_bits``) + activation workspace of a chunked
+prefill + what the runtime itself holds (from the device profile).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..accounting import Footprint, kv_cache_bytes, layer_bytes, workspace_bytes
+from ..errors import AutocompressError
+from ..plan import LayerConfig
+from ..units import format_size
+from .architecture import Architecture
+from .formats import format_bytes
+
+
+def embedding_head_bytes(arch: Architecture, head_format: str = "f16") -> int:
+    """Embedding table and LM head (once when tied) at ``head_format``; other params in f16."""
+    tables = 1 if arch.tied_embeddings else 2
+    table_bytes = format_bytes(head_format, arch.dims.vocab, arch.dims.hidden)
+    rest = max(0, arch.other_params - tables * arch.head_params)
+    return tables * table_bytes + 2 * rest
+
+
+def memory_breakdown(arch: Architecture, configs: Iterable[LayerConfig], context: int = 2048,
+                     batch: int = 1, kv_bits: int = 16, head_format: str = "f16",
+                     runtime_overhead: int = 0) -> Footprint:
+    """``configs``: one LayerConfig per ``arch.layers`` entry, in order."""
+    configs = list(configs)
+    if len(configs) != len(arch.layers):
+        raise AutocompressError(f"{len(configs)} layer configs for {len(arch.layers)} layers")
+    return Footprint(
+        layer_weights=sum(layer_bytes(*layer.shape, cfg) for layer, cfg in zip(arch.layers, configs)),
+        other_weights=embedding_head_bytes(arch, head_format),
+        kv_cache=kv_cache_bytes(arch.dims, context, batch, kv_bits),
+        workspace=workspace_bytes(arch.dims, context, batch),
+        runtime_overhead=runtime_overhead,
+    )
+
+
+def check_fits(footprint: Footprint, capacity: int, where: str) -> None:
+    """One clear line when a plan does not fit ``capacity`` bytes."""
+    if footprint.total > capacity:
+        raise AutocompressError(
+            f"the plan needs {format_size(footprint.total)} but {where} has "
+            f"{format_size(capacity)} for it (weights {format_size(footprint.weights)}, "
+            f"KV cache {format_size(footprint.kv_cache)}, workspace "
+            f"{format_size(footprint.workspace)}, runtime {format_size(footprint.runtime_overhead)}); "
+            "compress further or shorten --context")
