@@ -158,7 +158,42 @@ def joint_vs_bits() -> str:
     return "\n\n".join(out) or "(not measured yet)"
 
 
-SECTIONS = {"kernels": kernels, "proxy-fidelity": proxy_fidelity, "joint-vs-bits": joint_vs_bits, "baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
+def latency_model() -> str:
+    import statistics
+
+    data = json.loads((RESULTS / "latency_model.json").read_text())
+    p, e = data["protocol"], data["entries"]
+    prof = e.get("profile", {})
+    cpu = [r for k, r in e.items() if k.startswith("cpu:")]
+    rows = [f"(a) This CPU, after `autocompress profile` ({prof.get('seconds', 0):.0f} s; copy "
+            f"bandwidth {prof.get('bandwidth_gbps', 0):.1f} GB/s, per-block work "
+            f"{prof.get('block_us', 0):.0f} µs, per-token {prof.get('token_us', 0):.0f} µs):",
+            "", "| plan | kernels | measured ms/token | predicted ms/token | error | from |",
+            "| --- | --- | ---: | ---: | ---: | --- |"]
+    for r in cpu:
+        kernels_used = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
+        sources = ", ".join(f"{k} {v}" for k, v in r["sources"].items())
+        rows.append(f"| {r['plan']} | {kernels_used} | {r['measured_s'] * 1e3:.1f} | "
+                    f"{r['predicted_s'] * 1e3:.1f} | {r['error']:+.1%} | {sources} |")
+    if cpu:
+        median = statistics.median(abs(r["error"]) for r in cpu)
+        rows.append(f"\nMedian |predicted − measured| / measured over {len(cpu)} plans: "
+                    f"**{median:.1%}**. Protocol: {p['model']}; {p['decode']} over 32 tokens "
+                    f"(4 for the torch-path plan) after the prompt {p['prompt']!r}; {p['runtime']}; "
+                    f"machine {p['machine']}.")
+    rows += ["", "(b) Published decode speeds, predicted from the models' configs with the "
+             "profiles' figures:", "",
+             "| device | model | format | engine | published tok/s | predicted tok/s | error |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for k, r in e.items():
+        if k.startswith("published:"):
+            rows.append(f"| {r['device']} | {r['model']} | {r['format']} | {r['engine']} | "
+                        f"{r['published_tps']:.1f} | {r['predicted_tps']:.1f} | "
+                        f"{r['error']:+.1%} |")
+    return "\n".join(rows)
+
+
+SECTIONS = {"latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity, "joint-vs-bits": joint_vs_bits, "baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
 
 
 def main() -> None:

@@ -3,8 +3,10 @@
 What it measures (CPU, with the packed runtime's own kernels, the way a decode step calls them):
 - memory bandwidth: the best of several copies of a large tensor (bytes read + written);
 - dense matmul throughput per float dtype (a square GEMM);
-- the latency of one linear layer in every runtime format at each of the model's layer shapes
-  and the head's, for one token: the profile's lookup table. The achieved share of the measured
+- the latency of one linear layer in every runtime format at each of the model's layer shapes,
+  for one token, timed inside a stack of the model's layers in order (each with its own
+  weights, so caches hold what they would in a decode step), and the head's: the profile's
+  lookup table. The achieved share of the measured
   bandwidth per format (median over shapes, at most 1: small layers run from cache) is its
   efficiency for shapes not in the table;
 - the work of a transformer block outside its linears (norms, rope, attention over a short
@@ -108,7 +110,7 @@ def dispatch_seconds() -> float:
 
 def layer_seconds(cfg: LayerConfig, out_features: int, in_features: int,
                   tokens: int = 1) -> float:
-    """One QuantLinear call (backend auto) on a [1, tokens, in] input."""
+    """One QuantLinear call (backend auto) on a [1, tokens, in] input, repeated (cache-warm)."""
     from ..compress.weights import compress_weight
     from ..runtime.modules import QuantLinear
     from ..runtime.packed import PackedLinear
@@ -119,6 +121,48 @@ def layer_seconds(cfg: LayerConfig, out_features: int, in_features: int,
     x = torch.randn(1, tokens, in_features, generator=gen)
     with torch.no_grad():
         return median_seconds(lambda: module(x))
+
+
+def stack_seconds(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 20,
+                  budget_s: float = 0.5, min_passes: int = 3) -> dict[tuple[int, int], float]:
+    """Per layer shape, the median time of one QuantLinear call (backend auto, one token) as a
+    decode step meets it: the model's layers in order, each its own copy of the weights, so
+    that a layer's weights have left the caches by the time it runs again (a small matrix
+    timed alone in a loop runs from L2/L3 and looks faster than it is). The stack holds up to
+    ``max_bytes`` of weights: the whole model when it is that small, else the first blocks."""
+    from ..accounting import layer_bytes
+    from ..compress.weights import compress_weight
+    from ..runtime.modules import QuantLinear
+    from ..runtime.packed import PackedLinear
+
+    gen = torch.Generator().manual_seed(0)
+    packed = {}
+    for layer in arch.layers:
+        if layer.shape not in packed:
+            w = torch.randn(*layer.shape, generator=gen) * 0.02
+            packed[layer.shape] = PackedLinear.from_compressed(compress_weight(w, cfg), cfg)
+    stack, held = [], 0
+    for layer in arch.layers:
+        if held > max_bytes:
+            break
+        source = packed[layer.shape]
+        copy = PackedLinear([m.clone() for m in source.matrices], cfg)
+        stack.append((layer.shape, QuantLinear(copy)))
+        held += layer_bytes(*layer.shape, cfg)
+    inputs = {shape[1]: torch.randn(1, 1, shape[1], generator=gen) for shape, _ in stack}
+    times: dict[tuple[int, int], list[float]] = {}
+    start, passes = time.perf_counter(), 0
+    with torch.no_grad():
+        for _, module in stack:  # warm-up pass: first calls allocate
+            module(inputs[module.in_features])
+        while passes < min_passes or time.perf_counter() - start < budget_s:
+            for shape, module in stack:
+                x = inputs[shape[1]]
+                t = time.perf_counter()
+                module(x)
+                times.setdefault(shape, []).append(time.perf_counter() - t)
+            passes += 1
+    return {shape: statistics.median(values) for shape, values in times.items()}
 
 
 def dense_seconds(dtype: torch.dtype, out_features: int, in_features: int) -> float:
@@ -200,9 +244,8 @@ def measure_profile(arch: Architecture, settings: ProfileSettings,
     if settings.threads:
         torch.set_num_threads(settings.threads)
     say = progress or (lambda step, fraction: None)
-    shapes = sorted({layer.shape for layer in arch.layers})
     head_shape = (arch.dims.vocab, arch.dims.hidden)
-    steps = 4 + len(settings.formats) * len(shapes) + len(HEAD_DTYPES)
+    steps = 4 + len(settings.formats) + len(HEAD_DTYPES)
     done = 0
 
     def tick(step: str) -> None:
@@ -225,16 +268,15 @@ def measure_profile(arch: Architecture, settings: ProfileSettings,
     lookup, achieved = [], {}
     for cfg in settings.formats:
         fmt = layer_format(cfg, "f16")
-        for out_features, in_features in shapes:
-            seconds = layer_seconds(cfg, out_features, in_features)
+        for (out_features, in_features), seconds in stack_seconds(cfg, arch).items():
             lookup.append({"format": fmt, "group_size": None if cfg.bits == 16 else cfg.group_size,
                            "out_features": out_features, "in_features": in_features,
                            "tokens": 1, "seconds": seconds})
             achieved.setdefault(fmt, []).append(
                 layer_bytes(out_features, in_features, cfg) / seconds)
-            gc.collect()
-            tick(f"{fmt} {out_features}x{in_features}")
-    for name, dtype in HEAD_DTYPES.items():
+        gc.collect()
+        tick(f"layers in {fmt}")
+    for name, dtype in HEAD_DTYPES.items():  # the head is larger than any cache: timed alone
         seconds = dense_seconds(dtype, *head_shape)
         lookup.append({"format": name, "out_features": head_shape[0], "in_features": head_shape[1],
                        "tokens": 1, "seconds": seconds})

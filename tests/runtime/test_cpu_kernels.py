@@ -113,3 +113,18 @@ def test_ort_group_serves_each_member_once_per_input():
     torch.testing.assert_close(members[2](other), reference(other, matrices[2]),
                                rtol=1e-4, atol=1e-4)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_float16_kernel_decode_and_prefill(rows):
+    from autocompress.runtime.cpu_kernels import Float16Kernel
+
+    matrix = packed_matrix((45, 100), LayerConfig(bits=16))
+    kernel = Float16Kernel(matrix)
+    x = torch.randn(rows, 100) * 1e4  # float16 would overflow without the row scaling
+    expected = reference(x, matrix)
+    got = kernel(x)
+    assert torch.isfinite(got).all()
+    tol = 2e-3 if rows <= Float16Kernel.MAX_F16_ROWS else 1e-5
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol * expected.abs().max().item())
+    assert kernel.nbytes() == matrix.nbytes() == 45 * 100 * 2
