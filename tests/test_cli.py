@@ -55,6 +55,14 @@ def test_plan_apply_eval_chain(tiny_model_dir, tmp_path, capsys):
     assert {"ppl", "kl", "weight_bytes", "total_bytes"} <= set(record)
     assert record["kl"] > 0 and record["ppl"] > 1
 
+    # on a device: the memory by part against what it allows, and the predicted speed
+    assert main(["eval", str(plan_path), "--windows", "2", "--window-len", "64", "--json",
+                 "--no-kl", "--device", "jetson-orin-nano-4gb", "--context", "256"]) == 0
+    device = json.loads(capsys.readouterr().out)["device"]
+    assert device["device"] == "jetson-orin-nano-4gb" and device["fits"]
+    assert device["memory"]["layer_weights"] == record["layer_weight_bytes"]
+    assert device["decode"]["tokens_per_s"] > 0
+
 
 def test_eval_missing_text_and_wrong_model(tiny_model_dir, tmp_path, capsys):
     plan_path = tmp_path / "plan.json"
