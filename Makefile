@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/autocompress search --model smollm2-135m --budget $(DEMO_BUDGET) --out $(DEMO_OUT)
+	$(VENV)/bin/autocompress search --model smollm2-135m --budget $(DEMO_BUDGET) --device jetson --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
