@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 
 DEMO_OUT ?= demo_out
 DEMO_BUDGET ?= 183MB
+DEMO_TRIALS ?= 16
+DEMO_EVAL_TOP ?= 2
 
 .PHONY: install demo test clean
 
@@ -23,7 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/autocompress search --model smollm2-135m --budget $(DEMO_BUDGET) --device jetson --out $(DEMO_OUT)
+	$(VENV)/bin/autocompress search --model smollm2-135m --budget $(DEMO_BUDGET) --device jetson \
+		--trials $(DEMO_TRIALS) --eval-top $(DEMO_EVAL_TOP) --out $(DEMO_OUT) --resume
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -24,6 +24,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = _positive_int(text) if text.strip() not in ("0", "-0") else 0
+    return value
+
+
 def _bits_list(text: str) -> list[int]:
     try:
         return [int(b) for b in text.split(",") if b.strip()]
@@ -136,7 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (plan.json, tables)")
     p.add_argument("--proxy", default="fisher", help="fisher | hessian | hutchinson | measured")
     p.add_argument("--holdout-windows", type=_positive_int, default=4,
-                   help="held-out calibration windows to measure candidates on")
+                   help="held-out windows to measure candidates on in process (--eval-top 0)")
+    p.add_argument("--trials", type=_non_negative_int, default=40,
+                   help="level 2: Optuna trials, each plan measured at low fidelity (0 skips)")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "gp", "random"],
+                   help="level 2's Optuna sampler")
+    p.add_argument("--fast-windows", type=_positive_int, default=2,
+                   help="held-out windows per level-2 trial")
+    p.add_argument("--eval-top", type=_non_negative_int, default=4,
+                   help="level 3: the best level-2 plans evaluated as Ray Tune trials with ASHA, "
+                        "besides level 1's (0: measure level 1's in process instead)")
+    p.add_argument("--eval-windows", type=_positive_int, default=8,
+                   help="held-out windows per level-3 candidate")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage: an RDB URL (sqlite:///study.db) or a journal file "
+                        "(default: OUT/study.journal; optuna-dashboard opens either)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study and the Ray Tune experiment left in --out")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join for level 3 (default: a local Ray in process)")
+    p.add_argument("--num-cpus", type=_positive_int, default=None,
+                   help="CPUs for local Ray and torch threads of level 3 (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="the Optuna sampler's seed")
     _add_calib(p, 8)
     _add_memory(p)
     p = sub.add_parser("devices", help="list the device profiles with memory and bandwidth")
@@ -362,7 +388,11 @@ def cmd_search(args) -> int:
     settings = SearchSettings(budget=budget, context=args.context, batch=args.batch,
                               n_calib=args.calib_windows, n_holdout=args.holdout_windows,
                               window_len=args.window_len, calib_text=args.calib_text,
-                              proxy=args.proxy, device=device, max_latency_s=max_latency)
+                              proxy=args.proxy, device=device, max_latency_s=max_latency,
+                              trials=args.trials, eval_top=args.eval_top,
+                              fast_windows=args.fast_windows, eval_windows=args.eval_windows,
+                              sampler=args.sampler, storage=args.storage, seed=args.seed,
+                              resume=args.resume, num_cpus=args.num_cpus, address=args.address)
     result = run_search(loaded, space, settings, out_dir=args.out,
                         log=lambda m: console.print(m, highlight=False))
     chosen = result.chosen
@@ -374,7 +404,8 @@ def cmd_search(args) -> int:
     print_tables(*tables, console=console)
     if note:  # said at the end, where it is read (and never before an error line)
         console.print(note, highlight=False)
-    console.print(f"chosen: {chosen.label}; wrote {Path(args.out) / 'plan.json'}", highlight=False)
+    console.print(f"chosen: {chosen.label}; wrote {Path(args.out) / 'plan.json'} and the "
+                  "trade-offs (pareto.json, pareto.csv, pareto.png)", highlight=False)
     return 0
 
 

@@ -35,6 +35,18 @@ def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
+log_probs = _log_probs  # public name for callers that cache references (search level 3)
+
+
+def window_sums(logp: torch.Tensor, window: torch.Tensor, ref: torch.Tensor | None
+                ) -> tuple[float, float, int]:
+    """(summed next-token loss, summed KL(ref || model), predicted tokens) of one window."""
+    targets = window[1:]
+    nll = -logp.gather(1, targets.unsqueeze(1)).sum().item()
+    kl = (ref.exp() * (ref - logp)).sum().item() if ref is not None else 0.0
+    return nll, kl, targets.numel()
+
+
 class ReferenceCache:
     """Log-probabilities of the uncompressed model per window, in float32: 4 bytes per vocabulary
     entry and position (4 windows of 512 tokens of a 49k vocabulary: 400 MB). Not bfloat16: its
@@ -62,15 +74,12 @@ def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Ref
     for i in tqdm(range(windows.shape[0]), desc=desc, disable=not progress, leave=False):
         window = windows[i]
         logp = _log_probs(model, window)
-        targets = window[1:]
-        total_nll += -logp.gather(1, targets.unsqueeze(1)).sum().item()
+        ref = None
         if reference is not None:
-            if isinstance(reference, ReferenceCache):
-                ref = reference.get(i)
-            else:
-                ref = _log_probs(reference, window)
-            total_kl += (ref.exp() * (ref - logp)).sum().item()
-        total_tokens += targets.numel()
+            ref = reference.get(i) if isinstance(reference, ReferenceCache) \
+                else _log_probs(reference, window)
+        nll, kl, tokens = window_sums(logp, window, ref)
+        total_nll, total_kl, total_tokens = total_nll + nll, total_kl + kl, total_tokens + tokens
     nll = total_nll / total_tokens
     return EvalResult(
         ppl=math.exp(nll),

@@ -65,15 +65,20 @@ def _format_sort_key(label: str):
 
 def candidates_table(candidates, chosen_label: str) -> Table:
     table = Table(title="Candidates, measured on held-out calibration windows")
-    for col in ("candidate", "total", "predicted Δloss", "KL", "ppl", ""):
+    for col in ("candidate", "total", "tok/s", "predicted Δloss", "KL (level 2)", "KL", "ppl",
+                "windows", ""):
         table.add_column(col, justify="left" if col == "candidate" else "right")
     for c in candidates:
         m = c.measured or {}
+        stopped = m.get("stopped_early")
         table.add_row(
             c.label, format_size(c.footprint.total),
+            "" if c.decode is None else f"{c.decode.tokens_per_s:.1f}",
             "" if c.predicted is None else f"{c.predicted:.4f}",
+            "" if c.kl_fast is None else f"{c.kl_fast:.4f}",
             "" if m.get("kl") is None else f"{m['kl']:.4f}",
             "" if m.get("ppl") is None else f"{m['ppl']:.2f}",
+            "" if m.get("windows") is None else (f"{m['windows']}" + (" (ASHA)" if stopped else "")),
             "[green]chosen[/green]" if c.label == chosen_label else "",
         )
     return table

@@ -27,11 +27,14 @@ from autocompress.plan import LayerConfig  # noqa: E402
 
 # name -> (calibration mode, calibration windows, calibration text, GPTQ settings)
 # (sequential, 16 wiki windows, damp 0.01) is the baselines' GPTQ entry; each variant changes one knob
+# (measured before act-order became GPTQSettings' default: the baseline is without it)
+BASE = GPTQSettings(act_order=False)
 VARIANTS = {
-    "parallel-16": ("parallel", 16, "wiki", GPTQSettings()),
-    "sequential-16-damp0.1": ("sequential", 16, "wiki", GPTQSettings(damp=0.1)),
+    "parallel-16": ("parallel", 16, "wiki", BASE),
+    "sequential-16-damp0.1": ("sequential", 16, "wiki", GPTQSettings(damp=0.1, act_order=False)),
     "sequential-16-actorder": ("sequential", 16, "wiki", GPTQSettings(act_order=True)),
-    "sequential-16-pydoc": ("sequential", 16, "pydoc", GPTQSettings()),
+    "sequential-16-pydoc": ("sequential", 16, "pydoc", BASE),
+    "parallel-8-actorder": ("parallel", 8, "wiki", GPTQSettings(act_order=True)),
 }
 
 

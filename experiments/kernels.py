@@ -56,6 +56,7 @@ from autocompress.runtime.cpu_kernels import (  # noqa: E402
 from autocompress.runtime.memory import heap_in_use  # noqa: E402
 from autocompress.runtime.modules import QuantLinear  # noqa: E402
 from autocompress.runtime.packed import PackedLinear  # noqa: E402
+from autocompress.search.recipes import boosted_blocks  # noqa: E402
 
 PROMPT = "The history of the city begins in the"
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (4096, 4096)]
@@ -143,12 +144,9 @@ def kernel_table(shapes) -> list[dict]:
 
 def mixed_plan(identity, default: LayerConfig, sensitive: dict, n_blocks: int) -> Plan:
     """llama.cpp-style mix: v_proj and down_proj get ``sensitive`` in the first and last eighth
-    of the blocks and in every third block."""
-    eighth = max(1, n_blocks // 8)
-    blocks = sorted({b for b in range(n_blocks)
-                     if b < eighth or b >= n_blocks - eighth or b % 3 == 0})
+    of the blocks and in every third block (the block set of search/recipes.py's baseline)."""
     plan = uniform_plan(identity, default)
-    alternation = "|".join(str(b) for b in blocks)
+    alternation = "|".join(str(b) for b in boosted_blocks(n_blocks))
     plan.overrides = {f"re:.*layers\\.({alternation})\\.(self_attn\\.v_proj|mlp\\.down_proj)":
                       sensitive}
     plan.figures = {"kind": "mixed"}

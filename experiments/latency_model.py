@@ -2,7 +2,8 @@
 
 (a) This CPU: `autocompress profile` measures the machine (saved as
     experiments/results/this-cpu.yaml), then SmolLM2-135M runs for real in the packed runtime
-    (backend auto: ONNX Runtime for 2/4/8 bits, torch for the rest) under several plans, and the
+    (backend auto: ONNX Runtime for 2-8 bits, 3/5/6 widened; torch for sparse) under several
+    plans, and the
     measured seconds per decoded token (greedy, KV cache, batch 1, median over the tokens) are
     compared with the model's prediction for the same plan, context and head (float32, as the
     runtime holds it).
@@ -64,7 +65,10 @@ def plans(loaded) -> dict[str, tuple[Plan, bool]]:
                                      False),
         "4-bit, MLP low rank 0.5": (by_kind(q[4], **{"mlp\\.(gate|up|down)_proj":
                                                      {"rank_ratio": 0.5}}), False),
-        "mixed 3/4 (llama.cpp-style)": (mixed_plan(identity, q[3], {"bits": 4}, n_blocks), True),
+        "mixed 3/4 (llama.cpp-style)": (mixed_plan(identity, q[3], {"bits": 4}, n_blocks), False),
+        "4-bit, MLP 2:4 (torch path)": (by_kind(q[4], **{"mlp\\.(gate|up|down)_proj":
+                                                         {"pattern": "2:4", "sparsity": 0.5,
+                                                          "prune_method": "magnitude"}}), True),
     }
 
 
@@ -140,8 +144,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     protocol = {"model": "smollm2-135m (weights Q4_1-rounded)", "threads": args.threads,
                 "prompt": PROMPT, "decode": "greedy, KV cache, batch 1, median s/token",
-                "runtime": "packed, backend auto (ORT MatMulNBits 2/4/8 bits, torch otherwise), "
-                           "head float32", "machine": machine()}
+                "runtime": "packed, backend auto (ORT MatMulNBits 2/4/8 bits, 3/5/6 widened to "
+                           "4/8; torch for sparse), head float32", "machine": machine()}
     results = ResultFile("latency_model.json", protocol)
     if args.redo or args.reprofile:
         results.data["entries"] = {k: v for k, v in results.data["entries"].items()

@@ -193,7 +193,51 @@ def latency_model() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = {"latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity, "joint-vs-bits": joint_vs_bits, "baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
+def search() -> str:
+    data = json.loads((RESULTS / "search.json").read_text())
+    p, e = data["protocol"], data["entries"]
+    base = json.loads((RESULTS / "baselines.json").read_text())["entries"]["base"]["ppl"]
+    rows = ["| budget (total bytes) | searched | proxy optimum | llama.cpp-style recipe | "
+            "uniform RTN | uniform GPTQ | chosen | search s (table / L1 / L2 / L3) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    notes = []
+    for key, r in e.items():
+        t = r["timings_s"]
+        timing = (f"{r['search_s']:.0f} ({t.get('sensitivity_s', 0):.0f} / "
+                  f"{t.get('level1_s', 0):.0f} / {t.get('level2_s', 0):.0f} / "
+                  f"{t.get('level3_s', 0):.0f})")
+        recipe = r.get("recipe")
+        rtn, gptq = r.get("uniform_rtn"), r.get("uniform_gptq")
+        where = f" on {r['device']}, ≥ {r['min_tps']:g} tok/s" if r.get("device") else ""
+        rows.append(
+            f"| uniform {key.split('@')[0]}-bit: {r['budget_bytes'] / 1e6:.2f} MB{where} | "
+            f"**{_fmt_ppl(r['searched_ppl'])}** | {_fmt_ppl(r['proxy_optimum_ppl'])} | "
+            + (f"{_fmt_ppl(recipe['ppl'])} ({recipe['label'].split(' (')[0].split()[-1]}) | "
+               if recipe else "| ")
+            + (f"{_fmt_ppl(rtn['ppl'])} ({rtn['bits']}-bit) | " if rtn else "| ")
+            + (f"{_fmt_ppl(gptq['ppl'])} ({gptq['bits']}-bit) | " if gptq else "| ")
+            + f"{r['chosen']} | {timing} |")
+        if key == "3" and rtn:
+            closed = (rtn["ppl"] - r["searched_ppl"]) / (rtn["ppl"] - base)
+            notes.append(f"At the bytes of uniform 3-bit the searched plan closes **{closed:.0%}** "
+                         f"of the gap between uniform RTN 3-bit ({rtn['ppl']:.2f}) and the "
+                         f"uncompressed model ({base:.2f}).")
+            study = RESULTS / "gptq_study_3bit.json"
+            if study.is_file():
+                act = json.loads(study.read_text())["entries"].get("sequential-16-actorder")
+                if act:
+                    notes.append(f"Uniform GPTQ above is the baselines' (sequential, without "
+                                 f"act-order); with act-order, now the default, uniform GPTQ "
+                                 f"3-bit measures {act['ppl']:.2f} (gptq_study.py).")
+        if r.get("decode"):
+            notes.append(f"{key}: predicted {r['decode']['tokens_per_s']:.0f} tokens/s on "
+                         f"{r['device']} (limit {r['min_tps']:g}).")
+    return "\n".join(rows) + ("\n\n" + " ".join(notes) if notes else "") + (
+        f"\n\nProtocol: {p['model']}; {p['search']}; evaluation {p['eval']}; "
+        f"machine {p['machine']}.")
+
+
+SECTIONS = {"search": search, "latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity, "joint-vs-bits": joint_vs_bits, "baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
 
 
 def main() -> None:

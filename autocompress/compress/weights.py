@@ -42,7 +42,9 @@ class GPTQSettings:
     """Knobs of GPTQ that are not part of a plan's format (they change how, not what, is stored)."""
 
     damp: float = 0.01  # λ = damp · mean(diag H)
-    act_order: bool = False  # quantize columns by descending diag(H) (static groups)
+    # quantize columns by descending diag(H), static groups (the storage format is unchanged):
+    # 3-bit SmolLM2 perplexity 62.2 with it against 85.2 without (experiments/gptq_study.py)
+    act_order: bool = True
     block_size: int = 128
 
 

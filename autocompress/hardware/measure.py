@@ -287,11 +287,12 @@ def measure_profile(arch: Architecture, settings: ProfileSettings,
     def efficiency(fmt: str) -> float:
         return round(min(1.0, statistics.median(achieved[fmt]) / bandwidth), 4)
 
-    # formats with a fast kernel here: those ONNX Runtime's MatMulNBits runs; the others go
-    # through the torch unpack path, which is the profile's fallback
-    from ..runtime.cpu_kernels import ORT_BITS, ort_available
+    # formats with a fast kernel here: those ONNX Runtime's MatMulNBits runs (3/5/6 bits
+    # widened to 4/8); the others go through the torch unpack path, the profile's fallback
+    from ..runtime.cpu_kernels import ORT_BITS, WIDEN_TO, ort_available
 
-    fast = {"f32", "bf16", "f16"} | ({f"q{b}" for b in ORT_BITS} if ort_available() else set())
+    ort_bits = set(ORT_BITS) | set(WIDEN_TO)
+    fast = {"f32", "bf16", "f16"} | ({f"q{b}" for b in ort_bits} if ort_available() else set())
     formats = {fmt: {"efficiency": efficiency(fmt)} for fmt in achieved if fmt in fast}
     slow = [efficiency(fmt) for fmt in achieved if fmt not in fast]
     today = datetime.date.today().isoformat()

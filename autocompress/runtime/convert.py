@@ -39,7 +39,7 @@ from .cpu_kernels import (
     OrtMatMulNBitsGroup,
     OrtMatMulNBitsKernel,
     ort_available,
-    ort_unsupported_reason,
+    ort_ready,
 )
 from .modules import QuantLinear
 from .packed import PackedLinear, PackedMatrix
@@ -117,16 +117,18 @@ def _shared_ort_kernels(packed: dict[str, PackedLinear], backend: str,
     for name, layer in packed.items():
         parent, _, child = name.rpartition(".")
         matrix = layer.matrices[0]
-        if (child in SHARED_INPUT and len(layer.matrices) == 1 and not matrix.data.is_cuda
-                and ort_unsupported_reason(matrix) is None):
-            by_input.setdefault((parent, SHARED_INPUT[child]), []).append(name)
+        ready = ort_ready(matrix, widen=backend == "auto") if not matrix.data.is_cuda else None
+        if child in SHARED_INPUT and len(layer.matrices) == 1 and ready is not None:
+            by_input.setdefault((parent, SHARED_INPUT[child]), []).append((name, ready))
     kernels = {}
-    for names in by_input.values():
-        if len(names) < 2:
+    for members in by_input.values():
+        if len(members) < 2:
             continue
-        group = OrtMatMulNBitsGroup([packed[n].matrices[0] for n in names], threads=ort_threads)
-        for index, name in enumerate(names):
+        group = OrtMatMulNBitsGroup([ready for _, ready in members], threads=ort_threads)
+        for index, (name, ready) in enumerate(members):
             kernels[name] = OrtMatMulNBitsKernel(group=group, index=index)
+            if ready is not packed[name].matrices[0]:
+                kernels[name].name = "ort-widened"
     return kernels
 
 

@@ -19,9 +19,14 @@ table and experiments/results/kernels.json), the fastest way per format is:
   2.5 tokens/s, both with torch on 2 threads, on a busy machine).
 - torch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` are slower than fp32
   here (DESIGN.md), so no backend uses them; experiments/kernels.py measures them again.
-- everything else (3, 5, 6 bits, 2:4 and unstructured sparsity, float16): ``TorchUnpackKernel``,
-  dequantizing a few rows at a time (a chunk that stays in cache) and multiplying in float32,
-  so no dense copy of the weight is ever held.
+- 3, 5 and 6-bit dense, on the ``auto`` path: the same kernel on the codes *widened* to the
+  next width it runs (3 -> 4, 5 and 6 -> 8 bits; ``widen_for_ort``). The weights it computes
+  are exactly the plan's (same codes, scales, zeros); the price is memory: ORT holds 4 or 8
+  bits per weight, not 3, 5 or 6 (so resident bytes exceed the plan's accounting there), for
+  a decode ~20x faster than the torch path. The explicit ``ort`` backend does not widen.
+- everything else (2:4 and unstructured sparsity, float16, and every format on the ``torch``
+  backend): ``TorchUnpackKernel``, dequantizing a few rows at a time (a chunk that stays in
+  cache) and multiplying in float32, so no dense copy of the weight is ever held.
 """
 
 from __future__ import annotations
@@ -107,6 +112,30 @@ def ort_unsupported_reason(matrix: PackedMatrix) -> str | None:
     if matrix.layout != "dense":
         return f"{matrix.layout} sparse weights (MatMulNBits runs dense weights)"
     return None
+
+
+WIDEN_TO = {3: 4, 5: 8, 6: 8}
+
+
+def widen_for_ort(matrix: PackedMatrix) -> PackedMatrix | None:
+    """The matrix with its codes in a container MatMulNBits runs (3 -> 4, 5/6 -> 8 bits) and
+    explicit zero points (a symmetric grid's fixed zero 2^(b-1) is not the wider grid's), or
+    None when it is not a dense 3/5/6-bit matrix. Dequantizes to exactly the same weight."""
+    import dataclasses
+
+    if matrix.layout != "dense" or matrix.bits not in WIDEN_TO:
+        return None
+    target = WIDEN_TO[matrix.bits]
+    codes = matrix.dense_codes()
+    return dataclasses.replace(matrix, bits=target, sym=False, data=pack_codes(codes, target),
+                               zero=matrix.zero_points().to(torch.float16))
+
+
+def ort_ready(matrix: PackedMatrix, widen: bool) -> PackedMatrix | None:
+    """What MatMulNBits would run for ``matrix``: itself, its widened copy, or None."""
+    if ort_unsupported_reason(matrix) is None:
+        return matrix
+    return widen_for_ort(matrix) if widen else None
 
 
 def ort_available() -> bool:

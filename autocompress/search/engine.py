@@ -1,19 +1,23 @@
-"""``search``: proxy table -> exact knapsack optimum -> measured check against uniform plans.
+"""``search``: three levels, from a cheap estimate to a real measurement.
 
-1. Sensitivity table (cached in ``out_dir``): predicted loss increase and bytes per layer × option.
-2. Exact proxy optimum under the byte budget (``exact.solve_mckp``), plus the optimum without
-   2-bit options: second-order proxies underrate 2-bit damage, which is far from additive.
-3. Every candidate and the best uniform plan that fits are applied and measured (KL to the
-   uncompressed model, and perplexity) on held-out windows from the *calibration* text
-   (search/measure.py; GPTQ/Wanda statistics from one pass of the uncompressed model); the
-   lowest KL wins. So the search never returns a plan that measures worse than the best
-   fitting uniform plan, and says which one won.
+0. Sensitivity table (cached in ``out_dir``): predicted loss increase and bytes per layer ×
+   option (sensitivity/).
+1. Proxy level: the exact knapsack optimum under the budget (and latency limit), the optimum
+   without 2-bit options (second-order proxies underrate 2-bit damage), the best fitting
+   uniform plan, and the proxy's Pareto front over byte capacities (exact solves).
+2. Optuna level (``trials`` > 0, search/optuna_level.py): a multi-objective study that
+   reweights the proxy where it is not trusted, seeded with level 1's front, each trial's plan
+   measured at low fidelity (KL on ``fast_windows`` held-out windows); persistent, resumable.
+3. Measured level (``eval_top`` > 0, search/tune_level.py): the best ``eval_top`` plans of
+   level 2 and level 1's candidates, evaluated on ``eval_windows`` held-out windows as Ray Tune
+   trials with ASHA; the chosen plan is the lowest KL among those evaluated in full. With
+   ``eval_top`` = 0 the candidates are measured in process instead.
 
-With a device profile (``settings.device``) the budget is also capped by the memory the device
-lets a model use, the runtime's own bytes count in the footprint, and ``max_latency_s`` (per
-decoded token, from --latency or --min-tps) becomes a second knapsack constraint on the
-predicted decode time of the layers (hardware/latency.py); the rest of a token's time (head, KV
-cache, per-block work) does not depend on the plan and is taken off the limit first.
+Held-out windows come from the end of the *calibration* text, never the evaluation text. With a
+device profile the budget is also capped by the memory the device lets a model use, and
+``max_latency_s`` (per decoded token) is a second knapsack row on the predicted decode time
+(hardware/latency.py); what no layer choice changes (head, KV cache, per-block work) is taken
+off the limit first.
 """
 
 from __future__ import annotations
@@ -27,19 +31,22 @@ import numpy as np
 
 from ..accounting import Footprint, layer_bytes, model_footprint
 from ..data import calibration_data
+from ..errors import AutocompressError
+from ..hardware.architecture import Architecture
+from ..hardware.latency import DecodeEstimate, LatencyModel
+from ..hardware.profile import DeviceProfile
 from ..io_utils import atomic_write_text
 from ..model import LoadedModel
 from ..plan import LayerConfig, Plan, compact_overrides
 from ..sensitivity.build import build_table, make_proxy
 from ..sensitivity.table import SensitivityTable
-from ..errors import AutocompressError
-from ..hardware.architecture import Architecture
-from ..hardware.latency import DecodeEstimate, LatencyModel
-from ..hardware.profile import DeviceProfile
 from ..units import format_size
-from .exact import InfeasibleBudget, Limit, solve_mckp
+from .exact import InfeasibleBudget, Limit
 from .measure import PlanMeter
+from .optuna_level import Level2, Level2Settings, plan_signature
+from .problem import Problem
 from .space import SearchSpace
+from .tune_level import Level3Settings, run_level3, write_candidate, write_job
 
 
 @dataclass
@@ -54,6 +61,16 @@ class SearchSettings:
     proxy: str = "fisher"
     device: DeviceProfile | None = None
     max_latency_s: float | None = None  # per decoded token, batch 1, at ``context``
+    trials: int = 0  # level 2 (Optuna) trials; 0 skips the level
+    eval_top: int = 0  # level 3 (Ray Tune) candidates from level 2; 0: measure in process
+    fast_windows: int = 2  # level 2's held-out windows per trial
+    eval_windows: int = 8  # level 3's held-out windows per candidate
+    sampler: str = "tpe"
+    storage: str | None = None
+    seed: int = 0
+    resume: bool = False
+    num_cpus: int | None = None
+    address: str | None = None
 
     def effective_budget(self) -> int:
         """The byte budget after the device's usable memory caps it."""
@@ -63,20 +80,33 @@ class SearchSettings:
         return min(limits)
 
 
+    @property
+    def holdout_windows(self) -> int:
+        if self.eval_top:
+            return max(self.eval_windows, self.fast_windows if self.trials else 0)
+        return max(self.n_holdout, self.fast_windows if self.trials else 0)
+
+
 @dataclass
 class Candidate:
     label: str
     configs: dict[str, LayerConfig]
     footprint: Footprint
     predicted: float | None  # summed proxy cost (nats), None for plans not from the table
-    measured: dict | None = None  # holdout kl / ppl
+    measured: dict | None = None  # held-out kl / ppl (level 3, or the in-process check)
     decode: DecodeEstimate | None = None  # predicted on the device, when one is given
+    source: str = "proxy"  # proxy | uniform | optuna
+    kl_fast: float | None = None  # level 2's low-fidelity KL
 
     def summary(self) -> dict:
-        return {"label": self.label, "total_bytes": self.footprint.total,
+        return {"label": self.label, "source": self.source, "total_bytes": self.footprint.total,
                 "weight_bytes": self.footprint.weights, "predicted": self.predicted,
-                "measured": self.measured,
+                "kl_fast": self.kl_fast, "measured": self.measured,
                 "decode": None if self.decode is None else self.decode.as_dict()}
+
+    @property
+    def signature(self) -> str:
+        return plan_signature(self.configs)
 
 
 @dataclass
@@ -86,17 +116,22 @@ class SearchResult:
     candidates: list[Candidate]
     table: SensitivityTable
     timings: dict[str, float] = field(default_factory=dict)
+    front: list[Candidate] = field(default_factory=list)  # level 1's proxy Pareto front
+    trials: list = field(default_factory=list)  # level 2's complete Optuna trials
 
 
 def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings,
                out_dir: str | Path | None = None, progress: bool = True,
                log=print) -> SearchResult:
     timings: dict[str, float] = {}
+    out = Path(out_dir) if out_dir else None
     device = settings.device
     budget = settings.effective_budget()
     if device is not None and settings.budget and budget < settings.budget:
         log(f"the budget is capped at {format_size(budget)}: what {device.name} lets a model use "
             f"({device.memory.usable_fraction:.0%} of {format_size(device.memory.capacity)})")
+    if settings.eval_top and out is None:
+        raise AutocompressError("the measured level (eval_top > 0) needs an output directory")
     runtime_bytes = device.memory.runtime_overhead if device else 0
 
     def footprint_of(configs: dict[str, LayerConfig]) -> Footprint:
@@ -112,33 +147,75 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         raise InfeasibleBudget(budget, fixed.total, what="plan footprint")
     speed = _DecodeSpeed(loaded, device, settings) if device else None
 
+    # -- level 0: the sensitivity table --------------------------------------------------------
     t0 = time.perf_counter()
     calib = calibration_data(loaded.tokenizer, settings.calib_text, settings.n_calib,
-                             settings.n_holdout, settings.window_len)
+                             settings.holdout_windows, settings.window_len)
     proxy = make_proxy(settings.proxy)
-    cache = Path(out_dir) / "sensitivity.cache.json" if out_dir else None
+    cache = out / "sensitivity.cache.json" if out else None
     table = build_table(loaded, space, proxy, calib.calib, calib.digest, cache=cache,
                         progress=progress, log=log)
-    if out_dir:
-        table.save(Path(out_dir) / "sensitivity.json")
+    if out:
+        table.save(out / "sensitivity.json")
     timings["sensitivity_s"] = time.perf_counter() - t0
 
+    # -- level 1: exact proxy optima -----------------------------------------------------------
     t0 = time.perf_counter()
     groups = space.decision_groups(loaded.layers)
     limits = () if speed is None or settings.max_latency_s is None else \
         (speed.limit(table, groups, settings.max_latency_s),)
-    candidates = _candidates(table, space, groups, capacity, footprint_of, limits)
-    if speed is not None:
-        for cand in candidates:
-            cand.decode = speed.estimate(cand.configs)
-    timings["solve_s"] = time.perf_counter() - t0
+    problem = Problem(table, groups, capacity, limits)
+    candidates = _candidates(problem, space, footprint_of)
+    front = [Candidate(f"proxy front {fraction:.0%} of capacity", problem.configs(choice),
+                       footprint_of(problem.configs(choice)), problem.predicted(choice))
+             for fraction, choice in problem.front()]
+    timings["level1_s"] = time.perf_counter() - t0
 
+    # -- level 2: Optuna, each trial measured at low fidelity ----------------------------------
+    fast = settings.fast_windows if settings.trials else settings.n_holdout
+    meter = PlanMeter(loaded, calib.holdout[:fast], calib.calib, progress=False)
+    study_trials: list = []
+    if settings.trials:
+        t0 = time.perf_counter()
+        level2 = Level2(
+            problem, Level2Settings(n_trials=settings.trials, sampler=settings.sampler,
+                                    seed=settings.seed, storage=settings.storage),
+            measure=lambda configs: meter.measure(configs)["kl"],
+            describe=lambda configs: (footprint_of(configs).total,
+                                      speed.estimate(configs).seconds_per_token if speed else None),
+            budget=budget, max_latency_s=settings.max_latency_s, with_latency=speed is not None,
+            out_dir=out, resume=settings.resume, log=log, progress=progress,
+            identity={"budget": budget, "space": space.name, "proxy": settings.proxy,
+                      "device": device.name if device else None,
+                      "max_latency_s": settings.max_latency_s,
+                      "fast_windows": settings.fast_windows, "table": table.digest()})
+        study_trials = level2.run()
+        known = {c.signature: c for c in candidates}
+        for rank, (signature, choice, kl) in enumerate(level2.best(settings.eval_top or 3)):
+            if signature in known:
+                continue
+            configs = problem.configs(choice)
+            candidates.append(Candidate(f"optuna #{rank + 1}", configs, footprint_of(configs),
+                                        problem.predicted(choice), source="optuna"))
+        by_signature = {t.user_attrs["signature"]: t.user_attrs["kl_fast"] for t in study_trials}
+        for cand in candidates + front:
+            cand.kl_fast = by_signature.get(cand.signature, cand.kl_fast)
+        timings["level2_s"] = time.perf_counter() - t0
+    if speed is not None:
+        for cand in candidates + front:
+            cand.decode = speed.estimate(cand.configs)
+
+    # -- level 3: measured for real ------------------------------------------------------------
     t0 = time.perf_counter()
-    meter = PlanMeter(loaded, calib.holdout, calib.calib, progress=progress)
-    for cand in candidates:
-        cand.measured = meter.measure(cand.configs, desc=f"check {cand.label}")
-    timings["measure_s"] = time.perf_counter() - t0
-    chosen = min(candidates, key=lambda c: c.measured["kl"])
+    if settings.eval_top:
+        _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, progress)
+        full = [c for c in candidates if not c.measured["stopped_early"]]
+    else:
+        for cand in candidates:
+            cand.measured = meter.measure(cand.configs)
+        full = candidates
+    timings["level3_s" if settings.eval_top else "measure_s"] = time.perf_counter() - t0
+    chosen = min(full, key=lambda c: c.measured["kl"])
 
     default = _most_common(chosen.configs)
     plan = Plan(model=loaded.identity, default=default,
@@ -153,34 +230,77 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         "batch": settings.batch,
         "footprint": chosen.footprint.as_dict(),
         "predicted_loss_increase": chosen.predicted,
-        "holdout": {"source": calib.source, "windows": settings.n_holdout,
+        "holdout": {"source": calib.source, "windows": settings.holdout_windows,
                     "window_len": settings.window_len},
         "candidates": [c.summary() for c in candidates],
         "timings_s": timings,
     }
-    if out_dir:
-        plan.save(Path(out_dir) / "plan.json")
-        atomic_write_text(Path(out_dir) / "search.json",
+    if out:
+        plan.save(out / "plan.json")
+        atomic_write_text(out / "search.json",
                           json.dumps({"candidates": [c.summary() for c in candidates],
+                                      "proxy_front": [c.summary() for c in front],
+                                      "trials": len(study_trials),
                                       "chosen": chosen.label, "timings_s": timings}, indent=2))
+        _write_front(out, candidates, front, study_trials, chosen, loaded, settings)
     return SearchResult(plan=plan, chosen=chosen, candidates=candidates, table=table,
-                        timings=timings)
+                        timings=timings, front=front, trials=study_trials)
 
 
-def _grouped(table: SensitivityTable, groups: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Cost and bytes per decision group: tied layers share one option index, so their rows
-    add up (their option lists are equal by construction of the space)."""
-    cost, size = table.cost_matrix(), table.bytes_matrix()
-    return (np.stack([cost[g].sum(axis=0) for g in groups]),
-            np.stack([size[g].sum(axis=0) for g in groups]))
+def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, progress) -> None:
+    """Level 3: write the job (windows, reference, each candidate's weights), run Ray Tune."""
+    from ..compress.apply import compress_model
+    from ..evaluate import ReferenceCache
+
+    job = out / "level3"
+    windows = calib.holdout[:settings.eval_windows]
+    write_job(job, loaded.spec or loaded.source, windows, ReferenceCache(loaded.model, windows),
+              threads=settings.num_cpus or 2)
+    from tqdm import tqdm
+
+    names = {}
+    for cand in tqdm(candidates, desc="level 3: writing candidates", disable=not progress,
+                     leave=False):
+        names[cand.signature] = cand
+        if not (job / "candidates" / f"{cand.signature}.safetensors").is_file():
+            stats = meter.stats_for(cand.configs)
+            model = compress_model(loaded, cand.configs, stats=stats, mode="parallel",
+                                   progress=False, memo=meter._memo if stats is not None else None)
+            write_candidate(job, cand.signature, model, [layer.name for layer in loaded.layers])
+            del model
+    results = run_level3(job, list(names), Level3Settings(
+        windows=settings.eval_windows, num_cpus=settings.num_cpus, address=settings.address),
+        tokens_per_window=settings.window_len - 1, resume=settings.resume, log=log,
+        progress=progress)
+    for name, cand in names.items():
+        cand.measured = results[name]
 
 
-def _expand(choice: list[int], groups: list[list[int]], n_layers: int) -> list[int]:
-    per_layer = [0] * n_layers
-    for group, option in zip(groups, choice):
-        for index in group:
-            per_layer[index] = option
-    return per_layer
+def _write_front(out, candidates, front, trials, chosen, loaded, settings) -> None:
+    from .pareto import write_pareto
+
+    def record(c: Candidate, source: str | None = None) -> dict:
+        m = c.measured or {}
+        return {"label": c.label, "source": source or c.source,
+                "total_bytes": c.footprint.total, "predicted": c.predicted,
+                "kl_fast": c.kl_fast, "kl": m.get("kl"), "ppl": m.get("ppl"),
+                "tokens_per_s": c.decode.tokens_per_s if c.decode else None,
+                "chosen": c is chosen}
+
+    records = [record(c) for c in candidates] + [record(c, "proxy") for c in front]
+    listed = {c.signature for c in candidates}
+    for t in trials:  # every other level-2 plan, at its low-fidelity KL
+        if t.user_attrs["signature"] in listed:
+            continue
+        listed.add(t.user_attrs["signature"])
+        seconds = t.user_attrs.get("seconds_per_token")
+        records.append({"label": f"trial {t.number}", "source": "optuna",
+                        "total_bytes": t.user_attrs["total_bytes"],
+                        "predicted": t.user_attrs["predicted"], "kl_fast": t.user_attrs["kl_fast"],
+                        "kl": None, "ppl": None,
+                        "tokens_per_s": 1 / seconds if seconds else None, "chosen": False})
+    where = f" on {settings.device.name}" if settings.device else ""
+    write_pareto(out, records, title=f"{loaded.name}{where}: quality against memory")
 
 
 class _DecodeSpeed:
@@ -219,54 +339,43 @@ class _DecodeSpeed:
         return Limit(grouped, (max_latency_s - fixed) * 1e6, describe)
 
 
-def _candidates(table: SensitivityTable, space: SearchSpace, groups: list[list[int]],
-                capacity: int, footprint_of, limits: tuple[Limit, ...] = ()) -> list[Candidate]:
-    cost, size = _grouped(table, groups)
-    n_layers = len(table.layers)
+def _candidates(problem: Problem, space: SearchSpace, footprint_of) -> list[Candidate]:
+    """Level 1: the proxy optimum, the optimum without 2-bit options, the best uniform plan."""
     found: dict[tuple, Candidate] = {}
 
-    def add(label: str, configs: dict[str, LayerConfig], predicted: float | None) -> None:
-        signature = tuple(configs[n] for n in table.layers)
+    def add(label: str, choice: list[int], source: str = "proxy") -> None:
+        configs = problem.configs(choice)
+        signature = tuple(configs[n] for n in problem.table.layers)
         if signature in found:  # same plan reached twice: measure once, keep both names
             found[signature].label += f" = {label}"
             return
-        found[signature] = Candidate(label, configs, footprint_of(configs), predicted)
+        found[signature] = Candidate(label, configs, footprint_of(configs),
+                                     problem.predicted(choice), source=source)
 
-    def add_solution(label: str, allowed: np.ndarray | None = None) -> None:
-        choice = _expand(solve_mckp(cost, size, capacity, allowed=allowed, limits=limits),
-                         groups, n_layers)
-        add(label, table.configs(choice), table.predicted(choice)[0])
-
-    add_solution("proxy optimum")
-    bits = np.array([[table.options[g[0]][o].bits if o < len(table.options[g[0]]) else 99
-                      for o in range(cost.shape[1])] for g in groups])
-    no_two_bit = bits > 2
-    if (~no_two_bit).any() and no_two_bit.any(axis=1).all():
+    add("proxy optimum", problem.solve())
+    no_two_bit = problem.option_mask(lambda cfg: cfg.bits > 2)
+    if (problem.allowed & ~no_two_bit).any() and (problem.allowed & no_two_bit).any(axis=1).all():
         try:
-            add_solution("proxy optimum, no 2-bit", allowed=no_two_bit)
-        except InfeasibleBudget:
+            add("proxy optimum, no 2-bit", problem.solve(allowed=no_two_bit))
+        except AutocompressError:  # nothing without 2-bit fits the budget or the latency
             pass
-
-    uniform = _best_uniform(table, space, capacity, groups, limits)
+    uniform = _best_uniform(problem, space)
     if uniform is not None:
         cfg, choice = uniform
-        add(f"uniform {cfg.short()}", table.configs(choice), table.predicted(choice)[0])
+        add(f"uniform {cfg.short()}", choice, source="uniform")
     return list(found.values())
 
 
-def _best_uniform(table: SensitivityTable, space: SearchSpace, capacity: int,
-                  groups: list[list[int]], limits: tuple[Limit, ...] = ()
-                  ) -> tuple[LayerConfig, list[int]] | None:
+def _best_uniform(problem: Problem, space: SearchSpace) -> tuple[LayerConfig, list[int]] | None:
     """The largest uniform option that fits (pinned layers keep their pin) and meets the
     limits: more bytes, more fidelity. None if none does."""
     best = None
+    rows = np.arange(len(problem.groups))
     for cfg in space.uniform_configs():
-        choice = [opts.index(cfg) if cfg in opts else 0 for opts in table.options]
-        size = table.predicted(choice)[1]
-        per_group = [choice[g[0]] for g in groups]
-        within = all(sum(limit.usage[i, o] for i, o in enumerate(per_group)) <= limit.maximum
-                     for limit in limits)
-        if size <= capacity and within and (best is None or size > best[2]):
+        choice = [row.index(cfg) if cfg in row else 0 for row in problem.options]
+        size = problem.layer_bytes(choice)
+        within = all(limit.usage[rows, choice].sum() <= limit.maximum for limit in problem.limits)
+        if size <= problem.capacity and within and (best is None or size > best[2]):
             best = (cfg, choice, size)
     return None if best is None else best[:2]
 

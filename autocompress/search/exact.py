@@ -105,6 +105,10 @@ def _solve(cost: np.ndarray, size: np.ndarray, capacity: float, allowed: np.ndar
             options={"time_limit": time_limit, "mip_rel_gap": 1e-9},
         )
     if result.x is None:
+        if result.status == 2 or "infeasible" in str(result.message).lower():
+            # each limit alone can be met (checked before), but not all of them at once
+            raise InfeasibleLimit("no plan meets the byte budget and the latency limit together; "
+                                  "relax one of them or allow more options in the search space")
         raise AutocompressError(f"the exact solver failed: {result.message}")
     chosen = idx[result.x > 0.5]
     choice = np.full(n_layers, -1)

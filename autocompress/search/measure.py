@@ -35,4 +35,5 @@ class PlanMeter:
         model = compress_model(self.loaded, configs, stats=stats, mode="parallel", progress=False,
                                memo=self._memo if stats is not None else None)
         result = evaluate(model, self.holdout, self.reference, progress=self.progress, desc=desc)
-        return {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens}
+        return {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens,
+                "windows": result.windows}

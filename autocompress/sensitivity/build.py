@@ -43,8 +43,13 @@ def table_key(loaded: LoadedModel, calib_digest: str, options: list[list[LayerCo
               proxy: SensitivityProxy) -> dict:
     option_digest = hashlib.sha256(json.dumps(
         [[o.to_dict() for o in opts] for opts in options], sort_keys=True).encode()).hexdigest()[:16]
+    from dataclasses import asdict
+
+    from ..compress.weights import GPTQSettings
+
     return {"model": loaded.identity.content_hash, "weights": weights_fingerprint(loaded),
-            "calib": calib_digest, "options": option_digest, **proxy.describe()}
+            "calib": calib_digest, "options": option_digest,
+            "gptq": asdict(GPTQSettings()), **proxy.describe()}
 
 
 class TableCache:

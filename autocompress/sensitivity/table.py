@@ -57,6 +57,16 @@ class SensitivityTable:
     def configs(self, choice: list[int]) -> dict[str, LayerConfig]:
         return {name: self.options[l][o] for l, (name, o) in enumerate(zip(self.layers, choice))}
 
+    def digest(self) -> str:
+        """A short hash of what the table says (layers, options, costs to 9 digits, bytes)."""
+        import hashlib
+
+        data = {"layers": self.layers, "options": [[o.to_dict() for o in opts]
+                                                   for opts in self.options],
+                "cost": [[float(f"{c:.9g}") for c in row] for row in self.cost],
+                "bytes": self.bytes}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
     # -- persistence ----------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {

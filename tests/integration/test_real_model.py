@@ -50,12 +50,18 @@ def test_search_cli_on_real_model(real_loaded, tmp_path, capsys):
     out = tmp_path / "search"
     code = main(["search", "--model", "smollm2-135m", "--budget", str(budget), "--out", str(out),
                  "--calib-text", str(CALIB_TEXT), "--calib-windows", "2",
-                 "--holdout-windows", "1", "--window-len", "256"])
+                 "--window-len", "256", "--trials", "3", "--fast-windows", "1",
+                 "--eval-top", "1", "--eval-windows", "2", "--num-cpus", "2"])
     assert code == 0
     plan = json.loads((out / "plan.json").read_text())
     figures = plan["figures"]
     assert figures["footprint"]["total"] <= budget
-    measured = {c["label"]: c["measured"]["kl"] for c in figures["candidates"]}
-    uniform = [v for k, v in measured.items() if "uniform" in k]
-    assert uniform and measured[figures["chosen"]] <= min(uniform)
+    measured = {c["label"]: c["measured"] for c in figures["candidates"]}
+    full = {k: m["kl"] for k, m in measured.items() if not m["stopped_early"]}
+    assert measured[figures["chosen"]]["windows"] == 2  # chosen among the fully evaluated
+    assert full[figures["chosen"]] == min(full.values())
+    uniform = [m["kl"] for k, m in measured.items() if "uniform" in k and not m["stopped_early"]]
+    assert not uniform or full[figures["chosen"]] <= min(uniform)
+    assert {"pareto.json", "pareto.csv", "pareto.png", "study.journal"} <= \
+        {p.name for p in out.iterdir()}
     assert "Formats per layer kind" in capsys.readouterr().err

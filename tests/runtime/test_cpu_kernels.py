@@ -128,3 +128,29 @@ def test_float16_kernel_decode_and_prefill(rows):
     tol = 2e-3 if rows <= Float16Kernel.MAX_F16_ROWS else 1e-5
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol * expected.abs().max().item())
     assert kernel.nbytes() == matrix.nbytes() == 45 * 100 * 2
+
+
+@pytest.mark.parametrize("bits,sym", list(itertools.product((3, 5, 6), (False, True))))
+@pytest.mark.parametrize("group", [32, -1])
+def test_widened_codes_compute_the_same_weight(bits, sym, group):
+    from autocompress.runtime.cpu_kernels import WIDEN_TO, widen_for_ort
+
+    matrix = packed_matrix((37, 200), LayerConfig(bits=bits, group_size=group, sym=sym))
+    wide = widen_for_ort(matrix)
+    assert wide.bits == WIDEN_TO[bits] and wide.nbytes() > matrix.nbytes()
+    torch.testing.assert_close(wide.dequantize(), matrix.dequantize(), rtol=0, atol=0)
+    x = torch.randn(3, 200)
+    exact = OrtMatMulNBitsKernel(wide, accuracy_level=0)(x)
+    torch.testing.assert_close(exact, reference(x, matrix), rtol=1e-4, atol=1e-4)
+
+
+def test_auto_backend_widens_but_the_ort_backend_does_not():
+    from autocompress.runtime.modules import make_kernel
+
+    matrix = packed_matrix((16, 64), LayerConfig(bits=3, group_size=32))
+    assert make_kernel(matrix, "auto").name == "ort-widened"
+    with pytest.raises(AutocompressError, match="3-bit"):
+        make_kernel(matrix, "ort")
+    sparse = packed_matrix((16, 64), LayerConfig(bits=3, pattern="2:4", sparsity=0.5,
+                                                  prune_method="magnitude"))
+    assert make_kernel(sparse, "auto").name == "torch"

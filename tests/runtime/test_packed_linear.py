@@ -111,6 +111,22 @@ def test_packed_model_matches_fake_quant_model(tiny_loaded):
 
 
 @torch.no_grad()
+def test_auto_backend_runs_3_bit_layers_widened_on_ort(tiny_loaded):
+    from autocompress.runtime.cpu_kernels import ort_available
+
+    if not ort_available():
+        pytest.skip("onnxruntime not installed")
+    plan = uniform_plan(tiny_loaded.identity, LayerConfig(bits=3, group_size=32))
+    ids = torch.randint(0, tiny_loaded.model.config.vocab_size, (1, 12))
+    fake = compress_model(tiny_loaded, plan, progress=False)(ids).logits
+    packed_model = pack_model(tiny_loaded, plan, backend="auto", progress=False)
+    backends = {m.backend for m in quant_linears(packed_model).values()}
+    assert backends == {"ort-widened"}  # q/k/v and gate/up in shared sessions too
+    logits = packed_model(ids).logits  # ORT's int8 activations: about 1% of the largest logit
+    assert float((logits - fake).abs().max()) < 0.05 * float(fake.abs().max())
+
+
+@torch.no_grad()
 def test_save_and_load_round_trip(tiny_loaded, tmp_path):
     plan = mixed_plan(tiny_loaded)
     ids = torch.randint(0, tiny_loaded.model.config.vocab_size, (2, 9))

@@ -40,3 +40,15 @@ def test_infeasible_reports_the_minimum():
     with pytest.raises(InfeasibleBudget) as err:
         solve_mckp(np.zeros((2, 2)), size, 39)
     assert err.value.minimum == 40 and "40 bytes" in str(err.value)
+
+
+def test_limits_that_only_conflict_together_are_reported_as_such():
+    from autocompress.search.exact import InfeasibleLimit, Limit
+
+    # option 0: small and slow, option 1: big and fast; each limit alone is satisfiable
+    size = np.array([[10, 100], [10, 100]])
+    usage = np.array([[10.0, 1.0], [10.0, 1.0]])
+    limit = Limit(usage, 5.0, lambda least: "too slow")
+    with pytest.raises(InfeasibleLimit, match="together"):
+        solve_mckp(np.zeros((2, 2)), size, 50, limits=(limit,))
+    assert solve_mckp(np.zeros((2, 2)), size, 200, limits=(limit,)) == [1, 1]

@@ -1,0 +1,270 @@
+"""Level 2: Optuna explores where the additive proxy is not trusted.
+
+A trial does not pick 100+ per-layer options at random (no sampler learns that from a few
+dozen trials). It picks a handful of *corrections* to the proxy, the places DESIGN.md's
+experiments found it wrong: how much to distrust 2-bit and 3-bit options, unstructured and 2:4
+sparsity, low rank, coarse groups, attention layers against MLP layers, and the first and last
+blocks; plus the share of the byte capacity to use (for the memory axis of the front). The
+exact solver turns the reweighted table into the best plan under the budget and latency
+limits, and the plan is measured for real at low fidelity (KL to the uncompressed model on a
+few held-out windows). Objectives: measured KL, total bytes and, on a device, predicted
+seconds per token; the limits are also recorded with ``trial.set_constraint``.
+
+The proxy's own optima (its Pareto front over capacities, every weight 1) are enqueued first,
+so the study starts from level 1 and the sampler learns from there. A study lives in a storage
+(default: a journal file in the output directory), so a killed search resumes: trials that
+were running are marked failed and their parameters enqueued again, and the study continues
+until it holds ``n_trials`` complete trials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from ..errors import AutocompressError
+from ..plan import LayerConfig
+from .problem import Problem
+
+STUDY_NAME = "autocompress"
+WEIGHT_RANGE = (1 / 3, 3.0)  # corrections, not a new proxy: within 3x either way
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+
+
+def _kind(problem: Problem, group: list[int]) -> str:
+    return problem.table.layers[group[0]].rsplit(".", 1)[-1]
+
+
+# knob name -> does it apply to (option, kinds of the group, block of the group, number of blocks)
+KNOBS: dict[str, Callable[[LayerConfig, str, int | None, int], bool]] = {
+    "w_2bit": lambda c, k, b, n: c.bits == 2,
+    "w_3bit": lambda c, k, b, n: c.bits == 3,
+    "w_sparse": lambda c, k, b, n: c.sparsity > 0 and c.pattern == "unstructured",
+    "w_2to4": lambda c, k, b, n: c.pattern == "2:4",
+    "w_lowrank": lambda c, k, b, n: c.is_low_rank,
+    "w_coarse": lambda c, k, b, n: c.bits < 16 and c.group_size in (128, -1),
+    "w_gptq": lambda c, k, b, n: c.method == "gptq",
+    "w_attention": lambda c, k, b, n: k in ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "w_edge_blocks": lambda c, k, b, n: b is not None and (b < max(1, n // 8)
+                                                           or b >= n - max(1, n // 8)),
+}
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+class Reweighting:
+    """Per (decision group, option): which knobs multiply its proxy cost."""
+
+    def __init__(self, problem: Problem):
+        blocks = [_block_of(problem.table.layers[g[0]]) for g in problem.groups]
+        n_blocks = max((b for b in blocks if b is not None), default=-1) + 1
+        self.masks = {}
+        for knob, applies in KNOBS.items():
+            mask = np.zeros(problem.cost.shape, dtype=bool)
+            for gi, (group, row) in enumerate(zip(problem.groups, problem.options)):
+                kind = _kind(problem, group)
+                for oi, cfg in enumerate(row):
+                    mask[gi, oi] = cfg is not None and applies(cfg, kind, blocks[gi], n_blocks)
+            if mask.any():  # knobs that touch nothing in this space are not searched
+                self.masks[knob] = mask
+
+    def cost(self, problem: Problem, weights: dict[str, float]) -> np.ndarray:
+        factor = np.ones(problem.cost.shape)
+        for knob, mask in self.masks.items():
+            factor = np.where(mask, factor * weights.get(knob, 1.0), factor)
+        return problem.cost * factor
+
+
+@dataclass
+class Level2Settings:
+    n_trials: int = 40
+    sampler: str = "tpe"
+    seed: int = 0
+    storage: str | None = None  # URL, journal file path, or None for <out>/study.journal
+    capacity_span: float = 0.1  # trials may use down to (1 - span) of the byte capacity: the
+    # front's memory axis, kept narrow so that most trials work at the budget itself
+    front_points: int = 4
+
+
+def open_storage(storage: str | None, out_dir: Path | None):
+    """An Optuna storage: an RDB URL (sqlite:///..., postgresql://...), a journal file path, or
+    by default a journal file in the output directory (viewable with optuna-dashboard)."""
+    if storage and "://" in storage:
+        return storage
+    path = Path(storage) if storage else (Path(out_dir) / "study.journal" if out_dir else None)
+    if path is None:
+        return None  # in memory: no --out, nothing to resume
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_sampler(name: str, seed: int):
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise AutocompressError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+
+
+def plan_signature(configs: dict[str, LayerConfig]) -> str:
+    text = json.dumps({n: c.to_dict() for n, c in sorted(configs.items())}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Level2:
+    """``measure(configs) -> kl`` is the low-fidelity measurement; ``describe(configs) ->
+    (total bytes, seconds per token or None)`` the hardware figures of a plan."""
+
+    def __init__(self, problem: Problem, settings: Level2Settings, measure, describe,
+                 budget: int, max_latency_s: float | None, with_latency: bool,
+                 out_dir: Path | None = None, resume: bool = False, log=print,
+                 progress: bool = True, identity: dict | None = None):
+        self.problem, self.settings = problem, settings
+        self.measure, self.describe = measure, describe
+        self.budget, self.max_latency_s = budget, max_latency_s
+        self.reweighting = Reweighting(problem)
+        self.log, self.progress = log, progress
+        self.with_latency = with_latency
+        directions = ["minimize", "minimize"] + (["minimize"] if self.with_latency else [])
+        storage = open_storage(settings.storage, out_dir)
+        exists = False
+        if storage is not None:
+            exists = STUDY_NAME in optuna.study.get_all_study_names(storage)
+        if exists and not resume:
+            raise AutocompressError(
+                f"a study already exists in {settings.storage or Path(out_dir) / 'study.journal'}; "
+                "add --resume to continue it, or use another --out")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(
+            study_name=STUDY_NAME, storage=storage, directions=directions,
+            sampler=make_sampler(settings.sampler, settings.seed), load_if_exists=True)
+        # what the study searches: a study resumed with another budget, space or device would
+        # mix trials of two problems
+        identity = {"capacity": int(problem.capacity), "layers": len(problem.table.layers),
+                    "options": len(problem.options[0]), **(identity or {})}
+        if exists:
+            stored = self.study.user_attrs.get("identity")
+            if stored is not None and stored != json.loads(json.dumps(identity)):
+                changed = sorted(k for k in set(stored) | set(identity)
+                                 if stored.get(k) != identity.get(k))
+                raise AutocompressError(
+                    f"the study in this output directory was for other settings "
+                    f"({', '.join(changed)} differ); use another --out")
+        else:
+            self.study.set_user_attr("identity", identity)
+        self.lo = max(problem.min_bytes / problem.capacity, 1.0 - settings.capacity_span)
+        self._cache: dict[str, float] = {}
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            self._cache[trial.user_attrs["signature"]] = trial.user_attrs["kl_fast"]
+        if exists:
+            self._requeue_interrupted()
+        else:
+            self._seed()
+
+    # -- study set-up --------------------------------------------------------------------------
+    def _seed(self) -> None:
+        """Level 1's proxy front, all weights 1, then the proxy optimum without 2-bit."""
+        ones = {knob: 1.0 for knob in self.reweighting.masks}
+        seeds = [{"capacity": 1.0, **ones}]
+        for fraction in np.linspace(1.0, self.lo, self.settings.front_points)[1:]:
+            seeds.append({"capacity": float(fraction), **ones})
+        if "w_2bit" in ones:
+            seeds.append({"capacity": 1.0, **ones, "w_2bit": WEIGHT_RANGE[1]})
+        for params in seeds:
+            self.study.enqueue_trial(params, user_attrs={"seed": "proxy front"})
+
+    def _requeue_interrupted(self) -> None:
+        """Trials left RUNNING by a killed process: failed, and their parameters run again."""
+        storage = self.study._storage
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            self.study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+            self.log(f"trial {trial.number} was interrupted: run again")
+
+    # -- trials --------------------------------------------------------------------------------
+    def objective(self, trial: optuna.Trial) -> list[float]:
+        weights = {knob: trial.suggest_float(knob, *WEIGHT_RANGE, log=True)
+                   for knob in self.reweighting.masks}
+        fraction = trial.suggest_float("capacity", self.lo, 1.0)
+        cost = self.reweighting.cost(self.problem, weights)
+        choice = self.problem.solve(cost, capacity=int(fraction * self.problem.capacity))
+        configs = self.problem.configs(choice)
+        signature = plan_signature(configs)
+        if signature not in self._cache:  # the same plan reached again: measured once
+            self._cache[signature] = self.measure(configs)
+        kl = self._cache[signature]
+        total, seconds = self.describe(configs)
+        trial.set_user_attr("signature", signature)
+        trial.set_user_attr("choice", [int(c) for c in choice])
+        trial.set_user_attr("kl_fast", kl)
+        trial.set_user_attr("predicted", self.problem.predicted(choice))
+        trial.set_user_attr("total_bytes", int(total))
+        trial.set_constraint("memory", float(total - self.budget))
+        if self.max_latency_s is not None:
+            trial.set_constraint("latency", float(seconds - self.max_latency_s))
+        values = [kl, float(total)]
+        if self.with_latency:
+            trial.set_user_attr("seconds_per_token", seconds)
+            values.append(float(seconds))
+        return values
+
+    def complete_trials(self) -> list:
+        return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+    def run(self) -> list:
+        from tqdm import tqdm
+
+        target = self.settings.n_trials
+        done = len(self.complete_trials())
+        if done:
+            self.log(f"level 2: {done} of {target} trials already complete")
+        with tqdm(total=target, initial=min(done, target), desc="level 2 (optuna)",
+                  disable=not self.progress, leave=False) as bar:
+            attempts = 0
+            while done < target:
+                self.study.optimize(self.objective, n_trials=1, catch=(AutocompressError,))
+                attempts += 1
+                now = len(self.complete_trials())
+                bar.update(now - done)
+                done = now
+                if attempts > 3 * target:
+                    raise AutocompressError("level 2: most trials fail; see the study storage")
+        return self.complete_trials()
+
+    def best(self, k: int) -> list[tuple[str, list[int], float]]:
+        """Up to ``k`` distinct feasible plans with the lowest measured KL: (signature, choice,
+        KL)."""
+        seen, out = set(), []
+        for trial in sorted(self.complete_trials(), key=lambda t: t.values[0]):
+            constraints = trial.system_attrs.get("constraints") or \
+                [v for key, v in trial.system_attrs.items() if key.startswith("constraints:")]
+            if any(v > 0 for v in constraints):
+                continue
+            signature = trial.user_attrs["signature"]
+            if signature in seen:
+                continue
+            seen.add(signature)
+            out.append((signature, trial.user_attrs["choice"], trial.values[0]))
+            if len(out) == k:
+                break
+        return out

@@ -1,0 +1,231 @@
+"""Level 3: the best candidates evaluated for real, as Ray Tune trials.
+
+The driver, which holds the calibration statistics (GPTQ, Wanda, whitened low rank), writes each
+candidate's compressed block linears (float32, low-rank factors folded) to a job directory,
+with the held-out windows and the uncompressed model's log-probabilities for them. A trial
+loads the model once per worker, swaps in its candidate's weights, and evaluates window by
+window, reporting KL and perplexity so far against the number of evaluated tokens; ASHA stops
+candidates that trail after the first windows. Each report carries a checkpoint (the running
+sums), so a trial interrupted with its driver continues from its last window when the
+experiment is restored (``--resume``).
+
+Locally Ray starts in process (``ray.init(num_cpus=..., include_dashboard=False)``);
+``address`` joins an existing cluster, whose workers need this package and the job directory
+(a shared file system).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import AutocompressError
+from ..io_utils import atomic_write_text
+
+EXPERIMENT = "level3"
+
+
+@dataclass
+class Level3Settings:
+    windows: int = 8  # held-out windows at full fidelity
+    grace_windows: int = 1  # ASHA looks at candidates after this many windows
+    reduction_factor: int = 2
+    num_cpus: int | None = None  # local Ray: default all cores
+    cpus_per_trial: int | None = None  # default: all of num_cpus (one trial at a time)
+    address: str | None = None
+
+
+# -- job directory (driver side) ---------------------------------------------------------------
+
+def write_job(directory: Path, model_spec: str, windows: torch.Tensor, reference,
+              threads: int) -> None:
+    """Windows, reference log-probabilities (one file per window) and the job description."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "job.json").is_file():
+        save_file({"windows": windows.contiguous()}, str(directory / "windows.safetensors"))
+        for i in range(windows.shape[0]):
+            save_file({"logp": reference.get(i).contiguous()},
+                      str(directory / f"reference_{i}.safetensors"))
+        atomic_write_text(directory / "job.json", json.dumps(
+            {"model": model_spec, "windows": int(windows.shape[0]), "threads": threads}))
+
+
+def write_candidate(directory: Path, name: str, model: torch.nn.Module,
+                    layer_names: list[str]) -> None:
+    """The compressed model's block linears as dense float32 weights (what it computes)."""
+    path = directory / "candidates" / f"{name}.safetensors"
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for layer in layer_names:
+        module = model.get_submodule(layer)
+        if hasattr(module, "up") and hasattr(module, "down"):  # LowRankLinear: fold A·B
+            weight = module.up.weight.detach().float() @ module.down.weight.detach().float()
+        else:
+            weight = module.weight.detach().float()
+        tensors[layer] = weight.contiguous()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+# -- trial (worker side) -----------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _worker_model(spec: str, threads: int):
+    if _WORKER.get("spec") != spec:
+        from ..model import load_model
+
+        torch.set_num_threads(threads)
+        _WORKER.update(spec=spec, loaded=load_model(spec))
+    return _WORKER["loaded"].model
+
+
+def evaluate_candidate(config: dict) -> None:
+    """A Ray Tune function trainable: evaluate one candidate window by window."""
+    from ray import tune
+
+    from ..evaluate import log_probs, window_sums
+
+    job_dir = Path(config["job_dir"])
+    job = json.loads((job_dir / "job.json").read_text())
+    model = _worker_model(job["model"], int(config.get("threads") or job["threads"]))
+    weights = load_file(str(job_dir / "candidates" / f"{config['candidate']}.safetensors"))
+    with torch.no_grad():
+        for name, weight in weights.items():
+            module = model.get_submodule(name)
+            module.weight.data = weight.to(module.weight.dtype)
+    windows = load_file(str(job_dir / "windows.safetensors"))["windows"]
+    state = {"next": 0, "nll": 0.0, "kl": 0.0, "tokens": 0}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:  # restored after an interruption: continue where it stopped
+        with checkpoint.as_directory() as path:
+            state = json.loads((Path(path) / "state.json").read_text())
+    import math
+
+    for i in range(state["next"], job["windows"]):
+        ref = load_file(str(job_dir / f"reference_{i}.safetensors"))["logp"]
+        with torch.no_grad():
+            nll, kl, tokens = window_sums(log_probs(model, windows[i]), windows[i], ref)
+        state = {"next": i + 1, "nll": state["nll"] + nll, "kl": state["kl"] + kl,
+                 "tokens": state["tokens"] + tokens}
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "state.json").write_text(json.dumps(state))
+            tune.report({"kl": state["kl"] / state["tokens"],
+                         "ppl": math.exp(state["nll"] / state["tokens"]),
+                         "tokens": state["tokens"], "windows": i + 1},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+# -- experiment (driver side) ------------------------------------------------------------------
+
+def _progress_bar(n_candidates: int, windows: int):
+    """A Tune callback: evaluated windows over all candidates on a tqdm bar (a candidate ASHA
+    stops counts as done). Built here so that importing this module does not import Ray."""
+    from ray import tune
+    from tqdm import tqdm
+
+    class ProgressBar(tune.Callback):
+        def __init__(self):
+            self._bar = None
+            self.seen: dict[str, int] = {}
+
+        @property
+        def bar(self):  # made on first use: Tune pickles its callbacks with the experiment
+            if self._bar is None:
+                self._bar = tqdm(total=n_candidates * windows, desc="level 3 (ray tune)",
+                                 leave=False)
+            return self._bar
+
+        def __getstate__(self):
+            return {**self.__dict__, "_bar": None}
+
+        def _advance(self, trial, done: int) -> None:
+            step = done - self.seen.get(trial.trial_id, 0)
+            if step > 0:
+                self.seen[trial.trial_id] = done
+                self.bar.update(step)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._advance(trial, int(result.get("windows", 0)))
+            self.bar.set_postfix(kl=f"{result.get('kl', float('nan')):.4f}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._advance(trial, windows)
+
+        def on_experiment_end(self, trials, **info):
+            self.bar.close()
+
+    return ProgressBar()
+
+
+def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
+               tokens_per_window: int, resume: bool = False, log=print,
+               progress: bool = True) -> dict[str, dict]:
+    """Evaluate ``candidates`` (names of files in the job directory); returns per candidate its
+    last report (kl, ppl, tokens, windows) and whether ASHA stopped it early."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if not ray.is_initialized():
+        if settings.address:
+            ray.init(address=settings.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+    cpus = settings.cpus_per_trial or settings.num_cpus or os.cpu_count()
+    job = json.loads((job_dir / "job.json").read_text())
+    trainable = tune.with_resources(evaluate_candidate, {"cpu": cpus})
+    callbacks = [_progress_bar(len(candidates), job["windows"])] if progress else []
+    storage = str(job_dir.resolve())
+    experiment = Path(storage) / EXPERIMENT
+    max_t = job["windows"] * tokens_per_window
+    if resume and tune.Tuner.can_restore(str(experiment)):
+        log("level 3: restoring the Ray Tune experiment")
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        if experiment.exists():
+            import shutil
+
+            shutil.rmtree(experiment)  # an unfinished experiment without --resume: start over
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"job_dir": str(job_dir.resolve()), "threads": cpus,
+                         "candidate": tune.grid_search(candidates)},
+            tune_config=tune.TuneConfig(
+                metric="kl", mode="min", max_concurrent_trials=max(1, (settings.num_cpus
+                                                                       or os.cpu_count()) // cpus),
+                scheduler=ASHAScheduler(time_attr="tokens", max_t=max_t,
+                                        grace_period=settings.grace_windows * tokens_per_window,
+                                        reduction_factor=settings.reduction_factor)),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=0,
+                                      callbacks=callbacks,
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      # every checkpoint kept (a few bytes each): with
+                                      # num_to_keep=1 a kill between deleting the old one and
+                                      # saving the state leaves the state naming a deleted one
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
+    results = tuner.fit()
+    out = {}
+    for result in results:
+        if result.error is not None:
+            raise AutocompressError(f"level 3 trial failed: {result.error}")
+        metrics = result.metrics
+        name = result.config["candidate"]
+        out[name] = {"kl": metrics["kl"], "ppl": metrics["ppl"], "tokens": metrics["tokens"],
+                     "windows": metrics["windows"],
+                     "stopped_early": metrics["windows"] < job["windows"]}
+    return out

@@ -1,0 +1,231 @@
+"""Levels 1-3 of the search on the tiny model: the proxy front, the Optuna study (seeded,
+constrained, resumable) and the Ray Tune level (ASHA, restorable after SIGKILL)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autocompress.accounting import model_footprint
+from autocompress.data import calibration_data
+from autocompress.errors import AutocompressError
+from autocompress.plan import LayerConfig
+from autocompress.search.optuna_level import Level2, Level2Settings, Reweighting, open_storage
+from autocompress.search.problem import Problem
+from autocompress.search.space import SearchSpace
+from autocompress.sensitivity.build import build_table, make_proxy
+
+SPACE = "search_spaces/default.yaml"
+
+
+@pytest.fixture(scope="module")
+def problem(tiny_loaded):
+    calib = calibration_data(tiny_loaded.tokenizer, None, 2, 0, 64)
+    space = SearchSpace.from_yaml(SPACE)
+    table = build_table(tiny_loaded, space, make_proxy("fisher"), calib.calib, calib.digest,
+                        progress=False, log=lambda m: None)
+    groups = space.decision_groups(tiny_loaded.layers)
+    sizes = Problem(table, groups, 10**12)
+    capacity = int(sizes.min_bytes * 1.6)
+    return Problem(table, groups, capacity)
+
+
+def test_proxy_front_is_monotone(problem):
+    front = problem.front(points=5)
+    assert len(front) >= 3
+    sizes = [problem.layer_bytes(choice) for _, choice in front]
+    costs = [problem.predicted(choice) for _, choice in front]
+    assert all(s <= problem.capacity for s in sizes)
+    order = np.argsort(sizes)
+    # more bytes never predicts more loss (each point is the exact optimum at its capacity)
+    assert all(costs[order[i]] >= costs[order[i + 1]] - 1e-12 for i in range(len(order) - 1))
+    assert front[0][1] == problem.solve()
+
+
+def test_reweighting_moves_the_solver_away_from_distrusted_options(problem):
+    weights = Reweighting(problem)
+    assert "w_2bit" in weights.masks and "w_2to4" in weights.masks
+    two_bit = problem.option_mask(lambda c: c.bits == 2)
+    plain = problem.solve(weights.cost(problem, {}))
+    heavy = problem.solve(weights.cost(problem, {"w_2bit": 1e6}))
+    count = lambda choice: sum(two_bit[g, o] for g, o in enumerate(choice))  # noqa: E731
+    assert count(heavy) <= count(plain)
+    assert count(heavy) == 0
+
+
+def _level2(problem, tmp_path, n, resume=False, measure=None, **kw):
+    calls = []
+
+    def fake_measure(configs):  # a deterministic stand-in for the low-fidelity KL
+        calls.append(1)
+        return sum(8 - min(c.bits, 8) for c in configs.values()) * 1e-3 + 1e-4
+
+    level = Level2(problem, Level2Settings(n_trials=n, seed=0, **kw), measure or fake_measure,
+                   describe=lambda configs: (sum(1 for _ in configs), None),
+                   budget=10**9, max_latency_s=None, with_latency=False, out_dir=tmp_path,
+                   resume=resume, log=lambda m: None, progress=False)
+    return level, calls
+
+
+def test_level2_starts_from_the_proxy_front_and_measures_each_plan_once(problem, tmp_path):
+    level, calls = _level2(problem, tmp_path, 12)
+    trials = level.run()
+    assert len(trials) == 12
+    first = level.study.trials[0]
+    assert first.params["capacity"] == 1.0 and all(
+        v == 1.0 for k, v in first.params.items() if k.startswith("w_"))
+    assert first.user_attrs["choice"] == problem.solve()  # trial 0 is the proxy optimum
+    signatures = {t.user_attrs["signature"] for t in trials}
+    assert len(calls) == len(signatures)  # repeated plans are not measured again
+    best = level.best(3)
+    assert [b[2] for b in best] == sorted(b[2] for b in best)
+    assert len({b[0] for b in best}) == len(best)
+    assert (tmp_path / "study.journal").is_file()
+
+
+def test_level2_refuses_an_existing_study_without_resume(problem, tmp_path):
+    _level2(problem, tmp_path, 2)[0].run()
+    with pytest.raises(AutocompressError, match="--resume"):
+        _level2(problem, tmp_path, 2)
+
+
+def test_level2_resume_requeues_interrupted_trials(problem, tmp_path):
+    level, _ = _level2(problem, tmp_path, 4)
+    level.run()
+    # a trial left RUNNING, as a killed process leaves it
+    orphan = level.study.ask()
+    orphan_params = {"capacity": 0.9, **{k: 2.0 for k in level.reweighting.masks}}
+    for name, value in orphan_params.items():
+        orphan.suggest_float(name, *(level.lo, 1.0) if name == "capacity" else (0.2, 5.0),
+                             log=name != "capacity")
+    resumed, _ = _level2(problem, tmp_path, 8, resume=True)
+    trials = resumed.study.get_trials(deepcopy=False)
+    assert trials[orphan.number].state == TrialState.FAIL
+    done = resumed.run()
+    assert len(done) == 8
+    requeued = [t for t in done if t.user_attrs.get("requeued_from") == orphan.number]
+    assert len(requeued) == 1 and requeued[0].params == trials[orphan.number].params
+    numbers = [t.number for t in done]
+    assert len(numbers) == len(set(numbers))
+
+
+def test_rdb_storage_url_is_used_as_given(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert open_storage(url, tmp_path) == url
+    assert open_storage(None, None) is None
+
+
+# -- the whole search, killed and resumed --------------------------------------------------------
+
+def _search_argv(model_dir, out, budget, *extra):
+    return ["search", "--model", str(model_dir), "--budget", str(budget), "--out", str(out),
+            "--space", SPACE, "--calib-windows", "2", "--window-len", "64", "--context", "256",
+            "--fast-windows", "1", "--num-cpus", "2", *extra]
+
+
+def _start(argv):
+    code = ("import sys, torch; torch.set_num_threads(1); from autocompress.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+
+
+def _kill_when(proc, ready, timeout=240):
+    start = time.time()
+    while time.time() - start < timeout:
+        if proc.poll() is not None:
+            pytest.fail("the search finished before it could be killed")
+        if ready():
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+            proc.wait()
+            return
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("the search never reached the point to kill it")
+
+
+def _complete(out):
+    try:
+        study = optuna.load_study(study_name="autocompress", storage=open_storage(None, out))
+    except Exception:
+        return []
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _budget(tiny_loaded):
+    return model_footprint(tiny_loaded, {l.name: LayerConfig(bits=3) for l in tiny_loaded.layers},
+                           context=256).total
+
+
+@pytest.mark.slow
+def test_sigkill_in_level2_then_resume(tiny_loaded, tiny_model_dir, tmp_path):
+    from autocompress.cli import main
+
+    out, n = tmp_path / "run", 120
+    argv = _search_argv(tiny_model_dir, out, _budget(tiny_loaded), "--trials", str(n),
+                        "--eval-top", "0")
+    proc = _start(argv)
+    _kill_when(proc, lambda: len(_complete(out)) >= 10)
+    killed_at = len(_complete(out))
+    assert 10 <= killed_at < n
+    assert main(argv) == 2  # without --resume the study is not silently reused
+    assert main(argv + ["--resume"]) == 0
+    study = optuna.load_study(study_name="autocompress", storage=open_storage(None, out))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert len(complete) == n
+    seeds = [t for t in complete if t.user_attrs.get("seed")]
+    assert len(seeds) == len({json.dumps(t.params, sort_keys=True) for t in seeds})
+    for failed in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        again = [t for t in complete if t.user_attrs.get("requeued_from") == failed.number]
+        assert len(again) == 1
+    assert (out / "plan.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_in_level3_then_resume(tiny_loaded, tiny_model_dir, tmp_path):
+    import ray
+
+    from autocompress.cli import main
+
+    out = tmp_path / "run"
+    argv = _search_argv(tiny_model_dir, out, _budget(tiny_loaded), "--trials", "6",
+                        "--eval-top", "2", "--eval-windows", "6")
+    proc = _start(argv)
+    experiment = out / "level3" / "level3"
+
+    def some_trial_reported():
+        return any(p.stat().st_size > 0 for p in experiment.glob("*/progress.csv"))
+
+    _kill_when(proc, some_trial_reported)
+    before = {p.name for p in experiment.iterdir() if p.is_dir()}
+    try:
+        assert main(argv + ["--resume"]) == 0
+    finally:
+        ray.shutdown()
+    assert len(_complete(out)) == 6  # level 2 was not repeated
+    after = {p.name for p in experiment.iterdir() if p.is_dir()}
+    assert before <= after  # the interrupted trials were continued, not replaced
+    search = json.loads((out / "search.json").read_text())
+    candidates = [name.split("candidate=")[1].split("_")[0] for name in after]
+    assert len(candidates) == len(set(candidates)) == len(search["candidates"])
+    measured = [c["measured"] for c in search["candidates"]]
+    assert all(m["windows"] == 6 or m["stopped_early"] for m in measured)
+    assert all(m["tokens"] == 63 * m["windows"] for m in measured)
+
+
+def test_resuming_a_study_made_for_other_settings_is_refused(problem, tmp_path):
+    level, _ = _level2(problem, tmp_path, 2)
+    level.run()
+    other = Problem(problem.table, problem.groups, problem.capacity - 1)
+    with pytest.raises(AutocompressError, match="other settings .*capacity"):
+        Level2(other, Level2Settings(n_trials=2), lambda c: 0.0, lambda c: (0, None),
+               budget=10**9, max_latency_s=None, with_latency=False, out_dir=tmp_path,
+               resume=True, log=lambda m: None, progress=False)
