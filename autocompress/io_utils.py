@@ -47,3 +47,13 @@ def replace_dir(tmp: str | Path, out: str | Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def atomic_save_figure(fig, path: str | Path) -> Path:
+    """A matplotlib figure as PNG at ``path``, written to a temp file and renamed."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)

@@ -24,13 +24,10 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -40,6 +37,7 @@ from common import ResultFile, machine  # noqa: E402
 
 from autocompress.accounting import layer_bytes  # noqa: E402
 from autocompress.compress.weights import compress_weight  # noqa: E402
+from autocompress.hardware.measure import copy_bandwidth, decode_seconds, median_seconds  # noqa: E402
 from autocompress.model import load_model  # noqa: E402
 from autocompress.plan import LayerConfig, Plan, uniform_plan  # noqa: E402
 from autocompress.runtime.convert import (  # noqa: E402
@@ -70,28 +68,7 @@ def rss() -> int:
 
 
 def median_time(fn, min_runs: int = 5, budget_s: float = 1.0) -> float:
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < budget_s:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        if len(times) >= 2000:
-            break
-    return statistics.median(times)
-
-
-def copy_bandwidth(size_bytes: int = 512 << 20, repeats: int = 6) -> float:
-    """Bytes per second of a large tensor copy (read + write)."""
-    src = torch.ones(size_bytes // 4)
-    dst = torch.empty_like(src)
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * size_bytes / best
+    return median_seconds(fn, min_runs=min_runs, budget_s=budget_s)
 
 
 # -- kernels ----------------------------------------------------------------------------------
@@ -156,16 +133,7 @@ def mixed_plan(identity, default: LayerConfig, sensitive: dict, n_blocks: int) -
 def decode_speed(model, tokenizer, n_tokens: int) -> tuple[float, int]:
     """Median seconds per generated token (greedy, KV cache, batch 1) and the mean context."""
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    times = []
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for _ in range(n_tokens):
-            t = time.perf_counter()
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times[2:] or times), ids.shape[1] + n_tokens // 2
+    return decode_seconds(model, ids, n_tokens), ids.shape[1] + n_tokens // 2
 
 
 def other_bytes_per_token(loaded, dtype_bytes: int, context: int) -> int:

@@ -212,7 +212,8 @@ def search() -> str:
         rows.append(
             f"| uniform {key.split('@')[0]}-bit: {r['budget_bytes'] / 1e6:.2f} MB{where} | "
             f"**{_fmt_ppl(r['searched_ppl'])}** | {_fmt_ppl(r['proxy_optimum_ppl'])} | "
-            + (f"{_fmt_ppl(recipe['ppl'])} ({recipe['label'].split(' (')[0].split()[-1]}) | "
+            + (f"{_fmt_ppl(recipe['ppl'])} "
+               f"({recipe['label'].split(' (')[0].removeprefix('llama.cpp-style ')}) | "
                if recipe else "| ")
             + (f"{_fmt_ppl(rtn['ppl'])} ({rtn['bits']}-bit) | " if rtn else "| ")
             + (f"{_fmt_ppl(gptq['ppl'])} ({gptq['bits']}-bit) | " if gptq else "| ")

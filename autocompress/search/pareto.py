@@ -10,14 +10,12 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_save_figure, atomic_write_text
 
 CSV_COLUMNS = ("label", "source", "total_bytes", "predicted", "kl_fast", "kl", "ppl",
                "tokens_per_s", "on_front", "chosen")
@@ -186,15 +184,7 @@ def _plot(path: Path, records: list[dict], points: list[dict], objectives: list[
         ax.text(0.5, 0.5, "no plan has a quality figure", ha="center", transform=ax.transAxes)
     fig.tight_layout()
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_figure(fig, path)
 
 
 def _quality_label(records: list[dict]) -> str:

@@ -8,13 +8,12 @@ whole table in order of first appearance, and each layer's costs go under their 
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..io_utils import atomic_save_figure
 from ..model import KIND_BY_SUFFIX
 from ..plan import LayerConfig
 from .table import SensitivityTable
@@ -99,15 +98,7 @@ def save_heatmap(table: SensitivityTable, path: str | Path, title: str | None = 
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_figure(fig, path)
     return path
 
 

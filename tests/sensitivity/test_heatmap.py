@@ -67,8 +67,11 @@ def test_heatmap_write_is_atomic(tmp_path, monkeypatch):
     before = target.read_bytes()
 
     def broken_savefig(self, fname, *args, **kwargs):
-        with open(fname, "wb") as fh:
-            fh.write(PNG_MAGIC + b"half a picture")
+        if hasattr(fname, "write"):  # a buffer
+            fname.write(PNG_MAGIC + b"half a picture")
+        else:
+            with open(fname, "wb") as fh:
+                fh.write(PNG_MAGIC + b"half a picture")
         raise OSError("disk full")
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
