@@ -124,7 +124,9 @@ def proxy_fidelity() -> str:
     for key, r in e.items():
         if key == "plans":
             continue
-        rows.append(f"| {key} | {r['spearman']:.3f} | {r['kendall']:.3f} | {r['table_build_s']:.0f} |")
+        build = f"{r['table_build_s']:.0f}" if "table_build_s" in r else \
+            f"(the {key.split(',')[0]} table; {r['folds']}-fold cross-validated)"
+        rows.append(f"| {key} | {r['spearman']:.3f} | {r['kendall']:.3f} | {build} |")
     kls = [plan["kl"] for plan in e.get("plans", {}).values()]
     bpw = [plan["bits_per_weight"] for plan in e.get("plans", {}).values()]
     span = (f"{len(kls)} plans, {min(bpw):.2f} to {max(bpw):.2f} bits/weight, measured KL "
@@ -209,8 +211,10 @@ def search() -> str:
         recipe = r.get("recipe")
         rtn, gptq = r.get("uniform_rtn"), r.get("uniform_gptq")
         where = f" on {r['device']}, ≥ {r['min_tps']:g} tok/s" if r.get("device") else ""
+        space, _, bits = key.split("@")[0].rpartition(":")
+        where += f", **{space}-only space**" if space else ""
         rows.append(
-            f"| uniform {key.split('@')[0]}-bit: {r['budget_bytes'] / 1e6:.2f} MB{where} | "
+            f"| uniform {bits}-bit: {r['budget_bytes'] / 1e6:.2f} MB{where} | "
             f"**{_fmt_ppl(r['searched_ppl'])}** | {_fmt_ppl(r['proxy_optimum_ppl'])} | "
             + (f"{_fmt_ppl(recipe['ppl'])} "
                f"({recipe['label'].split(' (')[0].removeprefix('llama.cpp-style ')}) | "

@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--device-run", action="store_true",
                         help="also the run on jetson-orin-nano-8gb with --min-tps")
     parser.add_argument("--min-tps", type=float, default=None)
+    parser.add_argument("--space", default="default",
+                        help="search_spaces/NAME.yaml; other than default, keys get a prefix")
     args = parser.parse_args()
     check_data()
     settings = dict(calib_text=str(CALIB_TEXT), trials=args.trials, eval_top=args.eval_top,
@@ -68,7 +70,8 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     eval_windows = load_stream(loaded.tokenizer, EVAL_TEXT, "eval").windows(args.windows, 512)
     calib = load_stream(loaded.tokenizer, CALIB_TEXT, "calib").windows(8, 512)
-    space = SearchSpace.from_yaml(REPO / "search_spaces" / "default.yaml")
+    space = SearchSpace.from_yaml(REPO / "search_spaces" / f"{args.space}.yaml")
+    prefix = "" if args.space == "default" else f"{args.space}:"
 
     def test_ppl(configs) -> float:
         model = compress_model(loaded, configs, calib, mode="parallel", progress=False)
@@ -78,7 +81,7 @@ def main() -> None:
     if args.device_run:
         runs.append((4.0, "jetson-orin-nano-8gb"))
     for bits, device in runs:
-        key = f"{bits:g}" + (f"@{device}" if device else "")
+        key = prefix + f"{bits:g}" + (f"@{device}" if device else "")
         if results.has(key):
             continue
         budget = uniform_total(loaded, bits)
@@ -86,10 +89,10 @@ def main() -> None:
         if device:
             extra = dict(device=load_profile(device),
                          max_latency_s=1 / args.min_tps if args.min_tps else None)
-        out = RUNS / key.replace("@", "_")
+        out = RUNS / key.replace("@", "_").replace(":", "_")
         resume = (out / "study.journal").is_file()
         # the sensitivity table does not depend on the budget: build it once, reuse it
-        shared = RUNS / "sensitivity.cache.json"
+        shared = RUNS / f"{prefix.rstrip(':') or 'default'}.sensitivity.cache.json"
         if shared.is_file() and not (out / "sensitivity.cache.json").is_file():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(shared, out / "sensitivity.cache.json")
