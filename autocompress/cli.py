@@ -358,10 +358,9 @@ def _device_and_latency(args):
                           args.min_tps and 1.0 / args.min_tps) if s]
     device = note = None
     if args.device:
-        from .hardware.profile import read_profile, resolve_device
+        from .hardware.profile import load_device
 
-        path, note = resolve_device(args.device)
-        device = read_profile(path)
+        device, note = load_device(args.device)
     return device, note, (min(limits) if limits else None)
 
 
@@ -500,13 +499,12 @@ def cmd_profile(args) -> int:
 
 def cmd_estimate(args) -> int:
     from .hardware.estimate import architecture_for, estimate_plan
-    from .hardware.profile import read_profile, resolve_device
+    from .hardware.profile import load_device
     from .plan import Plan
     from .report import footprint_table, print_tables
 
     plan = Plan.load(args.plan)
-    path, note = resolve_device(args.device)
-    profile = read_profile(path)
+    profile, note = load_device(args.device)
     if args.head_format:
         from .hardware.profile import check_format_name
 

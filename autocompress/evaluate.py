@@ -30,12 +30,9 @@ class EvalResult:
                 "windows": self.windows}
 
 
-def _log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+def log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     logits = model(window.unsqueeze(0)).logits[0, :-1].float()
     return F.log_softmax(logits, dim=-1)
-
-
-log_probs = _log_probs  # public name for callers that cache references (search level 3)
 
 
 def window_sums(logp: torch.Tensor, window: torch.Tensor, ref: torch.Tensor | None
@@ -60,7 +57,7 @@ class ReferenceCache:
     @torch.no_grad()
     def get(self, index: int) -> torch.Tensor:
         if index not in self._store:
-            self._store[index] = _log_probs(self.model, self.windows[index])
+            self._store[index] = log_probs(self.model, self.windows[index])
         return self._store[index]
 
 
@@ -73,11 +70,11 @@ def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | Ref
     total_nll, total_kl, total_tokens = 0.0, 0.0, 0
     for i in tqdm(range(windows.shape[0]), desc=desc, disable=not progress, leave=False):
         window = windows[i]
-        logp = _log_probs(model, window)
+        logp = log_probs(model, window)
         ref = None
         if reference is not None:
             ref = reference.get(i) if isinstance(reference, ReferenceCache) \
-                else _log_probs(reference, window)
+                else log_probs(reference, window)
         nll, kl, tokens = window_sums(logp, window, ref)
         total_nll, total_kl, total_tokens = total_nll + nll, total_kl + kl, total_tokens + tokens
     nll = total_nll / total_tokens

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..accounting import ModelDims
 from ..errors import AutocompressError
+from ..model import LayerInfo
 
 LLAMA_LAYERS = (("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v"),
                 ("self_attn.o_proj", "o"), ("mlp.gate_proj", "gate"), ("mlp.up_proj", "up"),
@@ -22,33 +23,17 @@ LLAMA_LAYERS = (("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_att
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo", "phi3")
 
 
-@dataclass(frozen=True)
-class Linear:
-    name: str
-    kind: str
-    out_features: int
-    in_features: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-
 @dataclass
 class Architecture:
     name: str
     dims: ModelDims
-    layers: list[Linear]  # block linears, forward order
+    layers: list[LayerInfo]  # block linears, forward order
     other_params: int  # embeddings, norms, head (counted once when tied)
     tied_embeddings: bool
 
     @property
     def head_params(self) -> int:
         return self.dims.vocab * self.dims.hidden
-
-    @property
-    def layer_params(self) -> int:
-        return sum(o * i for o, i in (layer.shape for layer in self.layers))
 
     @classmethod
     def from_loaded(cls, loaded) -> "Architecture":
@@ -58,7 +43,7 @@ class Architecture:
         return cls(
             name=loaded.name,
             dims=ModelDims.from_config(config),
-            layers=[Linear(layer.name, layer.kind, *layer.shape) for layer in loaded.layers],
+            layers=list(loaded.layers),
             other_params=non_layer_params(loaded),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )
@@ -88,7 +73,7 @@ class Architecture:
         shapes = {"q": (q_out, hidden), "k": (kv_out, hidden), "v": (kv_out, hidden),
                   "o": (hidden, q_out), "gate": (dims.intermediate, hidden),
                   "up": (dims.intermediate, hidden), "down": (hidden, dims.intermediate)}
-        layers = [Linear(f"model.layers.{b}.{suffix}", kind, *shapes[kind])
+        layers = [LayerInfo(f"model.layers.{b}.{suffix}", kind, b, *shapes[kind])
                   for b in range(dims.n_blocks) for suffix, kind in LLAMA_LAYERS]
         tied = bool(config.get("tie_word_embeddings", False))
         embeddings = dims.vocab * hidden * (1 if tied else 2)

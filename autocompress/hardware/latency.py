@@ -70,6 +70,9 @@ class LatencyModel:
         self.float_peak = 1e12 * next((p for p in float_peaks if p), max(peaks.values()))
         self.bandwidth = profile.memory.bandwidth_gbps * 1e9
         self.launch_s = profile.overhead.launch_us * 1e-6
+        # indexed once: a search asks for every layer of every option and every trial's plan
+        self.lookup = {(e.format, e.out_features, e.in_features, e.tokens): e
+                       for e in profile.lookup}
 
     # -- one matrix / one layer ----------------------------------------------------------------
 
@@ -80,7 +83,7 @@ class LatencyModel:
                        tokens: int = 1, group_size: int | None = None) -> tuple[float, str]:
         """Seconds for ``tokens`` rows through one [out, in] matrix of ``nbytes`` in ``fmt``,
         and where the figure came from (lookup, roofline or fallback)."""
-        entry = self.profile.lookup_entry(fmt, out_features, in_features, tokens)
+        entry = self.lookup.get((fmt, out_features, in_features, tokens))
         if entry is not None:
             measured_bytes = nbytes
             if entry.group_size is not None and group_size is not None \

@@ -108,21 +108,6 @@ def dispatch_seconds() -> float:
     return median_seconds(lambda: x.add(1.0), budget_s=0.2)
 
 
-def layer_seconds(cfg: LayerConfig, out_features: int, in_features: int,
-                  tokens: int = 1) -> float:
-    """One QuantLinear call (backend auto) on a [1, tokens, in] input, repeated (cache-warm)."""
-    from ..compress.weights import compress_weight
-    from ..runtime.modules import QuantLinear
-    from ..runtime.packed import PackedLinear
-
-    gen = torch.Generator().manual_seed(out_features * 7 + in_features)
-    w = torch.randn(out_features, in_features, generator=gen) * 0.02
-    module = QuantLinear(PackedLinear.from_compressed(compress_weight(w, cfg), cfg))
-    x = torch.randn(1, tokens, in_features, generator=gen)
-    with torch.no_grad():
-        return median_seconds(lambda: module(x))
-
-
 def stack_seconds(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 20,
                   budget_s: float = 0.5, min_passes: int = 3) -> dict[tuple[int, int], float]:
     """Per layer shape, the median time of one QuantLinear call (backend auto, one token) as a

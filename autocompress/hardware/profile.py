@@ -199,14 +199,6 @@ class DeviceProfile(_Strict):
             else 12 * self.overhead.launch_us
         return us * 1e-6
 
-    def lookup_entry(self, fmt: str, out_features: int, in_features: int,
-                     tokens: int = 1) -> LookupEntry | None:
-        for entry in self.lookup:
-            if (entry.format, entry.out_features, entry.in_features, entry.tokens) == \
-                    (fmt, out_features, in_features, tokens):
-                return entry
-        return None
-
 
 def check_format_name(name: str) -> str:
     if not FORMAT_NAME.match(name):
@@ -249,9 +241,15 @@ def resolve_device(device: str, directory: Path | None = None) -> tuple[Path, st
         "or a path to a profile YAML (`autocompress devices` lists them)")
 
 
+def load_device(device: str | Path, directory: Path | None = None
+                ) -> tuple[DeviceProfile, str | None]:
+    """The profile of a name, alias or path, and the line saying what an alias chose."""
+    path, note = resolve_device(str(device), directory)
+    return read_profile(path), note
+
+
 def load_profile(device: str | Path, directory: Path | None = None) -> DeviceProfile:
-    path, _ = resolve_device(str(device), directory)
-    return read_profile(path)
+    return load_device(device, directory)[0]
 
 
 def read_profile(path: Path) -> DeviceProfile:

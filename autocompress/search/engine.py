@@ -44,7 +44,7 @@ from ..units import format_size
 from .exact import InfeasibleBudget, Limit
 from .measure import PlanMeter
 from .optuna_level import Level2, Level2Settings, plan_signature
-from .problem import Problem
+from .problem import Problem, group_sums
 from .space import SearchSpace
 from .tune_level import Level3Settings, run_level3, write_candidate, write_job
 
@@ -249,25 +249,21 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
 
 def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, progress) -> None:
     """Level 3: write the job (windows, reference, each candidate's weights), run Ray Tune."""
-    from ..compress.apply import compress_model
+    from tqdm import tqdm
+
     from ..evaluate import ReferenceCache
 
     job = out / "level3"
     windows = calib.holdout[:settings.eval_windows]
     write_job(job, loaded.spec or loaded.source, windows, ReferenceCache(loaded.model, windows),
               threads=settings.num_cpus or 2)
-    from tqdm import tqdm
-
     names = {}
     for cand in tqdm(candidates, desc="level 3: writing candidates", disable=not progress,
                      leave=False):
         names[cand.signature] = cand
         if not (job / "candidates" / f"{cand.signature}.safetensors").is_file():
-            stats = meter.stats_for(cand.configs)
-            model = compress_model(loaded, cand.configs, stats=stats, mode="parallel",
-                                   progress=False, memo=meter._memo if stats is not None else None)
-            write_candidate(job, cand.signature, model, [layer.name for layer in loaded.layers])
-            del model
+            write_candidate(job, cand.signature, meter.compress(cand.configs),
+                            [layer.name for layer in loaded.layers])
     results = run_level3(job, list(names), Level3Settings(
         windows=settings.eval_windows, num_cpus=settings.num_cpus, address=settings.address),
         tokens_per_window=settings.window_len - 1, resume=settings.resume, log=log,
@@ -311,7 +307,6 @@ class _DecodeSpeed:
         self.arch = Architecture.from_loaded(loaded)
         self.device = device
         self.context = settings.context
-        self.shapes = [layer.shape for layer in loaded.layers]
 
     def estimate(self, configs: dict[str, LayerConfig]) -> DecodeEstimate:
         return self.model.decode(self.arch, [configs[layer.name] for layer in self.arch.layers],
@@ -323,10 +318,10 @@ class _DecodeSpeed:
         per-token budget leaves after the plan-independent part."""
         width = max(len(opts) for opts in table.options)
         usage = np.zeros((len(table.layers), width))
-        for row, (shape, opts) in enumerate(zip(self.shapes, table.options)):
+        for row, (layer, opts) in enumerate(zip(self.arch.layers, table.options)):
             for col, cfg in enumerate(opts):
-                usage[row, col] = self.model.layer_seconds(*shape, cfg)[0] * 1e6
-        grouped = np.stack([usage[g].sum(axis=0) for g in groups])
+                usage[row, col] = self.model.layer_seconds(*layer.shape, cfg)[0] * 1e6
+        grouped = group_sums(usage, groups)
         fixed = self.model.fixed_decode_seconds(self.arch, self.context)
         name, target = self.device.name, 1.0 / max_latency_s
 

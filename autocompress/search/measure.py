@@ -30,10 +30,14 @@ class PlanMeter:
                                         progress=self.progress)
         return self._stats
 
-    def measure(self, configs: dict[str, LayerConfig], desc: str = "measure") -> dict:
+    def compress(self, configs: dict[str, LayerConfig]):
+        """A compressed copy of the model under ``configs``, as every plan here is measured."""
         stats = self.stats_for(configs)
-        model = compress_model(self.loaded, configs, stats=stats, mode="parallel", progress=False,
-                               memo=self._memo if stats is not None else None)
+        return compress_model(self.loaded, configs, stats=stats, mode="parallel", progress=False,
+                              memo=self._memo if stats is not None else None)
+
+    def measure(self, configs: dict[str, LayerConfig], desc: str = "measure") -> dict:
+        model = self.compress(configs)
         result = evaluate(model, self.holdout, self.reference, progress=self.progress, desc=desc)
         return {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens,
                 "windows": result.windows}

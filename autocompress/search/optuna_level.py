@@ -30,6 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import AutocompressError
+from ..model import BLOCK_INDEX
 from ..plan import LayerConfig
 from .problem import Problem
 
@@ -58,11 +59,8 @@ KNOBS: dict[str, Callable[[LayerConfig, str, int | None, int], bool]] = {
 
 
 def _block_of(name: str) -> int | None:
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
+    match = BLOCK_INDEX.search(name)
+    return int(match.group(1)) if match else None
 
 
 class Reweighting:

@@ -12,13 +12,18 @@ from ..sensitivity.table import SensitivityTable
 from .exact import InfeasibleBudget, InfeasibleLimit, Limit, solve_mckp
 
 
+def group_sums(per_layer: np.ndarray, groups: list[list[int]]) -> np.ndarray:
+    """[layers, options] -> [decision groups, options]: tied layers take one option together,
+    so their costs, bytes or latencies add up."""
+    return np.stack([per_layer[g].sum(axis=0) for g in groups])
+
+
 class Problem:
     def __init__(self, table: SensitivityTable, groups: list[list[int]], capacity: int,
                  limits: tuple[Limit, ...] = ()):
         cost, size = table.cost_matrix(), table.bytes_matrix()
         self.table, self.groups, self.capacity, self.limits = table, groups, capacity, limits
-        self.cost = np.stack([cost[g].sum(axis=0) for g in groups])
-        self.size = np.stack([size[g].sum(axis=0) for g in groups])
+        self.cost, self.size = group_sums(cost, groups), group_sums(size, groups)
         width = self.cost.shape[1]
         # options per decision group (padding beyond a group's list: None, never allowed)
         self.options: list[list[LayerConfig | None]] = [

@@ -17,6 +17,7 @@ Locally Ray starts in process (``ray.init(num_cpus=..., include_dashboard=False)
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -110,8 +111,6 @@ def evaluate_candidate(config: dict) -> None:
     if checkpoint is not None:  # restored after an interruption: continue where it stopped
         with checkpoint.as_directory() as path:
             state = json.loads((Path(path) / "state.json").read_text())
-    import math
-
     for i in range(state["next"], job["windows"]):
         ref = load_file(str(job_dir / f"reference_{i}.safetensors"))["logp"]
         with torch.no_grad():
