@@ -63,7 +63,7 @@ def estimate_plan(plan: Plan, arch: Architecture, profile: DeviceProfile, contex
     latency = LatencyModel(profile)
     head = latency.head_format(head_format)
     footprint = memory_breakdown(arch, configs, context, batch, kv_bits, head,
-                                 profile.memory.runtime_overhead)
+                                 profile.memory.runtime_overhead, profile)
     return PlanEstimate(
         device=profile.name, footprint=footprint, usable_bytes=profile.memory.usable_bytes,
         decode=latency.decode(arch, configs, context, head, kv_bits),

@@ -4,7 +4,7 @@ What it measures (CPU, with the packed runtime's own kernels, the way a decode s
 - memory bandwidth: the best of several copies of a large tensor (bytes read + written);
 - dense matmul throughput per float dtype (a square GEMM);
 - the latency of one linear layer in every runtime format at each of the model's layer shapes,
-  for one token, timed inside a stack of the model's layers in order (each with its own
+  for one token, and the bytes its kernels hold (``held_as``, ``resident_ratio``), timed inside a stack of the model's layers in order (each with its own
   weights, so caches hold what they would in a decode step), and the head's: the profile's
   lookup table. The achieved share of the measured
   bandwidth per format (median over shapes, at most 1: small layers run from cache) is its
@@ -16,6 +16,7 @@ What it measures (CPU, with the packed runtime's own kernels, the way a decode s
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import math
@@ -29,6 +30,7 @@ from typing import Callable
 import torch
 
 from ..plan import LayerConfig
+from ..runtime.memory import heap_available
 from .architecture import Architecture
 from .formats import layer_format
 from .profile import SCHEMA_VERSION, DeviceProfile
@@ -40,6 +42,7 @@ RUNTIME_FORMATS: tuple[LayerConfig, ...] = (
     # the pruning method does not change the stored format; magnitude needs no calibration
     LayerConfig(bits=4, group_size=64, sparsity=0.5, pattern="2:4", prune_method="magnitude"),
     LayerConfig(bits=4, group_size=64, sparsity=0.5, prune_method="magnitude"),
+    LayerConfig(bits=8, group_size=64, sparsity=0.5, prune_method="magnitude"),
 )
 
 
@@ -106,6 +109,82 @@ def dispatch_seconds() -> float:
     """One small torch op from Python: the floor of every kernel call here."""
     x = torch.randn(576)
     return median_seconds(lambda: x.add(1.0), budget_s=0.2)
+
+
+@dataclass
+class HeldBytes:
+    """What a format's layers hold once built as the runtime builds them (``held_bytes``)."""
+
+    held_as: LayerConfig | None  # the dense format the kernels keep the weights in, if another
+    resident_bytes: int  # C-heap bytes the layers hold, as run
+    accounted_bytes: int  # their accounting in the held format
+
+    @property
+    def resident_ratio(self) -> float:
+        return self.resident_bytes / self.accounted_bytes
+
+
+def held_format(packed) -> LayerConfig | None:
+    """The dense format the ``auto`` CPU backend keeps a packed layer's weights in, when its
+    kernel needs another container (3/5/6-bit codes widened, sparse ones densified)."""
+    from ..runtime.cpu_kernels import ort_available, ort_ready
+
+    matrix = packed.matrices[0]
+    ready = ort_ready(matrix, widen=True) if ort_available() else None
+    if ready is None or ready.kind == "ort":
+        return None
+    return dataclasses.replace(packed.config, bits=ready.matrix.bits, sym=False, sparsity=0.0,
+                               pattern="unstructured")
+
+
+def held_bytes(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 20) -> HeldBytes:
+    """The C heap before and after building the model's layers in ``cfg`` the way the packed
+    runtime installs them (backend auto, q/k/v and gate/up sharing a session): what the kernels
+    really hold (ONNX Runtime's prepacked layout and its sessions, widened or densified codes)
+    against the accounting of the format they are held in. Up to ``max_bytes`` of layers: the
+    whole model when it is that small, else its first blocks (the same shapes again)."""
+    from ..accounting import layer_bytes
+    from ..compress.weights import compress_weight
+    from ..runtime.convert import build_quant_linears
+    from ..runtime.memory import heap_in_use
+    from ..runtime.packed import PackedLinear
+
+    gen = torch.Generator().manual_seed(1)
+    sources, layers, total = {}, [], 0
+    for layer in arch.layers:
+        if total > max_bytes:
+            break
+        if layer.shape not in sources:
+            w = torch.randn(*layer.shape, generator=gen) * 0.02
+            sources[layer.shape] = PackedLinear.from_compressed(compress_weight(w, cfg), cfg)
+        layers.append(layer)
+        total += layer_bytes(*layer.shape, cfg)
+    held_as = held_format(next(iter(sources.values())))
+    _warm_up_ort()
+    gc.collect()
+    heap0 = heap_in_use()
+    packed = {layer.name: PackedLinear([m.clone() for m in sources[layer.shape].matrices], cfg)
+              for layer in layers}
+    modules = build_quant_linears(packed)
+    del packed
+    gc.collect()
+    resident = heap_in_use() - heap0
+    del modules
+    accounted = sum(layer_bytes(*layer.shape, held_as or cfg) for layer in layers)
+    return HeldBytes(held_as, resident, accounted)
+
+
+def _warm_up_ort() -> None:
+    """ONNX Runtime's one-off set-up (its environment, ~1.4 MB here) is made with the first
+    session of a process; it is not any layer's."""
+    from ..runtime.cpu_kernels import OrtMatMulNBitsKernel, ort_available
+    from ..runtime.packed import PackedLinear
+    from ..compress.weights import compress_weight
+
+    if ort_available():
+        cfg = LayerConfig(bits=4, group_size=32)
+        OrtMatMulNBitsKernel(PackedLinear.from_compressed(
+            compress_weight(torch.randn(16, 64), cfg), cfg).matrices[0])
 
 
 def stack_seconds(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 20,
@@ -250,9 +329,15 @@ def measure_profile(arch: Architecture, settings: ProfileSettings,
     per_block, per_token = block_overhead(arch)
     tick("layers")
 
-    lookup, achieved = [], {}
+    lookup, achieved, held = [], {}, {}
     for cfg in settings.formats:
         fmt = layer_format(cfg, "f16")
+        if heap_available():
+            bytes_held = held_bytes(cfg, arch)
+            if bytes_held.resident_bytes > 0:
+                held[fmt] = {"resident_ratio": round(bytes_held.resident_ratio, 4)}
+                if bytes_held.held_as is not None:
+                    held[fmt]["held_as"] = layer_format(bytes_held.held_as, "f16")
         for (out_features, in_features), seconds in stack_seconds(cfg, arch).items():
             lookup.append({"format": fmt, "group_size": None if cfg.bits == 16 else cfg.group_size,
                            "out_features": out_features, "in_features": in_features,
@@ -273,12 +358,15 @@ def measure_profile(arch: Architecture, settings: ProfileSettings,
         return round(min(1.0, statistics.median(achieved[fmt]) / bandwidth), 4)
 
     # formats with a fast kernel here: those ONNX Runtime's MatMulNBits runs (3/5/6 bits
-    # widened to 4/8); the others go through the torch unpack path, the profile's fallback
-    from ..runtime.cpu_kernels import ORT_BITS, WIDEN_TO, ort_available
+    # widened to 4/8, sparse ones densified); the others go through the torch unpack path,
+    # the profile's fallback
+    from ..runtime.cpu_kernels import WIDEN_TO, ort_available
 
-    ort_bits = set(ORT_BITS) | set(WIDEN_TO)
-    fast = {"f32", "bf16", "f16"} | ({f"q{b}" for b in ort_bits} if ort_available() else set())
-    formats = {fmt: {"efficiency": efficiency(fmt)} for fmt in achieved if fmt in fast}
+    fast = {"f32", "bf16", "f16"}
+    if ort_available():
+        fast |= {f"q{b}{sparse}" for b in WIDEN_TO for sparse in ("", "+2:4", "+sparse")}
+    formats = {fmt: {"efficiency": efficiency(fmt), **held.get(fmt, {})}
+               for fmt in achieved if fmt in fast}
     slow = [efficiency(fmt) for fmt in achieved if fmt not in fast]
     today = datetime.date.today().isoformat()
     where = f"measured by `autocompress profile` on {today} ({cpu_name()}, " \
@@ -303,7 +391,8 @@ def measure_profile(arch: Architecture, settings: ProfileSettings,
         "lookup": lookup,
         "sources": [{"field": "memory", "note": where + "; capacity from the OS"},
                     {"field": "compute", "note": where + "; 512^3 float32 GEMM"},
-                    {"field": "formats", "note": where},
+                    {"field": "formats", "note": where + "; held_as and resident_ratio: the "
+                     "C heap (mallinfo2) before and after building each format's stack"},
                     {"field": "overhead", "note": where + "; block overhead from decode steps "
                      f"of 2- and 8-block models with {arch.name}'s attention geometry"},
                     {"field": "lookup", "note": where + f"; {arch.name}'s layer shapes"}],

@@ -87,6 +87,19 @@ class FormatSpeed(_Strict):
     efficiency: float = Field(gt=0, le=1, description="achieved / peak memory bandwidth at decode")
     compute_efficiency: float = Field(default=0.5, gt=0, le=1,
                                       description="achieved / peak throughput when compute-bound")
+    held_as: str | None = Field(default=None, description=(
+        "the dense format the engine keeps layers of this format in, when its fast kernel "
+        "needs another container (3-bit codes widened to 4, 2:4 weights densified)"))
+    resident_ratio: float = Field(default=1.0, gt=0, description=(
+        "bytes the engine holds per byte of the (held) format's accounting: its own layout "
+        "(prepacked weights, float32 scales), measured by `autocompress profile`"))
+
+    @field_validator("held_as")
+    @classmethod
+    def _held(cls, value: str | None) -> str | None:
+        if value is not None and "+" in check_format_name(value):
+            raise ValueError(f"held_as must be a dense format, got {value!r}")
+        return value
 
 
 class Fallback(_Strict):

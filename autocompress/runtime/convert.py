@@ -94,13 +94,25 @@ def install_packed(model: nn.Module, packed: dict[str, PackedLinear], backend: s
     """Replace each named ``nn.Linear`` (or placeholder) of ``model`` by a QuantLinear.
     ``share_inputs``: layers that read one tensor (q/k/v, gate/up) and run on ONNX Runtime
     share one session, run once per input."""
+    if biases is None:
+        biases = {name: getattr(model.get_submodule(name), "bias", None) for name in packed}
+    modules = build_quant_linears(packed, backend, keep_packed, biases, ort_threads, share_inputs)
+    for name, module in modules.items():
+        _set_submodule(model, name, module)
+
+
+def build_quant_linears(packed: dict[str, PackedLinear], backend: str = "auto",
+                        keep_packed: bool | None = None,
+                        biases: dict[str, torch.Tensor | None] | None = None,
+                        ort_threads: int | None = None, share_inputs: bool = True
+                        ) -> dict[str, QuantLinear]:
+    """The QuantLinear of every named packed layer, as ``install_packed`` puts them in a model
+    (sessions shared between layers that read one input)."""
     shared = _shared_ort_kernels(packed, backend, ort_threads) if share_inputs else {}
-    for name, layer in packed.items():
-        old = model.get_submodule(name)
-        bias = biases.get(name) if biases is not None else getattr(old, "bias", None)
-        kernels = [shared[name]] if name in shared else None
-        _set_submodule(model, name, QuantLinear(layer, bias, backend, name, keep_packed,
-                                                ort_threads, kernels))
+    biases = biases or {}
+    return {name: QuantLinear(layer, biases.get(name), backend, name, keep_packed, ort_threads,
+                              [shared[name]] if name in shared else None)
+            for name, layer in packed.items()}
 
 
 # Llama-style projections that read the same tensor inside their parent module
@@ -125,10 +137,8 @@ def _shared_ort_kernels(packed: dict[str, PackedLinear], backend: str,
         if len(members) < 2:
             continue
         group = OrtMatMulNBitsGroup([ready for _, ready in members], threads=ort_threads)
-        for index, (name, ready) in enumerate(members):
+        for index, (name, _) in enumerate(members):
             kernels[name] = OrtMatMulNBitsKernel(group=group, index=index)
-            if ready is not packed[name].matrices[0]:
-                kernels[name].name = "ort-widened"
     return kernels
 
 

@@ -24,16 +24,25 @@ table and experiments/results/kernels.json), the fastest way per format is:
   are exactly the plan's (same codes, scales, zeros); the price is memory: ORT holds 4 or 8
   bits per weight, not 3, 5 or 6 (so resident bytes exceed the plan's accounting there), for
   a decode ~20x faster than the torch path. The explicit ``ort`` backend does not widen.
-- everything else (2:4 and unstructured sparsity, float16, and every format on the ``torch``
-  backend): ``TorchUnpackKernel``, dequantizing a few rows at a time (a chunk that stays in
-  cache) and multiplying in float32, so no dense copy of the weight is ever held.
+- 2:4 and unstructured-sparse quantized weights, on the ``auto`` path: the same kernel on the
+  matrix *densified* (``densify_for_ort``): a pruned weight gets its group's zero-point code,
+  which dequantizes to exactly 0, and the codes are widened as above where needed. MLAS has no
+  sparse kernel, and this CPU has no sparse tensor cores to skip zeros with: a decode step is
+  bound by the bytes it reads, and the dense 4-bit container (4.5 bits per weight at group 64)
+  is read ~25x faster than the torch path decodes the sparse stream. The price is memory again:
+  q4+2:4 is 3.5 bits per weight in the plan, 4.5 as held (the profile's ``held_as``).
+- everything else (float16 sparse, and every format on the ``torch`` backend):
+  ``TorchUnpackKernel``, dequantizing a few rows at a time (a chunk that stays in cache) and
+  multiplying in float32, so no dense copy of the weight is ever held.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -114,28 +123,67 @@ def ort_unsupported_reason(matrix: PackedMatrix) -> str | None:
     return None
 
 
-WIDEN_TO = {3: 4, 5: 8, 6: 8}
+# the width MatMulNBits runs each width's codes at: itself, or the next one up
+WIDEN_TO = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+
+
+@dataclass
+class OrtWeight:
+    """What MatMulNBits runs for a packed matrix: ``matrix``, dense at 2, 4 or 8 bits, and,
+    when it was densified from sparse storage, the ``keep`` mask [out, in] of the weights that
+    are not pruned (the zero-point correction must skip the pruned ones, see cpu_kernels'
+    module docstring). ``kind``: ``ort`` (the matrix as stored), ``ort-widened`` (codes moved
+    to a wider container) or ``ort-densified`` (sparse storage made dense)."""
+
+    matrix: PackedMatrix
+    keep: Tensor | None = None
+    kind: str = "ort"
 
 
 def widen_for_ort(matrix: PackedMatrix) -> PackedMatrix | None:
     """The matrix with its codes in a container MatMulNBits runs (3 -> 4, 5/6 -> 8 bits) and
     explicit zero points (a symmetric grid's fixed zero 2^(b-1) is not the wider grid's), or
     None when it is not a dense 3/5/6-bit matrix. Dequantizes to exactly the same weight."""
-    import dataclasses
-
-    if matrix.layout != "dense" or matrix.bits not in WIDEN_TO:
+    if matrix.layout != "dense" or matrix.bits == 16 or WIDEN_TO[matrix.bits] == matrix.bits:
         return None
     target = WIDEN_TO[matrix.bits]
-    codes = matrix.dense_codes()
-    return dataclasses.replace(matrix, bits=target, sym=False, data=pack_codes(codes, target),
+    return dataclasses.replace(matrix, bits=target, sym=False,
+                               data=pack_codes(matrix.dense_codes(), target),
                                zero=matrix.zero_points().to(torch.float16))
 
 
-def ort_ready(matrix: PackedMatrix, widen: bool) -> PackedMatrix | None:
-    """What MatMulNBits would run for ``matrix``: itself, its widened copy, or None."""
+def densify_for_ort(matrix: PackedMatrix) -> OrtWeight | None:
+    """A 2:4 or bitmap-sparse quantized matrix as dense codes at the width MatMulNBits runs:
+    every pruned weight takes its group's zero point as its code, so it dequantizes to 0 —
+    exactly where that zero point is a code of the grid (round(z) in [0, 2^b − 1]); a group
+    whose zero point lies outside (its kept weights all of one sign) takes the clamped z_c and
+    is corrected after the product over its kept weights only (``keep``). None when the matrix
+    is dense or 16-bit."""
+    if matrix.layout == "dense" or matrix.bits == 16:
+        return None
+    target = WIDEN_TO[matrix.bits]
+    codes, keep = matrix.codes_and_mask()
+    group_of_column = torch.arange(matrix.in_features) // matrix.group_width
+    zero = matrix.zero_points()
+    fill = zero.round().clamp(0, 2**target - 1).to(torch.uint8)[:, group_of_column]
+    codes = torch.where(keep, codes, fill)
+    dense = dataclasses.replace(matrix, bits=target, sym=False, layout="dense",
+                                data=pack_codes(codes, target), zero=zero.to(torch.float16),
+                                n_kept=codes.numel())
+    return OrtWeight(dense, keep, "ort-densified")
+
+
+def ort_ready(matrix: PackedMatrix, widen: bool) -> OrtWeight | None:
+    """What MatMulNBits would run for ``matrix``: itself, its widened or densified copy (only
+    when ``widen``), or None when it cannot run it at all."""
     if ort_unsupported_reason(matrix) is None:
-        return matrix
-    return widen_for_ort(matrix) if widen else None
+        return OrtWeight(matrix)
+    if not widen:
+        return None
+    if matrix.layout != "dense":
+        return densify_for_ort(matrix)
+    wide = widen_for_ort(matrix)
+    return None if wide is None else OrtWeight(wide, kind="ort-widened")
 
 
 def ort_available() -> bool:
@@ -152,8 +200,10 @@ class OrtMatMulNBitsGroup:
     prepacks them). One run serves all members: fewer sessions (~50 KB each) and fewer calls
     (~20 us each) per token."""
 
-    def __init__(self, matrices: list[PackedMatrix], accuracy_level: int = 4,
+    def __init__(self, matrices: list[PackedMatrix | OrtWeight], accuracy_level: int = 4,
                  threads: int | None = None):
+        weights = [m if isinstance(m, OrtWeight) else OrtWeight(m) for m in matrices]
+        matrices = [w.matrix for w in weights]
         for matrix in matrices:
             reason = ort_unsupported_reason(matrix)
             if reason:
@@ -164,7 +214,8 @@ class OrtMatMulNBitsGroup:
         self.out_features = [m.out_features for m in matrices]
         self.accuracy_level = accuracy_level
         self.session = _ort_session(self._model(matrices), threads)
-        self.corrections = [_zero_correction(m) for m in matrices]
+        self.kinds = [w.kind for w in weights]
+        self.corrections = [_zero_correction(w.matrix, w.keep) for w in weights]
         self._source = None  # weak reference to the input whose outputs are pending
         self._key: tuple = ()
         self._pending: dict[int, Tensor] = {}
@@ -175,8 +226,8 @@ class OrtMatMulNBitsGroup:
         outputs = [torch.from_numpy(y) for y in self.session.run(None, {"A": x.numpy()})]
         for y, correction in zip(outputs, self.corrections):
             if correction is not None:
-                rows, groups, offsets, width = correction
-                y.index_add_(1, rows, -(_group_sums(x, width)[:, groups] * offsets))
+                rows, groups, offsets, width, keep = correction
+                y.index_add_(1, rows, -(_group_sums(x, width, groups, keep) * offsets))
         return outputs
 
     def output(self, index: int, x: Tensor) -> Tensor:
@@ -208,18 +259,20 @@ class OrtMatMulNBitsKernel:
 
     name = "ort"
 
-    def __init__(self, matrix: PackedMatrix | None = None, accuracy_level: int = 4,
+    def __init__(self, matrix: PackedMatrix | OrtWeight | None = None, accuracy_level: int = 4,
                  threads: int | None = None, group: OrtMatMulNBitsGroup | None = None,
                  index: int = 0):
         self.group = group or OrtMatMulNBitsGroup([matrix], accuracy_level, threads)
         self.index = index
+        self.name = self.group.kinds[index]
         self._correction = self.group.corrections[index]
 
     def nbytes(self) -> int:
         """What this kernel holds besides ORT's prepacked copy (which ORT owns)."""
         if self._correction is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in self._correction[:3])
+        return sum(t.numel() * t.element_size() for t in self._correction
+                   if isinstance(t, Tensor))
 
     def __call__(self, x: Tensor) -> Tensor:
         if len(self.group.out_features) == 1:
@@ -276,9 +329,10 @@ def _clamped_zero(matrix: PackedMatrix) -> Tensor:
     return matrix.zero_points().round().clamp(0, 2**matrix.bits - 1)
 
 
-def _zero_correction(matrix: PackedMatrix):
-    """Sparse (rows, groups, (z − z_c)·s, group width) of the groups whose zero point was
-    clamped for ORT, or None when there are none (the usual case)."""
+def _zero_correction(matrix: PackedMatrix, keep: Tensor | None = None):
+    """(rows, groups, (z − z_c)·s, group width, keep) of the groups whose zero point was
+    clamped for ORT, or None when there are none (the usual case). ``keep`` is None for a
+    dense matrix, else the [n, width] mask of the kept weights of each such (row, group)."""
     if matrix.sym:
         return None
     zero = matrix.zero_points()
@@ -287,14 +341,25 @@ def _zero_correction(matrix: PackedMatrix):
     if rows.numel() == 0:
         return None
     offsets = delta[rows, groups] * matrix.scale.float()[rows, groups]
-    return rows, groups, offsets, matrix.group_width
+    width = matrix.group_width
+    if keep is not None:
+        keep = _grouped(keep.float(), width)[rows, groups]
+    return rows, groups, offsets, width, keep
 
 
-def _group_sums(x: Tensor, width: int) -> Tensor:
-    """Σ_{k∈g} x_k for every group g of ``width`` columns (the last may be shorter)."""
+def _grouped(x: Tensor, width: int) -> Tensor:
+    """[M, K] -> [M, n_groups, width], the last group padded with zeros."""
     n_groups = math.ceil(x.shape[1] / width)
     padded = torch.nn.functional.pad(x, (0, n_groups * width - x.shape[1]))
-    return padded.reshape(x.shape[0], n_groups, width).sum(dim=2)
+    return padded.reshape(x.shape[0], n_groups, width)
+
+
+def _group_sums(x: Tensor, width: int, groups: Tensor, keep: Tensor | None) -> Tensor:
+    """Σ_{k∈g} x_k [M, n] for the listed groups (over the kept weights of each when ``keep``)."""
+    grouped = _grouped(x, width)
+    if keep is None:
+        return grouped.sum(dim=2)[:, groups]
+    return torch.einsum("mnw,nw->mn", grouped[:, groups], keep)
 
 
 _POOL: dict[str, int] = {}  # {"global": threads} once ORT's global pool is made, else {"none": 0}

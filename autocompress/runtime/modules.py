@@ -7,7 +7,8 @@ Backends (one kernel per packed matrix; a low-rank layer chains two: y = A (B x)
 - ``triton``: fused dequantize-and-multiply, 2/3/4/8-bit dense and 2:4 weights, on a CUDA GPU
               (or on CPU tensors under ``TRITON_INTERPRET=1``);
 - ``auto``:   per matrix, the fastest that runs it: triton on a GPU, ort on the CPU (3/5/6-bit
-              codes widened to 4/8 bits for it: exact, but more memory), else torch.
+              codes widened to 4/8 bits, sparse weights densified for it: exact, but more
+              memory), else torch.
 
 Float16 (16-bit) dense matrices are plain weights multiplied with torch: exactly (widened to
 float32) on the ``torch`` backend, by cpu_kernels.Float16Kernel (float16 GEMV for decode,
@@ -104,10 +105,7 @@ def _auto_kernel(matrix: PackedMatrix, ort_threads: int | None):
         return TorchUnpackKernel(matrix)
     ready = ort_ready(matrix, widen=True) if ort_available() else None
     if ready is not None:
-        kernel = OrtMatMulNBitsKernel(ready, threads=ort_threads)
-        if ready is not matrix:
-            kernel.name = "ort-widened"
-        return kernel
+        return OrtMatMulNBitsKernel(ready, threads=ort_threads)
     return TorchUnpackKernel(matrix)
 
 

@@ -134,6 +134,23 @@ class PackedMatrix:
             raise ValueError("dense_codes() needs a dense quantized matrix")
         return unpack_codes(self.data, self.bits, self.n_kept).reshape(self.shape)
 
+    def codes_and_mask(self) -> tuple[Tensor, Tensor]:
+        """Codes of a quantized matrix in its dense positions, uint8 [out, in] (0 where
+        pruned), and the keep-mask, bool [out, in] (all True for a dense layout)."""
+        if self.bits == 16:
+            raise ValueError("codes_and_mask() needs a quantized matrix")
+        if self.layout == "dense":
+            return self.dense_codes(), torch.ones(self.shape, dtype=torch.bool)
+        codes = torch.zeros(self.shape, dtype=torch.uint8)
+        kept = unpack_codes(self.data, self.bits, self.n_kept)
+        if self.layout == "2:4":
+            columns = two_four_columns(self._meta(0, self.n_kept).reshape(self.out_features, -1))
+            codes.scatter_(1, columns, kept.reshape(self.out_features, -1))
+            return codes, torch.zeros_like(codes, dtype=torch.bool).scatter_(1, columns, True)
+        mask = self._bitmap_rows(0, self.out_features)
+        codes[mask] = kept
+        return codes, mask
+
     def dequantize(self) -> Tensor:
         """The float32 weight [out, in]."""
         return self.dequantize_rows(0, self.out_features)

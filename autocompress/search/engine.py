@@ -14,7 +14,8 @@
    ``eval_top`` = 0 the candidates are measured in process instead.
 
 Held-out windows come from the end of the *calibration* text, never the evaluation text. With a
-device profile the budget is also capped by the memory the device lets a model use, and
+device profile the budget is also capped by the memory the device lets a model use, layers
+count the bytes the device's engine holds for them (hardware/memory.py), and
 ``max_latency_s`` (per decoded token) is a second knapsack row on the predicted decode time
 (hardware/latency.py); what no layer choice changes (head, KV cache, per-block work) is taken
 off the limit first.
@@ -22,6 +23,7 @@ off the limit first.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..accounting import Footprint, layer_bytes, model_footprint
+from ..accounting import Footprint, model_footprint
 from ..data import calibration_data
 from ..errors import AutocompressError
 from ..hardware.architecture import Architecture
 from ..hardware.latency import DecodeEstimate, LatencyModel
+from ..hardware.memory import held_layer_bytes
 from ..hardware.profile import DeviceProfile
 from ..io_utils import atomic_write_text
 from ..model import LoadedModel
@@ -134,12 +137,19 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         raise AutocompressError("the measured level (eval_top > 0) needs an output directory")
     runtime_bytes = device.memory.runtime_overhead if device else 0
 
+    def bytes_of(layer, cfg: LayerConfig) -> int:
+        """A layer's bytes as the device's engine holds them (the plan's without a device)."""
+        return held_layer_bytes(layer.out_features, layer.in_features, cfg, device)
+
     def footprint_of(configs: dict[str, LayerConfig]) -> Footprint:
-        return model_footprint(loaded, configs, settings.context, settings.batch, runtime_bytes)
+        plain = model_footprint(loaded, configs, settings.context, settings.batch, runtime_bytes)
+        if device is None:
+            return plain
+        return dataclasses.replace(plain, layer_weights=sum(
+            bytes_of(layer, configs[layer.name]) for layer in loaded.layers))
 
     # Bytes outside the searched layers are fixed: the layers get what the budget leaves.
-    smallest = {layer.name: min(space.for_layer(layer),
-                                key=lambda c: layer_bytes(layer.out_features, layer.in_features, c))
+    smallest = {layer.name: min(space.for_layer(layer), key=lambda c: bytes_of(layer, c))
                 for layer in loaded.layers}
     fixed = footprint_of(smallest)
     capacity = budget - (fixed.total - fixed.layer_weights)
@@ -164,7 +174,11 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     groups = space.decision_groups(loaded.layers)
     limits = () if speed is None or settings.max_latency_s is None else \
         (speed.limit(table, groups, settings.max_latency_s),)
-    problem = Problem(table, groups, capacity, limits)
+    held = None if device is None else np.array(
+        [[bytes_of(layer, cfg) for cfg in options] + [0] * (table.bytes_matrix().shape[1]
+                                                            - len(options))
+         for layer, options in zip(loaded.layers, table.options)], dtype=np.int64)
+    problem = Problem(table, groups, capacity, limits, size=held)
     candidates = _candidates(problem, space, footprint_of)
     front = [Candidate(f"proxy front {fraction:.0%} of capacity", problem.configs(choice),
                        footprint_of(problem.configs(choice)), problem.predicted(choice))

@@ -20,8 +20,11 @@ def group_sums(per_layer: np.ndarray, groups: list[list[int]]) -> np.ndarray:
 
 class Problem:
     def __init__(self, table: SensitivityTable, groups: list[list[int]], capacity: int,
-                 limits: tuple[Limit, ...] = ()):
-        cost, size = table.cost_matrix(), table.bytes_matrix()
+                 limits: tuple[Limit, ...] = (), size: np.ndarray | None = None):
+        """``size``: bytes per layer and option when not the table's (a device's engine may
+        hold a format in more bytes than the plan's accounting)."""
+        cost = table.cost_matrix()
+        size = table.bytes_matrix() if size is None else size
         self.table, self.groups, self.capacity, self.limits = table, groups, capacity, limits
         self.cost, self.size = group_sums(cost, groups), group_sums(size, groups)
         width = self.cost.shape[1]

@@ -13,7 +13,9 @@ from autocompress.plan import LayerConfig
 def measured(tiny_model_dir):
     arch = Architecture.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
     formats = (LayerConfig(bits=16), LayerConfig(bits=4, group_size=32),
-               LayerConfig(bits=3, group_size=32))
+               LayerConfig(bits=3, group_size=32),
+               LayerConfig(bits=4, group_size=32, pattern="2:4", sparsity=0.5,
+                           prune_method="magnitude"))
     steps = []
     profile = measure_profile(arch, ProfileSettings(name="tiny-box", formats=formats,
                                                     copy_bytes=16 << 20),
@@ -46,3 +48,49 @@ def test_measured_profile_round_trips_and_predicts_from_its_lookups(measured, tm
     measured_sum = sum(e.seconds for layer in arch.layers for e in again.lookup
                        if e.format == "q4" and (e.out_features, e.in_features) == layer.shape)
     assert est.layers_s == pytest.approx(measured_sum)
+
+
+def test_profile_says_how_the_runtime_holds_each_format(measured, tiny_loaded):
+    from autocompress.hardware.memory import memory_breakdown
+    from autocompress.runtime.convert import build_quant_linears, pack_layers
+    from autocompress.runtime.memory import heap_available, heap_in_use
+
+    arch, profile, _ = measured
+    formats = profile.formats
+    # 3-bit codes run widened to 4, 2:4 weights densified: both on MatMulNBits, in q4 bytes
+    assert formats["q3"].held_as == "q4" and formats["q4+2:4"].held_as == "q4"
+    assert formats["q4"].held_as is None and formats["f16"].held_as is None
+    if not heap_available():
+        pytest.skip("no mallinfo2: resident bytes are not measured here")
+    assert all(formats[f].resident_ratio >= 1.0 for f in ("q4", "q3", "q4+2:4"))
+    # the memory model, from those figures, predicts what a mixed plan's layers really hold
+    # when the runtime builds them (other weights, other formats side by side)
+    by_kind = {"q": "q4", "k": "q4", "v": "q4", "o": "q3", "gate": "q3", "up": "q3",
+               "down": "q4+2:4"}
+    cfgs = {"q4": LayerConfig(bits=4, group_size=32), "q3": LayerConfig(bits=3, group_size=32),
+            "q4+2:4": LayerConfig(bits=4, group_size=32, pattern="2:4", sparsity=0.5,
+                                  prune_method="magnitude")}
+    configs = {layer.name: cfgs[by_kind[layer.kind]] for layer in tiny_loaded.layers}
+    packed = pack_layers(tiny_loaded.model, tiny_loaded.layers, configs, progress=False)
+    heap0 = heap_in_use()
+    modules = build_quant_linears(packed)
+    del packed
+    resident = heap_in_use() - heap0
+    assert {m.backend for m in modules.values()} == {"ort", "ort-widened", "ort-densified"}
+    predicted = memory_breakdown(arch, [configs[l.name] for l in arch.layers],
+                                 profile=profile).layer_weights
+    accounted = memory_breakdown(arch, [configs[l.name] for l in arch.layers]).layer_weights
+    assert predicted == pytest.approx(resident, rel=0.10)
+    assert abs(accounted - resident) > 0.5 * resident  # tiny layers: sessions dominate
+
+
+def test_held_bytes_of_float16_layers_are_their_weights(tiny_model_dir):
+    from autocompress.hardware.measure import held_bytes
+    from autocompress.runtime.memory import heap_available
+
+    if not heap_available():
+        pytest.skip("no mallinfo2")
+    arch = Architecture.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    f16 = held_bytes(LayerConfig(bits=16), arch)
+    assert f16.held_as is None
+    assert f16.resident_bytes == pytest.approx(f16.accounted_bytes, rel=0.25)  # + tensor headers

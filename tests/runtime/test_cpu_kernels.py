@@ -153,4 +153,50 @@ def test_auto_backend_widens_but_the_ort_backend_does_not():
         make_kernel(matrix, "ort")
     sparse = packed_matrix((16, 64), LayerConfig(bits=3, pattern="2:4", sparsity=0.5,
                                                   prune_method="magnitude"))
-    assert make_kernel(sparse, "auto").name == "torch"
+    assert make_kernel(sparse, "auto").name == "ort-densified"
+    with pytest.raises(AutocompressError, match="3-bit"):
+        make_kernel(sparse, "ort")
+
+
+SPARSE_CONFIGS = [
+    LayerConfig(bits=4, group_size=32, pattern="2:4", sparsity=0.5, prune_method="magnitude"),
+    LayerConfig(bits=3, group_size=64, pattern="2:4", sparsity=0.5, prune_method="magnitude",
+                sym=True),
+    LayerConfig(bits=4, group_size=64, sparsity=0.3, prune_method="magnitude"),
+    LayerConfig(bits=8, group_size=-1, sparsity=0.5, prune_method="magnitude"),
+    LayerConfig(bits=5, group_size=32, sparsity=0.7, prune_method="magnitude"),
+    LayerConfig(bits=2, group_size=128, pattern="2:4", sparsity=0.5, prune_method="magnitude"),
+]
+
+
+@pytest.mark.parametrize("cfg", SPARSE_CONFIGS, ids=lambda c: c.short())
+@pytest.mark.parametrize("shape", [(24, 128), (37, 200)])
+def test_densified_sparse_runs_the_same_weight_on_ort(cfg, shape):
+    from autocompress.runtime.cpu_kernels import WIDEN_TO, densify_for_ort
+
+    if cfg.pattern == "2:4" and shape[1] % 4:
+        pytest.skip("2:4 needs in_features divisible by 4")
+    matrix = packed_matrix(shape, cfg)
+    if not cfg.sym:
+        # pruning leaves zeros in every group, so its grid holds 0 and z is a code; a grid
+        # without 0 (z outside the codes, e.g. loaded from elsewhere) needs the kept-only fix
+        matrix.zero[0] = -3.0
+        matrix.zero[-1] = float(2 ** cfg.bits + 2)
+    ready = densify_for_ort(matrix)
+    dense = ready.matrix
+    assert dense.layout == "dense" and dense.bits == WIDEN_TO[cfg.bits]
+    codes, keep = matrix.codes_and_mask()
+    assert torch.equal(keep, ready.keep) and int(keep.sum()) == matrix.n_kept
+    # the kept weights are the same codes on the same grid; pruned ones sit at their zero
+    torch.testing.assert_close(dense.dequantize()[keep], matrix.dequantize()[keep], rtol=0, atol=0)
+    in_range = (matrix.zero_points().round() >= 0) & \
+        (matrix.zero_points().round() <= 2**dense.bits - 1)
+    column_group = torch.arange(shape[1]) // matrix.group_width
+    pruned_in_range = ~keep & in_range[:, column_group]
+    assert bool(pruned_in_range.any())
+    assert bool((dense.dequantize()[pruned_in_range] == 0).all())
+    # the one-sign rows' groups are corrected over their kept weights only: exact at level 0
+    x = torch.randn(3, shape[1])
+    exact = OrtMatMulNBitsKernel(ready, accuracy_level=0)(x)
+    torch.testing.assert_close(exact, reference(x, matrix), rtol=1e-4, atol=1e-4)
+    poisoned_check(OrtMatMulNBitsKernel(ready)(x), reference(x, matrix), ORT_INT8_RTOL)

@@ -124,6 +124,36 @@ def test_device_memory_caps_the_budget(tiny_loaded):
     assert alone.chosen.configs == capped.chosen.configs
 
 
+def test_budget_counts_the_bytes_the_device_engine_holds(tiny_loaded):
+    from autocompress.hardware.memory import held_layer_bytes
+
+    space = SearchSpace.bits_only([2, 3, 4, 8])
+    budget = _uniform_total(tiny_loaded, 3) + 2000
+    plain = _device()
+    # an engine that runs 3-bit codes in a 4-bit container: 3 bits buy nothing over 4 there
+    widening = _device(formats={"f16": {"efficiency": 1.0},
+                                **{f"q{b}": {"efficiency": 1.0} for b in (2, 4, 8)},
+                                "q3": {"efficiency": 1.0, "held_as": "q4"}})
+    results = {}
+    for name, device in (("plain", plain), ("widening", widening)):
+        results[name] = run_search(tiny_loaded, space,
+                                   SearchSettings(budget=budget, device=device, **SMALL),
+                                   progress=False, log=lambda m: None).chosen
+
+    def held(chosen, device):
+        return sum(held_layer_bytes(*l.shape, chosen.configs[l.name], device)
+                   for l in tiny_loaded.layers)
+
+    chosen = results["widening"]
+    assert chosen.footprint.layer_weights == held(chosen, widening)
+    assert chosen.footprint.total <= budget
+    # the plan chosen for the plain engine would not fit the widening one
+    assert any(c.bits == 3 for c in results["plain"].configs.values())
+    assert held(results["plain"], widening) > held(results["plain"], plain)
+    assert results["plain"].footprint.total - results["plain"].footprint.layer_weights \
+        + held(results["plain"], widening) > budget
+
+
 def test_min_tps_moves_the_plan_to_fewer_bytes(tiny_loaded):
     from autocompress.hardware.architecture import Architecture
     from autocompress.hardware.latency import LatencyModel
