@@ -10,7 +10,10 @@ Measured:
   bytes read per token = the block linears as held in memory (measured: heap in use, via
   mallinfo2, before and after building the packed layers' kernels; ORT prepacks into its own
   layout, ~1.3x the plan's bytes) + the head (the tied embedding, in the model's dtype) + the
-  KV cache; achieved bandwidth = bytes per token × tokens/s, and its share of the copy bandwidth.
+  KV cache; achieved bandwidth = bytes per token × tokens/s, and its share of the copy bandwidth;
+- the memory model's figure for the same layers (hardware/memory.py with this machine's profile,
+  experiments/results/this-cpu.yaml: the format each is held in, times the measured resident
+  ratio), against the resident bytes measured here.
 
 SmolLM2's float weights are already Q4_1-rounded (the model ships as a Q4_1 GGUF).
 
@@ -38,6 +41,8 @@ from common import ResultFile, machine  # noqa: E402
 from autocompress.accounting import layer_bytes  # noqa: E402
 from autocompress.compress.weights import compress_weight  # noqa: E402
 from autocompress.hardware.measure import copy_bandwidth, decode_seconds, median_seconds  # noqa: E402
+from autocompress.hardware.memory import held_layer_bytes  # noqa: E402
+from autocompress.hardware.profile import read_profile  # noqa: E402
 from autocompress.model import load_model  # noqa: E402
 from autocompress.plan import LayerConfig, Plan, uniform_plan  # noqa: E402
 from autocompress.runtime.convert import (  # noqa: E402
@@ -57,6 +62,8 @@ from autocompress.runtime.packed import PackedLinear  # noqa: E402
 from autocompress.search.recipes import boosted_blocks  # noqa: E402
 
 PROMPT = "The history of the city begins in the"
+# written by experiments/latency_model.py (`autocompress profile` of this machine)
+PROFILE_PATH = Path(__file__).resolve().parent / "results" / "this-cpu.yaml"
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (4096, 4096)]
 
 
@@ -130,6 +137,13 @@ def mixed_plan(identity, default: LayerConfig, sensitive: dict, n_blocks: int) -
     return plan
 
 
+def mlp_plan(identity, default: LayerConfig, mlp: dict) -> Plan:
+    """``default`` everywhere, ``mlp`` (a partial config) on gate/up/down."""
+    plan = uniform_plan(identity, default)
+    plan.overrides = {"re:.*mlp\\.(gate|up|down)_proj": mlp}
+    return plan
+
+
 def decode_speed(model, tokenizer, n_tokens: int) -> tuple[float, int]:
     """Median seconds per generated token (greedy, KV cache, batch 1) and the mean context."""
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -185,8 +199,14 @@ def packed_entry(loaded, plan: Plan, backend: str, n_tokens: int, workdir: Path,
         if isinstance(module, QuantLinear):
             kernels[module.backend] = kernels.get(module.backend, 0) + 1
     plan_bytes = sum(layer_bytes(*layer.shape, configs[layer.name]) for layer in loaded.layers)
+    predicted = None
+    if backend == "auto" and PROFILE_PATH.is_file():  # the memory model, from the CPU's profile
+        profile = read_profile(PROFILE_PATH)
+        predicted = sum(held_layer_bytes(*layer.shape, configs[layer.name], profile)
+                        for layer in loaded.layers)
     return dict(seconds_per_token=seconds, layer_bytes_plan=plan_bytes,
                 layer_bytes_resident=resident, resident_over_plan=resident / plan_bytes,
+                layer_bytes_predicted=predicted,
                 bytes_per_token=resident + other_bytes_per_token(loaded, 4, context),
                 kernels=kernels, plan=plan.to_dict()["overrides"] or plan.default.short())
 
@@ -225,6 +245,9 @@ def main() -> None:
     n_blocks = loaded.config.num_hidden_layers
     q4, q8 = LayerConfig(bits=4, group_size=64), LayerConfig(bits=8, group_size=64)
     q3 = LayerConfig(bits=3, group_size=64)
+    # magnitude pruning: the stored format is what is measured, and it needs no calibration
+    two_four = {"pattern": "2:4", "sparsity": 0.5, "prune_method": "magnitude"}
+    sparse30 = LayerConfig(bits=4, group_size=64, sparsity=0.3, prune_method="magnitude")
     entries = {
         "fp32": lambda: dense_entry(loaded, torch.float32, args.tokens),
         "bf16": lambda: dense_entry(loaded, torch.bfloat16, args.tokens),
@@ -241,7 +264,11 @@ def main() -> None:
                                             "auto", args.tokens, workdir),
         "mixed_q3_q4": lambda: packed_entry(loaded, mixed_plan(loaded.identity, q3, {"bits": 4},
                                                                n_blocks),
-                                            "auto", args.slow_tokens, workdir),
+                                            "auto", args.tokens, workdir),
+        "q4_mlp_2to4": lambda: packed_entry(loaded, mlp_plan(loaded.identity, q4, two_four),
+                                            "auto", args.tokens, workdir),
+        "q4_sparse30": lambda: packed_entry(loaded, uniform_plan(loaded.identity, sparse30),
+                                            "auto", args.tokens, workdir),
     }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -281,15 +308,17 @@ def print_tables(data: dict) -> None:
             print(f"{row['shape']:<10} {row['kernel']:<40} {row['us']:>9.1f} "
                   f"{row['weight_bytes']:>11,} {row['gb_s']:>6.1f}")
     print(f"\n{'decode':<20} {'tok/s':>7} {'MB/token':>9} {'layers MB':>10} {'plan MB':>8} "
-          f"{'res/plan':>8} {'GB/s':>6} {'share':>6}  kernels")
+          f"{'res/plan':>8} {'model MB':>9} {'GB/s':>6} {'share':>6}  kernels")
     for key, e in entries.items():
         if "tokens_per_s" not in e:
             continue
         ratio = e.get("resident_over_plan", 1.0)
+        predicted = e.get("layer_bytes_predicted")
+        predicted = f"{predicted / 1e6:>9.1f}" if predicted else f"{'-':>9}"
         print(f"{key:<20} {e['tokens_per_s']:>7.1f} {e['bytes_per_token'] / 1e6:>9.1f} "
               f"{e['layer_bytes_resident'] / 1e6:>10.1f} {e['layer_bytes_plan'] / 1e6:>8.1f} "
-              f"{ratio:>8.3f} {e['achieved_gb_s']:>6.1f} {e['share_of_copy_bandwidth']:>6.1%}"
-              f"  {e['kernels']}")
+              f"{ratio:>8.3f} {predicted} {e['achieved_gb_s']:>6.1f} "
+              f"{e['share_of_copy_bandwidth']:>6.1%}  {e['kernels']}")
 
 
 if __name__ == "__main__":

@@ -102,14 +102,18 @@ def kernels() -> str:
         p, e = data["protocol"], data["entries"]
         bw = e.get("bandwidth", {})
         rows = [f"{p['threads']} thread(s); measured copy bandwidth {bw.get('copy_gb_s', 0):.1f} GB/s",
-                "", "| decode | tokens/s | MB read/token | layer MB resident / plan | share of bandwidth | kernels | load avg |",
-                "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+                "", "| decode | tokens/s | MB read/token | layer MB resident / plan | memory model MB (error) | share of bandwidth | kernels | load avg |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
         for key, r in e.items():
             if "tokens_per_s" not in r:
                 continue
             kernels_used = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
+            predicted = r.get("layer_bytes_predicted")
+            model = "—" if not predicted else (
+                f"{predicted / 1e6:.1f} ({100 * (predicted / r['layer_bytes_resident'] - 1):+.1f}%)")
             rows.append(f"| {key} | {r['tokens_per_s']:.1f} | {r['bytes_per_token'] / 1e6:.0f} | "
                         f"{r['layer_bytes_resident'] / 1e6:.1f} / {r['layer_bytes_plan'] / 1e6:.1f} | "
+                        f"{model} | "
                         f"{100 * r.get('share_of_copy_bandwidth', 0):.0f}% | {kernels_used} | "
                         f"{r['load_average_1min']:.1f} |")
         out.append("\n".join(rows) + f"\n\nProtocol: {p['model']}, batch 1, {p['tokens']} decoded "

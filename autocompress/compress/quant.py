@@ -76,11 +76,18 @@ def fake_quantize(w: Tensor, bits: int, group_size: int, sym: bool) -> Tensor:
     return quantize_rtn(w, bits, group_size, sym).dequantize()
 
 
-def quant_error_many(w: Tensor, options: Sequence[QuantOption], H: Tensor | None = None) -> Tensor:
-    """RTN error of each (bits, group_size, sym) option: ‖ΔW‖_F², or tr(ΔW H ΔWᵀ) given H [in, in].
+def quant_error_many(w: Tensor, options: Sequence[QuantOption], H: Tensor | None = None,
+                     weights: Tensor | None = None, row_weights: Tensor | None = None) -> Tensor:
+    """RTN error of each (bits, group_size, sym) option of one weight, in one pass per group
+    size (options sharing a group size share its min/max pass; no codes are kept):
 
-    With H = E[x xᵀ] the weighted form is the expected squared output error E‖ΔW x‖².
-    Options sharing a group size share one min/max pass over the weight.
+    - ‖ΔW‖_F² by default;
+    - Σ_ij weights_ij ΔW_ij² given elementwise ``weights`` [out, in] (a Fisher diagonal);
+    - Σ_i r_i (ΔW H ΔWᵀ)_ii given H [in, in] (with H = E[x xᵀ], the expected squared output
+      error E‖ΔW x‖²), each output row weighted by ``row_weights`` r [out] (default 1).
+
+    ΔW is the same as ``fake_quantize(w, ...) − w``: the sensitivity tables score RTN options
+    with this instead of materialising each option's compressed weight.
     """
     w = _as_matrix(w)
     H = None if H is None else H.float()
@@ -93,14 +100,18 @@ def quant_error_many(w: Tensor, options: Sequence[QuantOption], H: Tensor | None
         scale, zero = _params_from_range(*ranges[group_size], bits, sym)
         scale, zero = _per_column(scale, group_size, w), _per_column(zero, group_size, w)
         w_hat = dequantize_codes(quantize_with_params(w, scale, zero, bits), scale, zero)
-        errors[k] = _squared_error(w - w_hat, H)
+        errors[k] = _squared_error(w_hat - w, H, weights, row_weights)
     return errors
 
 
-def _squared_error(delta: Tensor, H: Tensor | None) -> Tensor:
-    if H is None:
-        return delta.pow(2).sum()
-    return ((delta @ H) * delta).sum()
+def _squared_error(delta: Tensor, H: Tensor | None, weights: Tensor | None,
+                   row_weights: Tensor | None) -> float:
+    if H is not None:
+        per_row = ((delta @ H) * delta).sum(dim=1)
+        return float(per_row.sum() if row_weights is None else (row_weights * per_row).sum())
+    if weights is not None:
+        return float((weights * delta.square()).sum())
+    return float(delta.square().sum())
 
 
 def _per_column(params: Tensor, group_size: int, w: Tensor) -> Tensor:

@@ -32,6 +32,14 @@ class SensitivityProxy(ABC):
                     deltas: list[torch.Tensor]) -> list[float]:
         """Predicted loss increase of each ΔW in ``deltas`` (same shape as ``weight``)."""
 
+    def rtn_costs(self, layer: LayerInfo, weight: torch.Tensor,
+                  options: list[tuple[int, int, bool]]) -> list[float] | None:
+        """Costs of plain RTN options (bits, group_size, sym) of one layer scored without
+        materialising their ΔW (compress/quant.py's ``quant_error_many``: one min/max pass per
+        group size), or None when the proxy has no such fast path: ``layer_costs`` then
+        scores them from their ΔW. Must equal ``layer_costs`` on the same options."""
+        return None
+
     def describe(self) -> dict:
         """Settings that change the table's numbers (part of its cache key)."""
         return {"proxy": self.name}

@@ -2,7 +2,8 @@
 
 For every layer, the real error ΔW of each option is computed with the operators that apply
 plans (compress/weights.py; GPTQ and Wanda with input statistics from one calibration pass),
-and the proxy turns the ΔWs into costs. Rows are written to the cache as they are finished, so
+and the proxy turns the ΔWs into costs; plain round-to-nearest options are scored in one pass
+per group size without materialising their ΔW where the proxy allows (``rtn_costs``). Rows are written to the cache as they are finished, so
 an interrupted build resumes at the next layer; a cache for other inputs, or a corrupt one, is
 rebuilt with a line saying so.
 """
@@ -84,6 +85,25 @@ class TableCache:
         atomic_write_text(self.path, json.dumps({"key": self.key, "rows": self.rows}))
 
 
+def is_plain_rtn(cfg: LayerConfig) -> bool:
+    """Quantized by round-to-nearest only: no pruning, no low rank, no GPTQ."""
+    return cfg.bits < 16 and cfg.method == "rtn" and not cfg.is_pruned and not cfg.is_low_rank
+
+
+def layer_costs(proxy: SensitivityProxy, layer, weight: torch.Tensor,
+                options: list[LayerConfig], stats: LayerStats | None) -> list[float]:
+    """The proxy's cost of every option of one layer: plain RTN options in one pass where the
+    proxy can (``rtn_costs``), the others from the ΔW their operators really produce."""
+    plain = [k for k, cfg in enumerate(options) if is_plain_rtn(cfg)]
+    fast = proxy.rtn_costs(layer, weight, [(options[k].bits, options[k].group_size,
+                                            options[k].sym) for k in plain]) if plain else None
+    done = dict(zip(plain, fast)) if fast is not None else {}
+    rest = [k for k in range(len(options)) if k not in done]
+    deltas = [compress_weight(weight, options[k], stats).weight() - weight for k in rest]
+    done.update(zip(rest, proxy.layer_costs(layer, weight, deltas) if rest else []))
+    return [done[k] for k in range(len(options))]
+
+
 def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: torch.Tensor,
                 calib_digest: str, cache: TableCache | Path | None = None,
                 progress: bool = True, log: Callable[[str], None] = print) -> SensitivityTable:
@@ -106,9 +126,7 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
             if stats is not None:
                 s = stats[layer.name]
                 layer_stats = LayerStats(H=s.hessian, act_norm=s.act_norm, n_samples=s.n_samples)
-            deltas = [compress_weight(weight, cfg, layer_stats).weight() - weight
-                      for cfg in options[i]]
-            cost = proxy.layer_costs(layer, weight, deltas)
+            cost = layer_costs(proxy, layer, weight, options[i], layer_stats)
             size = [layer_bytes(layer.out_features, layer.in_features, cfg) for cfg in options[i]]
             cache.put(layer.name, cost, size)
     return SensitivityTable(

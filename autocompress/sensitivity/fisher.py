@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
 from .base import SensitivityProxy, register
 
@@ -72,6 +73,11 @@ class FisherProxy(SensitivityProxy):
                     deltas: list[torch.Tensor]) -> list[float]:
         f = self.fisher[layer.name]
         return [0.5 * self.tokens * float((f * d.square()).sum()) for d in deltas]
+
+    def rtn_costs(self, layer: LayerInfo, weight: torch.Tensor,
+                  options: list[tuple[int, int, bool]]) -> list[float]:
+        errors = quant_error_many(weight, options, weights=self.fisher[layer.name])
+        return [0.5 * self.tokens * float(e) for e in errors]
 
     def describe(self) -> dict:
         return {"proxy": self.name, "version": 2}  # 2: costs scaled by T

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compress.calibration import collect_stats
+from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
 from .base import SensitivityProxy, register
 from .fisher import gradients_for
@@ -73,6 +74,12 @@ class HessianProxy(SensitivityProxy):
             per_channel = ((d @ H) * d).sum(dim=1)  # (ΔW H ΔWᵀ)_ii
             costs.append(0.5 * self.tokens * float((s * per_channel).sum()))
         return costs
+
+    def rtn_costs(self, layer: LayerInfo, weight: torch.Tensor,
+                  options: list[tuple[int, int, bool]]) -> list[float]:
+        errors = quant_error_many(weight, options, H=self.stats[layer.name].hessian,
+                                  row_weights=self.weights[layer.name])
+        return [0.5 * self.tokens * float(e) for e in errors]
 
     def describe(self) -> dict:
         return {"proxy": self.name, "version": 2}  # 2: costs scaled by T (see the docstring)

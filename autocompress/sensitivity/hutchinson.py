@@ -14,6 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
 from .base import SensitivityProxy, register
 from .fisher import gradients_for
@@ -59,6 +60,11 @@ class HutchinsonProxy(SensitivityProxy):
         # a negative trace estimate (noise, or a saddle) would reward damage: floor it at 0
         curvature = max(self.traces[layer.name], 0.0) / weight.numel()
         return [0.5 * curvature * float(d.square().sum()) for d in deltas]
+
+    def rtn_costs(self, layer: LayerInfo, weight: torch.Tensor,
+                  options: list[tuple[int, int, bool]]) -> list[float]:
+        curvature = max(self.traces[layer.name], 0.0) / weight.numel()
+        return [0.5 * curvature * float(e) for e in quant_error_many(weight, options)]
 
     def describe(self) -> dict:
         return {"proxy": self.name, "probes": self.probes}

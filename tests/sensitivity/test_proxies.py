@@ -312,3 +312,32 @@ def test_corrupt_cache_is_rebuilt_with_a_line(tiny_loaded, tmp_path):
     assert len(proxy.calls) == len(tiny_loaded.layers)
     assert any("corrupt" in line for line in lines)
     assert isinstance(TableCache(path, json.loads(path.read_text())["key"]).rows, dict)
+
+
+@pytest.mark.parametrize("proxy_cls", [HessianProxy, HutchinsonProxy,
+                                       __import__("autocompress.sensitivity.fisher",
+                                                  fromlist=["FisherProxy"]).FisherProxy],
+                         ids=lambda c: c.name)
+def test_rtn_fast_path_scores_as_the_delta_path(tiny_loaded, proxy_cls):
+    """build_table scores plain RTN options with quant_error_many: the same costs as their ΔW."""
+    from autocompress.compress.weights import compress_weight
+    from autocompress.plan import LayerConfig
+    from autocompress.sensitivity.build import is_plain_rtn, layer_costs
+
+    layers = [_layer(tiny_loaded, 0, "q"), _layer(tiny_loaded, 1, "down")]
+    proxy = proxy_cls()
+    proxy.prepare(tiny_loaded, _windows(tiny_loaded, 2, 32), layers, progress=False)
+    if isinstance(proxy, HutchinsonProxy):  # a noisy trace may be floored to 0: pin one
+        proxy.traces = {layer.name: 3.0 for layer in layers}
+    options = [LayerConfig(bits=b, group_size=g, sym=sym)
+               for b, g, sym in [(2, 32, False), (3, 64, True), (4, -1, False), (8, 128, False)]]
+    options += [LayerConfig(bits=4, sparsity=0.5, prune_method="magnitude"),
+                LayerConfig(bits=4, rank_ratio=0.5), LayerConfig(bits=16)]
+    assert [is_plain_rtn(o) for o in options] == [True] * 4 + [False] * 3
+    for layer in layers:
+        weight = tiny_loaded.module(layer.name).weight.detach().float()
+        deltas = [compress_weight(weight, cfg).weight() - weight for cfg in options]
+        slow = proxy.layer_costs(layer, weight, deltas)
+        fast = layer_costs(proxy, layer, weight, options, None)
+        assert fast == pytest.approx(slow, rel=1e-4, abs=1e-12)
+        assert len(set(fast)) == len(fast)  # every option scored for itself, in its place
