@@ -55,6 +55,7 @@ from autocompress.runtime.cpu_kernels import (  # noqa: E402
     DEFAULT_ORT_THREADS,
     OrtMatMulNBitsKernel,
     TorchUnpackKernel,
+    warm_up_ort,
 )
 from autocompress.runtime.memory import heap_in_use  # noqa: E402
 from autocompress.runtime.modules import QuantLinear  # noqa: E402
@@ -186,6 +187,7 @@ def packed_entry(loaded, plan: Plan, backend: str, n_tokens: int, workdir: Path,
     for layer in loaded.layers:  # free the float linears before measuring
         parent, _, child = layer.name.rpartition(".")
         setattr(model.get_submodule(parent), child, torch.nn.Identity())
+    warm_up_ort(ort_threads)  # ORT's one-off state is no layer's
     gc.collect()
     heap0 = heap_in_use()
     layers, _ = load_packed_layers(directory)

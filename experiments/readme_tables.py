@@ -164,6 +164,13 @@ def joint_vs_bits() -> str:
     return "\n\n".join(out) or "(not measured yet)"
 
 
+def _token_counts(rows: list[dict]) -> str:
+    counts = sorted({r["tokens"] for r in rows}, reverse=True)
+    if len(counts) == 1:
+        return f"{counts[0]} tokens"
+    return f"{counts[0]} tokens ({', '.join(map(str, counts[1:]))} for the slow plans)"
+
+
 def latency_model() -> str:
     import statistics
 
@@ -184,8 +191,8 @@ def latency_model() -> str:
     if cpu:
         median = statistics.median(abs(r["error"]) for r in cpu)
         rows.append(f"\nMedian |predicted − measured| / measured over {len(cpu)} plans: "
-                    f"**{median:.1%}**. Protocol: {p['model']}; {p['decode']} over 32 tokens "
-                    f"(4 for the torch-path plan) after the prompt {p['prompt']!r}; {p['runtime']}; "
+                    f"**{median:.1%}**. Protocol: {p['model']}; {p['decode']} over "
+                    f"{_token_counts(cpu)} after the prompt {p['prompt']!r}; {p['runtime']}; "
                     f"machine {p['machine']}.")
     rows += ["", "(b) Published decode speeds, predicted from the models' configs with the "
              "profiles' figures:", "",
@@ -246,7 +253,22 @@ def search() -> str:
         f"machine {p['machine']}.")
 
 
-SECTIONS = {"search": search, "latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity, "joint-vs-bits": joint_vs_bits, "baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
+def table_fast_path() -> str:
+    path = RESULTS / "table_fast_path.json"
+    if not path.is_file():
+        return "(not measured yet)"
+    data = json.loads(path.read_text())
+    p, r = data["protocol"], data["entries"]["fisher"]
+    return (f"| path | seconds |\n| --- | ---: |\n"
+            f"| each option's ΔW (compress_weight) | {r['delta_path_s']:.1f} |\n"
+            f"| one pass per group size (quant_error_many) | {r['fast_path_s']:.1f} |\n\n"
+            f"{r['layers']} layers × their plain RTN options ({r['options_scored']} in all), "
+            f"{r['speedup']:.1f}× faster, largest relative difference between the costs "
+            f"{r['max_relative_difference']:.1e}. Protocol: {p['model']}; {p['space']}; proxy "
+            f"{p['proxy']}; machine {p['machine']}.")
+
+
+SECTIONS = {"table-fast-path": table_fast_path, "search": search, "latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity, "joint-vs-bits": joint_vs_bits, "baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
 
 
 def main() -> None:

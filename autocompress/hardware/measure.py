@@ -146,45 +146,33 @@ def held_bytes(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 20)
     from ..accounting import layer_bytes
     from ..compress.weights import compress_weight
     from ..runtime.convert import build_quant_linears
+    from ..runtime.cpu_kernels import warm_up_ort
     from ..runtime.memory import heap_in_use
     from ..runtime.packed import PackedLinear
 
     gen = torch.Generator().manual_seed(1)
-    sources, layers, total = {}, [], 0
+    sources, total = {}, 0
     for layer in arch.layers:
         if total > max_bytes:
             break
-        if layer.shape not in sources:
-            w = torch.randn(*layer.shape, generator=gen) * 0.02
-            sources[layer.shape] = PackedLinear.from_compressed(compress_weight(w, cfg), cfg)
-        layers.append(layer)
+        # every layer its own weights: ONNX Runtime shares identical initializers of a session
+        # (q/k/v, gate/up), which copies of one matrix would be
+        w = torch.randn(*layer.shape, generator=gen) * 0.02
+        sources[layer.name] = (layer, PackedLinear.from_compressed(compress_weight(w, cfg), cfg))
         total += layer_bytes(*layer.shape, cfg)
-    held_as = held_format(next(iter(sources.values())))
-    _warm_up_ort()
+    held_as = held_format(next(iter(sources.values()))[1])
+    warm_up_ort()
     gc.collect()
     heap0 = heap_in_use()
-    packed = {layer.name: PackedLinear([m.clone() for m in sources[layer.shape].matrices], cfg)
-              for layer in layers}
+    packed = {name: PackedLinear([m.clone() for m in source.matrices], cfg)
+              for name, (_, source) in sources.items()}
     modules = build_quant_linears(packed)
     del packed
     gc.collect()
     resident = heap_in_use() - heap0
     del modules
-    accounted = sum(layer_bytes(*layer.shape, held_as or cfg) for layer in layers)
+    accounted = sum(layer_bytes(*layer.shape, held_as or cfg) for layer, _ in sources.values())
     return HeldBytes(held_as, resident, accounted)
-
-
-def _warm_up_ort() -> None:
-    """ONNX Runtime's one-off set-up (its environment, ~1.4 MB here) is made with the first
-    session of a process; it is not any layer's."""
-    from ..runtime.cpu_kernels import OrtMatMulNBitsKernel, ort_available
-    from ..runtime.packed import PackedLinear
-    from ..compress.weights import compress_weight
-
-    if ort_available():
-        cfg = LayerConfig(bits=4, group_size=32)
-        OrtMatMulNBitsKernel(PackedLinear.from_compressed(
-            compress_weight(torch.randn(16, 64), cfg), cfg).matrices[0])
 
 
 def stack_seconds(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 20,

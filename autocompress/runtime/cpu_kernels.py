@@ -186,6 +186,21 @@ def ort_ready(matrix: PackedMatrix, widen: bool) -> OrtWeight | None:
     return None if wide is None else OrtWeight(wide, kind="ort-widened")
 
 
+def warm_up_ort(threads: int | None = None) -> None:
+    """Make ONNX Runtime's one-off state (its environment, a few MB here) with a throwaway
+    session, so that measurements of what layers hold do not count it. ``threads``: those the
+    layers will ask for (the first session decides whether the process has a thread pool)."""
+    if ort_available():
+        from ..compress.weights import compress_weight
+        from ..plan import LayerConfig
+        from .packed import PackedLinear
+
+        cfg = LayerConfig(bits=4, group_size=32)
+        weight = compress_weight(torch.randn(16, 64), cfg)
+        OrtMatMulNBitsKernel(PackedLinear.from_compressed(weight, cfg).matrices[0],
+                             threads=threads)
+
+
 def ort_available() -> bool:
     try:
         import onnxruntime  # noqa: F401

@@ -93,3 +93,27 @@ def test_quant_linear_on_the_triton_backend():
     assert layer.backend == "triton+triton"
     x = torch.randn(2, 1, 40)
     torch.testing.assert_close(layer(x), x @ packed.dequantize().T, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_benchmark_script_runs_and_checks_its_results(tmp_path):
+    """experiments/kernels_gpu.py waits for a lent GPU; its --smoke mode keeps it working."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "kernels_gpu.json"
+    run = subprocess.run(
+        [sys.executable, str(repo / "experiments" / "kernels_gpu.py"), "--smoke",
+         "--shapes", "24x64", "--bits", "3,4", "--out", str(out)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["bits"], r["layout"]) for r in rows} == {(3, "dense"), (4, "dense"),
+                                                        (3, "2:4"), (4, "2:4")}
+    assert all(r["bytes"] > 0 and r["gemv_us"] > 0 for r in rows)
+    no_gpu = subprocess.run([sys.executable, str(repo / "experiments" / "kernels_gpu.py")],
+                            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                            capture_output=True, text=True, timeout=300)
+    if not torch.cuda.is_available():
+        assert no_gpu.returncode != 0 and "needs a CUDA GPU" in no_gpu.stderr
