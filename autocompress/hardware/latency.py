@@ -25,6 +25,7 @@ from ..accounting import layer_bytes, matrix_bits, rank_for
 from ..plan import LayerConfig
 from .architecture import Architecture
 from .formats import format_bytes, layer_format
+from .memory import held_layer_bytes
 from .profile import DeviceProfile
 
 
@@ -139,7 +140,7 @@ class LatencyModel:
             seconds, source = self.layer_seconds(*layer.shape, cfg)
             per_layer[layer.name] = seconds
             sources[source] = sources.get(source, 0) + 1
-            layer_bytes_total += layer_bytes(*layer.shape, cfg)
+            layer_bytes_total += held_layer_bytes(*layer.shape, cfg, self.profile)
         head_s, head_bytes = self.head_seconds(arch, head_format)
         kv_bytes = int(2 * arch.dims.n_blocks * arch.dims.n_kv_heads * arch.dims.head_dim
                        * context * kv_bits / 8)

@@ -105,3 +105,24 @@ def test_config_architecture_matches_the_loaded_model(tiny_loaded, tiny_model_di
         [(l.name, l.shape) for l in loaded.layers]
     assert from_config.other_params == loaded.other_params
     assert from_config.dims == loaded.dims
+
+
+def test_bytes_read_per_token_are_those_the_engine_holds(tiny_loaded):
+    from autocompress.accounting import layer_bytes
+    from autocompress.hardware.architecture import Architecture
+    from autocompress.hardware.latency import LatencyModel
+    from autocompress.plan import LayerConfig
+    from tests.hardware.conftest import make_profile
+
+    arch = Architecture.from_loaded(tiny_loaded)
+    q3 = [LayerConfig(bits=3, group_size=32)] * len(arch.layers)
+    plain = make_profile(formats={"f16": {"efficiency": 1.0}, "q3": {"efficiency": 0.5}})
+    widening = make_profile(formats={"f16": {"efficiency": 1.0},
+                                     "q3": {"efficiency": 0.5, "held_as": "q4",
+                                            "resident_ratio": 1.5}})
+    as_planned = LatencyModel(plain).decode(arch, q3, context=64)
+    as_held = LatencyModel(widening).decode(arch, q3, context=64)
+    planned = sum(layer_bytes(*l.shape, c) for l, c in zip(arch.layers, q3))
+    held = sum(round(1.5 * layer_bytes(*l.shape, LayerConfig(bits=4, group_size=32)))
+               for l in arch.layers)
+    assert as_held.bytes_per_token - as_planned.bytes_per_token == held - planned
