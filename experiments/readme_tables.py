@@ -214,7 +214,14 @@ def search() -> str:
             "uniform RTN | uniform GPTQ | chosen | search s (table / L1 / L2 / L3) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     notes = []
-    for key, r in e.items():
+
+    def order(key: str) -> tuple:  # joint space by budget, then device runs, then other spaces
+        space, _, rest = key.rpartition(":")
+        bits, _, device = rest.partition("@")
+        return (bool(space), bool(device), float(bits))
+
+    for key in sorted(e, key=order):
+        r = e[key]
         t = r["timings_s"]
         timing = (f"{r['search_s']:.0f} ({t.get('sensitivity_s', 0):.0f} / "
                   f"{t.get('level1_s', 0):.0f} / {t.get('level2_s', 0):.0f} / "

@@ -4,7 +4,8 @@
    option (sensitivity/).
 1. Proxy level: the exact knapsack optimum under the budget (and latency limit), the optimum
    without 2-bit options (second-order proxies underrate 2-bit damage), the best fitting
-   uniform plan, and the proxy's Pareto front over byte capacities (exact solves).
+   uniform plans (RTN and GPTQ at the largest size that fits), and the proxy's Pareto front
+   over byte capacities (exact solves).
 2. Optuna level (``trials`` > 0, search/optuna_level.py): a multi-objective study that
    reweights the proxy where it is not trusted, seeded with level 1's front, each trial's plan
    measured at low fidelity (KL on ``fast_windows`` held-out windows); persistent, resumable.
@@ -349,7 +350,8 @@ class _DecodeSpeed:
 
 
 def _candidates(problem: Problem, space: SearchSpace, footprint_of) -> list[Candidate]:
-    """Level 1: the proxy optimum, the optimum without 2-bit options, the best uniform plan."""
+    """Level 1: the proxy optimum, the optimum without 2-bit options, the largest uniform
+    plans that fit."""
     found: dict[tuple, Candidate] = {}
 
     def add(label: str, choice: list[int], source: str = "proxy") -> None:
@@ -368,25 +370,25 @@ def _candidates(problem: Problem, space: SearchSpace, footprint_of) -> list[Cand
             add("proxy optimum, no 2-bit", problem.solve(allowed=no_two_bit))
         except AutocompressError:  # nothing without 2-bit fits the budget or the latency
             pass
-    uniform = _best_uniform(problem, space)
-    if uniform is not None:
-        cfg, choice = uniform
+    for cfg, choice in _largest_uniform(problem, space):
         add(f"uniform {cfg.short()}", choice, source="uniform")
     return list(found.values())
 
 
-def _best_uniform(problem: Problem, space: SearchSpace) -> tuple[LayerConfig, list[int]] | None:
-    """The largest uniform option that fits (pinned layers keep their pin) and meets the
-    limits: more bytes, more fidelity. None if none does."""
-    best = None
+def _largest_uniform(problem: Problem, space: SearchSpace) -> list[tuple[LayerConfig, list[int]]]:
+    """The largest uniform options that fit (pinned layers keep their pin) and meet the limits
+    (more bytes, more fidelity): every one of that size, since options of equal bytes differ
+    in method (RTN or GPTQ) and the proxy is least trusted in telling them apart."""
+    fitting = []
     rows = np.arange(len(problem.groups))
     for cfg in space.uniform_configs():
         choice = [row.index(cfg) if cfg in row else 0 for row in problem.options]
         size = problem.layer_bytes(choice)
         within = all(limit.usage[rows, choice].sum() <= limit.maximum for limit in problem.limits)
-        if size <= problem.capacity and within and (best is None or size > best[2]):
-            best = (cfg, choice, size)
-    return None if best is None else best[:2]
+        if size <= problem.capacity and within:
+            fitting.append((size, cfg, choice))
+    largest = max((size for size, _, _ in fitting), default=None)
+    return [(cfg, choice) for size, cfg, choice in fitting if size == largest]
 
 
 def _most_common(configs: dict[str, LayerConfig]) -> LayerConfig:

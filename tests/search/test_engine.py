@@ -31,6 +31,19 @@ def test_search_fits_budget_and_beats_or_matches_uniform(tiny_loaded, tmp_path):
     assert (tmp_path / "sensitivity.json").is_file()
 
 
+def test_every_method_of_the_largest_uniform_size_is_a_candidate(tiny_loaded):
+    """RTN and GPTQ 4-bit take the same bytes; the proxy cannot be trusted to tell them apart
+    (SmolLM2: Fisher scores GPTQ 1.5x RTN, measured KL is 0.45x), so both are measured."""
+    space = SearchSpace([LayerConfig(bits=2), LayerConfig(bits=4),
+                         LayerConfig(bits=4, method="gptq")], name="ties")
+    result = run_search(tiny_loaded, space,
+                        SearchSettings(budget=_uniform_total(tiny_loaded, 4) + 100, **SMALL),
+                        progress=False, log=lambda m: None)
+    names = {part for c in result.candidates for part in c.label.split(" = ")}
+    assert {"uniform 4b g64 asym rtn", "uniform 4b g64 asym gptq"} <= names
+    assert all(c.measured is not None for c in result.candidates)
+
+
 def test_sensitivity_table_is_reused_and_rebuilt_when_corrupt(tiny_loaded, tmp_path):
     budget = _uniform_total(tiny_loaded, 4)
     space = SearchSpace.bits_only([2, 4, 8])
