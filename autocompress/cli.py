@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sensitivity", help="build a sensitivity table (layers x options) and a heat map")
     _add_model(p)
     p.add_argument("--proxy", default="fisher", help="fisher | hessian | hutchinson | measured")
-    p.add_argument("--space", default="search_spaces/default.yaml", help="search space YAML")
+    p.add_argument("--space", default="default",
+                   help="search space: a name in search_spaces/ (default, bits) or a YAML path")
     p.add_argument("--out", required=True, help="table JSON to write (the PNG goes beside it)")
     _add_calib(p, 8)
 
@@ -137,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=_bits_list, default=[2, 3, 4, 8], help="bit widths to choose from")
     p.add_argument("--group-size", type=_group_size, default=64)
     p.add_argument("--space", default=None,
-                   help="search space YAML (search_spaces/*.yaml); replaces --bits/--group-size")
+                   help="search space: a name in search_spaces/ (default: the joint space of "
+                        "bits, groups, GPTQ, sparsity and low rank) or a YAML path; replaces "
+                        "--bits/--group-size")
     p.add_argument("--out", required=True, help="output directory (plan.json, tables)")
     p.add_argument("--proxy", default="fisher", help="fisher | hessian | hutchinson | measured")
     p.add_argument("--holdout-windows", type=_positive_int, default=4,
@@ -381,7 +384,7 @@ def cmd_search(args) -> int:
     device, note, max_latency = _device_and_latency(args)
     if budget is None and device is None:
         raise AutocompressError("give --budget (e.g. 4GB), --device, or both")
-    space = SearchSpace.from_yaml(args.space) if args.space else \
+    space = SearchSpace.load(args.space) if args.space else \
         SearchSpace.bits_only(args.bits, group_size=args.group_size)
     loaded = load_model(args.model)
     settings = SearchSettings(budget=budget, context=args.context, batch=args.batch,
@@ -415,7 +418,7 @@ def cmd_sensitivity(args) -> int:
     from .sensitivity.build import build_table, make_proxy
     from .sensitivity.heatmap import save_heatmap
 
-    space = SearchSpace.from_yaml(args.space)
+    space = SearchSpace.load(args.space)
     proxy = make_proxy(args.proxy)
     loaded = load_model(args.model)
     calib = calibration_data(loaded.tokenizer, args.calib_text, args.calib_windows, 0,

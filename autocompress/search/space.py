@@ -32,6 +32,11 @@ from ..plan import VALID_BITS, LayerConfig
 _KEYS = {"defaults", "options", "kinds", "tied", "pinned"}
 
 
+def spaces_dir() -> Path:
+    """search_spaces/ of this checkout (the package lives beside it)."""
+    return Path(__file__).resolve().parents[2] / "search_spaces"
+
+
 @dataclass
 class SearchSpace:
     options: list[LayerConfig]
@@ -63,6 +68,19 @@ class SearchSpace:
             raise AutocompressError(f"--bits {bad} not supported: choose from {VALID_BITS}")
         return cls([LayerConfig(bits=b, group_size=group_size, sym=sym, method=method)
                     for b in sorted(set(bits))], name="bits")
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> "SearchSpace":
+        """A space by name (``default`` = search_spaces/default.yaml of this checkout, from any
+        working directory) or by YAML path."""
+        path = Path(name_or_path)
+        if path.suffix in (".yaml", ".yml") or path.is_file():
+            return cls.from_yaml(path)
+        known = {p.stem: p for p in sorted(spaces_dir().glob("*.yaml"))}
+        if str(name_or_path) not in known:
+            raise AutocompressError(f"unknown search space {str(name_or_path)!r}: give a YAML "
+                                    f"path or one of {', '.join(known)} (search_spaces/)")
+        return cls.from_yaml(known[str(name_or_path)])
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpace":

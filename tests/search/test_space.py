@@ -63,3 +63,14 @@ def test_tied_kinds_need_equal_options(tmp_path):
     path.write_text("options: [{bits: 3}]\nkinds: {q: [{bits: 4}]}\ntied: [[q, k]]\n")
     with pytest.raises(AutocompressError, match="same options"):
         SearchSpace.from_yaml(path)
+
+
+def test_spaces_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # names do not depend on the working directory
+    assert SearchSpace.load("default") == SearchSpace.from_yaml(REPO / "search_spaces" /
+                                                                "default.yaml")
+    assert SearchSpace.load("bits").name == "bits"
+    with pytest.raises(AutocompressError, match="unknown search space 'joint'.*default"):
+        SearchSpace.load("joint")
+    with pytest.raises(AutocompressError, match="not found"):
+        SearchSpace.load("mine.yaml")
