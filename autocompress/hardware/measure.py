@@ -175,11 +175,11 @@ def held_bytes(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 20)
     return HeldBytes(held_as, resident, accounted)
 
 
-def stack_seconds(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 20,
+def stack_seconds(cfg: LayerConfig, shapes: list[tuple[int, int]], max_bytes: int = 256 << 20,
                   budget_s: float = 0.5, min_passes: int = 3) -> dict[tuple[int, int], float]:
-    """Per layer shape, the median time of one QuantLinear call (backend auto, one token) as a
-    decode step meets it: the model's layers in order, each its own copy of the weights, so
-    that a layer's weights have left the caches by the time it runs again (a small matrix
+    """Per matrix shape, the median time of one QuantLinear call (backend auto, one token) as
+    a decode step meets it: ``shapes`` in the model's order, each its own copy of the weights,
+    so that a matrix's weights have left the caches by the time it runs again (a small matrix
     timed alone in a loop runs from L2/L3 and looks faster than it is). The stack holds up to
     ``max_bytes`` of weights: the whole model when it is that small, else the first blocks."""
     from ..accounting import layer_bytes
@@ -189,18 +189,17 @@ def stack_seconds(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 
 
     gen = torch.Generator().manual_seed(0)
     packed = {}
-    for layer in arch.layers:
-        if layer.shape not in packed:
-            w = torch.randn(*layer.shape, generator=gen) * 0.02
-            packed[layer.shape] = PackedLinear.from_compressed(compress_weight(w, cfg), cfg)
+    for shape in shapes:
+        if shape not in packed:
+            w = torch.randn(*shape, generator=gen) * 0.02
+            packed[shape] = PackedLinear.from_compressed(compress_weight(w, cfg), cfg)
     stack, held = [], 0
-    for layer in arch.layers:
+    for shape in shapes:
         if held > max_bytes:
             break
-        source = packed[layer.shape]
-        copy = PackedLinear([m.clone() for m in source.matrices], cfg)
-        stack.append((layer.shape, QuantLinear(copy)))
-        held += layer_bytes(*layer.shape, cfg)
+        copy = PackedLinear([m.clone() for m in packed[shape].matrices], cfg)
+        stack.append((shape, QuantLinear(copy)))
+        held += layer_bytes(*shape, cfg)
     inputs = {shape[1]: torch.randn(1, 1, shape[1], generator=gen) for shape, _ in stack}
     times: dict[tuple[int, int], list[float]] = {}
     start, passes = time.perf_counter(), 0
@@ -215,6 +214,20 @@ def stack_seconds(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 
                 times.setdefault(shape, []).append(time.perf_counter() - t)
             passes += 1
     return {shape: statistics.median(values) for shape, values in times.items()}
+
+
+def factor_shapes(shapes: list[tuple[int, int]], rank_ratios: tuple[float, ...]
+                  ) -> list[tuple[int, int]]:
+    """The low-rank factors' shapes of each [out, in] in model order: B [r, in], then A [out, r]
+    (the order they run in), for every rank ratio."""
+    from ..accounting import rank_for
+
+    out = []
+    for ratio in rank_ratios:
+        for o, i in shapes:
+            r = rank_for(o, i, ratio)
+            out += [(r, i), (o, r)]
+    return out
 
 
 def dense_seconds(dtype: torch.dtype, out_features: int, in_features: int) -> float:
@@ -272,6 +285,9 @@ def block_overhead(arch: Architecture, n_tokens: int = 24) -> tuple[float, float
 class ProfileSettings:
     name: str
     formats: tuple[LayerConfig, ...] = RUNTIME_FORMATS
+    # low-rank factors of the quantized dense formats are timed at their own shapes too
+    # (A [out, r], B [r, in]); the default space's low-rank options keep half the parameters
+    rank_ratios: tuple[float, ...] = (0.5,)
     threads: int | None = None
     copy_bytes: int = 256 << 20  # large enough to leave every cache behind
 
@@ -326,12 +342,20 @@ def measure_profile(arch: Architecture, settings: ProfileSettings,
                 held[fmt] = {"resident_ratio": round(bytes_held.resident_ratio, 4)}
                 if bytes_held.held_as is not None:
                     held[fmt]["held_as"] = layer_format(bytes_held.held_as, "f16")
-        for (out_features, in_features), seconds in stack_seconds(cfg, arch).items():
+        shapes = [layer.shape for layer in arch.layers]
+        for (out_features, in_features), seconds in stack_seconds(cfg, shapes).items():
             lookup.append({"format": fmt, "group_size": None if cfg.bits == 16 else cfg.group_size,
                            "out_features": out_features, "in_features": in_features,
                            "tokens": 1, "seconds": seconds})
             achieved.setdefault(fmt, []).append(
                 layer_bytes(out_features, in_features, cfg) / seconds)
+        if cfg.bits < 16 and not cfg.is_pruned and settings.rank_ratios:
+            factors = factor_shapes(shapes, settings.rank_ratios)
+            for (out_features, in_features), seconds in stack_seconds(cfg, factors).items():
+                if (out_features, in_features) not in shapes:
+                    lookup.append({"format": fmt, "group_size": cfg.group_size,
+                                   "out_features": out_features, "in_features": in_features,
+                                   "tokens": 1, "seconds": seconds})
         gc.collect()
         tick(f"layers in {fmt}")
     for name, dtype in HEAD_DTYPES.items():  # the head is larger than any cache: timed alone

@@ -29,7 +29,8 @@ def test_profile_measures_every_format_at_every_shape(measured):
     for fmt in ("f16", "q4", "q3"):
         got = {(e.out_features, e.in_features) for e in profile.lookup
                if e.format == fmt and e.out_features != arch.dims.vocab}
-        assert got == shapes
+        # quantized formats also time their low-rank factors' shapes (below)
+        assert got == shapes if fmt == "f16" else got >= shapes
     assert {e.format for e in profile.lookup if e.out_features == arch.dims.vocab} >= {"f32"}
     assert profile.measured and profile.memory.bandwidth_gbps > 0.1
     assert profile.overhead.block_us is not None and profile.overhead.block_us >= 0
@@ -96,3 +97,17 @@ def test_held_bytes_of_float16_layers_are_their_weights(tiny_model_dir):
     f16 = held_bytes(LayerConfig(bits=16), arch)
     assert f16.held_as is None
     assert f16.resident_bytes == pytest.approx(f16.accounted_bytes, rel=0.25)  # + tensor headers
+
+
+def test_low_rank_factors_are_timed_at_their_own_shapes(measured):
+    from autocompress.accounting import rank_for
+
+    arch, profile, _ = measured
+    lowrank = [LayerConfig(bits=4, group_size=32, rank_ratio=0.5)] * len(arch.layers)
+    est = LatencyModel(profile).decode(arch, lowrank, context=64, head_format="f32")
+    assert est.sources == {"lookup": len(arch.layers)}
+    o, i = arch.layers[0].shape
+    r = rank_for(o, i, 0.5)
+    assert any((e.format, e.out_features, e.in_features) == ("q4", r, i) for e in profile.lookup)
+    # pruned formats have no low-rank options in the spaces: not timed as factors
+    assert not any(e.format == "q4+2:4" and e.out_features == r for e in profile.lookup)
