@@ -90,6 +90,24 @@ def test_level2_starts_from_the_proxy_front_and_measures_each_plan_once(problem,
     assert (tmp_path / "study.journal").is_file()
 
 
+def test_level2_seeds_the_corrections_measurements_call_for(problem, tmp_path):
+    from autocompress.search.optuna_level import WEIGHT_RANGE
+
+    level, _ = _level2(problem, tmp_path, 16)
+    level.run()
+    seeds = [t.params for t in level.study.trials if t.user_attrs.get("seed")]
+    others = lambda p, knob: all(v == 1.0 for k, v in p.items()  # noqa: E731
+                                 if k.startswith("w_") and k != knob)
+    assert any(p["w_2bit"] == WEIGHT_RANGE[1] and others(p, "w_2bit") for p in seeds)
+    trusting = [t for t in level.study.trials if t.user_attrs.get("seed")
+                and t.params["w_gptq"] == WEIGHT_RANGE[0] and others(t.params, "w_gptq")]
+    assert len(trusting) == 1 and trusting[0].params["capacity"] == 1.0
+    # trusting GPTQ more moves layers to GPTQ options against the proxy optimum
+    gptq = problem.option_mask(lambda c: c.method == "gptq")
+    count = lambda choice: sum(gptq[g, o] for g, o in enumerate(choice))  # noqa: E731
+    assert count(trusting[0].user_attrs["choice"]) > count(problem.solve())
+
+
 def test_level2_refuses_an_existing_study_without_resume(problem, tmp_path):
     _level2(problem, tmp_path, 2)[0].run()
     with pytest.raises(AutocompressError, match="--resume"):
