@@ -83,8 +83,7 @@ def median_time(fn, min_runs: int = 5, budget_s: float = 1.0) -> float:
 
 def kernel_table(shapes) -> list[dict]:
     rows = []
-    OrtMatMulNBitsKernel(PackedLinear.from_compressed(  # ORT's one-off set-up, not counted
-        compress_weight(torch.randn(16, 64), LayerConfig(bits=4)), LayerConfig(bits=4)).matrices[0])
+    warm_up_ort()  # ORT's one-off set-up, not counted
     gen = torch.Generator().manual_seed(0)
     for n, k in shapes:
         w = torch.randn(n, k, generator=gen) * 0.02

@@ -3,6 +3,8 @@ device profile's kernels (``formats``) and measured latencies (``lookup``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..accounting import layer_bytes
 from ..plan import LayerConfig
 
@@ -28,6 +30,12 @@ def format_config(fmt: str) -> LayerConfig:
     base = base_format(fmt)
     bits = 16 if base in FLOAT_BYTES else int(base[1:])
     return LayerConfig(bits=bits, group_size=64)
+
+
+def held_config(cfg: LayerConfig, bits: int) -> LayerConfig:
+    """``cfg`` as an engine holds it in a dense ``bits``-bit container (widened codes, pruned
+    weights stored as zeros): same groups and rank, explicit zero points, no sparsity."""
+    return dataclasses.replace(cfg, bits=bits, sym=False, sparsity=0.0, pattern="unstructured")
 
 
 def format_bytes(fmt: str, out_features: int, in_features: int) -> int:

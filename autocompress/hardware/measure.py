@@ -3,10 +3,11 @@
 What it measures (CPU, with the packed runtime's own kernels, the way a decode step calls them):
 - memory bandwidth: the best of several copies of a large tensor (bytes read + written);
 - dense matmul throughput per float dtype (a square GEMM);
-- the latency of one linear layer in every runtime format at each of the model's layer shapes,
-  for one token, and the bytes its kernels hold (``held_as``, ``resident_ratio``), timed inside a stack of the model's layers in order (each with its own
-  weights, so caches hold what they would in a decode step), and the head's: the profile's
-  lookup table. The achieved share of the measured
+- the latency of one linear layer in every runtime format at each of the model's layer shapes
+  (and its low-rank factors' shapes), for one token, timed inside a stack of the model's layers
+  in order (each with its own weights, so caches hold what they would in a decode step), and
+  the head's: the profile's lookup table;
+- the bytes each format's kernels hold (``held_as``, ``resident_ratio``). The achieved share of the measured
   bandwidth per format (median over shapes, at most 1: small layers run from cache) is its
   efficiency for shapes not in the table;
 - the work of a transformer block outside its linears (norms, rope, attention over a short
@@ -16,7 +17,6 @@ What it measures (CPU, with the packed runtime's own kernels, the way a decode s
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import gc
 import math
@@ -32,7 +32,7 @@ import torch
 from ..plan import LayerConfig
 from ..runtime.memory import heap_available
 from .architecture import Architecture
-from .formats import layer_format
+from .formats import held_config, layer_format
 from .profile import SCHEMA_VERSION, DeviceProfile
 
 # formats of the packed runtime measured by default (group 64, asymmetric: the plans' default)
@@ -133,8 +133,7 @@ def held_format(packed) -> LayerConfig | None:
     ready = ort_ready(matrix, widen=True) if ort_available() else None
     if ready is None or ready.kind == "ort":
         return None
-    return dataclasses.replace(packed.config, bits=ready.matrix.bits, sym=False, sparsity=0.0,
-                               pattern="unstructured")
+    return held_config(packed.config, ready.matrix.bits)
 
 
 def held_bytes(cfg: LayerConfig, arch: Architecture, max_bytes: int = 256 << 20) -> HeldBytes:
@@ -334,6 +333,7 @@ def measure_profile(arch: Architecture, settings: ProfileSettings,
     tick("layers")
 
     lookup, achieved, held = [], {}, {}
+    shapes = [layer.shape for layer in arch.layers]
     for cfg in settings.formats:
         fmt = layer_format(cfg, "f16")
         if heap_available():
@@ -342,7 +342,6 @@ def measure_profile(arch: Architecture, settings: ProfileSettings,
                 held[fmt] = {"resident_ratio": round(bytes_held.resident_ratio, 4)}
                 if bytes_held.held_as is not None:
                     held[fmt]["held_as"] = layer_format(bytes_held.held_as, "f16")
-        shapes = [layer.shape for layer in arch.layers]
         for (out_features, in_features), seconds in stack_seconds(cfg, shapes).items():
             lookup.append({"format": fmt, "group_size": None if cfg.bits == 16 else cfg.group_size,
                            "out_features": out_features, "in_features": in_features,

@@ -11,7 +11,6 @@ weights densified) or in a layout of its own (``resident_ratio``, measured).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable
 
 from ..accounting import Footprint, kv_cache_bytes, layer_bytes, workspace_bytes
@@ -19,7 +18,7 @@ from ..errors import AutocompressError
 from ..plan import LayerConfig
 from ..units import format_size
 from .architecture import Architecture
-from .formats import format_bytes, format_config, layer_format
+from .formats import format_bytes, format_config, held_config, layer_format
 from .profile import DeviceProfile
 
 
@@ -39,11 +38,7 @@ def held_layer_bytes(out_features: int, in_features: int, cfg: LayerConfig,
         profile.format_speed(layer_format(cfg, profile.compute.float_dtype))
     if speed is None:
         return layer_bytes(out_features, in_features, cfg)
-    held = cfg
-    if speed.held_as is not None:
-        dense = format_config(speed.held_as)
-        held = dataclasses.replace(cfg, bits=dense.bits, sym=False, sparsity=0.0,
-                                   pattern="unstructured")
+    held = cfg if speed.held_as is None else held_config(cfg, format_config(speed.held_as).bits)
     return round(layer_bytes(out_features, in_features, held) * speed.resident_ratio)
 
 

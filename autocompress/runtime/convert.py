@@ -129,8 +129,10 @@ def _shared_ort_kernels(packed: dict[str, PackedLinear], backend: str,
     for name, layer in packed.items():
         parent, _, child = name.rpartition(".")
         matrix = layer.matrices[0]
-        ready = ort_ready(matrix, widen=backend == "auto") if not matrix.data.is_cuda else None
-        if child in SHARED_INPUT and len(layer.matrices) == 1 and ready is not None:
+        if child not in SHARED_INPUT or len(layer.matrices) != 1 or matrix.data.is_cuda:
+            continue
+        ready = ort_ready(matrix, widen=backend == "auto")
+        if ready is not None:
             by_input.setdefault((parent, SHARED_INPUT[child]), []).append((name, ready))
     kernels = {}
     for members in by_input.values():

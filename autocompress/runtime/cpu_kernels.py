@@ -124,7 +124,7 @@ def ort_unsupported_reason(matrix: PackedMatrix) -> str | None:
 
 
 # the width MatMulNBits runs each width's codes at: itself, or the next one up
-WIDEN_TO = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+WIDEN_TO = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 8: 8}
 
 
 @dataclass
@@ -146,10 +146,7 @@ def widen_for_ort(matrix: PackedMatrix) -> PackedMatrix | None:
     None when it is not a dense 3/5/6-bit matrix. Dequantizes to exactly the same weight."""
     if matrix.layout != "dense" or matrix.bits == 16 or WIDEN_TO[matrix.bits] == matrix.bits:
         return None
-    target = WIDEN_TO[matrix.bits]
-    return dataclasses.replace(matrix, bits=target, sym=False,
-                               data=pack_codes(matrix.dense_codes(), target),
-                               zero=matrix.zero_points().to(torch.float16))
+    return _repacked(matrix, matrix.dense_codes())
 
 
 def densify_for_ort(matrix: PackedMatrix) -> OrtWeight | None:
@@ -161,16 +158,21 @@ def densify_for_ort(matrix: PackedMatrix) -> OrtWeight | None:
     is dense or 16-bit."""
     if matrix.layout == "dense" or matrix.bits == 16:
         return None
-    target = WIDEN_TO[matrix.bits]
     codes, keep = matrix.codes_and_mask()
     group_of_column = torch.arange(matrix.in_features) // matrix.group_width
-    zero = matrix.zero_points()
-    fill = zero.round().clamp(0, 2**target - 1).to(torch.uint8)[:, group_of_column]
-    codes = torch.where(keep, codes, fill)
-    dense = dataclasses.replace(matrix, bits=target, sym=False, layout="dense",
-                                data=pack_codes(codes, target), zero=zero.to(torch.float16),
-                                n_kept=codes.numel())
-    return OrtWeight(dense, keep, "ort-densified")
+    zero_codes = matrix.zero_points().round().clamp(0, 2**WIDEN_TO[matrix.bits] - 1)
+    codes = torch.where(keep, codes, zero_codes.to(torch.uint8)[:, group_of_column])
+    return OrtWeight(_repacked(matrix, codes), keep, "ort-densified")
+
+
+def _repacked(matrix: PackedMatrix, codes: Tensor) -> PackedMatrix:
+    """A dense matrix of ``codes`` [out, in] on ``matrix``'s grid, in the container MatMulNBits
+    runs for its width, with explicit zero points (a symmetric grid's fixed 2^(b-1) is not the
+    wider container's)."""
+    target = WIDEN_TO[matrix.bits]
+    return dataclasses.replace(matrix, bits=target, sym=False, layout="dense",
+                               data=pack_codes(codes, target), n_kept=codes.numel(),
+                               zero=matrix.zero_points().to(torch.float16))
 
 
 def ort_ready(matrix: PackedMatrix, widen: bool) -> OrtWeight | None:

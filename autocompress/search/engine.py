@@ -175,9 +175,9 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     groups = space.decision_groups(loaded.layers)
     limits = () if speed is None or settings.max_latency_s is None else \
         (speed.limit(table, groups, settings.max_latency_s),)
+    width = max(len(options) for options in table.options)
     held = None if device is None else np.array(
-        [[bytes_of(layer, cfg) for cfg in options] + [0] * (table.bytes_matrix().shape[1]
-                                                            - len(options))
+        [[bytes_of(layer, cfg) for cfg in options] + [0] * (width - len(options))
          for layer, options in zip(loaded.layers, table.options)], dtype=np.int64)
     problem = Problem(table, groups, capacity, limits, size=held)
     candidates = _candidates(problem, space, footprint_of)

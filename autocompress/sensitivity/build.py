@@ -3,9 +3,9 @@
 For every layer, the real error ΔW of each option is computed with the operators that apply
 plans (compress/weights.py; GPTQ and Wanda with input statistics from one calibration pass),
 and the proxy turns the ΔWs into costs; plain round-to-nearest options are scored in one pass
-per group size without materialising their ΔW where the proxy allows (``rtn_costs``). Rows are written to the cache as they are finished, so
-an interrupted build resumes at the next layer; a cache for other inputs, or a corrupt one, is
-rebuilt with a line saying so.
+per group size without materialising their ΔW where the proxy allows (``rtn_costs``). Rows are
+written to the cache as they are finished, so an interrupted build resumes at the next layer;
+a cache for other inputs, or a corrupt one, is rebuilt with a line saying so.
 """
 
 from __future__ import annotations
