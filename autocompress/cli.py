@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -69,6 +70,17 @@ def _add_calib(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--window-len", type=_positive_int, default=512, help="tokens per window")
 
 
+def _add_build(p: argparse.ArgumentParser) -> None:
+    """apply/eval: calibration as the plan's provenance records it, unless overridden."""
+    p.add_argument("--calib-text", default=None,
+                   help="calibration text file (default: the one the plan records)")
+    p.add_argument("--calib-windows", type=_positive_int, default=None,
+                   help="calibration windows (default: as many as the plan records)")
+    p.add_argument("--mode", choices=["sequential", "parallel"], default=None,
+                   help="GPTQ/Wanda calibration through the compressed prefix (sequential) or "
+                        "from the uncompressed model (parallel); default: the plan's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autocompress",
@@ -91,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-method", choices=["magnitude", "wanda"], default="wanda")
     p.add_argument("--rank-ratio", type=float, default=1.0)
     p.add_argument("--out", required=True, help="plan JSON to write")
+    p.add_argument("--mode", choices=["sequential", "parallel"], default="sequential",
+                   help="how GPTQ/Wanda will be calibrated (recorded in the plan)")
+    _add_calib(p, 16)
     _add_memory(p)
 
     p = sub.add_parser("apply", help="write the compressed model (safetensors + plan)")
@@ -99,9 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--packed", action="store_true",
                    help="write bit-packed low-bit storage (runtime format) instead of float16")
-    p.add_argument("--mode", choices=["sequential", "parallel"], default="sequential",
-                   help="GPTQ/Wanda calibration through the compressed prefix, or not")
-    _add_calib(p, 16)
+    _add_build(p)
 
     p = sub.add_parser("eval", help="perplexity and KL of a plan on evaluation text")
     p.add_argument("plan")
@@ -110,18 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation text file (default: the embedded pydoc corpus, eval part)")
     p.add_argument("--windows", type=_positive_int, default=None,
                    help="evaluation windows (default: 40, or as many as the text holds)")
+    p.add_argument("--holdout", action="store_true",
+                   help="evaluate on the held-out windows the search measured the plan on "
+                        "(and compare with the KL it reported)")
+    p.add_argument("--window-len", type=_positive_int, default=512,
+                   help="tokens per evaluation window")
     p.add_argument("--no-kl", action="store_true", help="skip KL (halves the time)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--mode", choices=["sequential", "parallel"], default="sequential")
     _add_device(p, required=False)
-    _add_calib(p, 16)
+    _add_build(p)
     _add_memory(p)
 
     p = sub.add_parser("sensitivity", help="build a sensitivity table (layers x options) and a heat map")
     _add_model(p)
     p.add_argument("--proxy", default="fisher", help="fisher | hessian | hutchinson | measured")
-    p.add_argument("--space", default="default",
-                   help="search space: a name in search_spaces/ (default, bits) or a YAML path")
+    p.add_argument("--space", default="joint",
+                   help="search space: a bundled name (joint, bits) or a YAML path")
     p.add_argument("--out", required=True, help="table JSON to write (the PNG goes beside it)")
     _add_calib(p, 8)
 
@@ -135,12 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most predicted time per decoded token on --device, e.g. 30ms")
     p.add_argument("--min-tps", type=float, default=None,
                    help="fewest predicted decoded tokens/s on --device (batch 1)")
-    p.add_argument("--bits", type=_bits_list, default=[2, 3, 4, 8], help="bit widths to choose from")
+    p.add_argument("--bits", type=_bits_list, default=None,
+                   help="RTN bit widths to choose from, e.g. 2,3,4,8, instead of a space")
     p.add_argument("--group-size", type=_group_size, default=64)
     p.add_argument("--space", default=None,
-                   help="search space: a name in search_spaces/ (default: the joint space of "
-                        "bits, groups, GPTQ, sparsity and low rank) or a YAML path; replaces "
-                        "--bits/--group-size")
+                   help="search space: a bundled name (joint, bits) or a YAML path "
+                        "(default: joint, the space of bits, groups, GPTQ, sparsity and low "
+                        "rank; with --bits: RTN at those bit widths)")
+    p.add_argument("--mode", choices=["sequential", "parallel"], default="sequential",
+                   help="how the measured candidates are calibrated, as apply will build the "
+                        "plan (recorded in it): through the compressed prefix (sequential, "
+                        "better, slower) or from the uncompressed model")
     p.add_argument("--out", required=True, help="output directory (plan.json, tables)")
     p.add_argument("--proxy", default="fisher", help="fisher | hessian | hutchinson | measured")
     p.add_argument("--holdout-windows", type=_positive_int, default=4,
@@ -171,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devices", help="list the device profiles with memory and bandwidth")
 
     p = sub.add_parser("profile", help="measure this machine and write a device profile")
-    p.add_argument("--out", required=True, help="profile YAML to write, e.g. hw_profiles/my-box.yaml")
+    p.add_argument("--out", required=True, help="profile YAML to write, e.g. my-box.yaml (then --device my-box.yaml)")
     p.add_argument("--name", default=None, help="profile name (default: the file's stem)")
     _add_model(p)
     p.add_argument("--config", default=None,
@@ -237,6 +259,7 @@ def cmd_plan(args) -> int:
     config = LayerConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
                          method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                          prune_method=args.prune_method, rank_ratio=args.rank_ratio)
+    tokenizer = None
     if args.config:  # a model too big for this machine: its config is enough for a plan
         from .hardware.architecture import read_config
         from .hardware.memory import memory_breakdown
@@ -250,15 +273,38 @@ def cmd_plan(args) -> int:
         from .model import load_model
 
         loaded = load_model(args.model)
-        name, identity = loaded.name, loaded.identity
+        name, identity, tokenizer = loaded.name, loaded.identity, loaded.tokenizer
         fp = model_footprint(loaded, {l.name: config for l in loaded.layers}, args.context,
                              args.batch)
-    plan = uniform_plan(identity, config)
+    provenance = _plan_provenance(args, config, tokenizer)
+    plan = uniform_plan(identity, config, provenance)
     plan.figures.update({"footprint": fp.as_dict(), "context": args.context, "batch": args.batch})
     plan.save(args.out)
     print_tables(footprint_table(fp, title=f"{config.short()} on {name}"), console=console)
     console.print(f"wrote {args.out}")
     return 0
+
+
+def _plan_provenance(args, config, tokenizer):
+    """What `plan` records about calibration: the text, windows and mode apply will use."""
+    from .compress.apply import uses_calibration
+    from .data import calibration_data
+    from .provenance import Provenance
+
+    calib_text = str(Path(args.calib_text).resolve()) if args.calib_text else None
+    digest = None
+    if tokenizer is not None and uses_calibration([config]):
+        digest = calibration_data(tokenizer, calib_text, args.calib_windows, 0,
+                                  args.window_len).digest
+        _warn_embedded_corpus(calib_text)
+    return Provenance(calib_text=calib_text, calib_windows=args.calib_windows,
+                      window_len=args.window_len, calib_digest=digest, mode=args.mode)
+
+
+def _warn_embedded_corpus(calib_text) -> None:
+    if calib_text is None:
+        console.print("note: GPTQ/Wanda calibrate on the embedded pydoc corpus; prose close to "
+                      "your use gives better plans: pass --calib-text FILE", highlight=False)
 
 
 def _load_for_plan(args):
@@ -272,41 +318,48 @@ def _load_for_plan(args):
     return plan, loaded
 
 
-def _calib_windows(args, loaded, plan):
-    from .compress.apply import uses_calibration
-    from .data import load_stream
+def _build_recipe(args, loaded, plan):
+    """The plan's provenance (or the flags that override it), said on the terminal."""
+    from .compress.reproduce import build_recipe
+    from .provenance import BuildOverrides
 
-    if not uses_calibration(plan.resolve(l.name for l in loaded.layers).values()):
-        return None
-    stream = load_stream(loaded.tokenizer, args.calib_text, "calib")
-    return stream.windows(args.calib_windows, args.window_len)
+    recipe = build_recipe(loaded, plan, BuildOverrides(
+        calib_text=args.calib_text, calib_windows=args.calib_windows, mode=args.mode))
+    for note in recipe.notes:
+        console.print(note, highlight=False)
+    if recipe.calib is not None:
+        _warn_embedded_corpus(recipe.provenance.calib_text)
+    return recipe
 
 
 def cmd_apply(args) -> int:
-    from .compress.apply import compress_model
+    from .compress.reproduce import build_model
     from .export.safetensors import save_compressed
 
     plan, loaded = _load_for_plan(args)
-    calib = _calib_windows(args, loaded, plan)
+    recipe = _build_recipe(args, loaded, plan)
+    built = plan if recipe.provenance == plan.provenance else \
+        dataclasses.replace(plan, provenance=recipe.provenance)  # the output says how it was made
     if args.packed:
         from .runtime.convert import apply_packed
         from .units import format_size
 
-        sizes = apply_packed(loaded, plan, args.out, calib, mode=args.mode)
+        sizes = apply_packed(loaded, built, args.out, recipe.calib, mode=recipe.mode,
+                             gptq=recipe.gptq)
         console.print(f"wrote packed model to {args.out}: block linears "
                       f"{format_size(sizes['packed_layer_bytes'])} "
                       f"(plan accounting {format_size(sizes['accounted_layer_bytes'])})",
                       highlight=False)
         return 0
-    model = compress_model(loaded, plan, calib, mode=args.mode)
-    save_compressed(model, loaded, plan, args.out)
+    model = build_model(loaded, built, recipe)
+    save_compressed(model, loaded, built, args.out)
     console.print(f"wrote compressed model to {args.out}")
     return 0
 
 
 def cmd_eval(args) -> int:
     from .accounting import model_footprint
-    from .compress.apply import compress_model
+    from .compress.reproduce import build_model
     from .data import load_stream
     from .evaluate import evaluate
     from .report import footprint_table, print_tables
@@ -317,16 +370,29 @@ def cmd_eval(args) -> int:
 
         profile = load_profile(args.device)
     plan, loaded = _load_for_plan(args)
-    stream = load_stream(loaded.tokenizer, args.eval_text, "eval")
-    n_windows = args.windows or min(40, stream.max_windows(args.window_len))
-    windows = stream.windows(n_windows, args.window_len)
-    model = compress_model(loaded, plan, _calib_windows(args, loaded, plan), mode=args.mode)
+    if args.holdout:
+        from .search.holdout import holdout_windows
+
+        if args.eval_text or args.windows:
+            raise AutocompressError("--holdout evaluates on the windows the plan records; leave "
+                                    "out --eval-text and --windows")
+        windows, source, reported = holdout_windows(loaded.tokenizer, plan)
+        window_len = windows.shape[1]
+    else:
+        stream = load_stream(loaded.tokenizer, args.eval_text, "eval")
+        n_windows = args.windows or min(40, stream.max_windows(args.window_len))
+        windows, source, reported = stream.windows(n_windows, args.window_len), stream.source, None
+        window_len = args.window_len
+    recipe = _build_recipe(args, loaded, plan)
+    model = build_model(loaded, plan, recipe)
     result = evaluate(model, windows, None if args.no_kl else loaded.model)
     configs = plan.resolve(l.name for l in loaded.layers)
     fp = model_footprint(loaded, configs, args.context, args.batch)
     record = {**result.as_dict(), "weight_bytes": fp.weights, "total_bytes": fp.total,
-              "layer_weight_bytes": fp.layer_weights, "eval_text": stream.source,
-              "window_len": args.window_len}
+              "layer_weight_bytes": fp.layer_weights, "eval_text": source,
+              "window_len": window_len, "provenance": recipe.provenance.to_dict()}
+    if reported is not None:
+        record["search_reported"] = reported
     device = None
     if profile is not None:
         from .hardware.architecture import Architecture
@@ -343,7 +409,10 @@ def cmd_eval(args) -> int:
             _print_device_estimate(device)
         kl = "" if result.kl is None else f", KL {result.kl:.4f} nats/token"
         Console().print(f"perplexity {result.ppl:.3f}{kl} on {result.windows} windows of "
-                        f"{args.window_len} tokens of {stream.source}", highlight=False)
+                        f"{window_len} tokens of {source}", highlight=False)
+        if reported is not None and reported.get("kl") is not None:
+            Console().print(f"the search reported KL {reported['kl']:.4f}, perplexity "
+                            f"{reported['ppl']:.3f} on these windows", highlight=False)
     return 0
 
 
@@ -384,13 +453,16 @@ def cmd_search(args) -> int:
     device, note, max_latency = _device_and_latency(args)
     if budget is None and device is None:
         raise AutocompressError("give --budget (e.g. 4GB), --device, or both")
-    space = SearchSpace.load(args.space) if args.space else \
-        SearchSpace.bits_only(args.bits, group_size=args.group_size)
+    if args.bits and args.space:
+        raise AutocompressError("give --space or --bits, not both")
+    space = SearchSpace.bits_only(args.bits, group_size=args.group_size) if args.bits else \
+        SearchSpace.load(args.space or "joint")
     loaded = load_model(args.model)
     settings = SearchSettings(budget=budget, context=args.context, batch=args.batch,
                               n_calib=args.calib_windows, n_holdout=args.holdout_windows,
                               window_len=args.window_len, calib_text=args.calib_text,
                               proxy=args.proxy, device=device, max_latency_s=max_latency,
+                              mode=args.mode,
                               trials=args.trials, eval_top=args.eval_top,
                               fast_windows=args.fast_windows, eval_windows=args.eval_windows,
                               sampler=args.sampler, storage=args.storage, seed=args.seed,

@@ -16,8 +16,11 @@ from typing import Any, Iterable
 
 from .errors import AutocompressError
 from .io_utils import atomic_write_text
+from .provenance import Provenance
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: provenance (how the weights are made); 1 still loads
+READABLE_VERSIONS = (1, 2)
+TOP_LEVEL_KEYS = {"schema_version", "model", "default", "overrides", "figures", "provenance"}
 
 VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
 VALID_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel (whole input row)
@@ -144,7 +147,8 @@ class Plan:
     default: LayerConfig = field(default_factory=LayerConfig)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)  # predicted / measured, free-form
-    schema_version: int = SCHEMA_VERSION
+    # how the weights are made (calibration, GPTQ settings); None only for v1 plans
+    provenance: Provenance | None = field(default_factory=Provenance)
 
     def __post_init__(self) -> None:
         for key, partial in self.overrides.items():
@@ -198,28 +202,44 @@ class Plan:
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": self.schema_version,
+        out = {
+            # a plan without provenance (read from v1) is still a v1 plan
+            "schema_version": SCHEMA_VERSION if self.provenance is not None else 1,
             "model": dataclasses.asdict(self.model),
             "default": self.default.to_dict(),
             "overrides": self.overrides,
-            "figures": self.figures,
         }
+        if self.provenance is not None:
+            out["provenance"] = self.provenance.to_dict()
+        out["figures"] = self.figures
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
         if not isinstance(data, dict):
             raise AutocompressError("plan JSON must be an object")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise AutocompressError(
-                f"plan schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION})"
-            )
+                f"plan schema_version {version!r} is not supported (this version reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); make the plan again")
+        unknown = sorted(set(data) - TOP_LEVEL_KEYS)
+        if unknown:
+            raise AutocompressError(f"plan has unknown top-level key(s) {unknown}; known: "
+                                    f"{sorted(TOP_LEVEL_KEYS)}")
+        if version == 1 and "provenance" in data:
+            raise AutocompressError("a schema_version 1 plan has no provenance; set "
+                                    "schema_version 2 or remove it")
+        if version >= 2 and "provenance" not in data:
+            raise AutocompressError("a schema_version 2 plan needs its provenance (how its "
+                                    "weights are made); make the plan again")
+        provenance = Provenance.from_dict(data["provenance"]) if version >= 2 else None
         try:
             model = ModelIdentity(**data["model"])
             default = LayerConfig.from_dict(data.get("default", {}))
+            # a v1 plan is read as it was written; saving it again writes schema 2
             return cls(model=model, default=default, overrides=dict(data.get("overrides", {})),
-                       figures=dict(data.get("figures", {})), schema_version=version)
+                       figures=dict(data.get("figures", {})), provenance=provenance)
         except (KeyError, TypeError) as exc:
             raise AutocompressError(f"plan is missing or has malformed fields ({exc})") from None
 
@@ -249,6 +269,8 @@ def compact_overrides(configs: dict[str, LayerConfig], default: LayerConfig) -> 
     return out
 
 
-def uniform_plan(model: ModelIdentity, config: LayerConfig) -> Plan:
+def uniform_plan(model: ModelIdentity, config: LayerConfig,
+                 provenance: Provenance | None = None) -> Plan:
     """Every block linear at ``config``: the baselines users compare searched plans against."""
-    return Plan(model=model, default=config, figures={"kind": "uniform"})
+    return Plan(model=model, default=config, figures={"kind": "uniform"},
+                provenance=provenance or Provenance())

@@ -92,7 +92,7 @@ def print_tables(*tables: Table, console: Console | None = None) -> None:
 
 def devices_table(profiles: dict, aliases: dict[str, str]) -> Table:
     """One row per device profile: memory, what a model may use, bandwidth, peak, formats."""
-    table = Table(title="Device profiles (hw_profiles/)")
+    table = Table(title="Device profiles (bundled, in autocompress/hw_profiles/)")
     for col in ("name", "kind", "memory", "usable", "bandwidth", "f16/bf16 peak", "2:4",
                 "fast formats", "aliases"):
         table.add_column(col, justify="right" if col in ("memory", "usable", "bandwidth",

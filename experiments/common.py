@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
-
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("AUTOCOMPRESS_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -24,6 +23,8 @@ RESULTS = REPO / "experiments" / "results"
 
 
 def machine() -> str:
+    import torch  # here, not at import: readme_tables.py and its tests need no torch
+
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} threads"
 
@@ -36,6 +37,8 @@ def check_data() -> None:
     for path in (CALIB_TEXT, EVAL_TEXT):
         if not path.is_file():
             raise SystemExit(f"missing {path}: the benchmarks read WikiText-2 from ../shared/data")
+    import torch
+
     torch.set_num_threads(2)
 
 
@@ -43,20 +46,82 @@ def eval_protocol(windows: int, window_len: int) -> str:
     return f"wiki.test.raw, first {windows} non-overlapping windows of {window_len}"
 
 
-class ResultFile:
-    """A JSON results file written atomically after every entry, so a rerun resumes."""
+FRESH_ENV = "AUTOCOMPRESS_RESULTS_FRESH"
 
-    def __init__(self, name: str, protocol: dict):
+
+class ProtocolMismatch(SystemExit):
+    """The stored results file was measured under another protocol (or cannot be read): the
+    benchmark stops before writing anything. A SystemExit, so a script prints the message
+    alone and exits 1."""
+
+
+def protocol_diff(stored: dict, current: dict) -> dict[str, str]:
+    """The keys whose values differ (or that only one protocol has), each with a line saying
+    how."""
+    out = {}
+    for key in sorted(set(stored) | set(current), key=str):
+        if key not in current:
+            out[key] = f"stored {stored[key]!r}; not in this run's protocol"
+        elif key not in stored:
+            out[key] = f"not in the stored protocol; this run {current[key]!r}"
+        elif stored[key] != current[key]:
+            out[key] = f"stored {stored[key]!r}; this run {current[key]!r}"
+    return out
+
+
+class ResultFile:
+    """A JSON results file written atomically after every entry, so a rerun resumes.
+
+    A rerun resumes only under the stored file's protocol. If the protocol differs (or the
+    stored file cannot be read), it refuses (ProtocolMismatch, naming the differing keys) rather
+    than mixing protocols or dropping the stored entries, unless told to start afresh:
+    ``fresh=True`` or the environment variable AUTOCOMPRESS_RESULTS_FRESH=1; the stored entries
+    are then replaced when the first new one is written (git keeps the old file)."""
+
+    def __init__(self, name: str, protocol: dict, *, fresh: bool | None = None,
+                 root: Path | None = None):
         from autocompress.io_utils import atomic_write_text
 
         self._write = atomic_write_text
-        self.path = RESULTS / name
+        self.path = Path(root or RESULTS) / name
         self.protocol = protocol
         self.data = {"protocol": protocol, "entries": {}}
-        if self.path.is_file():
+        if fresh is None:
+            fresh = os.environ.get(FRESH_ENV, "") not in ("", "0")
+        if not self.path.is_file():
+            return
+        try:
             old = json.loads(self.path.read_text())
-            if old.get("protocol") == protocol:
+            stored, entries = old["protocol"], old["entries"]
+            if not isinstance(stored, dict) or not isinstance(entries, dict):
+                raise TypeError("protocol and entries must be objects")
+        except (ValueError, KeyError, TypeError) as exc:
+            problem = f"cannot be read as a results file ({type(exc).__name__}: {exc})"
+            diff, n = [], "its"
+        else:
+            if stored == protocol:
                 self.data = old
+                return
+            differs = protocol_diff(stored, protocol)
+            diff = [f"  {key}: {how}" for key, how in differs.items()]
+            n = f"its {len(entries)}"
+            problem = f"was measured under another protocol (differs in: {', '.join(differs)})"
+        if fresh:
+            print(f"{self._shown()} {problem}; starting it afresh under this run's protocol: "
+                  f"{n} stored entries are replaced when the first new one is written.",
+                  file=sys.stderr, flush=True)
+            return
+        raise ProtocolMismatch("\n".join([
+            f"{self._shown()} {problem}; nothing was written.", *diff,
+            f"Rerun with the stored protocol's settings to resume it, or start it afresh "
+            f"({n} stored entries are replaced; git keeps them): {FRESH_ENV}=1 (or "
+            f"ResultFile(..., fresh=True))."]))
+
+    def _shown(self) -> str:
+        try:
+            return str(self.path.relative_to(REPO))
+        except ValueError:
+            return str(self.path)
 
     def has(self, key: str) -> bool:
         return key in self.data["entries"]

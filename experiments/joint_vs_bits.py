@@ -1,10 +1,11 @@
 """Joint space against bits only, at the total bytes of uniform 2.5, 3 and 4 bits.
 
-For each budget: `search` over search_spaces/default.yaml (bits × group × sparsity × low rank)
-and over the bits-only space {2, 3, 4, 8} at group 64, both with the same proxy, each followed by
-its measured check; the chosen plans are then evaluated on wiki.test.raw (40 × 512). "Uniform
-2.5 bits" is the midpoint of the uniform 2- and 3-bit totals. Uniform RTN/GPTQ figures at the
-same bytes are in baselines.json. Writes experiments/results/joint_vs_bits.json (resumable).
+For each budget: `search` over the joint space (autocompress/search_spaces/joint.yaml: bits ×
+group × sparsity × low rank) and over the bits-only space {2, 3, 4, 8} at group 64, both with
+the same proxy, each followed by its measured check; the chosen plans are then evaluated on
+wiki.test.raw (40 × 512). "Uniform 2.5 bits" is the midpoint of the uniform 2- and 3-bit totals.
+Uniform RTN/GPTQ figures at the same bytes are in baselines.json. Writes
+experiments/results/joint_vs_bits.json (resumable).
 
     .venv/bin/python experiments/joint_vs_bits.py [--budgets 3,4,2.5] [--proxy fisher]
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CALIB_TEXT, EVAL_TEXT, MODEL_LABEL, REPO, ResultFile, check_data, eval_protocol, machine  # noqa: E402
+from common import CALIB_TEXT, EVAL_TEXT, MODEL_LABEL, ResultFile, check_data, eval_protocol, machine  # noqa: E402
 
 from autocompress.accounting import model_footprint  # noqa: E402
 from autocompress.compress.apply import compress_model  # noqa: E402
@@ -55,7 +56,7 @@ def main() -> None:
     eval_windows = load_stream(loaded.tokenizer, EVAL_TEXT, "eval").windows(args.windows, 512)
     # the search's own calibration windows; statistics from one pass, as its measured check
     calib = load_stream(loaded.tokenizer, CALIB_TEXT, "calib").windows(8, 512)
-    spaces = {"joint": SearchSpace.from_yaml(REPO / "search_spaces" / "default.yaml"),
+    spaces = {"joint": SearchSpace.load("joint"),
               "bits": SearchSpace.bits_only([2, 3, 4, 8])}
     for bits in (float(b) for b in args.budgets.split(",")):
         budget = uniform_total(loaded, bits)

@@ -1,6 +1,7 @@
 """How well does each sensitivity proxy's additive cost rank real plans?
 
-For random mixed plans over the joint space (search_spaces/default.yaml), compare each proxy's
+For random mixed plans over the joint space (experiments/spaces/joint_v1.yaml: the joint space
+as it was when measured; autocompress/search_spaces/joint.yaml today), compare each proxy's
 predicted cost (sum of table entries) with the KL to the uncompressed model measured on held-out
 windows of wiki.valid.tokens (the last windows; the proxies calibrate on the first ones).
 Reports Spearman and Kendall correlations and the seconds each table took.

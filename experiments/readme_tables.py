@@ -1,18 +1,28 @@
 """Render experiments/results/*.json as the README's tables (between marker comments), so the
 README never shows a number that a benchmark did not write.
 
-    .venv/bin/python experiments/readme_tables.py          # rewrite README.md in place
+    .venv/bin/python experiments/readme_tables.py           # rewrite README.md (atomically)
+    .venv/bin/python experiments/readme_tables.py --check   # exit 1 and show a diff per section
+                                                            # that differs; writes nothing
+    ... [--readme PATH] [--results DIR]                     # other files (tests)
+
+Each section is rendered from files validated against experiments/results_schema.py first; a
+file the renderer cannot use stops it with one line naming the file and the field (exit 2).
+A section whose file is missing renders as "(not measured yet ...)".
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import difflib
 import re
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS  # noqa: E402
+from results_schema import SEARCH_KEY, Results, ResultsError, validate  # noqa: E402
 
 LABELS = {
     "base": "uncompressed (float; weights already Q4_1-rounded)",
@@ -23,273 +33,518 @@ LABELS = {
     "search@rtn3": "`search` at the total bytes of RTN 3-bit",
 }
 
+# the search engine's timings_s keys, in the order it runs them (older versions wrote solve_s)
+TIMINGS = {"sensitivity_s": "sensitivity", "solve_s": "solve", "level1_s": "level 1 (proxy)",
+           "level2_s": "level 2 (Optuna)", "level3_s": "level 3 (Ray Tune)",
+           "measure_s": "measured check"}
+
+# proxy_fidelity's calibrated families (level 2's knobs)
+FAMILIES = {"w_2bit": "2-bit options", "w_3bit": "3-bit", "w_sparse": "sparse", "w_2to4": "2:4",
+            "w_lowrank": "low rank", "w_coarse": "coarse groups", "w_gptq": "GPTQ"}
+
+NOT_MEASURED = "(not measured yet)"
+
+
+class Store:
+    """The results directory: each file validated once, on first use."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._cache: dict[str, Results] = {}
+
+    def get(self, name: str) -> Results:
+        if name not in self._cache:
+            self._cache[name] = validate(self.root / name)
+        return self._cache[name]
+
+    def has(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def glob(self, pattern: str) -> list[Results]:
+        return [self.get(p.name) for p in sorted(self.root.glob(pattern))]
+
 
 def _fmt_ppl(ppl: float) -> str:
     return f"{ppl:.3g}" if ppl >= 1e4 else f"{ppl:.2f}"
 
 
-def baselines() -> str:
-    data = json.loads((RESULTS / "baselines.json").read_text())
-    p = data["protocol"]
+def _secs(s: float) -> str:
+    return f"{s:.1f}" if s < 10 else f"{s:.0f}"
+
+
+def _range(values, fmt: str = ".1f", sep: str = "–") -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:{fmt}}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}{sep}{hi:{fmt}}"
+
+
+def _timings(t: dict[str, float]) -> str:
+    """Every timing the engine wrote, in its order; none is made up for the ones it did not."""
+    known = [f"{TIMINGS[k]} {_secs(t[k])} s" for k in TIMINGS if k in t]
+    other = [f"{k.removesuffix('_s')} {_secs(v)} s" for k, v in t.items() if k not in TIMINGS]
+    return ", ".join(known + other) or "not recorded"
+
+
+def baselines(store: Store) -> str:
+    data = store.get("baselines.json")
+    p = data.protocol
     rows = ["| plan | perplexity | bits/weight (block linears) | block-linear bytes | "
             "total footprint (ctx 2048) | compress s | eval s |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, label in LABELS.items():
-        e = data["entries"].get(key)
+        e = data.entries.get(key)
         if e is None:
             continue
         extra = ""
         if key == "search@rtn3":
-            extra = f" (chosen: {e['chosen']}; search {e['search_s']:.0f} s)"
-        rows.append(f"| {label}{extra} | {_fmt_ppl(e['ppl'])} | {e['bits_per_weight']:.2f} | "
-                    f"{e['layer_weight_bytes'] / 1e6:.1f} MB | {e['total_bytes'] / 1e6:.1f} MB | "
-                    f"{e['compress_s']:.0f} | {e['eval_s']:.0f} |")
-    protocol = (f"Protocol: {p['model']}; evaluation {p['eval']}; calibration {p['calibration']}; "
-                f"{p['formats']}; machine {p['machine']}.")
+            extra = f" (chosen: {e.chosen}; search {e.search_s:.0f} s)"
+        rows.append(f"| {label}{extra} | {_fmt_ppl(e.ppl)} | {e.bits_per_weight:.2f} | "
+                    f"{e.layer_weight_bytes / 1e6:.1f} MB | {e.total_bytes / 1e6:.1f} MB | "
+                    f"{e.compress_s:.0f} | {e.eval_s:.0f} |")
+    protocol = (f"Protocol: {p.model}; evaluation {p.eval}; calibration {p.calibration}; "
+                f"{p.formats}; machine {p.machine}.")
     return "\n".join(rows) + "\n\n" + protocol
 
 
-def search_candidates() -> str:
-    data = json.loads((RESULTS / "baselines.json").read_text())
-    e = data["entries"].get("search@rtn3")
+def search_candidates(store: Store) -> str:
+    e = store.get("baselines.json").entries.get("search@rtn3")
     if e is None:
-        return "(not measured yet)"
+        return NOT_MEASURED
     rows = ["| candidate | total bytes | predicted Δloss (Fisher) | held-out KL | held-out ppl |",
             "| --- | ---: | ---: | ---: | ---: |"]
-    for c in e["candidates"]:
-        m = c["measured"]
-        pred = "" if c["predicted"] is None else f"{c['predicted']:.3f}"
-        rows.append(f"| {c['label']} | {c['total_bytes'] / 1e6:.2f} MB | {pred} | "
-                    f"{m['kl']:.4f} | {m['ppl']:.2f} |")
-    t = e["timings_s"]
+    for c in e.candidates:
+        pred = "" if c.predicted is None else f"{c.predicted:.3f}"
+        rows.append(f"| {c.label} | {c.total_bytes / 1e6:.2f} MB | {pred} | "
+                    f"{c.measured.kl:.4f} | {c.measured.ppl:.2f} |")
+    measured = [c.measured for c in e.candidates]
+    if measured and all(m.windows is not None for m in measured):
+        over = f"{_range([m.windows for m in measured], 'd')} held-out windows"
+    elif measured:
+        over = f"{_range([m.tokens for m in measured], 'd')} next-token predictions in held-out " \
+               f"windows"
+    else:
+        over = "held-out windows"
     return "\n".join(rows) + (
-        f"\n\nHeld-out: 4 windows of 512 tokens from the end of wiki.valid.tokens (never the test "
-        f"split). Timings: sensitivity {t['sensitivity_s']:.0f} s, solve {t['solve_s']:.1f} s, "
-        f"measured check {t['measure_s']:.0f} s.")
+        f"\n\nHeld-out: {over} from the end of wiki.valid.tokens (never the test split). "
+        f"Timings: {_timings(e.timings_s)}.")
 
 
-def gptq_study() -> str:
+def gptq_study(store: Store) -> str:
     out = []
-    base = json.loads((RESULTS / "baselines.json").read_text())["entries"]
-    for path in sorted(RESULTS.glob("gptq_study_*bit.json")):
-        data = json.loads(path.read_text())
-        p = data["protocol"]
-        bits = path.stem.split("_")[-1].removesuffix("bit")
-        rows = ["| variant | calibration | perplexity | compress s |", "| --- | --- | ---: | ---: |"]
-        if f"rtn{bits}" in base:
-            rows.append(f"| RTN (baselines) | none | {_fmt_ppl(base[f'rtn{bits}']['ppl'])} | |")
-        if f"gptq{bits}" in base:
-            e = base[f"gptq{bits}"]
-            rows.append(f"| GPTQ as in the baselines | sequential, 16 × 512 tokens of wiki, "
-                        f"damp 0.01 | {_fmt_ppl(e['ppl'])} | {e['compress_s']:.0f} |")
-        for key, e in data["entries"].items():
-            g = e["gptq"]
-            knobs = f"damp {g['damp']}" + (", act-order" if g["act_order"] else "")
-            calib = f"{e['mode']}, {e['calib_windows']} × 512 tokens of {e['calib_text']}, {knobs}"
-            rows.append(f"| {key} | {calib} | {_fmt_ppl(e['ppl'])} | {e['compress_s']:.0f} |")
-        out.append(f"{p['format']}:\n\n" + "\n".join(rows) +
-                   f"\n\nProtocol: {p['model']}; {p['eval']}; machine {p['machine']}.")
-    return "\n\n".join(out) or "(not measured yet)"
+    baseline = store.get("baselines.json")
+    base = baseline.entries
+    for data in store.glob("gptq_study_*bit.json"):
+        p = data.protocol
+        bits = data.path.stem.split("_")[-1].removesuffix("bit")
+        rtn, gptq = base.get(f"rtn{bits}"), base.get(f"gptq{bits}")
+        rows = ["| variant | calibration | perplexity | compress s |",
+                "| --- | --- | ---: | ---: |"]
+        if rtn:
+            rows.append(f"| RTN (baselines) | none | {_fmt_ppl(rtn.ppl)} | |")
+        if gptq:
+            rows.append(f"| GPTQ as in the baselines | the baselines' protocol: "
+                        f"{baseline.protocol.calibration} | {_fmt_ppl(gptq.ppl)} | "
+                        f"{gptq.compress_s:.0f} |")
+        for key, e in data.entries.items():
+            knobs = f"damp {e.gptq.damp}" + (", act-order" if e.gptq.act_order else "")
+            # gptq_study.py cuts calibration windows as long as the evaluation's
+            calib = f"{e.mode}, {e.calib_windows} windows of {e.calib_text}, {knobs}"
+            rows.append(f"| {key} | {calib} | {_fmt_ppl(e.ppl)} | {e.compress_s:.0f} |")
+        notes = []
+        if rtn and rtn.ppl > base["base"].ppl:
+            def excess(ppl: float, rtn=rtn) -> float:
+                return (ppl - base["base"].ppl) / (rtn.ppl - base["base"].ppl)
+
+            shares = [f"{key} {excess(e.ppl):.0%}" for key, e in data.entries.items()]
+            if gptq:
+                shares.insert(0, f"GPTQ as in the baselines {excess(gptq.ppl):.0%}")
+            notes.append(f"Excess perplexity over the uncompressed model ({base['base'].ppl:.2f})"
+                         f" as a share of RTN {bits}-bit's: " + ", ".join(shares) + ".")
+        out.append(f"{p.format}:\n\n" + "\n".join(rows) + "\n\n" +
+                   "".join(n + " " for n in notes) +
+                   f"Protocol: {p.model}; {p.eval}; calibration windows of the same length; "
+                   f"machine {p.machine}.")
+    return "\n\n".join(out) or NOT_MEASURED
 
 
-def kernels() -> str:
+def _kernels_notes(e: dict) -> str:
+    decode = {k: r for k, r in e.items() if k not in ("bandwidth", "kernels")}
+    packed = {k: r for k, r in decode.items() if r.resident_over_plan is not None}
+    ort = {k: r for k, r in packed.items()
+           if all(name.startswith("ort") for name in r.kernels) and r.ort_threads == 1}
+    held = {k: r for k, r in ort.items() if any("-" in name for name in r.kernels)}
+    plain = {k: r for k, r in ort.items() if k not in held}
+    torch = {k: r for k, r in packed.items() if set(r.kernels) == {"torch"}}
+    notes = []
+    if decode:
+        loads = [r.load_average_1min for r in decode.values()]
+        notes.append(f"Load average during the runs: {_range(loads)}.")
+    if ort:
+        ratios = f"{_range([r.resident_over_plan for r in plain.values()], '.2f')}× " \
+                 f"the plan's accounting" if plain else ""
+        if held:
+            ratios += ("; " if ratios else "") + (
+                f"{_range([r.resident_over_plan for r in held.values()], '.2f')}× for plans with "
+                f"layers held widened or densified")
+        notes.append(f"Packed plans on ONNX Runtime (one-thread pool): "
+                     f"{_range([r.tokens_per_s for r in ort.values()])} tokens/s; resident layer "
+                     f"bytes {ratios}.")
+    for k, r in torch.items():
+        faster = f", {ort['int4'].tokens_per_s / r.tokens_per_s:.0f}× slower than int4 on ONNX " \
+                 f"Runtime" if "int4" in ort else ""
+        notes.append(f"{k} (torch unpack path): {r.tokens_per_s:.1f} tokens/s at "
+                     f"{r.resident_over_plan:.3f}× the plan's bytes{faster}.")
+    for k, r in packed.items():
+        if r.ort_threads is not None and r.ort_threads > 1:
+            notes.append(f"{k}: ONNX Runtime on a {r.ort_threads}-thread pool beside torch's, "
+                         f"{r.tokens_per_s:.1f} tokens/s.")
+    model = [abs(r.layer_bytes_predicted / r.layer_bytes_resident - 1) for r in packed.values()
+             if r.layer_bytes_predicted]
+    if model:
+        notes.append(f"Memory model: largest error {max(model):.2%} over {len(model)} plans.")
+    return " ".join(notes)
+
+
+def kernels(store: Store) -> str:
     out = []
     for name in ("kernels.json", "kernels_threads1.json"):
-        path = RESULTS / name
-        if not path.is_file():
+        if not store.has(name):
             continue
-        data = json.loads(path.read_text())
-        p, e = data["protocol"], data["entries"]
-        bw = e.get("bandwidth", {})
-        rows = [f"{p['threads']} thread(s); measured copy bandwidth {bw.get('copy_gb_s', 0):.1f} GB/s",
-                "", "| decode | tokens/s | MB read/token | layer MB resident / plan | memory model MB (error) | share of bandwidth | kernels | load avg |",
+        data = store.get(name)
+        p, e = data.protocol, data.entries
+        bw = e.get("bandwidth")
+        bandwidth = f"measured copy bandwidth {bw.copy_gb_s:.1f} GB/s" if bw else \
+            "copy bandwidth not measured"
+        rows = [f"{p.threads} thread(s); {bandwidth}",
+                "", "| decode | tokens/s | MB read/token | layer MB resident / plan | "
+                    "memory model MB (error) | share of bandwidth | kernels | load avg |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
         for key, r in e.items():
-            if "tokens_per_s" not in r:
+            if key in ("bandwidth", "kernels"):
                 continue
-            kernels_used = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
-            predicted = r.get("layer_bytes_predicted")
+            kernels_used = ", ".join(f"{k} {v}" for k, v in r.kernels.items())
+            predicted = r.layer_bytes_predicted
             model = "—" if not predicted else (
-                f"{predicted / 1e6:.1f} ({100 * (predicted / r['layer_bytes_resident'] - 1):+.1f}%)")
-            rows.append(f"| {key} | {r['tokens_per_s']:.1f} | {r['bytes_per_token'] / 1e6:.0f} | "
-                        f"{r['layer_bytes_resident'] / 1e6:.1f} / {r['layer_bytes_plan'] / 1e6:.1f} | "
-                        f"{model} | "
-                        f"{100 * r.get('share_of_copy_bandwidth', 0):.0f}% | {kernels_used} | "
-                        f"{r['load_average_1min']:.1f} |")
-        out.append("\n".join(rows) + f"\n\nProtocol: {p['model']}, batch 1, {p['tokens']} decoded "
-                   f"tokens after the prompt {p['prompt']!r}; machine {p['machine']}.")
-    return "\n\n".join(out) or "(not measured yet)"
+                f"{predicted / 1e6:.1f} ({100 * (predicted / r.layer_bytes_resident - 1):+.1f}%)")
+            share = "—" if r.share_of_copy_bandwidth is None else \
+                f"{100 * r.share_of_copy_bandwidth:.0f}%"
+            rows.append(f"| {key} | {r.tokens_per_s:.1f} | {r.bytes_per_token / 1e6:.0f} | "
+                        f"{r.layer_bytes_resident / 1e6:.1f} / {r.layer_bytes_plan / 1e6:.1f} | "
+                        f"{model} | {share} | {kernels_used} | {r.load_average_1min:.1f} |")
+        notes = _kernels_notes(e) if name == "kernels.json" else ""
+        out.append("\n".join(rows) + "\n\n" + (notes + "\n\n" if notes else "") +
+                   f"Protocol: {p.model}, batch 1, {p.tokens} decoded tokens after the prompt "
+                   f"{p.prompt!r}; machine {p.machine}.")
+    return "\n\n".join(out) or NOT_MEASURED
 
 
-def proxy_fidelity() -> str:
-    data = json.loads((RESULTS / "proxy_fidelity.json").read_text())
-    p, e = data["protocol"], data["entries"]
+def proxy_fidelity(store: Store) -> str:
+    data = store.get("proxy_fidelity.json")
+    p, e = data.protocol, data.entries
     rows = ["| proxy | Spearman | Kendall | table build s |", "| --- | ---: | ---: | ---: |"]
+    notes = []
     for key, r in e.items():
         if key == "plans":
             continue
-        build = f"{r['table_build_s']:.0f}" if "table_build_s" in r else \
-            f"(the {key.split(',')[0]} table; {r['folds']}-fold cross-validated)"
-        rows.append(f"| {key} | {r['spearman']:.3f} | {r['kendall']:.3f} | {build} |")
-    kls = [plan["kl"] for plan in e.get("plans", {}).values()]
-    bpw = [plan["bits_per_weight"] for plan in e.get("plans", {}).values()]
+        build = f"{r.table_build_s:.0f}" if r.table_build_s is not None else \
+            f"(the {key.split(',')[0]} table; {r.folds}-fold cross-validated)"
+        rows.append(f"| {key} | {r.spearman:.3f} | {r.kendall:.3f} | {build} |")
+        if r.folds:
+            fit = (f"{key}: fitted by least squares on {r.folds - 1}/{r.folds} of the plans and "
+                   f"scored on the other 1/{r.folds}, {r.folds} times")
+            coef = dict(zip(r.families or [], r.coefficients_all_plans or []))
+            common = coef.pop("all", None)
+            mult = [f"{(common + b) / common:.2g} for {FAMILIES.get(f, f)}"
+                    for f, b in coef.items() if b != 0.0] if common else []
+            if mult:  # a family with no option in the space gets exactly 0: left out
+                fit += ("; fitted on all plans, the multipliers on the proxy's cost are "
+                        + ", ".join(mult))
+            notes.append(fit + ".")
+    plans = e["plans"].root if "plans" in e else {}
+    kls = [plan.kl for plan in plans.values()]
+    bpw = [plan.bits_per_weight for plan in plans.values()]
     span = (f"{len(kls)} plans, {min(bpw):.2f} to {max(bpw):.2f} bits/weight, measured KL "
             f"{min(kls):.3f} to {max(kls):.3f} nats/token") if kls else ""
-    return "\n".join(rows) + (f"\n\nProtocol: {p['model']}; space {p['space']}; {p['plans']} "
-                               f"({span}); proxies calibrated on {p['proxy_calibration']}; "
-                               f"measured {p['measured']}; machine {p['machine']}.")
+    return "\n".join(rows) + "\n\n" + "".join(n + " " for n in notes) + (
+        f"Protocol: {p.model}; space {p.space}; {p.plans} ({span}); proxies calibrated on "
+        f"{p.proxy_calibration}; measured {p.measured}; machine {p.machine}.")
 
 
-def joint_vs_bits() -> str:
+def joint_vs_bits(store: Store) -> str:
     out = []
-    base = json.loads((RESULTS / "baselines.json").read_text())["entries"]
-    for path in sorted(RESULTS.glob("joint_vs_bits_*.json")):
-        data = json.loads(path.read_text())
-        p, e = data["protocol"], data["entries"]
+    base = store.get("baselines.json").entries
+    for data in store.glob("joint_vs_bits_*.json"):
+        p, e = data.protocol, data.entries
         rows = ["| budget (total bytes) | joint space | bits only | uniform RTN | uniform GPTQ |",
                 "| --- | ---: | ---: | ---: | ---: |"]
+        notes = []
         budgets = sorted({k.split("@")[1] for k in e}, key=float)
         for b in budgets:
             joint, bits = e.get(f"joint@{b}"), e.get(f"bits@{b}")
             whole = str(int(float(b))) if float(b) == int(float(b)) else None
             rtn = base.get(f"rtn{whole}") if whole else None
             gptq = base.get(f"gptq{whole}") if whole else None
-            budget = (joint or bits)["budget_bytes"]
-            cell = lambda r: "" if r is None else f"{_fmt_ppl(r['ppl'])}"  # noqa: E731
-            rows.append(f"| uniform {b}-bit: {budget / 1e6:.2f} MB | {cell(joint)} | {cell(bits)} | "
-                        f"{cell(rtn)} | {cell(gptq)} |")
-        chosen = "; ".join(f"{k}: {v['chosen']}" for k, v in e.items())
-        out.append("\n".join(rows) + f"\n\nChosen by the measured check: {chosen}.\n\nProtocol: "
-                   f"{p['model']}; search {p['search']}; evaluation {p['eval']}; machine {p['machine']}.")
-    return "\n\n".join(out) or "(not measured yet)"
+            budget = (joint or bits).budget_bytes
+            cell = lambda r: "" if r is None else f"{_fmt_ppl(r.ppl)}"  # noqa: E731
+            rows.append(f"| uniform {b}-bit: {budget / 1e6:.2f} MB | {cell(joint)} | "
+                        f"{cell(bits)} | {cell(rtn)} | {cell(gptq)} |")
+            if joint and rtn and rtn.ppl > base["base"].ppl:
+                closed = (rtn.ppl - joint.ppl) / (rtn.ppl - base["base"].ppl)
+                notes.append(
+                    f"At uniform {b}-bit's bytes the joint plan closes {closed:.0%} of the gap "
+                    f"between uniform RTN {b}-bit and the uncompressed model "
+                    f"({base['base'].ppl:.2f})." if closed >= 0 else
+                    f"At uniform {b}-bit's bytes the joint plan is worse than uniform RTN "
+                    f"{b}-bit.")
+        chosen = "; ".join(f"{k}: {v.chosen}" for k, v in e.items())
+        out.append("\n".join(rows) + "\n\n" + "".join(n + " " for n in notes) +
+                   f"Chosen by the measured check: {chosen}.\n\nProtocol: {p.model}; search "
+                   f"{p.search}; evaluation {p.eval}; machine {p.machine}.")
+    return "\n\n".join(out) or NOT_MEASURED
 
 
-def _token_counts(rows: list[dict]) -> str:
-    counts = sorted({r["tokens"] for r in rows}, reverse=True)
+def _token_counts(rows: list) -> str:
+    counts = sorted({r.tokens for r in rows}, reverse=True)
     if len(counts) == 1:
         return f"{counts[0]} tokens"
     return f"{counts[0]} tokens ({', '.join(map(str, counts[1:]))} for the slow plans)"
 
 
-def latency_model() -> str:
-    import statistics
-
-    data = json.loads((RESULTS / "latency_model.json").read_text())
-    p, e = data["protocol"], data["entries"]
-    prof = e.get("profile", {})
+def latency_model(store: Store) -> str:
+    data = store.get("latency_model.json")
+    p, e = data.protocol, data.entries
+    prof = e.get("profile")
     cpu = [r for k, r in e.items() if k.startswith("cpu:")]
-    rows = [f"(a) This CPU, after `autocompress profile` ({prof.get('seconds', 0):.0f} s; copy "
-            f"bandwidth {prof.get('bandwidth_gbps', 0):.1f} GB/s, per-block work "
-            f"{prof.get('block_us', 0):.0f} µs, per-token {prof.get('token_us', 0):.0f} µs):",
+    profile = (f"{prof.seconds:.0f} s; copy bandwidth {prof.bandwidth_gbps:.1f} GB/s, per-block "
+               f"work {prof.block_us:.0f} µs, per-token {prof.token_us:.0f} µs") if prof else \
+        "the profile's figures not recorded"
+    rows = [f"(a) This CPU, after `autocompress profile` ({profile}):",
             "", "| plan | kernels | measured ms/token | predicted ms/token | error | from |",
             "| --- | --- | ---: | ---: | ---: | --- |"]
     for r in cpu:
-        kernels_used = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
-        sources = ", ".join(f"{k} {v}" for k, v in r["sources"].items())
-        rows.append(f"| {r['plan']} | {kernels_used} | {r['measured_s'] * 1e3:.1f} | "
-                    f"{r['predicted_s'] * 1e3:.1f} | {r['error']:+.1%} | {sources} |")
+        kernels_used = ", ".join(f"{k} {v}" for k, v in r.kernels.items())
+        sources = ", ".join(f"{k} {v}" for k, v in r.sources.items())
+        rows.append(f"| {r.plan} | {kernels_used} | {r.measured_s * 1e3:.1f} | "
+                    f"{r.predicted_s * 1e3:.1f} | {r.error:+.1%} | {sources} |")
     if cpu:
-        median = statistics.median(abs(r["error"]) for r in cpu)
+        median = statistics.median(abs(r.error) for r in cpu)
         rows.append(f"\nMedian |predicted − measured| / measured over {len(cpu)} plans: "
-                    f"**{median:.1%}**. Protocol: {p['model']}; {p['decode']} over "
-                    f"{_token_counts(cpu)} after the prompt {p['prompt']!r}; {p['runtime']}; "
-                    f"machine {p['machine']}.")
+                    f"**{median:.1%}**. Protocol: {p.model}; {p.decode} over "
+                    f"{_token_counts(cpu)} after the prompt {p.prompt!r}; {p.runtime}; "
+                    f"machine {p.machine}.")
     rows += ["", "(b) Published decode speeds, predicted from the models' configs with the "
              "profiles' figures:", "",
              "| device | model | format | engine | published tok/s | predicted tok/s | error |",
              "| --- | --- | --- | --- | ---: | ---: | ---: |"]
-    for k, r in e.items():
-        if k.startswith("published:"):
-            rows.append(f"| {r['device']} | {r['model']} | {r['format']} | {r['engine']} | "
-                        f"{r['published_tps']:.1f} | {r['predicted_tps']:.1f} | "
-                        f"{r['error']:+.1%} |")
+    published = [r for k, r in e.items() if k.startswith("published:")]
+    for r in published:
+        rows.append(f"| {r.device} | {r.model} | {r.format} | {r.engine} | "
+                    f"{r.published_tps:.1f} | {r.predicted_tps:.1f} | {r.error:+.1%} |")
+    if published:
+        rows.append(f"\nLargest |error| over the {len(published)} published figures: "
+                    f"**{max(abs(r.error) for r in published):.1%}**.")
     return "\n".join(rows)
 
 
-def search() -> str:
-    data = json.loads((RESULTS / "search.json").read_text())
-    p, e = data["protocol"], data["entries"]
-    base = json.loads((RESULTS / "baselines.json").read_text())["entries"]["base"]["ppl"]
+def _search_parts(key: str) -> tuple[str, str, str]:
+    m = re.fullmatch(SEARCH_KEY, key)  # the schema checked every key
+    return m["space"] or "", m["bits"], m["device"] or ""
+
+
+def _search_order(key: str) -> tuple:  # joint space by budget, then device runs, other spaces
+    space, bits, device = _search_parts(key)
+    return (bool(space), bool(device), float(bits))
+
+
+def search(store: Store, name: str = "search.json") -> str:
+    data = store.get(name)
+    p, e = data.protocol, data.entries
+    base = store.get("baselines.json").entries["base"].ppl
+    act_order = any(r.uniform_gptq_act_order for r in e.values())
     rows = ["| budget (total bytes) | searched | proxy optimum | llama.cpp-style recipe | "
-            "uniform RTN | uniform GPTQ | chosen | search s (table / L1 / L2 / L3) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+            "uniform RTN | uniform GPTQ | " + ("uniform GPTQ act-order, as searched | "
+                                               if act_order else "")
+            + "chosen | search s (table / L1 / L2 / L3) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if act_order else "")
+            + "--- | --- |"]
     notes = []
-
-    def order(key: str) -> tuple:  # joint space by budget, then device runs, then other spaces
-        space, _, rest = key.rpartition(":")
-        bits, _, device = rest.partition("@")
-        return (bool(space), bool(device), float(bits))
-
-    for key in sorted(e, key=order):
+    levels = ("sensitivity_s", "level1_s", "level2_s", "level3_s")
+    for key in sorted(e, key=_search_order):
         r = e[key]
-        t = r["timings_s"]
-        timing = (f"{r['search_s']:.0f} ({t.get('sensitivity_s', 0):.0f} / "
-                  f"{t.get('level1_s', 0):.0f} / {t.get('level2_s', 0):.0f} / "
-                  f"{t.get('level3_s', 0):.0f})")
-        recipe = r.get("recipe")
-        rtn, gptq = r.get("uniform_rtn"), r.get("uniform_gptq")
-        where = f" on {r['device']}, ≥ {r['min_tps']:g} tok/s" if r.get("device") else ""
-        space, _, bits = key.split("@")[0].rpartition(":")
+        t = r.timings_s
+        timing = f"{r.search_s:.0f} (" + " / ".join(
+            f"{t[k]:.0f}" if k in t else "—" for k in levels) + ")"
+        other = [f"{TIMINGS.get(k, k)} {t[k]:.0f}" for k in t if k not in levels]
+        timing += f"; {', '.join(other)}" if other else ""
+        recipe, rtn, gptq = r.recipe, r.uniform_rtn, r.uniform_gptq
+        space, bits, _ = _search_parts(key)
+        where = f" on {r.device}, ≥ {r.min_tps:g} tok/s" if r.device else ""
         where += f", **{space}-only space**" if space else ""
+        act = r.uniform_gptq_act_order
         rows.append(
-            f"| uniform {bits}-bit: {r['budget_bytes'] / 1e6:.2f} MB{where} | "
-            f"**{_fmt_ppl(r['searched_ppl'])}** | {_fmt_ppl(r['proxy_optimum_ppl'])} | "
-            + (f"{_fmt_ppl(recipe['ppl'])} "
-               f"({recipe['label'].split(' (')[0].removeprefix('llama.cpp-style ')}) | "
+            f"| uniform {bits}-bit: {r.budget_bytes / 1e6:.2f} MB{where} | "
+            f"**{_fmt_ppl(r.searched_ppl)}** | {_fmt_ppl(r.proxy_optimum_ppl)} | "
+            + (f"{_fmt_ppl(recipe.ppl)} "
+               f"({recipe.label.split(' (')[0].removeprefix('llama.cpp-style ')}) | "
                if recipe else "| ")
-            + (f"{_fmt_ppl(rtn['ppl'])} ({rtn['bits']}-bit) | " if rtn else "| ")
-            + (f"{_fmt_ppl(gptq['ppl'])} ({gptq['bits']}-bit) | " if gptq else "| ")
-            + f"{r['chosen']} | {timing} |")
+            + (f"{_fmt_ppl(rtn.ppl)} ({rtn.bits}-bit) | " if rtn else "| ")
+            + (f"{_fmt_ppl(gptq.ppl)} ({gptq.bits}-bit) | " if gptq else "| ")
+            + ((f"{_fmt_ppl(act.ppl)} ({act.bits}-bit) | " if act else "| ") if act_order
+               else "")
+            + f"{r.chosen} | {timing} |")
         if key == "3" and rtn:
-            closed = (rtn["ppl"] - r["searched_ppl"]) / (rtn["ppl"] - base)
+            closed = (rtn.ppl - r.searched_ppl) / (rtn.ppl - base)
             notes.append(f"At the bytes of uniform 3-bit the searched plan closes **{closed:.0%}** "
-                         f"of the gap between uniform RTN 3-bit ({rtn['ppl']:.2f}) and the "
+                         f"of the gap between uniform RTN 3-bit ({rtn.ppl:.2f}) and the "
                          f"uncompressed model ({base:.2f}).")
-            study = RESULTS / "gptq_study_3bit.json"
-            if study.is_file():
-                act = json.loads(study.read_text())["entries"].get("sequential-16-actorder")
-                if act:
-                    notes.append(f"Uniform GPTQ above is the baselines' (sequential, without "
-                                 f"act-order); with act-order, now the default, uniform GPTQ "
-                                 f"3-bit measures {act['ppl']:.2f} (gptq_study.py).")
-        if r.get("decode"):
-            notes.append(f"{key}: predicted {r['decode']['tokens_per_s']:.0f} tokens/s on "
-                         f"{r['device']} (limit {r['min_tps']:g}).")
-    return "\n".join(rows) + ("\n\n" + " ".join(notes) if notes else "") + (
-        f"\n\nProtocol: {p['model']}; {p['search']}; evaluation {p['eval']}; "
-        f"machine {p['machine']}.")
+            if store.has("gptq_study_3bit.json"):
+                study = store.get("gptq_study_3bit.json").entries.get("sequential-16-actorder")
+                if study:
+                    notes.append(f"Uniform GPTQ is the baselines' (sequential, without "
+                                 f"act-order); with act-order and 16 calibration windows, "
+                                 f"uniform GPTQ 3-bit measures {study.ppl:.2f} "
+                                 f"(gptq_study.py).")
+        if r.decode:
+            notes.append(f"{key}: predicted {r.decode.tokens_per_s:.0f} tokens/s on "
+                         f"{r.device} (limit {r.min_tps:g}).")
+    beats = [k for k in e if e[k].searched_ppl < e[k].proxy_optimum_ppl]
+    notes.append(f"The searched plan beats its proxy optimum in {len(beats)} of {len(e)} runs.")
+    whole = [r.search_s for r in e.values()]
+    if whole:
+        notes.append(f"Whole searches took {_range([s / 60 for s in whole])} minutes here.")
+    again = [(k, r.reproduced) for k, r in sorted(e.items(), key=lambda kv: _search_order(kv[0]))
+             if r.reproduced]
+    if again:
+        notes.append("`autocompress eval plan.json --holdout` against the KL the search "
+                     "reported for its plan (level-3 windows): " + "; ".join(
+                         f"{k}: {x.reported_kl:.4f} → {x.eval_kl:.4f} ({x.relative_difference:+.2%}"
+                         f", {x.windows} windows)" for k, x in again) + ".")
+    if name == "search.json" and store.has("search_v1.json"):
+        old = store.get("search_v1.json").entries
+        moved = [f"{k}: {old[k].searched_ppl:.2f} → {e[k].searched_ppl:.2f}"
+                 for k in sorted(e, key=_search_order) if k in old]
+        if moved:
+            notes.append("Searched perplexity against the table below (level 3 calibrated in "
+                         "parallel, plans then applied in parallel too): " + "; ".join(moved)
+                         + ".")
+    return "\n".join(rows) + "\n\n" + " ".join(notes) + (
+        f"\n\nProtocol: {p.model}; {p.search}; evaluation {p.eval}; machine {p.machine}.")
 
 
-def table_fast_path() -> str:
-    path = RESULTS / "table_fast_path.json"
-    if not path.is_file():
-        return "(not measured yet)"
-    data = json.loads(path.read_text())
-    p, r = data["protocol"], data["entries"]["fisher"]
+def search_v1(store: Store) -> str:
+    return search(store, "search_v1.json")
+
+
+def table_fast_path(store: Store) -> str:
+    data = store.get("table_fast_path.json")
+    p, r = data.protocol, data.entries["fisher"]
     return (f"| path | seconds |\n| --- | ---: |\n"
-            f"| each option's ΔW (compress_weight) | {r['delta_path_s']:.1f} |\n"
-            f"| one pass per group size (quant_error_many) | {r['fast_path_s']:.1f} |\n\n"
-            f"{r['layers']} layers × their plain RTN options ({r['options_scored']} in all), "
-            f"{r['speedup']:.1f}× faster, largest relative difference between the costs "
-            f"{r['max_relative_difference']:.1e}. Protocol: {p['model']}; {p['space']}; proxy "
-            f"{p['proxy']}; machine {p['machine']}.")
+            f"| each option's ΔW (compress_weight) | {r.delta_path_s:.1f} |\n"
+            f"| one pass per group size (quant_error_many) | {r.fast_path_s:.1f} |\n\n"
+            f"{r.layers} layers × their plain RTN options ({r.options_scored} in all), "
+            f"{r.speedup:.1f}× faster, largest relative difference between the costs "
+            f"{r.max_relative_difference:.1e}. Protocol: {p.model}; {p.space}; proxy "
+            f"{p.proxy}; machine {p.machine}.")
 
 
-SECTIONS = {"table-fast-path": table_fast_path, "search": search, "latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity, "joint-vs-bits": joint_vs_bits, "baselines": baselines, "search-candidates": search_candidates, "gptq-study": gptq_study}
+SECTIONS = {"table-fast-path": table_fast_path, "search": search, "search-v1": search_v1,
+            "latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity,
+            "joint-vs-bits": joint_vs_bits, "baselines": baselines,
+            "search-candidates": search_candidates, "gptq-study": gptq_study}
+
+MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 
 
-def main() -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
+def render_all(results: Path) -> dict[str, str]:
+    """Every section's body; ResultsError if a file the renderer needs is not valid."""
+    store = Store(results)
+    bodies = {}
     for name, render in SECTIONS.items():
         try:
-            body = render()
-        except FileNotFoundError:
-            continue
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
-    readme.write_text(text)
+            bodies[name] = render(store)
+        except FileNotFoundError as exc:
+            bodies[name] = f"(not measured yet: no {Path(exc.filename).name})"
+    return bodies
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def update(text: str, bodies: dict[str, str]) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The README with every marked section replaced, and {name: (old, new)} of the ones that
+    change. ValueError for markers without a renderer or a renderer without markers."""
+    found = [m[2] for m in MARKED.finditer(text)]
+    unknown = sorted(set(found) - set(bodies))
+    missing = sorted(set(bodies) - set(found))
+    twice = sorted({n for n in found if found.count(n) > 1})
+    if unknown or missing or twice:
+        raise ValueError("; ".join(filter(None, [
+            unknown and f"markers without a renderer: {', '.join(unknown)}",
+            missing and f"no <!-- results:NAME --> … <!-- /results:NAME --> markers for: "
+                        f"{', '.join(missing)}",
+            twice and f"marked more than once: {', '.join(twice)}"])))
+    changed = {}
+
+    def put(m: re.Match) -> str:
+        name, old = m[2], m[3]
+        if old != bodies[name]:
+            changed[name] = (old, bodies[name])
+        return m[1] + bodies[name] + m[4]
+
+    return MARKED.sub(put, text), changed
+
+
+def section_diff(name: str, old: str, new: str, readme: str, limit: int = 40) -> str:
+    lines = list(difflib.unified_diff(old.splitlines(), new.splitlines(),
+                                      f"{readme} (results:{name})", f"rendered (results:{name})",
+                                      n=0, lineterm=""))
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... ({len(lines) - limit} more diff lines)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="compare only: exit 1 (and show the differences) if the README's "
+                             "sections differ from what the results render; write nothing")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    readme = _shown(args.readme)
+    try:
+        bodies = render_all(args.results)
+        text = args.readme.read_text()
+        new_text, changed = update(text, bodies)
+    except ResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"error: {readme}: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        if not changed:
+            print(f"{readme}: all {len(bodies)} result sections match {_shown(args.results)}")
+            return 0
+        print(f"{readme}: {len(changed)} result section(s) differ from what "
+              f"{_shown(args.results)} renders: {', '.join(changed)} "
+              f"(run experiments/readme_tables.py to rewrite them)")
+        for name, (old, new) in changed.items():
+            print(f"\nsection {name}:\n" + section_diff(name, old, new, readme))
+        return 1
+    if changed:
+        from autocompress.io_utils import atomic_write_text
+
+        atomic_write_text(args.readme, new_text)
+        print(f"{readme}: rewrote {', '.join(changed)}")
+    else:
+        print(f"{readme}: already matches {_shown(args.results)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,11 +29,12 @@ from common import CALIB_TEXT, EVAL_TEXT, MODEL_LABEL, REPO, ResultFile, check_d
 from joint_vs_bits import uniform_total  # noqa: E402
 
 from autocompress.accounting import model_footprint  # noqa: E402
-from autocompress.compress.apply import compress_model  # noqa: E402
+from autocompress.compress.reproduce import build_model  # noqa: E402
 from autocompress.data import load_stream  # noqa: E402
 from autocompress.evaluate import evaluate  # noqa: E402
 from autocompress.hardware.profile import load_profile  # noqa: E402
 from autocompress.model import load_model  # noqa: E402
+from autocompress.plan import LayerConfig, Plan  # noqa: E402
 from autocompress.search.engine import SearchSettings, run_search  # noqa: E402
 from autocompress.search.recipes import best_llama_cpp_recipe  # noqa: E402
 from autocompress.search.space import SearchSpace  # noqa: E402
@@ -49,18 +51,22 @@ def main() -> None:
     parser.add_argument("--device-run", action="store_true",
                         help="also the run on jetson-orin-nano-8gb with --min-tps")
     parser.add_argument("--min-tps", type=float, default=None)
-    parser.add_argument("--space", default="default",
-                        help="search_spaces/NAME.yaml; other than default, keys get a prefix")
+    parser.add_argument("--space", default="joint",
+                        help="a bundled space name (autocompress/search_spaces/NAME.yaml) or a "
+                             "YAML path; other than joint, keys get a prefix")
     args = parser.parse_args()
     check_data()
     settings = dict(calib_text=str(CALIB_TEXT), trials=args.trials, eval_top=args.eval_top,
                     num_cpus=2)
     protocol = {
         "model": MODEL_LABEL,
-        "search": f"space default.yaml, proxy fisher on 8 windows of 512 of wiki.valid.tokens; "
-                  f"level 2: {args.trials} Optuna trials (TPE), 2 held-out windows each; level 3: "
-                  f"best {args.eval_top} + level 1's candidates on 8 held-out windows (Ray Tune, "
-                  "ASHA); held-out windows from the end of wiki.valid.tokens",
+        "search": f"space joint.yaml, proxy fisher on 8 windows of 512 of wiki.valid.tokens; "
+                  f"level 2: {args.trials} Optuna trials (TPE), 2 held-out windows each, "
+                  f"parallel calibration; level 3: best {args.eval_top} + level 1's candidates "
+                  "on 8 held-out windows (Ray Tune, ASHA), each built as apply builds the plan: "
+                  "sequential calibration on the 8 windows, GPTQ damp 0.01 act-order; held-out "
+                  "windows from the end of wiki.valid.tokens; every plan below built from its "
+                  "provenance",
         "eval": eval_protocol(args.windows, 512),
         "machine": machine(),
     }
@@ -69,13 +75,25 @@ def main() -> None:
                            .read_text())["entries"]
     loaded = load_model("smollm2-135m")
     eval_windows = load_stream(loaded.tokenizer, EVAL_TEXT, "eval").windows(args.windows, 512)
-    calib = load_stream(loaded.tokenizer, CALIB_TEXT, "calib").windows(8, 512)
-    space = SearchSpace.from_yaml(REPO / "search_spaces" / f"{args.space}.yaml")
-    prefix = "" if args.space == "default" else f"{args.space}:"
+    space = SearchSpace.load(args.space)
+    prefix = "" if args.space in ("joint", "default") else f"{Path(args.space).stem}:"
 
-    def test_ppl(configs) -> float:
-        model = compress_model(loaded, configs, calib, mode="parallel", progress=False)
-        return evaluate(model, eval_windows, progress=False).ppl
+    def test_ppl(plan: Plan, configs=None) -> float:
+        """Test perplexity of ``configs`` built as ``plan``'s provenance says (what apply and
+        eval build for a user)."""
+        if configs is not None:
+            plan = Plan(model=loaded.identity, default=LayerConfig(),
+                        overrides={n: c.to_dict() for n, c in configs.items()},
+                        provenance=plan.provenance)
+        return evaluate(build_model(loaded, plan, progress=False), eval_windows,
+                        progress=False).ppl
+
+    def eval_holdout(plan_path: Path) -> dict:
+        """`autocompress eval PLAN --holdout`, as a user runs it."""
+        done = subprocess.run([str(REPO / ".venv" / "bin" / "autocompress"), "eval",
+                               str(plan_path), "--holdout", "--json"], check=True,
+                              capture_output=True, text=True)
+        return json.loads(done.stdout)
 
     runs = [(float(b), None) for b in args.budgets.split(",")]
     if args.device_run:
@@ -92,7 +110,7 @@ def main() -> None:
         out = RUNS / key.replace("@", "_").replace(":", "_")
         resume = (out / "study.journal").is_file()
         # the sensitivity table does not depend on the budget: build it once, reuse it
-        shared = RUNS / f"{prefix.rstrip(':') or 'default'}.sensitivity.cache.json"
+        shared = RUNS / f"{prefix.rstrip(':') or 'joint'}.sensitivity.cache.json"
         if shared.is_file() and not (out / "sensitivity.cache.json").is_file():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(shared, out / "sensitivity.cache.json")
@@ -112,13 +130,21 @@ def main() -> None:
                   "timings_s": found.timings, "trials": len(found.trials),
                   "candidates": [c.summary() for c in found.candidates]}
         print(f"{key}: searched in {search_s:.0f} s, chosen {found.chosen.label}", flush=True)
-        record["searched_ppl"] = test_ppl(found.chosen.configs)
+        again = eval_holdout(out / "plan.json")
+        reported = found.plan.figures["holdout"]["reported"]
+        record["reproduced"] = {"reported_kl": reported["kl"], "eval_kl": again["kl"],
+                                "windows": again["windows"],
+                                "relative_difference": again["kl"] / reported["kl"] - 1}
+        record["searched_ppl"] = test_ppl(found.plan)
         record["proxy_optimum_ppl"] = record["searched_ppl"] if proxy is found.chosen \
-            else test_ppl(proxy.configs)
+            else test_ppl(found.plan, proxy.configs)
         if recipe is not None:
             label, configs = recipe
-            record["recipe"] = {"label": label, "ppl": test_ppl(configs),
+            record["recipe"] = {"label": label, "ppl": test_ppl(found.plan, configs),
                                 "total_bytes": model_footprint(loaded, configs).total}
+        whole = math.floor(bits)
+        gptq = {l.name: LayerConfig(bits=whole, method="gptq") for l in loaded.layers}
+        record["uniform_gptq_act_order"] = {"bits": whole, "ppl": test_ppl(found.plan, gptq)}
         whole = math.floor(bits)
         for method in ("rtn", "gptq"):
             row = baselines.get(f"{method}{whole}")

@@ -64,6 +64,63 @@ def test_plan_apply_eval_chain(tiny_model_dir, tmp_path, capsys):
     assert device["decode"]["tokens_per_s"] > 0
 
 
+def test_apply_and_eval_build_a_gptq_plan_as_its_provenance_records(tiny_model_dir, tmp_path,
+                                                                     capsys):
+    """`plan` records how GPTQ will be calibrated; apply and eval reproduce it and say so, and a
+    flag that departs from it is said too. The built weights follow the record: the parallel
+    plan's apply equals compress_model in parallel mode, not the sequential default."""
+    from safetensors.torch import load_file
+
+    from autocompress.compress.apply import compress_model
+    from autocompress.model import load_model
+    from autocompress.provenance import calibration_windows
+    from autocompress.plan import Plan
+
+    plan_path = tmp_path / "gptq.json"
+    assert main(["plan", "--model", str(tiny_model_dir), "--bits", "3", "--method", "gptq",
+                 "--mode", "parallel", "--calib-windows", "2", "--window-len", "64",
+                 "--out", str(plan_path)]) == 0
+    assert "embedded pydoc corpus" in capsys.readouterr().err  # prose calibrates better
+    plan = Plan.load(plan_path)
+    assert (plan.provenance.mode, plan.provenance.calib_windows) == ("parallel", 2)
+
+    assert main(["apply", str(plan_path), "--out", str(tmp_path / "c")]) == 0
+    assert "reproducing the plan's provenance: parallel calibration on 2 windows of 64" in \
+        capsys.readouterr().err
+    loaded = load_model(str(tiny_model_dir))
+    calib = calibration_windows(loaded.tokenizer, plan.provenance)
+    name = "model.layers.1.mlp.down_proj"
+    written = load_file(str(tmp_path / "c" / "model.safetensors"))[f"{name}.weight"].float()
+    for mode, same in (("parallel", True), ("sequential", False)):
+        built = compress_model(loaded, plan, calib, mode=mode, progress=False)
+        weight = built.get_submodule(name).weight.detach().half().float()
+        assert torch.equal(written, weight) == same
+    assert json.loads((tmp_path / "c" / "plan.json").read_text())["provenance"]["mode"] == \
+        "parallel"
+
+    assert main(["eval", str(plan_path), "--windows", "2", "--window-len", "64", "--json",
+                 "--mode", "sequential"]) == 0
+    captured = capsys.readouterr()
+    assert "overriding the plan's provenance (mode sequential)" in captured.err
+    assert json.loads(captured.out)["provenance"]["mode"] == "sequential"
+
+
+def test_a_v1_plan_still_applies_the_old_default_way(tiny_model_dir, tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(tiny_model_dir), "--bits", "4", "--method", "gptq",
+                 "--out", str(plan_path)]) == 0
+    data = json.loads(plan_path.read_text())
+    data["schema_version"] = 1
+    del data["provenance"]
+    plan_path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["eval", str(plan_path), "--windows", "1", "--window-len", "64", "--no-kl",
+                 "--calib-windows", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "records no provenance (schema v1)" in captured.err
+    assert json.loads(captured.out)["provenance"]["mode"] == "sequential"
+
+
 def test_eval_missing_text_and_wrong_model(tiny_model_dir, tmp_path, capsys):
     plan_path = tmp_path / "plan.json"
     assert main(["plan", "--model", str(tiny_model_dir), "--bits", "4", "--out", str(plan_path)]) == 0
@@ -156,3 +213,26 @@ def test_profile_writes_a_loadable_profile_and_bad_profiles_exit_2(tiny_model_di
     out.write_text(out.read_text().replace("bandwidth_gbps:", "bandwidth_gbps: -1 #"))
     assert main(["estimate", str(plan_path), "--device", str(out)]) == 2
     assert "memory.bandwidth_gbps" in _error_line(capsys)
+
+
+def test_search_defaults_to_the_joint_space(tiny_model_dir, tmp_path, capsys):
+    """Without --space, search chooses among the joint space's options (GPTQ, sparsity, low
+    rank), not bits-only RTN, and says that GPTQ/Wanda calibrate on the embedded corpus."""
+    import yaml
+
+    from autocompress.search.space import spaces_dir
+
+    out = tmp_path / "run"
+    assert main(["search", "--model", str(tiny_model_dir), "--budget", "10MB", "--out", str(out),
+                 "--calib-windows", "2", "--window-len", "64", "--context", "256",
+                 "--holdout-windows", "1", "--trials", "0", "--eval-top", "0"]) == 0
+    assert "embedded pydoc corpus" in capsys.readouterr().err
+    table = json.loads((out / "sensitivity.json").read_text())
+    offered = {json.dumps(o, sort_keys=True) for row in table["options"] for o in row}
+    joint = yaml.safe_load((spaces_dir() / "joint.yaml").read_text())["options"]
+    assert len(offered) >= len(joint) - 2  # tied groups may drop an option or two
+    assert any('"method": "gptq"' in o for o in offered)
+    assert any('"2:4"' in o for o in offered) and any('"rank_ratio": 0.5' in o for o in offered)
+    assert main(["search", "--model", str(tiny_model_dir), "--budget", "10MB", "--out",
+                 str(tmp_path / "b"), "--bits", "2,4", "--space", "joint"]) == 2
+    assert "not both" in capsys.readouterr().err

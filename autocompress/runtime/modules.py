@@ -10,6 +10,9 @@ Backends (one kernel per packed matrix; a low-rank layer chains two: y = A (B x)
               codes widened to 4/8 bits, sparse weights densified for it: exact, but more
               memory), else torch.
 
+triton and onnxruntime are optional (the ``gpu`` and ``runtime`` extras): ``auto`` skips a
+backend whose package is missing; naming it explicitly says which extra to install.
+
 Float16 (16-bit) dense matrices are plain weights multiplied with torch: exactly (widened to
 float32) on the ``torch`` backend, by cpu_kernels.Float16Kernel (float16 GEMV for decode,
 widened for prefill) on the others.
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AutocompressError
+from ..optional import available, require
 from .cpu_kernels import (
     Float16Kernel,
     OrtMatMulNBitsKernel,
@@ -43,6 +47,7 @@ class TritonKernel:
     name = "triton"
 
     def __init__(self, matrix: PackedMatrix):
+        require("triton", "gpu", "the triton backend")
         from .triton.kernels import INTERPRETED, triton_unsupported_reason
 
         reason = triton_unsupported_reason(matrix)
@@ -83,10 +88,10 @@ def make_kernel(matrix: PackedMatrix, backend: str = "auto", layer: str = "",
             return TorchUnpackKernel(matrix)
         if backend == "ort":
             if not ort_available():
-                raise AutocompressError("the ort backend needs onnxruntime: "
-                                        "pip install onnxruntime")
+                require("onnxruntime", "runtime", "the ort backend")  # says which extra
             return OrtMatMulNBitsKernel(matrix, threads=ort_threads)
         if backend == "triton":
+            require("triton", "gpu", "the triton backend")
             if not triton_usable():
                 raise AutocompressError("the triton backend needs a CUDA GPU "
                                         "(or TRITON_INTERPRET=1)")
@@ -98,6 +103,8 @@ def make_kernel(matrix: PackedMatrix, backend: str = "auto", layer: str = "",
 
 def _auto_kernel(matrix: PackedMatrix, ort_threads: int | None):
     if torch.cuda.is_available() and matrix.data.is_cuda:
+        if not available("triton"):  # the gpu extra is not installed
+            return TorchUnpackKernel(matrix)
         from .triton.kernels import triton_unsupported_reason
 
         if triton_unsupported_reason(matrix) is None:

@@ -40,12 +40,16 @@ from ..hardware.latency import DecodeEstimate, LatencyModel
 from ..hardware.memory import held_layer_bytes
 from ..hardware.profile import DeviceProfile
 from ..io_utils import atomic_write_text
+from ..compress.apply import needs_calibration
+from ..compress.weights import GPTQSettings
 from ..model import LoadedModel
 from ..plan import LayerConfig, Plan, compact_overrides
+from ..provenance import Provenance
 from ..sensitivity.build import build_table, make_proxy
 from ..sensitivity.table import SensitivityTable
 from ..units import format_size
-from .exact import InfeasibleBudget, Limit
+from .exact import InfeasibleBudget, InfeasibleLimit, Limit
+from .holdout import holdout_record
 from .measure import PlanMeter
 from .optuna_level import Level2, Level2Settings, plan_signature
 from .problem import Problem, group_sums
@@ -65,6 +69,10 @@ class SearchSettings:
     proxy: str = "fisher"
     device: DeviceProfile | None = None
     max_latency_s: float | None = None  # per decoded token, batch 1, at ``context``
+    # how candidates are calibrated where it decides the result (level 3, or the in-process
+    # check) and how apply will build the plan: recorded in the plan's provenance
+    mode: str = "sequential"
+    gptq: GPTQSettings = field(default_factory=GPTQSettings)
     trials: int = 0  # level 2 (Optuna) trials; 0 skips the level
     eval_top: int = 0  # level 3 (Ray Tune) candidates from level 2; 0: measure in process
     fast_windows: int = 2  # level 2's held-out windows per trial
@@ -85,10 +93,15 @@ class SearchSettings:
 
 
     @property
+    def final_windows(self) -> int:
+        """Held-out windows the chosen plan is measured on (level 3, or the in-process check)."""
+        return self.eval_windows if self.eval_top else self.n_holdout
+
+    @property
     def holdout_windows(self) -> int:
-        if self.eval_top:
-            return max(self.eval_windows, self.fast_windows if self.trials else 0)
-        return max(self.n_holdout, self.fast_windows if self.trials else 0)
+        """Held-out windows taken from the end of the calibration text: level 2's are the first
+        ``fast_windows`` of them, the final measurement's the first ``final_windows``."""
+        return max(self.final_windows, self.fast_windows if self.trials else 0)
 
 
 @dataclass
@@ -158,6 +171,11 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         raise InfeasibleBudget(budget, fixed.total, what="plan footprint")
     speed = _DecodeSpeed(loaded, device, settings) if device else None
 
+    if settings.calib_text is None and needs_calibration(
+            cfg for layer in loaded.layers for cfg in space.for_layer(layer)):
+        log("note: GPTQ/Wanda options calibrate on the embedded pydoc corpus; prose close to "
+            "your use gives better plans: pass --calib-text FILE")
+
     # -- level 0: the sensitivity table --------------------------------------------------------
     t0 = time.perf_counter()
     calib = calibration_data(loaded.tokenizer, settings.calib_text, settings.n_calib,
@@ -187,8 +205,12 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     timings["level1_s"] = time.perf_counter() - t0
 
     # -- level 2: Optuna, each trial measured at low fidelity ----------------------------------
-    fast = settings.fast_windows if settings.trials else settings.n_holdout
-    meter = PlanMeter(loaded, calib.holdout[:fast], calib.calib, progress=False)
+    # level 2 calibrates in parallel (statistics and GPTQ results shared by all trials); the
+    # final measurement builds each candidate as apply will (``settings.mode``)
+    meter = PlanMeter(loaded, calib.holdout[:settings.fast_windows], calib.calib, progress=False,
+                      gptq=settings.gptq)
+    final_meter = PlanMeter(loaded, calib.holdout[:settings.final_windows], calib.calib,
+                            progress=False, mode=settings.mode, gptq=settings.gptq)
     study_trials: list = []
     if settings.trials:
         t0 = time.perf_counter()
@@ -203,7 +225,8 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
             identity={"budget": budget, "space": space.name, "proxy": settings.proxy,
                       "device": device.name if device else None,
                       "max_latency_s": settings.max_latency_s,
-                      "fast_windows": settings.fast_windows, "table": table.digest()})
+                      "fast_windows": settings.fast_windows, "table": table.digest(),
+                      "mode": settings.mode, "gptq": dataclasses.asdict(settings.gptq)})
         study_trials = level2.run()
         known = {c.signature: c for c in candidates}
         for rank, (signature, choice, kl) in enumerate(level2.best(settings.eval_top or 3)):
@@ -223,18 +246,24 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     # -- level 3: measured for real ------------------------------------------------------------
     t0 = time.perf_counter()
     if settings.eval_top:
-        _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, progress)
+        _measure_with_tune(loaded, candidates, final_meter, calib, settings, out, log, progress)
         full = [c for c in candidates if not c.measured["stopped_early"]]
     else:
         for cand in candidates:
-            cand.measured = meter.measure(cand.configs)
+            cand.measured = final_meter.measure(cand.configs)
         full = candidates
     timings["level3_s" if settings.eval_top else "measure_s"] = time.perf_counter() - t0
     chosen = min(full, key=lambda c: c.measured["kl"])
 
     default = _most_common(chosen.configs)
+    calib_text = str(Path(settings.calib_text).resolve()) if settings.calib_text else None
+    provenance = Provenance(calib_text=calib_text, calib_windows=settings.n_calib,
+                            window_len=settings.window_len, calib_digest=calib.digest,
+                            mode=settings.mode, gptq_damp=settings.gptq.damp,
+                            gptq_act_order=settings.gptq.act_order,
+                            gptq_block_size=settings.gptq.block_size, made_by="search")
     plan = Plan(model=loaded.identity, default=default,
-                overrides=compact_overrides(chosen.configs, default))
+                overrides=compact_overrides(chosen.configs, default), provenance=provenance)
     plan.figures = {
         "chosen": chosen.label,
         "budget_bytes": budget,
@@ -245,8 +274,8 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         "batch": settings.batch,
         "footprint": chosen.footprint.as_dict(),
         "predicted_loss_increase": chosen.predicted,
-        "holdout": {"source": calib.source, "windows": settings.holdout_windows,
-                    "window_len": settings.window_len},
+        "holdout": holdout_record(calib_text, calib.source, settings.holdout_windows,
+                                  calib.holdout[:settings.final_windows], chosen.measured),
         "candidates": [c.summary() for c in candidates],
         "timings_s": timings,
     }
@@ -368,7 +397,7 @@ def _candidates(problem: Problem, space: SearchSpace, footprint_of) -> list[Cand
     if (problem.allowed & ~no_two_bit).any() and (problem.allowed & no_two_bit).any(axis=1).all():
         try:
             add("proxy optimum, no 2-bit", problem.solve(allowed=no_two_bit))
-        except AutocompressError:  # nothing without 2-bit fits the budget or the latency
+        except (InfeasibleBudget, InfeasibleLimit):  # nothing without 2-bit fits the limits
             pass
     for cfg, choice in _largest_uniform(problem, space):
         add(f"uniform {cfg.short()}", choice, source="uniform")

@@ -1,7 +1,10 @@
 """Measure plans for real: apply (fake-quant) and take KL to the uncompressed model, and
 perplexity, on held-out windows. One meter serves many plans: the reference log-probabilities
-and the calibration statistics (for GPTQ, Wanda and whitened low rank) are computed once and
-shared, so calibration here is one pass of the uncompressed model ("parallel" mode)."""
+are computed once. In ``parallel`` mode (level 2's low-fidelity trials) the calibration
+statistics (for GPTQ, Wanda and whitened low rank) are also taken once, from the uncompressed
+model, and expensive per-layer results are shared across plans. In ``sequential`` mode each plan
+is calibrated block by block through its own compressed prefix, exactly as ``apply`` builds it
+from the plan's provenance: that is how the chosen plan's figures are measured."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 
 from ..compress.apply import compress_model, uses_calibration
 from ..compress.calibration import InputStats, collect_stats
+from ..compress.weights import GPTQSettings
 from ..evaluate import ReferenceCache, evaluate
 from ..model import LoadedModel
 from ..plan import LayerConfig
@@ -16,8 +20,12 @@ from ..plan import LayerConfig
 
 class PlanMeter:
     def __init__(self, loaded: LoadedModel, holdout: torch.Tensor, calib: torch.Tensor | None,
-                 progress: bool = False):
+                 progress: bool = False, mode: str = "parallel",
+                 gptq: GPTQSettings = GPTQSettings()):
+        if mode not in ("parallel", "sequential"):
+            raise ValueError(f"unknown calibration mode {mode!r}")
         self.loaded, self.holdout, self.calib, self.progress = loaded, holdout, calib, progress
+        self.mode, self.gptq = mode, gptq
         self.reference = ReferenceCache(loaded.model, holdout)
         self._stats: dict[str, InputStats] | None = None
         self._memo: dict = {}  # SVD / GPTQ results per (layer, config), shared by all plans
@@ -32,9 +40,13 @@ class PlanMeter:
 
     def compress(self, configs: dict[str, LayerConfig]):
         """A compressed copy of the model under ``configs``, as every plan here is measured."""
+        if self.mode == "sequential":
+            calib = self.calib if uses_calibration(configs.values()) else None
+            return compress_model(self.loaded, configs, calib, mode="sequential",
+                                  progress=False, gptq=self.gptq)
         stats = self.stats_for(configs)
         return compress_model(self.loaded, configs, stats=stats, mode="parallel", progress=False,
-                              memo=self._memo if stats is not None else None)
+                              gptq=self.gptq, memo=self._memo if stats is not None else None)
 
     def measure(self, configs: dict[str, LayerConfig], desc: str = "measure") -> dict:
         model = self.compress(configs)

@@ -199,9 +199,8 @@ class Level2:
 
     def _requeue_interrupted(self) -> None:
         """Trials left RUNNING by a killed process: failed, and their parameters run again."""
-        storage = self.study._storage
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            self.study.tell(trial.number, state=TrialState.FAIL)
             self.study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
             self.log(f"trial {trial.number} was interrupted: run again")
 
@@ -260,9 +259,7 @@ class Level2:
         KL)."""
         seen, out = set(), []
         for trial in sorted(self.complete_trials(), key=lambda t: t.values[0]):
-            constraints = trial.system_attrs.get("constraints") or \
-                [v for key, v in trial.system_attrs.items() if key.startswith("constraints:")]
-            if any(v > 0 for v in constraints):
+            if any(v > 0 for v in trial.constraints.values()):
                 continue
             signature = trial.user_attrs["signature"]
             if signature in seen:

@@ -1,4 +1,4 @@
-"""The options the search may give each layer (search_spaces/*.yaml).
+"""The options the search may give each layer (autocompress/search_spaces/*.yaml).
 
 ```yaml
 defaults: {group_size: 64, sym: false, method: rtn}   # merged under every option
@@ -20,7 +20,9 @@ from it.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
@@ -32,9 +34,14 @@ from ..plan import VALID_BITS, LayerConfig
 _KEYS = {"defaults", "options", "kinds", "tied", "pinned"}
 
 
+# Old names of bundled spaces, still accepted (with a warning): `default` became `joint`.
+DEPRECATED_NAMES = {"default": "joint"}
+
+
 def spaces_dir() -> Path:
-    """search_spaces/ of this checkout (the package lives beside it)."""
-    return Path(__file__).resolve().parents[2] / "search_spaces"
+    """The bundled spaces: package data (autocompress/search_spaces/), so they are there in a
+    wheel or a non-editable install as well as in a checkout."""
+    return Path(str(files("autocompress") / "search_spaces"))
 
 
 @dataclass
@@ -71,16 +78,26 @@ class SearchSpace:
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> "SearchSpace":
-        """A space by name (``default`` = search_spaces/default.yaml of this checkout, from any
-        working directory) or by YAML path."""
+        """A bundled space by name (``joint``, ``bits``: autocompress/search_spaces/NAME.yaml,
+        from any working directory) or a space by YAML path. The old name ``default`` still
+        loads ``joint`` (with a FutureWarning) and keeps its name, so a study begun with
+        ``--space default`` resumes with it."""
         path = Path(name_or_path)
         if path.suffix in (".yaml", ".yml") or path.is_file():
             return cls.from_yaml(path)
+        name = str(name_or_path)
         known = {p.stem: p for p in sorted(spaces_dir().glob("*.yaml"))}
-        if str(name_or_path) not in known:
-            raise AutocompressError(f"unknown search space {str(name_or_path)!r}: give a YAML "
-                                    f"path or one of {', '.join(known)} (search_spaces/)")
-        return cls.from_yaml(known[str(name_or_path)])
+        if name in DEPRECATED_NAMES and name not in known:
+            target = DEPRECATED_NAMES[name]
+            warnings.warn(f"search space {name!r} is now called {target!r}; use --space {target}",
+                          FutureWarning, stacklevel=2)
+            space = cls.from_yaml(known[target])
+            space.name = name
+            return space
+        if name not in known:
+            raise AutocompressError(f"unknown search space {name!r}: give a YAML path or one of "
+                                    f"{', '.join(known) or 'none'} (autocompress/search_spaces/)")
+        return cls.from_yaml(known[name])
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchSpace":

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -72,7 +73,9 @@ def test_profile_says_how_the_runtime_holds_each_format(measured, tiny_loaded):
             "q4+2:4": LayerConfig(bits=4, group_size=32, pattern="2:4", sparsity=0.5,
                                   prune_method="magnitude")}
     configs = {layer.name: cfgs[by_kind[layer.kind]] for layer in tiny_loaded.layers}
-    packed = pack_layers(tiny_loaded.model, tiny_loaded.layers, configs, progress=False)
+    # pack_layers compresses the model it is given in place: not the session's shared model
+    packed = pack_layers(copy.deepcopy(tiny_loaded.model), tiny_loaded.layers, configs,
+                         progress=False)
     heap0 = heap_in_use()
     modules = build_quant_linears(packed)
     del packed

@@ -19,10 +19,10 @@ from autocompress.errors import AutocompressError
 from autocompress.plan import LayerConfig
 from autocompress.search.optuna_level import Level2, Level2Settings, Reweighting, open_storage
 from autocompress.search.problem import Problem
-from autocompress.search.space import SearchSpace
+from autocompress.search.space import SearchSpace, spaces_dir
 from autocompress.sensitivity.build import build_table, make_proxy
 
-SPACE = "search_spaces/default.yaml"
+SPACE = str(spaces_dir() / "joint.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +247,15 @@ def test_resuming_a_study_made_for_other_settings_is_refused(problem, tmp_path):
         Level2(other, Level2Settings(n_trials=2), lambda c: 0.0, lambda c: (0, None),
                budget=10**9, max_latency_s=None, with_latency=False, out_dir=tmp_path,
                resume=True, log=lambda m: None, progress=False)
+
+
+def test_level2_uses_only_optunas_public_api():
+    """Private attributes (study._storage, trial._trial_id) and raw system_attrs change between
+    Optuna releases without notice."""
+    from pathlib import Path
+
+    import autocompress.search.optuna_level as level
+
+    source = Path(level.__file__).read_text()
+    for private in ("._storage", "._trial_id", "system_attrs", "._cached"):
+        assert private not in source, private

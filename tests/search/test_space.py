@@ -4,13 +4,14 @@ import pytest
 
 from autocompress.errors import AutocompressError
 from autocompress.plan import LayerConfig
-from autocompress.search.space import SearchSpace
+from autocompress.search.space import SearchSpace, spaces_dir
 
 REPO = Path(__file__).resolve().parents[2]
+SPACES = REPO / "autocompress" / "search_spaces"
 
 
 def test_bundled_bits_space_equals_bits_flag():
-    space = SearchSpace.from_yaml(REPO / "search_spaces" / "bits.yaml")
+    space = SearchSpace.from_yaml(SPACES / "bits.yaml")
     assert space.options == SearchSpace.bits_only([2, 3, 4, 8]).options
     assert space.options[0] == LayerConfig(bits=2, group_size=64, sym=False, method="rtn")
 
@@ -67,10 +68,20 @@ def test_tied_kinds_need_equal_options(tmp_path):
 
 def test_spaces_load_by_name_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # names do not depend on the working directory
-    assert SearchSpace.load("default") == SearchSpace.from_yaml(REPO / "search_spaces" /
-                                                                "default.yaml")
+    assert spaces_dir().resolve() == SPACES  # package data, beside the code
+    assert SearchSpace.load("joint") == SearchSpace.from_yaml(SPACES / "joint.yaml")
+    assert SearchSpace.load("joint").name == "joint"
     assert SearchSpace.load("bits").name == "bits"
-    with pytest.raises(AutocompressError, match="unknown search space 'joint'.*default"):
-        SearchSpace.load("joint")
+    with pytest.raises(AutocompressError, match="unknown search space 'nope'.*bits, joint"):
+        SearchSpace.load("nope")
     with pytest.raises(AutocompressError, match="not found"):
         SearchSpace.load("mine.yaml")
+
+
+def test_old_name_default_is_a_deprecated_alias_of_joint():
+    with pytest.warns(FutureWarning, match="'default' is now called 'joint'"):
+        old = SearchSpace.load("default")
+    joint = SearchSpace.load("joint")
+    assert (old.options, old.kinds, old.tied, old.pinned) == \
+        (joint.options, joint.kinds, joint.tied, joint.pinned)
+    assert old.name == "default"  # a study begun with --space default resumes with it

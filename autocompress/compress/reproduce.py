@@ -1,0 +1,51 @@
+"""Build a plan's model the way its provenance says, so that ``apply``, ``eval`` and ``export``
+reproduce the weights the search measured (same calibration windows, mode and GPTQ settings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model import LoadedModel
+from ..plan import Plan
+from ..provenance import BuildOverrides, Provenance, calibration_windows, resolve
+from .apply import compress_model, uses_calibration
+
+
+@dataclass
+class BuildRecipe:
+    """What a build will use: the provenance in force, its calibration windows (None when the
+    plan needs none) and the lines that say so."""
+
+    provenance: Provenance
+    calib: torch.Tensor | None
+    notes: list[str]
+
+    @property
+    def mode(self) -> str:
+        return self.provenance.mode
+
+    @property
+    def gptq(self):
+        return self.provenance.gptq_settings()
+
+
+def build_recipe(loaded: LoadedModel, plan: Plan,
+                 overrides: BuildOverrides | None = None) -> BuildRecipe:
+    provenance, notes = resolve(plan.provenance, overrides)
+    configs = plan.resolve(layer.name for layer in loaded.layers)
+    if not uses_calibration(configs.values()):
+        # RTN and magnitude pruning: the calibration record does not change the weights
+        return BuildRecipe(provenance, None, [])
+    return BuildRecipe(provenance, calibration_windows(loaded.tokenizer, provenance), notes)
+
+
+def build_model(loaded: LoadedModel, plan: Plan, recipe: BuildRecipe | None = None,
+                progress: bool = True) -> nn.Module:
+    """The plan's compressed (fake-quant) model, built as its provenance records."""
+    recipe = recipe or build_recipe(loaded, plan)
+    return compress_model(loaded, plan, recipe.calib, mode=recipe.mode, gptq=recipe.gptq,
+                          progress=progress)

@@ -1,0 +1,166 @@
+"""How a plan's weights are made, beyond each layer's format: the part of a plan that ``apply``,
+``eval`` and ``export`` must reproduce for their figures to be the search's.
+
+A plan's formats (bits, groups, sparsity, rank) say *what* is stored; GPTQ, Wanda and whitened
+low rank also depend on *how* they were calibrated: which text, how many windows, whether each
+block's statistics were taken through the already-compressed prefix (sequential) or from the
+uncompressed model (parallel), and GPTQ's damping and column order. At 3 bits on SmolLM2 the
+same uniform GPTQ plan measures 62.2 (sequential) or 75.9 (parallel) test perplexity, so a plan
+that does not record this is not reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import AutocompressError
+
+MODES = ("sequential", "parallel")
+IMPORTANCE = ("E[x xᵀ] of each layer's input over the calibration windows (GPTQ's Hessian, "
+              "Wanda's ‖X_j‖₂, the whitening of low rank)")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Everything besides the formats that decides a plan's weights.
+
+    ``calib_text`` is the calibration file's absolute path, or None for the embedded pydoc
+    corpus; ``calib_digest`` identifies the token windows taken from it (checked on reuse).
+    """
+
+    calib_text: str | None = None
+    calib_windows: int = 16
+    window_len: int = 512
+    calib_digest: str | None = None
+    mode: str = "sequential"
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    gptq_block_size: int = 128
+    gptq_static_groups: bool = True  # groups fixed before reordering: the format is unchanged
+    importance: str = IMPORTANCE
+    tool_version: str = __version__
+    made_by: str = "plan"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise AutocompressError(f"provenance mode must be sequential or parallel, got "
+                                    f"{self.mode!r}")
+        for name in ("calib_windows", "window_len", "gptq_block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise AutocompressError(f"provenance {name} must be a positive integer, got "
+                                        f"{value!r}")
+        if not 0.0 <= float(self.gptq_damp) < 1.0:
+            raise AutocompressError(f"provenance gptq_damp must be in [0, 1), got "
+                                    f"{self.gptq_damp!r}")
+        if not self.gptq_static_groups:
+            raise AutocompressError("provenance gptq_static_groups must be true: this version "
+                                    "only makes static groups")
+
+    @property
+    def calib_label(self) -> str:
+        return "the embedded pydoc corpus" if self.calib_text is None else \
+            Path(self.calib_text).name
+
+    def describe(self) -> str:
+        """One line for the terminal: what apply/eval are about to reproduce."""
+        gptq = (f"GPTQ damp {self.gptq_damp:g}, {'act-order' if self.gptq_act_order else 'in order'}")
+        return (f"{self.mode} calibration on {self.calib_windows} windows of {self.window_len} "
+                f"tokens of {self.calib_label}; {gptq}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Provenance":
+        if not isinstance(data, dict):
+            raise AutocompressError("plan provenance must be an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise AutocompressError(f"plan provenance has unknown field(s) {unknown}; known: "
+                                    f"{sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise AutocompressError(f"plan provenance is malformed ({exc})") from None
+
+    def gptq_settings(self):
+        from .compress.weights import GPTQSettings
+
+        return GPTQSettings(damp=self.gptq_damp, act_order=self.gptq_act_order,
+                            block_size=self.gptq_block_size)
+
+
+# A v1 plan (or one without provenance) is applied the way this tool always applied plans.
+LEGACY = Provenance(made_by="unknown (schema v1 plan)")
+
+
+@dataclass
+class BuildOverrides:
+    """What the user asked for on the command line instead of the plan's record."""
+
+    calib_text: str | None = None
+    calib_windows: int | None = None
+    window_len: int | None = None
+    mode: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.calib_text, self.calib_windows,
+                                            self.window_len, self.mode))
+
+
+def resolve(recorded: Provenance | None, overrides: BuildOverrides | None = None
+            ) -> tuple[Provenance, list[str]]:
+    """The provenance to build with: the plan's, with any command-line overrides, and the lines
+    that tell the user what is being reproduced (or what departs from the plan)."""
+    base = recorded or LEGACY
+    notes = []
+    if recorded is None:
+        notes.append("this plan records no provenance (schema v1): built the default way, "
+                     f"{base.describe()}")
+    changes: dict[str, Any] = {}
+    if overrides is not None:
+        if overrides.calib_text is not None:
+            path = str(Path(overrides.calib_text).resolve())
+            if path != base.calib_text:
+                changes["calib_text"] = path
+        for name in ("calib_windows", "window_len", "mode"):
+            value = getattr(overrides, name)
+            if value is not None and value != getattr(base, name):
+                changes[name] = value
+    if changes:
+        same_windows = not {"calib_text", "calib_windows", "window_len"} & set(changes)
+        built = dataclasses.replace(base, **changes,
+                                    calib_digest=base.calib_digest if same_windows else None)
+        if recorded is not None:
+            said = ", ".join(f"{k} {v}" for k, v in changes.items())
+            notes.append(f"overriding the plan's provenance ({said}): the weights will differ "
+                         "from those the search measured")
+        return built, notes
+    if recorded is not None:
+        notes.append(f"reproducing the plan's provenance: {base.describe()}")
+    return base, notes
+
+
+def calibration_windows(tokenizer: Any, provenance: Provenance):
+    """The calibration windows the provenance names, checked against its digest."""
+    from .data import calibration_data
+
+    if provenance.calib_text is not None and not Path(provenance.calib_text).is_file():
+        raise AutocompressError(
+            f"the plan was calibrated on {provenance.calib_text}, which is not there; pass "
+            "--calib-text with that text (its windows are checked against the plan's digest)")
+    data = calibration_data(tokenizer, provenance.calib_text, provenance.calib_windows, 0,
+                            provenance.window_len)
+    if provenance.calib_digest is not None and data.digest != provenance.calib_digest:
+        raise AutocompressError(
+            f"the calibration windows of {provenance.calib_label} differ from the plan's "
+            f"(digest {data.digest}, plan {provenance.calib_digest}): the text changed; pass "
+            "--calib-text/--calib-windows to calibrate on it anyway (figures will differ)")
+    return data.calib

@@ -1,0 +1,428 @@
+"""Schema of experiments/results/*.json, the files the benchmarks write (common.ResultFile) and
+experiments/readme_tables.py renders into the README.
+
+Every file has one shape: ``{"protocol": {...}, "entries": {KEY: {...}, ...}}``. Per file, the
+models below declare the protocol keys and entry fields the renderer reads, with their types;
+fields a file may lack (written by an older version of a benchmark) are optional, and the
+renderer says so rather than printing a made-up value. The models ignore every other field, and
+the renderer reads the validated models only, so it cannot read a field that is not declared
+here.
+
+    validate(path) -> Results     # or raises ResultsError with one line: file, field, problem
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, RootModel, ValidationError, model_validator
+
+
+class ResultsError(ValueError):
+    """A results file the renderer cannot use; the message is one line naming file and field."""
+
+
+class _Model(BaseModel):
+    # strict: no "12" for 12 (an int is still accepted as a float); frozen: rendering only reads
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    protocol: dict[str, Any]
+    entries: dict[str, Any]
+
+
+# ---------------------------------------------------------------- baselines.json
+
+
+class BaselinesProtocol(_Model):
+    model: str
+    eval: str
+    calibration: str
+    formats: str
+    machine: str
+
+
+class Baseline(_Model):
+    """One uniform plan (every entry but search@rtn3; other sections read ppl and compress_s)."""
+    ppl: float
+    bits_per_weight: float
+    layer_weight_bytes: int
+    total_bytes: int
+    compress_s: float
+    eval_s: float
+
+
+class Measured(_Model):
+    kl: float
+    ppl: float
+    tokens: int
+    windows: int | None = None  # written by newer versions of the search's measure step
+
+
+class Candidate(_Model):
+    label: str
+    total_bytes: int
+    predicted: float | None
+    measured: Measured
+
+
+class SearchBaseline(Baseline):
+    """search@rtn3: the plan `search` chose at the bytes of uniform RTN 3-bit."""
+    chosen: str
+    search_s: float
+    candidates: list[Candidate]
+    timings_s: dict[str, float]  # whatever the engine wrote: solve_s (old), level1_s, ...
+
+
+# ---------------------------------------------------------------- gptq_study_<bits>bit.json
+
+
+class GptqStudyProtocol(_Model):
+    model: str
+    eval: str
+    format: str
+    machine: str
+
+
+class GptqSettings(_Model):
+    damp: float
+    act_order: bool
+
+
+class GptqVariant(_Model):
+    ppl: float
+    mode: str
+    calib_windows: int
+    calib_text: str
+    gptq: GptqSettings
+    compress_s: float
+
+
+# ---------------------------------------------------------------- kernels[_threads<n>].json
+
+
+class KernelsProtocol(_Model):
+    model: str
+    threads: int
+    tokens: int
+    prompt: str
+    machine: str
+
+
+class Bandwidth(_Model):
+    copy_gb_s: float
+
+
+class Decode(_Model):
+    """A decode configuration (every entry but bandwidth and kernels)."""
+    tokens_per_s: float
+    bytes_per_token: int
+    layer_bytes_resident: int
+    layer_bytes_plan: int
+    layer_bytes_predicted: int | None = None
+    resident_over_plan: float | None = None  # packed plans only (not fp32/bf16)
+    share_of_copy_bandwidth: float | None = None
+    ort_threads: int | None = None
+    kernels: dict[str, int]
+    load_average_1min: float
+
+
+# ---------------------------------------------------------------- proxy_fidelity.json
+
+
+class ProxyFidelityProtocol(_Model):
+    model: str
+    space: str
+    plans: str
+    proxy_calibration: str
+    measured: str
+    machine: str
+
+
+class RandomPlan(_Model):
+    kl: float
+    bits_per_weight: float
+
+
+class RandomPlans(RootModel[dict[str, RandomPlan]]):
+    model_config = ConfigDict(strict=True, frozen=True)
+
+
+class ProxyScore(_Model):
+    """One proxy (every entry but plans): a table of its own, or a calibrated one."""
+    spearman: float
+    kendall: float
+    table_build_s: float | None = None
+    folds: int | None = None
+    families: list[str] | None = None
+    coefficients_all_plans: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _build_or_folds(self) -> ProxyScore:
+        if self.table_build_s is None and self.folds is None:
+            raise ValueError("needs table_build_s (a proxy's own table) or folds (a calibrated "
+                             "one)")
+        if (self.families is None) != (self.coefficients_all_plans is None) or (
+                self.families is not None and
+                len(self.families) != len(self.coefficients_all_plans)):
+            raise ValueError("families and coefficients_all_plans go together, one per family")
+        return self
+
+
+# ---------------------------------------------------------------- joint_vs_bits_<proxy>.json
+
+
+class JointVsBitsProtocol(_Model):
+    model: str
+    search: str
+    eval: str
+    machine: str
+
+
+class JointVsBits(_Model):
+    budget_bytes: int
+    ppl: float
+    chosen: str
+
+
+# ---------------------------------------------------------------- latency_model.json
+
+
+class LatencyProtocol(_Model):
+    model: str
+    decode: str
+    prompt: str
+    runtime: str
+    machine: str
+
+
+class Profile(_Model):
+    seconds: float
+    bandwidth_gbps: float
+    block_us: float
+    token_us: float
+
+
+class CpuDecode(_Model):
+    plan: str
+    tokens: int
+    kernels: dict[str, int]
+    sources: dict[str, int]
+    measured_s: float
+    predicted_s: float
+    error: float
+
+
+class PublishedDecode(_Model):
+    device: str
+    model: str
+    format: str
+    engine: str
+    published_tps: float
+    predicted_tps: float
+    error: float
+
+
+# ---------------------------------------------------------------- search.json
+
+
+class SearchProtocol(_Model):
+    model: str
+    search: str
+    eval: str
+    machine: str
+
+
+class Recipe(_Model):
+    label: str
+    ppl: float
+
+
+class Uniform(_Model):
+    bits: int
+    ppl: float
+
+
+class DecodePrediction(_Model):
+    tokens_per_s: float
+
+
+class Reproduced(_Model):
+    """`autocompress eval PLAN --holdout` against the KL the search reported for the plan."""
+    reported_kl: float
+    eval_kl: float
+    windows: int
+    relative_difference: float
+
+
+class SearchRun(_Model):
+    budget_bytes: int
+    searched_ppl: float
+    proxy_optimum_ppl: float
+    chosen: str
+    search_s: float
+    timings_s: dict[str, float]
+    recipe: Recipe | None = None
+    uniform_rtn: Uniform | None = None
+    uniform_gptq: Uniform | None = None
+    uniform_gptq_act_order: Uniform | None = None  # built as the searched plan (its provenance)
+    reproduced: Reproduced | None = None
+    device: str | None = None
+    min_tps: float | None = None
+    decode: DecodePrediction | None = None
+
+    @model_validator(mode="after")
+    def _device_and_limit(self) -> SearchRun:
+        if (self.device is None) != (self.min_tps is None):
+            raise ValueError("device and min_tps go together")
+        return self
+
+
+# ---------------------------------------------------------------- table_fast_path.json
+
+
+class TableFastPathProtocol(_Model):
+    model: str
+    space: str
+    proxy: str
+    machine: str
+
+
+class FastPath(_Model):
+    layers: int
+    options_scored: int
+    delta_path_s: float
+    fast_path_s: float
+    speedup: float
+    max_relative_difference: float
+
+
+# ---------------------------------------------------------------- the files
+
+
+Entry = Callable[[str], "type[BaseModel] | None"]
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """protocol: its model; entry(key): the model of that entry, None for entries no section
+    reads; keys: a regex every entry key must match (the renderer parses keys); required: entry
+    keys a section needs."""
+    protocol: type[_Model]
+    entry: Entry
+    keys: str | None = None
+    required: tuple[str, ...] = ()
+
+
+def _by_key(models: dict[str, type[BaseModel] | None], default: type[BaseModel] | None) -> Entry:
+    return lambda key: models.get(key, default)
+
+
+def _by_prefix(models: dict[str, type[BaseModel]]) -> Entry:
+    return lambda key: next((m for p, m in models.items() if key.startswith(p)), None)
+
+
+# entry keys of search.json: [SPACE:]BITS[@DEVICE], e.g. "3", "bits:2.5", "4@jetson-orin-nano-8gb"
+SEARCH_KEY = r"(?:(?P<space>[\w.-]+):)?(?P<bits>\d+(?:\.\d+)?)(?:@(?P<device>[\w.-]+))?"
+
+_KERNELS = FileSpec(KernelsProtocol, _by_key({"bandwidth": Bandwidth, "kernels": None}, Decode))
+
+SPECS: dict[str, FileSpec] = {
+    "baselines.json": FileSpec(BaselinesProtocol,
+                               _by_key({"search@rtn3": SearchBaseline}, Baseline),
+                               required=("base",)),
+    "gptq_study_*bit.json": FileSpec(GptqStudyProtocol, _by_key({}, GptqVariant)),
+    "kernels.json": _KERNELS,
+    "kernels_threads*.json": _KERNELS,
+    "proxy_fidelity.json": FileSpec(ProxyFidelityProtocol,
+                                    _by_key({"plans": RandomPlans}, ProxyScore)),
+    "joint_vs_bits_*.json": FileSpec(JointVsBitsProtocol, _by_key({}, JointVsBits),
+                                     keys=r"[\w-]+@\d+(?:\.\d+)?"),
+    "latency_model.json": FileSpec(LatencyProtocol,
+                                   _by_prefix({"profile": Profile, "cpu:": CpuDecode,
+                                               "published:": PublishedDecode})),
+    "search.json": FileSpec(SearchProtocol, _by_key({}, SearchRun), keys=SEARCH_KEY),
+    # the same benchmark before level 3 built candidates as apply does (parallel calibration)
+    "search_v1.json": FileSpec(SearchProtocol, _by_key({}, SearchRun), keys=SEARCH_KEY),
+    "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),
+                                     required=("fisher",)),
+}
+
+
+def spec_for(path: Path) -> FileSpec:
+    for pattern, spec in SPECS.items():
+        if path.match(pattern):
+            return spec
+    raise ResultsError(f"{path}: no schema for this results file (experiments/results_schema.py)")
+
+
+@dataclass(frozen=True)
+class Results:
+    """A validated file: its protocol and the entries the renderer reads, in file order."""
+    path: Path
+    protocol: Any
+    entries: dict[str, Any]
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _problem(error: dict) -> str:
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return "missing (a README section reads it)"
+    if error["type"].endswith("_type") or error["type"].endswith("_parsing"):
+        value = repr(error["input"])
+        value = value if len(value) <= 40 else value[:37] + "..."
+        return f"{msg[0].lower() + msg[1:]}, got {type(error['input']).__name__} {value}"
+    return msg[0].lower() + msg[1:]
+
+
+def _check(model: type[BaseModel], data: Any, where: str, path: Path) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        field = (where + _where(first["loc"])).removeprefix(".") or "top level"
+        raise ResultsError(f"{path}: {field}: {_problem(first)}{more}") from None
+
+
+def validate(path: str | Path, spec: FileSpec | None = None) -> Results:
+    """Read and validate one results file; ResultsError (one line) if the renderer cannot use it.
+    FileNotFoundError if there is no such file."""
+    path = Path(path)
+    spec = spec or spec_for(path)
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ResultsError(f"{path}: expected an object {{\"protocol\": ..., \"entries\": ...}}, "
+                           f"got {type(data).__name__}")
+    doc = _check(_Document, data, "", path)
+    protocol = _check(spec.protocol, doc.protocol, "protocol", path)
+    entries = {}
+    for key, value in doc.entries.items():
+        if spec.keys and not re.fullmatch(spec.keys, key):
+            raise ResultsError(f"{path}: entries[{key!r}]: key does not match {spec.keys}")
+        model = spec.entry(key)
+        if model is not None:
+            entries[key] = _check(model, value, f"entries[{key!r}]", path)
+    for key in spec.required:
+        if key not in doc.entries:
+            raise ResultsError(f"{path}: entries[{key!r}]: missing (a README section reads it)")
+    return Results(path, protocol, entries)

@@ -1,0 +1,215 @@
+"""The README's result tables are what experiments/results/*.json render (readme_tables.py
+--check), every results file the renderer reads is validated (results_schema.py), and a
+benchmark rerun under another protocol refuses instead of dropping stored rows (ResultFile)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENTS = REPO / "experiments"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(EXPERIMENTS))  # the scripts import each other by bare name
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+readme_tables = _load("readme_tables")
+results_schema = _load("results_schema")
+common = _load("common")
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> tuple[Path, Path]:
+    """README.md and experiments/results/ copied to tmp_path."""
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    results = tmp_path / "results"
+    shutil.copytree(EXPERIMENTS / "results", results)
+    return readme, results
+
+
+def _check(readme: Path, results: Path) -> int:
+    return readme_tables.main(["--check", "--readme", str(readme), "--results", str(results)])
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def test_readme_matches_results():
+    """The committed README shows exactly what the committed results render."""
+    run = subprocess.run([sys.executable, str(EXPERIMENTS / "readme_tables.py"), "--check"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, (
+        f"README.md's result tables differ from experiments/results/*.json; run "
+        f"`.venv/bin/python experiments/readme_tables.py` to re-render them.\n"
+        f"{run.stdout}{run.stderr}")
+
+
+def test_edited_number_fails_naming_its_section(copy, capsys):
+    readme, results = copy
+    text = readme.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| RTN 4-bit | "))
+    edited = row.replace("| RTN 4-bit | ", "| RTN 4-bit | 1", 1)  # 38.14 -> 138.14
+    readme.write_text(text.replace(row, edited))
+    before = readme.read_bytes()
+
+    assert _check(readme, results) == 1
+    out = capsys.readouterr().out
+    assert "1 result section(s) differ" in out and "section baselines:" in out
+    assert f"-{edited}" in out and f"+{row}" in out  # the unified diff of that line
+    assert readme.read_bytes() == before  # --check writes nothing
+
+    # without --check the README is rewritten (atomically) and matches again
+    assert readme_tables.main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert readme.read_text() == text
+    assert _check(readme, results) == 0
+
+
+def test_changed_result_fails_the_check(copy, capsys):
+    readme, results = copy
+    _edit_json(results / "table_fast_path.json",
+               lambda d: d["entries"]["fisher"].update(fast_path_s=99.0))
+    assert _check(readme, results) == 1
+    out = capsys.readouterr().out
+    assert "section table-fast-path:" in out and "| 99.0 |" in out
+
+
+def test_missing_field_fails_validation_with_one_line(copy, capsys):
+    readme, results = copy
+    _edit_json(results / "baselines.json", lambda d: d["entries"]["rtn4"].pop("ppl"))
+    before = readme.read_bytes()
+    assert _check(readme, results) == 2
+    assert readme_tables.main(["--readme", str(readme), "--results", str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2  # one line per run
+    assert "baselines.json: entries['rtn4'].ppl: missing" in err[0]
+    assert readme.read_bytes() == before
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("search_v1.json", lambda d: d["entries"]["3"].update(searched_ppl="57.4"),
+     "entries['3'].searched_ppl: input should be a valid number, got str '57.4'"),
+    ("baselines.json", lambda d: d["entries"]["search@rtn3"]["candidates"][1]["measured"]
+     .pop("kl"), "entries['search@rtn3'].candidates[1].measured.kl: missing"),
+    ("kernels.json", lambda d: d["protocol"].pop("prompt"), "protocol.prompt: missing"),
+    ("baselines.json", lambda d: d["entries"].pop("base"), "entries['base']: missing"),
+    ("search_v1.json", lambda d: d["entries"].update({"three": d["entries"]["3"]}),
+     "entries['three']: key does not match"),
+    ("latency_model.json", lambda d: d.update(extra=1), "extra: extra inputs are not permitted"),
+])
+def test_schema_names_file_and_field(copy, name, edit, message):
+    _, results = copy
+    _edit_json(results / name, edit)
+    with pytest.raises(results_schema.ResultsError) as info:
+        results_schema.validate(results / name)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(str(results / name)) and message in text, text
+
+
+def test_every_results_file_has_a_schema():
+    for path in sorted((EXPERIMENTS / "results").glob("*.json")):
+        results_schema.validate(path)
+
+
+def test_timings_render_whatever_the_engine_wrote(copy):
+    """The search engine writes level1_s/level2_s/level3_s or measure_s now, solve_s before:
+    each renders as written; none is filled in."""
+    _, results = copy
+    _edit_json(results / "baselines.json", lambda d: d["entries"]["search@rtn3"].update(
+        timings_s={"sensitivity_s": 12.0, "level1_s": 1.5, "measure_s": 30.0}))
+    body = readme_tables.search_candidates(readme_tables.Store(results))
+    assert "Timings: sensitivity 12 s, level 1 (proxy) 1.5 s, measured check 30 s." in body
+    assert "solve" not in body and "level 2" not in body
+
+    _edit_json(results / "search_v1.json",
+               lambda d: d["entries"]["3"]["timings_s"].pop("level3_s"))
+    row = next(line for line in readme_tables.search_v1(readme_tables.Store(results)).splitlines()
+               if line.startswith("| uniform 3-bit"))
+    assert row.endswith("(1 / 2 / 210 / —) |")
+
+
+def test_missing_results_file_renders_not_measured(copy, capsys):
+    readme, results = copy
+    (results / "table_fast_path.json").unlink()
+    assert _check(readme, results) == 1
+    assert "+(not measured yet: no table_fast_path.json)" in capsys.readouterr().out
+
+
+def test_unknown_marker_is_an_error(copy, capsys):
+    readme, results = copy
+    readme.write_text(readme.read_text() + "\n<!-- results:nope -->\nx\n<!-- /results:nope -->\n")
+    assert _check(readme, results) == 2
+    assert "markers without a renderer: nope" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- ResultFile
+
+
+PROTOCOL = {"model": "m", "eval": "40 windows", "machine": "here"}
+
+
+def _stored(root: Path) -> dict:
+    rf = common.ResultFile("r.json", PROTOCOL, root=root)
+    rf.put("a", {"ppl": 1.0})
+    rf.put("b", {"ppl": 2.0})
+    return json.loads((root / "r.json").read_text())
+
+
+def test_result_file_resumes_under_the_same_protocol(tmp_path):
+    _stored(tmp_path)
+    rf = common.ResultFile("r.json", dict(PROTOCOL), root=tmp_path)
+    assert rf.has("a") and rf.has("b")
+
+
+def test_result_file_refuses_another_protocol(tmp_path, monkeypatch):
+    monkeypatch.delenv(common.FRESH_ENV, raising=False)
+    before = (_stored(tmp_path), (tmp_path / "r.json").read_bytes())[1]
+    other = {"model": "m", "eval": "8 windows", "machine": "here", "calibration": "c"}
+    with pytest.raises(common.ProtocolMismatch) as info:
+        common.ResultFile("r.json", other, root=tmp_path)
+    text = str(info.value)
+    assert "another protocol (differs in: calibration, eval)" in text
+    assert "eval: stored '40 windows'; this run '8 windows'" in text
+    assert "calibration: not in the stored protocol" in text
+    assert "its 2 stored entries" in text and common.FRESH_ENV in text
+    assert (tmp_path / "r.json").read_bytes() == before  # nothing dropped, nothing written
+    assert isinstance(info.value, SystemExit)  # a script stops with the message, exit 1
+
+
+def test_result_file_refuses_an_unreadable_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(common.FRESH_ENV, raising=False)
+    (tmp_path / "r.json").write_text("{not json")
+    with pytest.raises(common.ProtocolMismatch, match="cannot be read as a results file"):
+        common.ResultFile("r.json", PROTOCOL, root=tmp_path)
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_result_file_starts_afresh_only_when_told(tmp_path, monkeypatch, capsys, how):
+    _stored(tmp_path)
+    other = dict(PROTOCOL, eval="8 windows")
+    if how == "environment":
+        monkeypatch.setenv(common.FRESH_ENV, "1")
+        rf = common.ResultFile("r.json", other, root=tmp_path)
+    else:
+        monkeypatch.delenv(common.FRESH_ENV, raising=False)
+        rf = common.ResultFile("r.json", other, root=tmp_path, fresh=True)
+    assert "differs in: eval" in capsys.readouterr().err  # said, not silent
+    assert not rf.has("a")
+    rf.put("c", {"ppl": 3.0})
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["protocol"] == other and list(data["entries"]) == ["c"]
