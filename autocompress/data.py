@@ -148,5 +148,10 @@ def calibration_data(tokenizer: Any, path: str | Path | None, n_calib: int, n_ho
     holdout = stream.windows(n_holdout, window_len, from_end=True) if n_holdout else \
         torch.empty(0, window_len, dtype=calib.dtype)
     # the calibration windows alone identify what a sensitivity table was computed from
-    digest = hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16]
-    return CalibrationData(calib=calib, holdout=holdout, source=stream.source, digest=digest)
+    return CalibrationData(calib=calib, holdout=holdout, source=stream.source,
+                           digest=windows_digest(calib))
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """A short digest of token windows: names the exact windows a table or plan was made on."""
+    return hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]

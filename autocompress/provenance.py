@@ -12,7 +12,7 @@ that does not record this is not reproducible.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +108,6 @@ class BuildOverrides:
     calib_windows: int | None = None
     window_len: int | None = None
     mode: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def any(self) -> bool:
-        return any(v is not None for v in (self.calib_text, self.calib_windows,
-                                            self.window_len, self.mode))
 
 
 def resolve(recorded: Provenance | None, overrides: BuildOverrides | None = None

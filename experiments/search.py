@@ -145,7 +145,6 @@ def main() -> None:
         whole = math.floor(bits)
         gptq = {l.name: LayerConfig(bits=whole, method="gptq") for l in loaded.layers}
         record["uniform_gptq_act_order"] = {"bits": whole, "ppl": test_ppl(found.plan, gptq)}
-        whole = math.floor(bits)
         for method in ("rtn", "gptq"):
             row = baselines.get(f"{method}{whole}")
             if row:

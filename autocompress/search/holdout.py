@@ -4,17 +4,13 @@ its KL beside the one the search reported."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data import windows_digest
 from ..errors import AutocompressError
-
-
-def windows_digest(windows: torch.Tensor) -> str:
-    return hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
 
 
 def holdout_record(calib_text: str | None, source: str, n_from_end: int, used: torch.Tensor,
