@@ -15,6 +15,15 @@ from .errors import AutocompressError
 console = Console(stderr=True)  # tables and logs on stderr; stdout carries --json output
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as the tool's others: one line, exit code 2 (not a usage block)."""
+
+    def error(self, message: str):
+        console.print(f"[red]error:[/red] {message} (see `{self.prog} --help`)",
+                      highlight=False, soft_wrap=True)
+        raise SystemExit(2)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -81,8 +90,14 @@ def _add_build(p: argparse.ArgumentParser) -> None:
                         "from the uncompressed model (parallel); default: the plan's")
 
 
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true",
+                   help=f"write {what} even where --out holds files autocompress did not write "
+                        "(only its own files are replaced; nothing else is removed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autocompress",
         description="Find per-layer compression plans for LLMs under a memory budget.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-method", choices=["magnitude", "wanda"], default="wanda")
     p.add_argument("--rank-ratio", type=float, default=1.0)
     p.add_argument("--out", required=True, help="plan JSON to write")
+    _add_force(p, "the plan")
     p.add_argument("--mode", choices=["sequential", "parallel"], default="sequential",
                    help="how GPTQ/Wanda will be calibrated (recorded in the plan)")
     _add_calib(p, 16)
@@ -111,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("apply", help="write the compressed model (safetensors + plan)")
     p.add_argument("plan")
     _add_model(p, None)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True,
+                   help="output directory (an earlier apply output there is replaced whole)")
+    _add_force(p, "the model")
     p.add_argument("--packed", action="store_true",
                    help="write bit-packed low-bit storage (runtime format) instead of float16")
     _add_build(p)
@@ -140,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default="joint",
                    help="search space: a bundled name (joint, bits) or a YAML path")
     p.add_argument("--out", required=True, help="table JSON to write (the PNG goes beside it)")
+    _add_force(p, "the table")
     _add_calib(p, 8)
 
     p = sub.add_parser("search", help="search a per-layer plan under a memory budget")
@@ -183,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: OUT/study.journal; optuna-dashboard opens either)")
     p.add_argument("--resume", action="store_true",
                    help="continue the study and the Ray Tune experiment left in --out")
+    _add_force(p, "the search (an earlier search in --out is replaced)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join for level 3 (default: a local Ray in process)")
     p.add_argument("--num-cpus", type=_positive_int, default=None,
@@ -195,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="measure this machine and write a device profile")
     p.add_argument("--out", required=True, help="profile YAML to write, e.g. my-box.yaml (then --device my-box.yaml)")
     p.add_argument("--name", default=None, help="profile name (default: the file's stem)")
+    _add_force(p, "the profile")
     _add_model(p)
     p.add_argument("--config", default=None,
                    help="measure at the layer shapes of this config.json instead of --model's")
@@ -221,16 +242,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds like Ctrl-C (temporary files
+    removed, atomic writes never half done) and exits 143."""
+
+
+_SIGTERM_SEEN: list[bool] = []  # a library may swallow the exception (Ray Tune ends its loop)
+
+
+def _on_sigterm(signum, frame):
+    _SIGTERM_SEEN.append(True)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import signal
+    import threading
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, said by _Parser) or --help
+        return exc.code if isinstance(exc.code, int) else 2
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:  # restored on the way out: main() is also called in-process (tests)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[args.command](args)
     except AutocompressError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        console.print("interrupted; files already written are kept", highlight=False)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(args, exc, in_main_thread)
+    finally:
+        if in_main_thread:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+def _interrupted(args, exc: KeyboardInterrupt, in_main_thread: bool) -> int:
+    """One line, whatever was running; a second signal while saying it is ignored."""
+    import signal
+
+    if in_main_thread:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    terminated = isinstance(exc, Terminated) or bool(_SIGTERM_SEEN)
+    _SIGTERM_SEEN.clear()
+    what = "terminated" if terminated else "interrupted"
+    again = " (rerun with --resume to continue)" if args.command == "search" else ""
+    # a progress bar may hold the cursor mid-line: the line is cleared (terminal) or ended
+    sys.stderr.write("\r\x1b[2K" if console.is_terminal else "\n")
+    console.print(f"{what}; files already written are kept, nothing is half-written{again}",
+                  highlight=False, soft_wrap=True)
+    return 143 if terminated else 130
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -254,8 +319,12 @@ def cmd_layers(args) -> int:
 def cmd_plan(args) -> int:
     from .accounting import model_footprint
     from .plan import LayerConfig, uniform_plan
+    from .outputs import check_out_file, json_with_keys
     from .report import footprint_table, print_tables
 
+    check_out_file(args.out, force=args.force, what="plan",
+                   inputs=[args.config, args.model, args.calib_text],
+                   is_ours=json_with_keys("schema_version", "model", "default"))
     config = LayerConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
                          method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                          prune_method=args.prune_method, rank_ratio=args.rank_ratio)
@@ -326,7 +395,7 @@ def _build_recipe(args, loaded, plan):
     recipe = build_recipe(loaded, plan, BuildOverrides(
         calib_text=args.calib_text, calib_windows=args.calib_windows, mode=args.mode))
     for note in recipe.notes:
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, soft_wrap=True)
     if recipe.calib is not None:
         _warn_embedded_corpus(recipe.provenance.calib_text)
     return recipe
@@ -335,8 +404,13 @@ def _build_recipe(args, loaded, plan):
 def cmd_apply(args) -> int:
     from .compress.reproduce import build_model
     from .export.safetensors import save_compressed
+    from .outputs import check_out_dir
 
+    inputs = [args.plan, args.model, args.calib_text]
+    check_out_dir(args.out, "apply", force=args.force, inputs=inputs)  # before any work
     plan, loaded = _load_for_plan(args)
+    check_out_dir(args.out, "apply", force=args.force, inputs=[loaded.source])
+    log = lambda m: console.print(m, highlight=False, soft_wrap=True)  # noqa: E731
     recipe = _build_recipe(args, loaded, plan)
     built = plan if recipe.provenance == plan.provenance else \
         dataclasses.replace(plan, provenance=recipe.provenance)  # the output says how it was made
@@ -345,14 +419,14 @@ def cmd_apply(args) -> int:
         from .units import format_size
 
         sizes = apply_packed(loaded, built, args.out, recipe.calib, mode=recipe.mode,
-                             gptq=recipe.gptq)
+                             gptq=recipe.gptq, force=args.force, log=log)
         console.print(f"wrote packed model to {args.out}: block linears "
                       f"{format_size(sizes['packed_layer_bytes'])} "
                       f"(plan accounting {format_size(sizes['accounted_layer_bytes'])})",
                       highlight=False)
         return 0
     model = build_model(loaded, built, recipe)
-    save_compressed(model, loaded, built, args.out)
+    save_compressed(model, loaded, built, args.out, force=args.force, log=log)
     console.print(f"wrote compressed model to {args.out}")
     return 0
 
@@ -445,7 +519,10 @@ def cmd_search(args) -> int:
         kinds_table,
         print_tables,
     )
+    from .outputs import check_search_dir, prepare_search_dir
     from .search.engine import SearchSettings, run_search
+    from .search.optuna_level import check_storage
+    from .sensitivity.build import make_proxy
     from .search.space import SearchSpace
     from .units import parse_size
 
@@ -457,7 +534,13 @@ def cmd_search(args) -> int:
         raise AutocompressError("give --space or --bits, not both")
     space = SearchSpace.bits_only(args.bits, group_size=args.group_size) if args.bits else \
         SearchSpace.load(args.space or "joint")
+    make_proxy(args.proxy)  # a typo is one line before any work
+    inputs = [args.model, args.calib_text, args.space, args.device]
+    state = check_search_dir(args.out, resume=args.resume, force=args.force, inputs=inputs)
+    check_storage(args.storage, args.out)
     loaded = load_model(args.model)
+    prepare_search_dir(args.out, state, resume=args.resume,
+                       log=lambda m: console.print(m, highlight=False, soft_wrap=True))
     settings = SearchSettings(budget=budget, context=args.context, batch=args.batch,
                               n_calib=args.calib_windows, n_holdout=args.holdout_windows,
                               window_len=args.window_len, calib_text=args.calib_text,
@@ -468,7 +551,7 @@ def cmd_search(args) -> int:
                               sampler=args.sampler, storage=args.storage, seed=args.seed,
                               resume=args.resume, num_cpus=args.num_cpus, address=args.address)
     result = run_search(loaded, space, settings, out_dir=args.out,
-                        log=lambda m: console.print(m, highlight=False))
+                        log=lambda m: console.print(m, highlight=False, soft_wrap=True))
     chosen = result.chosen
     tables = [kinds_table(loaded.layers, chosen.configs),
               footprint_table(chosen.footprint, settings.effective_budget()),
@@ -477,7 +560,7 @@ def cmd_search(args) -> int:
         tables.append(decode_table(chosen.decode, device.name))
     print_tables(*tables, console=console)
     if note:  # said at the end, where it is read (and never before an error line)
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, soft_wrap=True)
     console.print(f"chosen: {chosen.label}; wrote {Path(args.out) / 'plan.json'} and the "
                   "trade-offs (pareto.json, pareto.csv, pareto.png)", highlight=False)
     return 0
@@ -490,19 +573,33 @@ def cmd_sensitivity(args) -> int:
     from .sensitivity.build import build_table, make_proxy
     from .sensitivity.heatmap import save_heatmap
 
+    out, png = _sensitivity_outputs(args)
     space = SearchSpace.load(args.space)
     proxy = make_proxy(args.proxy)
     loaded = load_model(args.model)
     calib = calibration_data(loaded.tokenizer, args.calib_text, args.calib_windows, 0,
                              args.window_len)
     table = build_table(loaded, space, proxy, calib.calib, calib.digest,
-                        log=lambda m: console.print(m, highlight=False))
-    out = Path(args.out)
+                        log=lambda m: console.print(m, highlight=False, soft_wrap=True))
     table.save(out)
-    png = out.with_suffix(".png")
     save_heatmap(table, png, title=f"{loaded.name}: {proxy.name} proxy, predicted Δloss (nats)")
     console.print(f"wrote {out} and {png}", highlight=False)
     return 0
+
+
+def _sensitivity_outputs(args) -> tuple[Path, Path]:
+    from .outputs import check_out_file, is_png, json_with_keys
+
+    out = Path(args.out)
+    png = out.with_suffix(".png")
+    if png == out:
+        raise AutocompressError(f"--out {args.out!r}: the table is JSON (its heat map goes "
+                                "beside it as .png); give a name like table.json")
+    inputs = [args.model, args.calib_text, args.space]
+    check_out_file(out, force=args.force, inputs=inputs, what="sensitivity table",
+                   is_ours=json_with_keys("proxy", "layers", "options", "cost"))
+    check_out_file(png, force=args.force, inputs=inputs, is_ours=is_png, what="PNG")
+    return out, png
 
 
 def _print_device_estimate(estimate) -> None:
@@ -545,8 +642,13 @@ def cmd_profile(args) -> int:
         measure_profile
     from .hardware.profile import profile_to_yaml
     from .io_utils import atomic_write_text
+    from .outputs import check_out_file
 
     out = Path(args.out)
+    if not out.parent.is_dir():
+        raise AutocompressError(f"directory {out.parent} does not exist; create it first")
+    check_out_file(out, force=args.force, inputs=[args.config, args.model], what="profile",
+                   is_ours=_is_profile_yaml)
     if args.config:
         arch = read_config(args.config)
     else:
@@ -554,8 +656,6 @@ def cmd_profile(args) -> int:
 
         _, hf_dir = resolve_model_path(args.model)
         arch = read_config(hf_dir / "config.json")
-    if not out.parent.is_dir():
-        raise AutocompressError(f"directory {out.parent} does not exist; create it first")
     formats = formats_from_names(args.formats) if args.formats else RUNTIME_FORMATS
     settings = ProfileSettings(name=args.name or out.stem.lower(), threads=args.threads,
                                formats=formats)
@@ -570,6 +670,16 @@ def cmd_profile(args) -> int:
                   f"{len(profile.lookup)} measured layer latencies; use it with --device {out}",
                   highlight=False)
     return 0
+
+
+def _is_profile_yaml(path: Path) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "memory" in data and "compute" in data
 
 
 def cmd_estimate(args) -> int:
@@ -598,7 +708,7 @@ def cmd_estimate(args) -> int:
                      console=console)
         _print_device_estimate(estimate)
     if note:
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -33,22 +33,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def replace_dir(tmp: str | Path, out: str | Path) -> None:
-    """Put the finished directory ``tmp`` at ``out``, replacing what was there only once the
-    new one is complete (the old one is moved aside, then removed)."""
-    import shutil
-
-    tmp, out = Path(tmp), Path(out)
-    if out.exists():
-        backup = out.with_name(out.name + ".old")
-        shutil.rmtree(backup, ignore_errors=True)
-        out.rename(backup)
-        tmp.rename(out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def atomic_save_figure(fig, path: str | Path) -> Path:
     """A matplotlib figure as PNG at ``path``, written to a temp file and renamed."""
     import io

@@ -13,6 +13,8 @@ import json
 import os
 import re
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,9 @@ KIND_BY_SUFFIX = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
 }
+LAYER_KINDS = tuple(KIND_BY_SUFFIX.values())
 BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
+PACKED_FILE = "packed.safetensors"  # what apply --packed writes (runtime/convert.py)
 
 
 @dataclass(frozen=True)
@@ -115,11 +119,29 @@ def _file_fingerprint(path: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def check_gguf(path: Path) -> None:
+    """A GGUF whose header, metadata and tensor table read, and whose tensor data the file
+    holds in full: a truncated download is named as such, not as a numpy reshape error."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # the reader raises struct, numpy and value errors alike
+        raise AutocompressError(
+            f"GGUF file {str(path)!r} is truncated or corrupt ({path.stat().st_size} bytes; "
+            f"{type(exc).__name__}: {exc}); download or export it again") from None
+    if end > path.stat().st_size:
+        raise AutocompressError(f"GGUF file {str(path)!r} is truncated: its tensors need {end} "
+                                f"bytes, the file has {path.stat().st_size}; download it again")
+
+
 def _gguf_to_hf_dir(gguf_path: Path) -> Path:
     """Dequantize a GGUF once into a cached HF directory; return that directory."""
     target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_fingerprint(gguf_path)}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    check_gguf(gguf_path)
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,9 +152,8 @@ def _gguf_to_hf_dir(gguf_path: Path) -> Path:
         )
     except Exception as exc:  # transformers raises many types for a bad file
         raise AutocompressError(f"could not read GGUF file {str(gguf_path)!r}: {exc}") from None
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the float weights are what we store
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -141,7 +162,8 @@ def _gguf_to_hf_dir(gguf_path: Path) -> Path:
         state.pop("lm_head.weight", None)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
+    os.chmod(tmp, 0o755)
+    shutil.rmtree(target, ignore_errors=True)  # the cache's own entry, found incomplete
     os.replace(tmp, target)
     return target
 
@@ -154,6 +176,11 @@ def resolve_model_path(spec: str) -> tuple[str, Path]:
     if path.is_file() and path.suffix == ".gguf":
         return path.stem, _gguf_to_hf_dir(path)
     if path.is_dir():
+        if (path / PACKED_FILE).is_file():
+            raise AutocompressError(
+                f"{spec!r} is a packed model written by `autocompress apply --packed` (the "
+                "runtime format); commands that compress or evaluate take the float model: give "
+                "the --model the plan was made for, or run it with autocompress.runtime")
         if not (path / "config.json").is_file():
             raise AutocompressError(f"{spec!r} is a directory without config.json; not a HF model")
         return path.name, path
@@ -163,19 +190,59 @@ def resolve_model_path(spec: str) -> tuple[str, Path]:
     )
 
 
+def _in_cache(path: Path) -> bool:
+    return path.resolve().is_relative_to((cache_dir() / "models").resolve())
+
+
+def _load_checked(hf_dir: Path, dtype: torch.dtype):
+    """Tokenizer and model, with every weight read from the files: a missing or mis-shaped
+    weight is an error, never a randomly initialised layer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would precede our one line
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            hf_dir, dtype=dtype, local_files_only=True, output_loading_info=True,
+            ignore_mismatched_sizes=True)  # reported below, by name
+    except Exception as exc:  # OSError, safetensors' and json's errors for damaged files
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutocompressError(f"could not load the model in {str(hf_dir)!r}: its files are "
+                                f"missing, truncated or corrupt ({message})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys") or ()) - tied)
+    mismatched = [str(m[0]) if isinstance(m, (tuple, list)) else str(m)
+                  for m in info.get("mismatched_keys") or ()]
+    if missing or mismatched:
+        shown = ", ".join((missing + mismatched)[:3])
+        raise AutocompressError(
+            f"the weights in {str(hf_dir)!r} do not match its config.json: "
+            f"{len(missing)} missing and {len(mismatched)} of the wrong shape ({shown}); "
+            "transformers would fill them with random values")
+    return tokenizer, model
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM for compression work (eval mode, no grad by default, offline)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars are enough
     name, hf_dir = resolve_model_path(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, local_files_only=True)
-    except OSError as exc:
-        raise AutocompressError(f"could not load model from {str(hf_dir)!r}: {exc}") from None
+        tokenizer, model = _load_checked(hf_dir, dtype)
+    except AutocompressError as exc:
+        if not _in_cache(hf_dir):
+            raise
+        # the cache is the tool's own: a damaged conversion is rebuilt, and said
+        print(f"note: the cached conversion {hf_dir} is damaged ({exc}); rebuilding it",
+              file=sys.stderr)
+        shutil.rmtree(hf_dir)
+        name, hf_dir = resolve_model_path(spec)
+        tokenizer, model = _load_checked(hf_dir, dtype)
     model.eval()
     model.requires_grad_(False)  # inference by default; sensitivity proxies enable what they need
     layers, head = discover_layers(model)

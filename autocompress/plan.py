@@ -72,6 +72,12 @@ class LayerConfig:
             raise AutocompressError(
                 f"prune_method must be 'magnitude' or 'wanda', got {self.prune_method!r}"
             )
+        for name in ("sparsity", "rank_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise AutocompressError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.sym, bool):
+            raise AutocompressError(f"sym must be true or false, got {self.sym!r}")
         if not 0.0 <= float(self.sparsity) <= 0.9:
             raise AutocompressError(f"sparsity must be between 0 and 0.9, got {self.sparsity!r}")
         if self.pattern == "2:4" and self.sparsity not in (0.0, 0.5):
@@ -157,7 +163,13 @@ class Plan:
                     re.compile(key[3:])
                 except re.error as exc:
                     raise AutocompressError(f"override {key!r} is not a valid regex: {exc}") from None
-            LayerConfig.from_dict(partial, self.default)  # validate early
+            if not isinstance(partial, dict):
+                raise AutocompressError(f"override {key!r} must be an object of LayerConfig "
+                                        f"fields, got {partial!r}")
+            try:
+                LayerConfig.from_dict(partial, self.default)  # validate early
+            except AutocompressError as exc:
+                raise AutocompressError(f"override {key!r}: {exc}") from None
 
     # -- resolution ---------------------------------------------------------------------------
     def config_for(self, layer_name: str) -> LayerConfig:
@@ -194,11 +206,19 @@ class Plan:
         )
 
     def check_override_names(self, layer_names: Iterable[str]) -> None:
-        """Exact-name overrides must name real layers: a typo would otherwise do nothing."""
-        names = set(layer_names)
-        bad = [k for k in self.overrides if not k.startswith("re:") and k not in names]
+        """Overrides must reach real layers: an exact name that is not a layer, or a regex
+        that matches none, would otherwise do nothing (a typo the user never hears of)."""
+        names = list(layer_names)
+        known = set(names)
+        bad = [k for k in self.overrides if not k.startswith("re:") and k not in known]
         if bad:
             raise AutocompressError(f"plan overrides name unknown layer(s): {', '.join(bad[:5])}")
+        idle = [k for k in self.overrides if k.startswith("re:")
+                and not any(re.fullmatch(k[3:], name) for name in names)]
+        if idle:
+            raise AutocompressError(
+                f"plan override(s) {', '.join(repr(k) for k in idle[:5])} match no layer of the "
+                f"model (regexes must match a whole name, e.g. {names[0]!r}); fix or remove them")
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -236,11 +256,17 @@ class Plan:
         provenance = Provenance.from_dict(data["provenance"]) if version >= 2 else None
         try:
             model = ModelIdentity(**data["model"])
-            default = LayerConfig.from_dict(data.get("default", {}))
+            try:
+                default = LayerConfig.from_dict(data.get("default", {}))
+            except AutocompressError as exc:
+                raise AutocompressError(f"plan default: {exc}") from None
+            if not isinstance(data.get("overrides", {}), dict):
+                raise AutocompressError("plan overrides must be an object of layer name (or "
+                                        "re:REGEX) to LayerConfig fields")
             # a v1 plan is read as it was written; saving it again writes schema 2
             return cls(model=model, default=default, overrides=dict(data.get("overrides", {})),
                        figures=dict(data.get("figures", {})), provenance=provenance)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise AutocompressError(f"plan is missing or has malformed fields ({exc})") from None
 
     def save(self, path: str | Path) -> None:

@@ -122,6 +122,9 @@ def resolve(recorded: Provenance | None, overrides: BuildOverrides | None = None
     changes: dict[str, Any] = {}
     if overrides is not None:
         if overrides.calib_text is not None:
+            if not Path(overrides.calib_text).is_file():
+                raise AutocompressError(f"--calib-text: text file {overrides.calib_text!r} "
+                                        "not found")
             path = str(Path(overrides.calib_text).resolve())
             if path != base.calib_text:
                 changes["calib_text"] = path

@@ -8,7 +8,6 @@ written beside them. Packed low-bit storage is the runtime's job (``apply --pack
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,8 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..compress.apply import LowRankLinear
-from ..io_utils import atomic_write_text, replace_dir
 from ..model import LoadedModel
+from ..outputs import publish_dir
 from ..plan import Plan
 
 
@@ -36,16 +35,16 @@ def dense_state_dict(model: nn.Module, loaded: LoadedModel) -> dict[str, torch.T
     return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
 
 
-def save_compressed(model: nn.Module, loaded: LoadedModel, plan: Plan, out: str | Path) -> None:
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = loaded.config.to_dict()
-    config["dtype"] = "float16"
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    save_file(dense_state_dict(model, loaded), str(tmp / "model.safetensors"),
-              metadata={"format": "pt", "autocompress_plan": json.dumps(plan.to_dict())})
-    loaded.tokenizer.save_pretrained(tmp)
-    atomic_write_text(tmp / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
-    replace_dir(tmp, out)
+def save_compressed(model: nn.Module, loaded: LoadedModel, plan: Plan, out: str | Path,
+                    force: bool = False, log=None) -> Path:
+    """The HF directory at ``out``, by the output policy of ``outputs.publish_dir``."""
+    def fill(tmp: Path) -> None:
+        config = loaded.config.to_dict()
+        config["dtype"] = "float16"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(dense_state_dict(model, loaded), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt", "autocompress_plan": json.dumps(plan.to_dict())})
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+
+    return publish_dir(out, "apply", fill, force=force, log=log)

@@ -43,7 +43,8 @@ ALIASES = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a NaN or infinite speed would pass every `> 0` check and poison each prediction
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Memory(_Strict):
@@ -270,9 +271,12 @@ def load_profile(device: str | Path, directory: Path | None = None) -> DevicePro
 
 def read_profile(path: Path) -> DeviceProfile:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise AutocompressError(f"cannot read device profile {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise AutocompressError(f"device profile {path} is not a text (YAML) file; measure one "
+                                "with `autocompress profile`") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

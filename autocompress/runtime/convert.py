@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,8 @@ from ..compress.apply import compress_layers_into
 from ..compress.calibration import InputStats
 from ..compress.weights import GPTQSettings
 from ..errors import AutocompressError
-from ..io_utils import atomic_write_text, replace_dir
+from ..outputs import publish_dir
+from ..model import PACKED_FILE as _PACKED_FILE
 from ..model import LayerInfo, LoadedModel, discover_layers
 from ..plan import LayerConfig, Plan
 from .cpu_kernels import (
@@ -45,7 +45,7 @@ from .modules import QuantLinear
 from .packed import PackedLinear, PackedMatrix
 
 FORMAT_VERSION = 1
-PACKED_FILE = "packed.safetensors"
+PACKED_FILE = _PACKED_FILE  # one name, shared with model.py (which refuses such a directory)
 REST_FILE = "model.safetensors"
 
 
@@ -157,7 +157,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 # -- saving -----------------------------------------------------------------------------------
 
 def save_packed(model: nn.Module, out: str | Path, plan: Plan | None = None,
-                tokenizer: Any = None) -> Path:
+                tokenizer: Any = None, force: bool = False, log=None) -> Path:
     """Write ``model`` (with QuantLinear layers) as a packed model directory, atomically."""
     out = Path(out)
     layers = quant_linears(model)
@@ -177,21 +177,20 @@ def save_packed(model: nn.Module, out: str | Path, plan: Plan | None = None,
                     tensors[f"{name}.{i}.{field}"] = value.detach().cpu().contiguous()
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.detach().cpu().contiguous()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta = {"format_version": FORMAT_VERSION, "layers": described}
-    save_file(tensors, str(tmp / PACKED_FILE), metadata={"autocompress_packed": json.dumps(meta)})
-    save_file(_rest_state(model, layers), str(tmp / REST_FILE), metadata={"format": "pt"})
-    config = getattr(model, "config", None)
-    if config is not None:
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if plan is not None:
-        atomic_write_text(tmp / "plan.json", json.dumps(plan.to_dict(), indent=2) + "\n")
-    replace_dir(tmp, out)
-    return out
+    def fill(tmp: Path) -> None:
+        meta = {"format_version": FORMAT_VERSION, "layers": described}
+        save_file(tensors, str(tmp / PACKED_FILE),
+                  metadata={"autocompress_packed": json.dumps(meta)})
+        save_file(_rest_state(model, layers), str(tmp / REST_FILE), metadata={"format": "pt"})
+        config = getattr(model, "config", None)
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+
+    return publish_dir(out, "apply", fill, force=force, log=log)
 
 
 def _describe(packed: PackedLinear) -> dict[str, Any]:
@@ -299,14 +298,15 @@ def load_packed(directory: str | Path, backend: str = "auto", dtype: torch.dtype
 
 def apply_packed(loaded: LoadedModel, plan: Plan, out: str | Path,
                  calib_windows: torch.Tensor | None = None, mode: str = "sequential",
-                 progress: bool = True, gptq: GPTQSettings = GPTQSettings()) -> dict[str, int]:
+                 progress: bool = True, gptq: GPTQSettings = GPTQSettings(),
+                 force: bool = False, log=None) -> dict[str, int]:
     """``autocompress apply --packed``: compress ``loaded`` by ``plan``, write the packed model
     directory ``out``; return its byte counts (packed layers, and the plan's accounting)."""
     from ..accounting import layer_bytes
 
     model = pack_model(loaded, plan, calib_windows, mode=mode, backend="torch", progress=progress,
                        gptq=gptq)
-    save_packed(model, out, plan, loaded.tokenizer)
+    save_packed(model, out, plan, loaded.tokenizer, force=force, log=log)
     configs = plan.resolve(layer.name for layer in loaded.layers)
     return {"packed_layer_bytes": sum(m.packed.nbytes() for m in quant_linears(model).values()),
             "accounted_layer_bytes": sum(layer_bytes(*layer.shape, configs[layer.name])

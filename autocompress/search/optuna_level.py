@@ -112,6 +112,24 @@ def open_storage(storage: str | None, out_dir: Path | None):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def check_storage(storage: str | None, out_dir: str | Path | None) -> None:
+    """Open the storage once before any work, so that a bad URL or an unwritable journal is
+    one line at the start, not a traceback after the sensitivity table."""
+    if storage is None:
+        return  # the default journal in --out, whose directory the output policy checked
+    if "://" not in storage:
+        parent = Path(storage).parent
+        if Path(storage).is_dir() or not parent.is_dir():
+            raise AutocompressError(f"--storage {storage!r}: give a journal file in an existing "
+                                    "directory, or an RDB URL such as sqlite:///study.db")
+    try:
+        optuna.study.get_all_study_names(open_storage(storage, out_dir))
+    except Exception as exc:  # SQLAlchemy, journal and driver errors all say something useful
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutocompressError(f"--storage {storage!r} cannot be opened ({first}); give a "
+                                "journal file or an RDB URL such as sqlite:///study.db") from None
+
+
 def make_sampler(name: str, seed: int):
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
@@ -152,7 +170,8 @@ class Level2:
             raise AutocompressError(
                 f"a study already exists in {settings.storage or Path(out_dir) / 'study.journal'}; "
                 "add --resume to continue it, or use another --out")
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # failures are said by this module in one line; Optuna's own warnings carry tracebacks
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         self.study = optuna.create_study(
             study_name=STUDY_NAME, storage=storage, directions=directions,
             sampler=make_sampler(settings.sampler, settings.seed), load_if_exists=True)
@@ -160,15 +179,15 @@ class Level2:
         # mix trials of two problems
         identity = {"capacity": int(problem.capacity), "layers": len(problem.table.layers),
                     "options": len(problem.options[0]), **(identity or {})}
-        if exists:
-            stored = self.study.user_attrs.get("identity")
-            if stored is not None and stored != json.loads(json.dumps(identity)):
+        stored = self.study.user_attrs.get("identity") if exists else None
+        if stored is not None:
+            if stored != json.loads(json.dumps(identity)):
                 changed = sorted(k for k in set(stored) | set(identity)
                                  if stored.get(k) != identity.get(k))
                 raise AutocompressError(
                     f"the study in this output directory was for other settings "
                     f"({', '.join(changed)} differ); use another --out")
-        else:
+        else:  # a new study, or one killed before it recorded what it searches
             self.study.set_user_attr("identity", identity)
         self.lo = max(problem.min_bytes / problem.capacity, 1.0 - settings.capacity_span)
         self._cache: dict[str, float] = {}
@@ -176,8 +195,7 @@ class Level2:
             self._cache[trial.user_attrs["signature"]] = trial.user_attrs["kl_fast"]
         if exists:
             self._requeue_interrupted()
-        else:
-            self._seed()
+        self._seed()  # idempotent: a study killed while seeding gets the rest
 
     # -- study set-up --------------------------------------------------------------------------
     def _seed(self) -> None:
@@ -186,6 +204,16 @@ class Level2:
         and the optimum trusting GPTQ 3x more (a diagonal proxy scores GPTQ's ΔW elementwise and
         overrates its damage: SmolLM2's Fisher table costs GPTQ 1.5x RTN at equal bits where
         the measured KL is 0.45x)."""
+        if self.study.user_attrs.get("seeded"):
+            return
+        present = {t.user_attrs.get("seed_index") for t in self.study.get_trials(deepcopy=False)}
+        for index, params in enumerate(self._seed_params()):
+            if index not in present:
+                self.study.enqueue_trial(params, user_attrs={"seed": "proxy front",
+                                                             "seed_index": index})
+        self.study.set_user_attr("seeded", True)
+
+    def _seed_params(self) -> list[dict[str, float]]:
         ones = {knob: 1.0 for knob in self.reweighting.masks}
         seeds = [{"capacity": 1.0, **ones}]
         for fraction in np.linspace(1.0, self.lo, self.settings.front_points)[1:]:
@@ -194,14 +222,21 @@ class Level2:
             seeds.append({"capacity": 1.0, **ones, "w_2bit": WEIGHT_RANGE[1]})
         if "w_gptq" in ones:
             seeds.append({"capacity": 1.0, **ones, "w_gptq": WEIGHT_RANGE[0]})
-        for params in seeds:
-            self.study.enqueue_trial(params, user_attrs={"seed": "proxy front"})
+        return seeds
 
     def _requeue_interrupted(self) -> None:
-        """Trials left RUNNING by a killed process: failed, and their parameters run again."""
+        """Trials left RUNNING by a killed or interrupted process: failed, and run again. A
+        seed runs again with its parameters; a sampled trial is sampled again, which asks the
+        same parameters (the sampler is seeded by the trial's index, and failed trials are not
+        in its history), even if the kill came half-way through its suggestions."""
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             self.study.tell(trial.number, state=TrialState.FAIL)
-            self.study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+            attrs, params = {"requeued_from": trial.number}, {}
+            if "seed_index" in trial.user_attrs:
+                index = trial.user_attrs["seed_index"]
+                attrs.update(seed="proxy front", seed_index=index)
+                params = self._seed_params()[index]
+            self.study.enqueue_trial(params, user_attrs=attrs)
             self.log(f"trial {trial.number} was interrupted: run again")
 
     # -- trials --------------------------------------------------------------------------------
@@ -231,6 +266,22 @@ class Level2:
             values.append(float(seconds))
         return values
 
+    def _trial(self, index: int) -> None:
+        """One ask/tell. The sampler is made afresh for each trial, seeded by the seed and the
+        number of complete trials, so a resumed study asks what an uninterrupted one would
+        have asked (Optuna's samplers keep only their RNG outside the storage). An interrupt
+        leaves the trial RUNNING in the storage, as a kill does; --resume runs it again."""
+        self.study.sampler = make_sampler(self.settings.sampler,
+                                          self.settings.seed * 100_003 + index)
+        trial = self.study.ask()
+        try:
+            values = self.objective(trial)
+        except AutocompressError as exc:
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.log(f"level 2: trial {trial.number} failed: {exc}")
+            return
+        self.study.tell(trial, values)
+
     def complete_trials(self) -> list:
         return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
@@ -245,7 +296,7 @@ class Level2:
                   disable=not self.progress, leave=False) as bar:
             attempts = 0
             while done < target:
-                self.study.optimize(self.objective, n_trials=1, catch=(AutocompressError,))
+                self._trial(done)
                 attempts += 1
                 now = len(self.complete_trials())
                 bar.update(now - done)

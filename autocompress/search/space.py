@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import AutocompressError
-from ..model import LayerInfo
+from ..model import LAYER_KINDS, LayerInfo
 from ..plan import VALID_BITS, LayerConfig
 
 _KEYS = {"defaults", "options", "kinds", "tied", "pinned"}
@@ -56,9 +56,19 @@ class SearchSpace:
         if not self.options and not self.kinds:
             raise AutocompressError("the search space has no options")
         for group in self.tied:
+            if not isinstance(group, list) or not group:
+                raise AutocompressError(f"tied groups are lists of layer kinds, got {group!r}")
+            unknown = [k for k in group if k not in LAYER_KINDS]
+            if unknown:
+                raise AutocompressError(f"tied names unknown layer kind(s) {unknown}; kinds are "
+                                        f"{', '.join(LAYER_KINDS)}")
             lists = {tuple(self.kinds.get(kind, self.options)) for kind in group}
             if len(lists) > 1:
                 raise AutocompressError(f"tied kinds {group} must have the same options")
+        unknown = [k for k in self.kinds if k not in LAYER_KINDS]
+        if unknown:
+            raise AutocompressError(f"kinds names unknown layer kind(s) {unknown}; kinds are "
+                                    f"{', '.join(LAYER_KINDS)}")
         for key in self.pinned:
             if key.startswith("re:"):
                 try:
@@ -105,9 +115,16 @@ class SearchSpace:
         if not path.is_file():
             raise AutocompressError(f"search space {str(path)!r} not found")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise AutocompressError(f"search space {str(path)!r} is not a text (YAML) "
+                                    "file") from None
         except yaml.YAMLError as exc:
-            raise AutocompressError(f"search space {str(path)!r} is not valid YAML ({exc})") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "syntax error"
+            raise AutocompressError(f"search space {str(path)!r} is not valid YAML{where} "
+                                    f"({problem})") from None
         if not isinstance(data, dict) or not isinstance(data.get("options", []), list):
             raise AutocompressError(f"search space {str(path)!r} needs an 'options:' list")
         unknown = set(data) - _KEYS
@@ -127,7 +144,7 @@ class SearchSpace:
         return cls(
             options=configs(data.get("options") or []),
             kinds={kind: configs(items) for kind, items in kinds.items()},
-            tied=[list(group) for group in data.get("tied") or []],
+            tied=_tied(path, data.get("tied")),
             pinned={key: LayerConfig.from_dict(cfg, base) for key, cfg in pinned.items()},
             name=path.stem,
         )
@@ -168,3 +185,12 @@ class SearchSpace:
         lists = [l for l in lists if l]
         common = [cfg for cfg in lists[0] if all(cfg in other for other in lists[1:])]
         return common
+
+
+def _tied(path: Path, value) -> list[list[str]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(g, list) for g in value):
+        raise AutocompressError(f"search space {str(path)!r}: 'tied' is a list of lists of "
+                                "layer kinds, e.g. [[q, k, v], [gate, up]]")
+    return value

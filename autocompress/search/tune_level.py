@@ -16,6 +16,7 @@ Locally Ray starts in process (``ray.init(num_cpus=..., include_dashboard=False)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -167,6 +168,23 @@ def _progress_bar(n_candidates: int, windows: int):
     return ProgressBar()
 
 
+@contextlib.contextmanager
+def _keeping_sigterm_handler():
+    """ray.init replaces the process's SIGTERM handler (with sys.exit, and its core worker's
+    crash handler that aborts); the caller's is put back so SIGTERM ends the search as the
+    caller decided."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
                tokens_per_window: int, resume: bool = False, log=print,
                progress: bool = True) -> dict[str, dict]:
@@ -178,12 +196,17 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # An interrupt reaches the driver as KeyboardInterrupt, as everywhere else in the search
+    # (Tune's own handler would print its lines and return a half-measured grid); the
+    # experiment's saved state is what --resume restores, as after a kill.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     if not ray.is_initialized():
-        if settings.address:
-            ray.init(address=settings.address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+        with _keeping_sigterm_handler():
+            if settings.address:
+                ray.init(address=settings.address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
     cpus = settings.cpus_per_trial or settings.num_cpus or os.cpu_count()
     job = json.loads((job_dir / "job.json").read_text())
     trainable = tune.with_resources(evaluate_candidate, {"cpu": cpus})
@@ -222,7 +245,11 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
     for result in results:
         if result.error is not None:
             raise AutocompressError(f"level 3 trial failed: {result.error}")
-        metrics = result.metrics
+        metrics = result.metrics or {}
+        if "kl" not in metrics:
+            # Tune's own SIGINT handler stops the experiment cleanly (its state saved for
+            # --resume) and returns; the driver must still stop as on any interrupt
+            raise KeyboardInterrupt("level 3 stopped before every candidate reported")
         name = result.config["candidate"]
         out[name] = {"kl": metrics["kl"], "ppl": metrics["ppl"], "tokens": metrics["tokens"],
                      "windows": metrics["windows"],

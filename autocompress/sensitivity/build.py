@@ -11,6 +11,7 @@ a cache for other inputs, or a corrupt one, is rebuilt with a line saying so.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from pathlib import Path
 from typing import Callable
@@ -57,7 +58,7 @@ class TableCache:
     """Rows of one table under construction, in one JSON file written atomically per row."""
 
     def __init__(self, path: Path, key: dict, log: Callable[[str], None] = print):
-        self.path, self.key = Path(path), key
+        self.path, self.key, self.log = Path(path), key, log
         self.rows: dict[str, dict] = {}
         if not self.path.is_file():
             return
@@ -80,9 +81,30 @@ class TableCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return cache_dir() / "sensitivity" / f"{key['proxy']}-{digest}.json"
 
+    def drop_malformed(self, n_options: dict[str, int]) -> None:
+        """Rows that are not one finite cost and one byte count per option (a hand edit, a
+        bad disk) are dropped, so they are computed again, and said."""
+        bad = [name for name, row in self.rows.items()
+               if name in n_options and not _row_ok(row, n_options[name])]
+        for name in bad:
+            del self.rows[name]
+        if bad:
+            self.log(f"sensitivity cache {self.path}: {len(bad)} malformed row(s) "
+                     f"({', '.join(bad[:3])}) dropped; computing them again")
+
     def put(self, layer: str, cost: list[float], size: list[int]) -> None:
         self.rows[layer] = {"cost": cost, "bytes": size}
         atomic_write_text(self.path, json.dumps({"key": self.key, "rows": self.rows}))
+
+
+def _row_ok(row, n: int) -> bool:
+    if not isinstance(row, dict):
+        return False
+    cost, size = row.get("cost"), row.get("bytes")
+    if not (isinstance(cost, list) and isinstance(size, list) and len(cost) == len(size) == n):
+        return False
+    return all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c)
+               for c in cost) and all(isinstance(b, int) and b > 0 for b in size)
 
 
 def is_plain_rtn(cfg: LayerConfig) -> bool:
@@ -112,6 +134,7 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
     key = table_key(loaded, calib_digest, options, proxy)
     if not isinstance(cache, TableCache):
         cache = TableCache(cache or TableCache.default_path(key), key, log)
+    cache.drop_malformed({layer.name: len(opts) for layer, opts in zip(layers, options)})
     todo = [i for i, layer in enumerate(layers) if layer.name not in cache.rows]
     if todo:
         todo_layers = [layers[i] for i in todo]
