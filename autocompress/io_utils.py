@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import faults
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
@@ -17,6 +19,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        faults.point("atomic_write")  # the temp file is whole, the target not yet replaced
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

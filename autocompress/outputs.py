@@ -93,7 +93,8 @@ def dir_state(path: str | Path) -> DirState:
     path = Path(path)
     if not path.exists():
         return DirState(path, "new")
-    entries = sorted(p.name for p in path.iterdir())
+    # a half-written marker (killed mid-write) is the tool's own leftover, not a user's file
+    entries = sorted(p.name for p in path.iterdir() if not _is_tool_temp(p.name, {MARKER}))
     marker = read_marker(path)
     if not entries or (marker is not None and entries == [MARKER]):
         return DirState(path, "empty")  # a marker alone: a run that stopped before writing
@@ -258,6 +259,9 @@ def prepare_search_dir(out: str | Path, state: DirState, *, resume: bool,
     elif state.kind in ("new", "empty") and resume:
         log(f"nothing to resume in {out}; starting a new search")
     out.mkdir(parents=True, exist_ok=True)
+    for entry in out.iterdir():  # a killed run's half-made temporaries of its own files
+        if _is_tool_temp(entry.name, set(SEARCH_ENTRIES) | {MARKER}):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     _write_marker(out, "search", SEARCH_ENTRIES)
 
 

@@ -37,3 +37,28 @@ def test_unknown_model(spec):
 def test_directory_without_config(tmp_path):
     with pytest.raises(AutocompressError, match="config.json"):
         load_model(str(tmp_path))
+
+
+def test_a_damaged_cached_conversion_is_rebuilt_and_said(tiny_model_dir, tmp_path, monkeypatch,
+                                                         capsys):
+    """The GGUF cache is the tool's own: a truncated entry is rebuilt, not a traceback."""
+    import shutil
+
+    import autocompress.model as model_module
+
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))
+    entry = model_module.cache_dir() / "models" / "tiny-0000"
+
+    def convert(spec):  # stands in for the GGUF conversion (minutes for a real model)
+        if not (entry / "config.json").is_file():
+            shutil.copytree(tiny_model_dir, entry)
+        return "tiny", entry
+
+    monkeypatch.setattr(model_module, "resolve_model_path", convert)
+    convert("tiny")
+    data = (entry / "model.safetensors").read_bytes()
+    (entry / "model.safetensors").write_bytes(data[: len(data) // 3])
+    loaded = model_module.load_model("tiny")
+    assert "is damaged" in capsys.readouterr().err
+    assert len(loaded.layers) == 14
+    assert (entry / "model.safetensors").read_bytes() == data

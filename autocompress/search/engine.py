@@ -39,6 +39,7 @@ from ..hardware.architecture import Architecture
 from ..hardware.latency import DecodeEstimate, LatencyModel
 from ..hardware.memory import held_layer_bytes
 from ..hardware.profile import DeviceProfile
+from .. import faults
 from ..io_utils import atomic_write_text
 from ..compress.apply import needs_calibration
 from ..compress.weights import GPTQSettings
@@ -251,6 +252,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     else:
         for cand in candidates:
             cand.measured = final_meter.measure(cand.configs)
+            faults.point("final_measure")
         full = candidates
     timings["level3_s" if settings.eval_top else "measure_s"] = time.perf_counter() - t0
     chosen = min(full, key=lambda c: c.measured["kl"])

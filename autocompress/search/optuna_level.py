@@ -29,6 +29,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from .. import faults
 from ..errors import AutocompressError
 from ..model import BLOCK_INDEX
 from ..plan import LayerConfig
@@ -280,6 +281,7 @@ class Level2:
             self.study.tell(trial, state=TrialState.FAIL)
             self.log(f"level 2: trial {trial.number} failed: {exc}")
             return
+        faults.point("level2_trial")  # measured, not yet recorded
         self.study.tell(trial, values)
 
     def complete_trials(self) -> list:

@@ -24,6 +24,7 @@ from ..compress.apply import uses_calibration
 from ..compress.calibration import collect_stats
 from ..compress.weights import LayerStats, compress_weight
 from ..io_utils import atomic_write_text
+from .. import faults
 from ..model import LoadedModel, cache_dir, weights_fingerprint
 from ..plan import LayerConfig
 from .base import PROXIES, SensitivityProxy
@@ -152,6 +153,7 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
             cost = layer_costs(proxy, layer, weight, options[i], layer_stats)
             size = [layer_bytes(layer.out_features, layer.in_features, cfg) for cfg in options[i]]
             cache.put(layer.name, cost, size)
+            faults.point("sensitivity_row")
     return SensitivityTable(
         layers=[layer.name for layer in layers], options=options,
         cost=[cache.rows[layer.name]["cost"] for layer in layers],

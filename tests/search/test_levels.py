@@ -184,30 +184,6 @@ def _budget(tiny_loaded):
 
 
 @pytest.mark.slow
-def test_sigkill_in_level2_then_resume(tiny_loaded, tiny_model_dir, tmp_path):
-    from autocompress.cli import main
-
-    out, n = tmp_path / "run", 120
-    argv = _search_argv(tiny_model_dir, out, _budget(tiny_loaded), "--trials", str(n),
-                        "--eval-top", "0")
-    proc = _start(argv)
-    _kill_when(proc, lambda: len(_complete(out)) >= 10)
-    killed_at = len(_complete(out))
-    assert 10 <= killed_at < n
-    assert main(argv) == 2  # without --resume the study is not silently reused
-    assert main(argv + ["--resume"]) == 0
-    study = optuna.load_study(study_name="autocompress", storage=open_storage(None, out))
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    assert len(complete) == n
-    seeds = [t for t in complete if t.user_attrs.get("seed")]
-    assert len(seeds) == len({json.dumps(t.params, sort_keys=True) for t in seeds})
-    for failed in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        again = [t for t in complete if t.user_attrs.get("requeued_from") == failed.number]
-        assert len(again) == 1
-    assert (out / "plan.json").is_file()
-
-
-@pytest.mark.slow
 def test_sigkill_in_level3_then_resume(tiny_loaded, tiny_model_dir, tmp_path):
     import ray
 
