@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-len", type=_positive_int, default=512,
                    help="tokens per evaluation window")
     p.add_argument("--no-kl", action="store_true", help="skip KL (halves the time)")
+    p.add_argument("--engine", choices=["torch", "llamacpp"], default="torch",
+                   help="what runs the model: torch (the plan built as the search measured "
+                        "it) or llamacpp (a GGUF file in llama.cpp, --gguf)")
+    p.add_argument("--gguf", default=None,
+                   help="with --engine llamacpp: the GGUF file to run (KL against the "
+                        "uncompressed model on the same windows)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_device(p, required=False)
     _add_build(p)
@@ -438,6 +444,16 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .report import footprint_table, print_tables
 
+    if args.engine == "llamacpp":  # checked before the model loads
+        from .engines.llamacpp import library
+
+        if not args.gguf:
+            raise AutocompressError("--engine llamacpp runs a GGUF file: give --gguf FILE")
+        if not Path(args.gguf).is_file():
+            raise AutocompressError(f"GGUF file {args.gguf!r} not found")
+        library()
+    elif args.gguf:
+        raise AutocompressError("--gguf is for --engine llamacpp")
     profile = None
     if args.device:  # a bad device fails before the long evaluation, not after
         from .hardware.profile import load_profile
@@ -457,14 +473,30 @@ def cmd_eval(args) -> int:
         n_windows = args.windows or min(40, stream.max_windows(args.window_len))
         windows, source, reported = stream.windows(n_windows, args.window_len), stream.source, None
         window_len = args.window_len
-    recipe = _build_recipe(args, loaded, plan)
-    model = build_model(loaded, plan, recipe)
-    result = evaluate(model, windows, None if args.no_kl else loaded.model)
+    engine_note = None
+    if args.engine == "llamacpp":
+        from .engines.llamacpp import LlamaCppEngine
+
+        with LlamaCppEngine(args.gguf, n_ctx=window_len) as engine:
+            if engine.n_vocab != loaded.model.config.vocab_size:
+                raise AutocompressError(
+                    f"{args.gguf} has {engine.n_vocab} tokens, the plan's model "
+                    f"{loaded.model.config.vocab_size}: it is another model's GGUF")
+            result = evaluate(engine, windows, None if args.no_kl else loaded.model)
+        recipe, engine_note = None, f" (llama.cpp, {args.gguf})"
+    else:
+        recipe = _build_recipe(args, loaded, plan)
+        model = build_model(loaded, plan, recipe)
+        result = evaluate(model, windows, None if args.no_kl else loaded.model)
     configs = plan.resolve(l.name for l in loaded.layers)
     fp = model_footprint(loaded, configs, args.context, args.batch)
     record = {**result.as_dict(), "weight_bytes": fp.weights, "total_bytes": fp.total,
               "layer_weight_bytes": fp.layer_weights, "eval_text": source,
-              "window_len": window_len, "provenance": recipe.provenance.to_dict()}
+              "window_len": window_len, "engine": args.engine,
+              "provenance": recipe.provenance.to_dict() if recipe else None}
+    if args.engine == "llamacpp":
+        record["gguf"] = str(Path(args.gguf).resolve())
+        record["gguf_bytes"] = Path(args.gguf).stat().st_size
     if reported is not None:
         record["search_reported"] = reported
     device = None
@@ -483,7 +515,7 @@ def cmd_eval(args) -> int:
             _print_device_estimate(device)
         kl = "" if result.kl is None else f", KL {result.kl:.4f} nats/token"
         Console().print(f"perplexity {result.ppl:.3f}{kl} on {result.windows} windows of "
-                        f"{window_len} tokens of {source}", highlight=False)
+                        f"{window_len} tokens of {source}{engine_note or ''}", highlight=False)
         if reported is not None and reported.get("kl") is not None:
             Console().print(f"the search reported KL {reported['kl']:.4f}, perplexity "
                             f"{reported['ppl']:.3f} on these windows", highlight=False)

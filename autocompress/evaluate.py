@@ -30,8 +30,12 @@ class EvalResult:
                 "windows": self.windows}
 
 
-def log_probs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
-    logits = model(window.unsqueeze(0)).logits[0, :-1].float()
+def log_probs(model, window: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [L-1, V] of a torch model or any ``engines.base.Engine``."""
+    if hasattr(model, "window_logits"):  # an Engine (llama.cpp, ...)
+        logits = model.window_logits(window)[:-1]
+    else:
+        logits = model(window.unsqueeze(0)).logits[0, :-1].float()
     return F.log_softmax(logits, dim=-1)
 
 
@@ -62,9 +66,10 @@ class ReferenceCache:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: torch.Tensor, reference: nn.Module | ReferenceCache | None = None,
+def evaluate(model, windows: torch.Tensor, reference: nn.Module | ReferenceCache | None = None,
              progress: bool = True, desc: str = "eval") -> EvalResult:
-    """Perplexity of ``model`` on ``windows`` [n, L]; KL to ``reference`` when given."""
+    """Perplexity of ``model`` (a torch model or an Engine) on ``windows`` [n, L]; KL to
+    ``reference`` when given."""
     if isinstance(reference, ReferenceCache) and not torch.equal(reference.windows, windows):
         raise ValueError("ReferenceCache was built for other windows")
     total_nll, total_kl, total_tokens = 0.0, 0.0, 0

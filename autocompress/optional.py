@@ -14,7 +14,7 @@ from types import ModuleType
 from .errors import AutocompressError
 
 # module -> extra of pyproject.toml that installs it
-EXTRAS = {"triton": "gpu", "onnxruntime": "runtime"}
+EXTRAS = {"triton": "gpu", "onnxruntime": "runtime", "xllamacpp": "llamacpp"}
 
 
 def available(module: str) -> bool:

@@ -208,6 +208,12 @@ ROWS = [
     ("eval {plan} --model {model} --windows 0", 2, "must be positive"),
     ("eval {plan} --model {model} --eval-text {text} --windows 500", 2, "windows"),
     ("eval {plan_other_model} --model {model}", 2, "not 'tiny"),
+    ("eval {plan} --model {model} --engine llamacpp", 2, "give --gguf FILE"),
+    ("eval {plan} --model {model} --engine llamacpp --gguf {tmp}/none.gguf", 2, "not found"),
+    ("eval {plan} --model {model} --gguf {gguf_truncated}", 2, "for --engine llamacpp"),
+    ("eval {plan} --model {model} --engine llamacpp --gguf {gguf_truncated}", 2,
+     "truncated or corrupt"),
+    ("eval {plan} --model {model} --engine onnx", 2, "invalid choice"),
     # -- sensitivity -------------------------------------------------------------------------
     ("sensitivity --model {model} --proxy nope --out {tmp}/t.json", 2, "unknown proxy"),
     ("sensitivity --model {model} --space nope --out {tmp}/t.json", 2, "unknown search space"),

@@ -1,0 +1,34 @@
+"""llama.cpp running the bundled SmolLM2 GGUF against torch running its dequantized weights:
+the same windows, the same metrics code, the same numbers within 2%."""
+
+import json
+
+import pytest
+
+from autocompress.cli import main
+
+from ..conftest import EVAL_TEXT, require_shared_data
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("xllamacpp", reason="llama.cpp (pip install 'autocompress[llamacpp]')")
+
+
+def test_eval_in_llamacpp_agrees_with_torch_on_the_same_windows(real_loaded, tmp_path, capsys):
+    from autocompress.model import resolve_alias
+
+    require_shared_data()
+    plan = tmp_path / "f16.json"
+    assert main(["plan", "--model", "smollm2-135m", "--bits", "16", "--out", str(plan)]) == 0
+    common = ["eval", str(plan), "--eval-text", str(EVAL_TEXT), "--windows", "2",
+              "--window-len", "256", "--json"]
+    capsys.readouterr()
+    assert main(common) == 0
+    torch_run = json.loads(capsys.readouterr().out)
+    gguf = resolve_alias("smollm2-135m")
+    assert main(common + ["--engine", "llamacpp", "--gguf", str(gguf)]) == 0
+    llama_run = json.loads(capsys.readouterr().out)
+    assert llama_run["engine"] == "llamacpp" and llama_run["tokens"] == torch_run["tokens"] == 510
+    # the GGUF's Q4_1 weights are what torch runs (dequantized once): only kernels differ
+    assert llama_run["ppl"] == pytest.approx(torch_run["ppl"], rel=0.02)
+    assert 0 < llama_run["kl"] < 0.02  # llama.cpp's float paths against torch's float32
+    assert llama_run["gguf_bytes"] == gguf.stat().st_size
