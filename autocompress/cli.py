@@ -24,6 +24,11 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _log(message: str) -> None:
+    """A library's progress line, on stderr, one message on one line."""
+    console.print(message, highlight=False, soft_wrap=True)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -401,7 +406,7 @@ def _build_recipe(args, loaded, plan):
     recipe = build_recipe(loaded, plan, BuildOverrides(
         calib_text=args.calib_text, calib_windows=args.calib_windows, mode=args.mode))
     for note in recipe.notes:
-        console.print(note, highlight=False, soft_wrap=True)
+        _log(note)
     if recipe.calib is not None:
         _warn_embedded_corpus(recipe.provenance.calib_text)
     return recipe
@@ -416,7 +421,6 @@ def cmd_apply(args) -> int:
     check_out_dir(args.out, "apply", force=args.force, inputs=inputs)  # before any work
     plan, loaded = _load_for_plan(args)
     check_out_dir(args.out, "apply", force=args.force, inputs=[loaded.source])
-    log = lambda m: console.print(m, highlight=False, soft_wrap=True)  # noqa: E731
     recipe = _build_recipe(args, loaded, plan)
     built = plan if recipe.provenance == plan.provenance else \
         dataclasses.replace(plan, provenance=recipe.provenance)  # the output says how it was made
@@ -425,14 +429,14 @@ def cmd_apply(args) -> int:
         from .units import format_size
 
         sizes = apply_packed(loaded, built, args.out, recipe.calib, mode=recipe.mode,
-                             gptq=recipe.gptq, force=args.force, log=log)
+                             gptq=recipe.gptq, force=args.force, log=_log)
         console.print(f"wrote packed model to {args.out}: block linears "
                       f"{format_size(sizes['packed_layer_bytes'])} "
                       f"(plan accounting {format_size(sizes['accounted_layer_bytes'])})",
                       highlight=False)
         return 0
     model = build_model(loaded, built, recipe)
-    save_compressed(model, loaded, built, args.out, force=args.force, log=log)
+    save_compressed(model, loaded, built, args.out, force=args.force, log=_log)
     console.print(f"wrote compressed model to {args.out}")
     return 0
 
@@ -572,7 +576,7 @@ def cmd_search(args) -> int:
     check_storage(args.storage, args.out)
     loaded = load_model(args.model)
     prepare_search_dir(args.out, state, resume=args.resume,
-                       log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                       log=_log)
     settings = SearchSettings(budget=budget, context=args.context, batch=args.batch,
                               n_calib=args.calib_windows, n_holdout=args.holdout_windows,
                               window_len=args.window_len, calib_text=args.calib_text,
@@ -583,7 +587,7 @@ def cmd_search(args) -> int:
                               sampler=args.sampler, storage=args.storage, seed=args.seed,
                               resume=args.resume, num_cpus=args.num_cpus, address=args.address)
     result = run_search(loaded, space, settings, out_dir=args.out,
-                        log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                        log=_log)
     chosen = result.chosen
     tables = [kinds_table(loaded.layers, chosen.configs),
               footprint_table(chosen.footprint, settings.effective_budget()),
@@ -592,7 +596,7 @@ def cmd_search(args) -> int:
         tables.append(decode_table(chosen.decode, device.name))
     print_tables(*tables, console=console)
     if note:  # said at the end, where it is read (and never before an error line)
-        console.print(note, highlight=False, soft_wrap=True)
+        _log(note)
     console.print(f"chosen: {chosen.label}; wrote {Path(args.out) / 'plan.json'} and the "
                   "trade-offs (pareto.json, pareto.csv, pareto.png)", highlight=False)
     return 0
@@ -612,7 +616,7 @@ def cmd_sensitivity(args) -> int:
     calib = calibration_data(loaded.tokenizer, args.calib_text, args.calib_windows, 0,
                              args.window_len)
     table = build_table(loaded, space, proxy, calib.calib, calib.digest,
-                        log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                        log=_log)
     table.save(out)
     save_heatmap(table, png, title=f"{loaded.name}: {proxy.name} proxy, predicted Δloss (nats)")
     console.print(f"wrote {out} and {png}", highlight=False)
@@ -674,13 +678,13 @@ def cmd_profile(args) -> int:
         measure_profile
     from .hardware.profile import profile_to_yaml
     from .io_utils import atomic_write_text
-    from .outputs import check_out_file
+    from .outputs import check_out_file, yaml_with_keys
 
     out = Path(args.out)
     if not out.parent.is_dir():
         raise AutocompressError(f"directory {out.parent} does not exist; create it first")
     check_out_file(out, force=args.force, inputs=[args.config, args.model], what="profile",
-                   is_ours=_is_profile_yaml)
+                   is_ours=yaml_with_keys("memory", "compute"))
     if args.config:
         arch = read_config(args.config)
     else:
@@ -702,16 +706,6 @@ def cmd_profile(args) -> int:
                   f"{len(profile.lookup)} measured layer latencies; use it with --device {out}",
                   highlight=False)
     return 0
-
-
-def _is_profile_yaml(path: Path) -> bool:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and "memory" in data and "compute" in data
 
 
 def cmd_estimate(args) -> int:
@@ -740,7 +734,7 @@ def cmd_estimate(args) -> int:
                      console=console)
         _print_device_estimate(estimate)
     if note:
-        console.print(note, highlight=False, soft_wrap=True)
+        _log(note)
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .errors import AutocompressError
+from .io_utils import atomic_write_text, current_umask
 
 MARKER = ".autocompress.json"
 TMP_TAG = ".autocompress-"  # in every temporary directory name: .NAME.autocompress-XXXX
@@ -155,6 +156,19 @@ def json_with_keys(*keys: str) -> Callable[[Path], bool]:
     return check
 
 
+def yaml_with_keys(*keys: str) -> Callable[[Path], bool]:
+    """``is_ours`` for YAML outputs (device profiles): a mapping carrying these keys."""
+    def check(path: Path) -> bool:
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return False
+        return isinstance(data, dict) and all(k in data for k in keys)
+    return check
+
+
 def is_png(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
@@ -164,8 +178,6 @@ def is_png(path: Path) -> bool:
 
 
 def _write_marker(directory: Path, command: str, entries: Iterable[str]) -> None:
-    from .io_utils import atomic_write_text
-
     atomic_write_text(directory / MARKER, json.dumps(
         {"command": command, "entries": sorted(set(entries) - {MARKER})}, indent=2) + "\n")
 
@@ -184,7 +196,7 @@ def publish_dir(out: str | Path, command: str, fill: Callable[[Path], None], *,
         fill(tmp)
         entries = [p.name for p in tmp.iterdir()]
         _write_marker(tmp, command, entries)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are for sharing
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; outputs are for sharing
         if state.kind in ("new", "empty"):
             if state.kind == "empty":
                 (out / MARKER).unlink(missing_ok=True)
@@ -216,12 +228,6 @@ def publish_dir(out: str | Path, command: str, fill: Callable[[Path], None], *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # -- a search's working directory --------------------------------------------------------------
@@ -261,8 +267,12 @@ def prepare_search_dir(out: str | Path, state: DirState, *, resume: bool,
     out.mkdir(parents=True, exist_ok=True)
     for entry in out.iterdir():  # a killed run's half-made temporaries of its own files
         if _is_tool_temp(entry.name, set(SEARCH_ENTRIES) | {MARKER}):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            _remove(entry)
     _write_marker(out, "search", SEARCH_ENTRIES)
+
+
+def _remove(entry: Path) -> None:
+    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def remove_search_files(out: Path) -> None:
@@ -270,4 +280,4 @@ def remove_search_files(out: Path) -> None:
     names = set(marker["entries"]) if marker else set(SEARCH_ENTRIES)
     for entry in out.iterdir():
         if entry.name in names or _is_tool_temp(entry.name, names):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            _remove(entry)
