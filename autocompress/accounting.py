@@ -8,6 +8,9 @@ Storage format counted (what the packed runtime stores):
   value (the index of each kept weight within its group of 4, as NVIDIA's sparse tensor cores);
 - low rank: A [out, r] and B [r, in], each stored with the layer's bits, groups and sparsity.
 Each matrix is rounded up to whole bytes.
+
+A GGUF type (``cfg.gguf``) is counted by its block layout instead: whole blocks of the type (or
+of llama.cpp's fallback type when a row is not a multiple of its block) per row.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+from .gguf_types import matrix_bytes as gguf_matrix_bytes
 from .plan import LayerConfig
 
 FP16_BITS = 16
@@ -52,6 +56,8 @@ def matrix_bits(out_features: int, in_features: int, cfg: LayerConfig) -> int:
 
 def layer_bytes(out_features: int, in_features: int, cfg: LayerConfig) -> int:
     """Exact bytes of a linear layer's weight under ``cfg`` (including low-rank factors)."""
+    if cfg.is_gguf:
+        return gguf_matrix_bytes(cfg.gguf, out_features, in_features)
     if cfg.is_low_rank:
         r = rank_for(out_features, in_features, cfg.rank_ratio)
         return (math.ceil(matrix_bits(out_features, r, cfg) / 8)
@@ -141,12 +147,18 @@ def footprint(layer_shapes: Iterable[tuple[int, int]], configs: Iterable[LayerCo
 
 def model_footprint(loaded, configs: dict[str, LayerConfig], context: int = 2048, batch: int = 1,
                     runtime_overhead: int = 0) -> Footprint:
-    """Footprint of ``loaded`` (a model.LoadedModel) with its block linears at ``configs``."""
+    """Footprint of ``loaded`` (a model.LoadedModel) with its block linears at ``configs``;
+    the embedding and an untied head at theirs when ``configs`` names them (else float16)."""
     from .model import non_layer_params
 
     layers = loaded.layers
+    other_params, table_bytes = non_layer_params(loaded), 0
+    for table in loaded.tables:
+        if table.name in configs and not configs[table.name].is_identity:
+            other_params -= table.n_params
+            table_bytes += layer_bytes(*table.shape, configs[table.name])
     return footprint(
         [layer.shape for layer in layers], [configs[layer.name] for layer in layers],
-        other_params=non_layer_params(loaded), dims=ModelDims.from_config(loaded.config),
-        context=context, batch=batch, runtime_overhead=runtime_overhead,
+        other_params=other_params, dims=ModelDims.from_config(loaded.config),
+        context=context, batch=batch, head_bytes=table_bytes, runtime_overhead=runtime_overhead,
     )

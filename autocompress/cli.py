@@ -114,10 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="a model's config.json instead of --model (no weights needed)")
     _add_model(p)
-    p.add_argument("--bits", type=int, required=True)
+    p.add_argument("--bits", type=int, default=None, help="native format's bits (or --gguf)")
     p.add_argument("--group-size", type=_group_size, default=64)
     p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
     p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    p.add_argument("--gguf", default=None, metavar="TYPE",
+                   help="a GGUF type for every block linear instead of --bits (q4_k, q8_0, "
+                        "iq4_xs, ...), made by llama.cpp's quantizer")
+    p.add_argument("--imatrix", action="store_true",
+                   help="with --gguf: weight llama.cpp's rounding by the mean x² of each "
+                        "input column over the calibration windows (as llama-imatrix)")
+    p.add_argument("--token-embedding-type", default=None, metavar="TYPE",
+                   help="GGUF type of the token embedding (default float16), as llama-quantize's "
+                        "flag of that name")
+    p.add_argument("--output-tensor-type", default=None, metavar="TYPE",
+                   help="GGUF type of an untied output head (default float16)")
     p.add_argument("--sparsity", type=float, default=0.0)
     p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
     p.add_argument("--prune-method", choices=["magnitude", "wanda"], default="wanda")
@@ -138,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packed", action="store_true",
                    help="write bit-packed low-bit storage (runtime format) instead of float16")
     _add_build(p)
+
+    p = sub.add_parser("export", help="write the plan's model as a file an engine runs (GGUF)")
+    p.add_argument("plan")
+    _add_model(p, None)
+    p.add_argument("--format", choices=["gguf"], required=True,
+                   help="gguf: llama.cpp's file, every tensor in its plan type")
+    p.add_argument("--out", required=True, help="file to write (e.g. model.gguf)")
+    _add_force(p, "the file")
+    _add_build(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     p = sub.add_parser("eval", help="perplexity and KL of a plan on evaluation text")
     p.add_argument("plan")
@@ -336,9 +357,13 @@ def cmd_plan(args) -> int:
     check_out_file(args.out, force=args.force, what="plan",
                    inputs=[args.config, args.model, args.calib_text],
                    is_ours=json_with_keys("schema_version", "model", "default"))
-    config = LayerConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
-                         method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-                         prune_method=args.prune_method, rank_ratio=args.rank_ratio)
+    config = _plan_config(args)
+    tables = {name: LayerConfig(gguf=value) for name, value in
+              (("model.embed_tokens", args.token_embedding_type),
+               ("lm_head", args.output_tensor_type)) if value is not None}
+    if tables and args.config:
+        raise AutocompressError("--token-embedding-type/--output-tensor-type need --model (the "
+                                "embedding's shape and tying come from the weights)")
     tokenizer = None
     if args.config:  # a model too big for this machine: its config is enough for a plan
         from .hardware.architecture import read_config
@@ -354,15 +379,49 @@ def cmd_plan(args) -> int:
 
         loaded = load_model(args.model)
         name, identity, tokenizer = loaded.name, loaded.identity, loaded.tokenizer
-        fp = model_footprint(loaded, {l.name: config for l in loaded.layers}, args.context,
-                             args.batch)
+        if "lm_head" in tables and "lm_head" not in {t.name for t in loaded.tables}:
+            raise AutocompressError("this model's output head is tied to its token embedding "
+                                    "(one tensor): use --token-embedding-type")
+        fp = model_footprint(loaded, {**{l.name: config for l in loaded.layers}, **tables},
+                             args.context, args.batch)
     provenance = _plan_provenance(args, config, tokenizer)
-    plan = uniform_plan(identity, config, provenance)
+    plan = dataclasses.replace(uniform_plan(identity, config, provenance),  # checks the tables
+                               overrides={name: cfg.to_dict() for name, cfg in tables.items()})
     plan.figures.update({"footprint": fp.as_dict(), "context": args.context, "batch": args.batch})
     plan.save(args.out)
     print_tables(footprint_table(fp, title=f"{config.short()} on {name}"), console=console)
+    if not args.config:
+        _note_gguf_fallbacks(plan, loaded)
     console.print(f"wrote {args.out}")
     return 0
+
+
+def _note_gguf_fallbacks(plan, loaded) -> None:
+    from .gguf_types import fallback_notes
+
+    entries = [(info.name, cfg.gguf, *info.shape) for info in loaded.layers + loaded.tables
+               for cfg in [plan.config_for(info.name)] if cfg.is_gguf]
+    for line in fallback_notes(entries):
+        console.print(f"note: {line}", highlight=False)
+
+
+def _plan_config(args):
+    from .plan import LayerConfig
+
+    if (args.bits is None) == (args.gguf is None):
+        raise AutocompressError("give the format: --bits N (native) or --gguf TYPE (llama.cpp)")
+    if args.gguf is not None:
+        if args.method != "rtn" or args.sym or args.group_size != 64:
+            raise AutocompressError("--gguf types carry their own grid: --method, --sym and "
+                                    "--group-size apply to --bits formats (use --imatrix)")
+        return LayerConfig(gguf=args.gguf, method="imatrix" if args.imatrix else "rtn",
+                           sparsity=args.sparsity, pattern=args.pattern,
+                           prune_method=args.prune_method, rank_ratio=args.rank_ratio)
+    if args.imatrix:
+        raise AutocompressError("--imatrix goes with --gguf (llama.cpp's quantizer)")
+    return LayerConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
+                       method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+                       prune_method=args.prune_method, rank_ratio=args.rank_ratio)
 
 
 def _plan_provenance(args, config, tokenizer):
@@ -394,7 +453,8 @@ def _load_for_plan(args):
     plan = Plan.load(args.plan)
     loaded = load_model(args.model or plan.model.source or plan.model.name)
     plan.check_model(loaded.identity)
-    plan.check_override_names(layer.name for layer in loaded.layers)
+    plan.check_override_names((layer.name for layer in loaded.layers),
+                              (table.name for table in loaded.tables))
     return plan, loaded
 
 
@@ -438,6 +498,32 @@ def cmd_apply(args) -> int:
     model = build_model(loaded, built, recipe)
     save_compressed(model, loaded, built, args.out, force=args.force, log=_log)
     console.print(f"wrote compressed model to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export.gguf import check_exportable, export_gguf, is_our_gguf, source_gguf
+    from .outputs import check_out_file
+    from .units import format_size
+
+    inputs = [args.plan, args.model, args.calib_text]
+    check_out_file(args.out, force=args.force, what="GGUF export", inputs=inputs,
+                   is_ours=is_our_gguf)  # before any work
+    plan, loaded = _load_for_plan(args)
+    check_exportable(plan, loaded)
+    source = source_gguf(loaded)
+    check_out_file(args.out, force=args.force, what="GGUF export", inputs=[source, loaded.source],
+                   is_ours=is_our_gguf)
+    recipe = _build_recipe(args, loaded, plan)
+    result = export_gguf(loaded, plan, args.out, recipe, progress=not args.json)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(result.types.items(), key=lambda kv: -kv[1]))
+    if args.json:
+        print(json.dumps({"gguf": str(result.path), "file_bytes": result.file_bytes,
+                          "planned_bytes": result.planned_bytes, "types": result.types,
+                          "source": str(source)}))
+    else:
+        console.print(f"wrote {args.out}: {format_size(result.file_bytes)} ({types}); "
+                      f"metadata and tokenizer from {source.name}", highlight=False)
     return 0
 
 
@@ -492,7 +578,7 @@ def cmd_eval(args) -> int:
         recipe = _build_recipe(args, loaded, plan)
         model = build_model(loaded, plan, recipe)
         result = evaluate(model, windows, None if args.no_kl else loaded.model)
-    configs = plan.resolve(l.name for l in loaded.layers)
+    configs = plan.resolve_model(loaded)
     fp = model_footprint(loaded, configs, args.context, args.batch)
     record = {**result.as_dict(), "weight_bytes": fp.weights, "total_bytes": fp.total,
               "layer_weight_bytes": fp.layer_weights, "eval_text": source,
@@ -738,7 +824,7 @@ def cmd_estimate(args) -> int:
     return 0
 
 
-COMMANDS = {"layers": cmd_layers, "sensitivity": cmd_sensitivity, "plan": cmd_plan, "apply": cmd_apply, "eval": cmd_eval,
+COMMANDS = {"layers": cmd_layers, "sensitivity": cmd_sensitivity, "plan": cmd_plan, "apply": cmd_apply, "export": cmd_export, "eval": cmd_eval,
             "search": cmd_search, "devices": cmd_devices, "profile": cmd_profile,
             "estimate": cmd_estimate}
 

@@ -41,6 +41,7 @@ KIND_BY_SUFFIX = {
 }
 LAYER_KINDS = tuple(KIND_BY_SUFFIX.values())
 BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
+EMBEDDING = "model.embed_tokens"  # a plan entry like the block linears (plan.TABLE_ENTRIES)
 PACKED_FILE = "packed.safetensors"  # what apply --packed writes (runtime/convert.py)
 
 
@@ -88,6 +89,18 @@ class LoadedModel:
 
     def module(self, layer_name: str) -> nn.Module:
         return self.model.get_submodule(layer_name)
+
+    @property
+    def tables(self) -> list[LayerInfo]:
+        """The entries outside the blocks a plan may give a format (plan.TABLE_ENTRIES): the
+        token embedding, and the head when it is not tied to it (one tensor in a GGUF)."""
+        embedding = self.model.get_input_embeddings()
+        vocab, hidden = embedding.weight.shape
+        out = [LayerInfo(EMBEDDING, "embed", None, vocab, hidden)]
+        head = getattr(self.model, "lm_head", None)
+        if self.head is not None and head is not None and head.weight is not embedding.weight:
+            out.append(self.head)
+        return out
 
 
 def cache_dir() -> Path:

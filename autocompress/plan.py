@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import AutocompressError
+from .gguf_types import GGUF_TYPES
 from .io_utils import atomic_write_text
 from .provenance import Provenance
 
@@ -24,7 +25,11 @@ TOP_LEVEL_KEYS = {"schema_version", "model", "default", "overrides", "figures", 
 
 VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
 VALID_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel (whole input row)
-VALID_METHODS = ("rtn", "gptq")
+VALID_METHODS = ("rtn", "gptq", "imatrix")  # imatrix: GGUF types only
+GGUF_METHODS = ("rtn", "imatrix")
+# tensors outside the blocks that a plan may give a format, by exact name only (a regex meant
+# for the block linears must not reach them); float16 unless an override says otherwise
+TABLE_ENTRIES = ("model.embed_tokens", "lm_head")
 VALID_PATTERNS = ("unstructured", "2:4")
 VALID_PRUNE_METHODS = ("magnitude", "wanda")
 
@@ -46,6 +51,13 @@ class LayerConfig:
       (2:4 forces sparsity 0.5); ``prune_method`` magnitude or Wanda (needs activations).
     - ``rank_ratio``: share of the dense parameter count kept in the low-rank factors
       A (out x r) and B (r x in), r = floor(rank_ratio * out * in / (out + in)); 1.0 = dense.
+    - ``gguf``: a GGUF tensor type (``q4_k``, ``q8_0``, ...; see gguf_types.py) instead of the
+      native format: the weights are llama.cpp's quantizer's, ``bits``/``group_size``/``sym``
+      do not apply, the matrix stays dense and full rank. ``method`` is ``rtn`` (llama.cpp's
+      quantizer as ``llama-quantize`` runs it without an importance matrix) or ``imatrix``
+      (each weight's error weighted by the mean x² of its input column over the calibration
+      windows, as ``llama-imatrix`` computes it). A row that is not a multiple of the type's
+      block gets llama.cpp's fallback type.
     """
 
     bits: int = 16
@@ -56,8 +68,11 @@ class LayerConfig:
     pattern: str = "unstructured"
     prune_method: str = "wanda"
     rank_ratio: float = 1.0
+    gguf: str | None = None
 
     def __post_init__(self) -> None:
+        if self.gguf is not None:
+            self._check_gguf()
         if self.bits not in VALID_BITS:
             raise AutocompressError(f"bits must be one of {VALID_BITS}, got {self.bits!r}")
         if self.group_size not in VALID_GROUP_SIZES:
@@ -65,7 +80,11 @@ class LayerConfig:
                 f"group_size must be one of 32, 64, 128 or -1 (per channel), got {self.group_size!r}"
             )
         if self.method not in VALID_METHODS:
-            raise AutocompressError(f"method must be 'rtn' or 'gptq', got {self.method!r}")
+            raise AutocompressError(f"method must be 'rtn' or 'gptq' (or 'imatrix' with a "
+                                    f"gguf type), got {self.method!r}")
+        if self.method == "imatrix" and self.gguf is None:
+            raise AutocompressError("method 'imatrix' is llama.cpp's quantizer: it needs a gguf "
+                                    "type (e.g. gguf q4_k); native formats use rtn or gptq")
         if self.pattern not in VALID_PATTERNS:
             raise AutocompressError(f"pattern must be 'unstructured' or '2:4', got {self.pattern!r}")
         if self.prune_method not in VALID_PRUNE_METHODS:
@@ -85,6 +104,23 @@ class LayerConfig:
         if not 0.0 < float(self.rank_ratio) <= 1.0:
             raise AutocompressError(f"rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
 
+    def _check_gguf(self) -> None:
+        if not isinstance(self.gguf, str) or self.gguf.lower() not in GGUF_TYPES:
+            raise AutocompressError(f"gguf must be one of {', '.join(GGUF_TYPES)}, got "
+                                    f"{self.gguf!r}")
+        # one spelling per format, so equal formats compare (and hash, and cache) equal:
+        # the type as llama.cpp's enum spells it, and the native fields that do not apply at
+        # their defaults
+        object.__setattr__(self, "gguf", self.gguf.lower())
+        for name in ("bits", "group_size", "sym"):
+            object.__setattr__(self, name, _NATIVE_DEFAULTS[name])
+        if self.method not in GGUF_METHODS:
+            raise AutocompressError(f"gguf types are made by llama.cpp's quantizer: method must "
+                                    f"be 'rtn' or 'imatrix', got {self.method!r}")
+        if self.sparsity or self.pattern == "2:4" or self.rank_ratio != 1.0:
+            raise AutocompressError("gguf types store dense, full-rank matrices: set sparsity 0, "
+                                    "pattern unstructured and rank_ratio 1 with a gguf type")
+
     @property
     def effective_sparsity(self) -> float:
         return 0.5 if self.pattern == "2:4" else float(self.sparsity)
@@ -100,10 +136,18 @@ class LayerConfig:
     @property
     def is_identity(self) -> bool:
         """True when the layer is left as it is (float16, dense, full rank)."""
-        return self.bits == 16 and not self.is_pruned and not self.is_low_rank
+        return (self.gguf is None and self.bits == 16 and not self.is_pruned
+                and not self.is_low_rank)
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf is not None
 
     def short(self) -> str:
-        """Compact human-readable label, e.g. ``4b g64 asym rtn`` or ``3b g128 sym gptq 2:4``."""
+        """Compact human-readable label, e.g. ``4b g64 asym rtn``, ``3b g128 sym gptq 2:4`` or
+        ``q4_k imatrix``."""
+        if self.gguf is not None:
+            return self.gguf + (" imatrix" if self.method == "imatrix" else "")
         if self.bits == 16:
             parts = ["fp16"]
         else:
@@ -137,6 +181,9 @@ class LayerConfig:
         return cls(**merged)
 
 
+_NATIVE_DEFAULTS = {"bits": 16, "group_size": 64, "sym": False}
+
+
 @dataclass
 class ModelIdentity:
     """Which model a plan was made for: a name and a hash of the layer names and shapes."""
@@ -167,13 +214,19 @@ class Plan:
                 raise AutocompressError(f"override {key!r} must be an object of LayerConfig "
                                         f"fields, got {partial!r}")
             try:
-                LayerConfig.from_dict(partial, self.default)  # validate early
+                if key in TABLE_ENTRIES:
+                    check_table(LayerConfig.from_dict(partial))
+                else:
+                    LayerConfig.from_dict(partial, self.default)  # validate early
             except AutocompressError as exc:
                 raise AutocompressError(f"override {key!r}: {exc}") from None
 
     # -- resolution ---------------------------------------------------------------------------
     def config_for(self, layer_name: str) -> LayerConfig:
-        """The LayerConfig that applies to ``layer_name`` (exact override > first regex > default)."""
+        """The LayerConfig that applies to ``layer_name`` (exact override > first regex > default).
+        The embedding and an untied head (TABLE_ENTRIES) take an exact override or float16."""
+        if layer_name in TABLE_ENTRIES:
+            return LayerConfig.from_dict(self.overrides.get(layer_name, {}))
         if layer_name in self.overrides:
             return LayerConfig.from_dict(self.overrides[layer_name], self.default)
         for key, partial in self.overrides.items():
@@ -183,6 +236,12 @@ class Plan:
 
     def resolve(self, layer_names: Iterable[str]) -> dict[str, LayerConfig]:
         return {name: self.config_for(name) for name in layer_names}
+
+    def resolve_model(self, loaded) -> dict[str, LayerConfig]:
+        """Configs of a model.LoadedModel's block linears, plus those of its embedding and
+        untied head that the plan compresses (the others are float16: left out)."""
+        return {**self.resolve(layer.name for layer in loaded.layers),
+                **table_configs(self, [table.name for table in loaded.tables])}
 
     # -- checks -------------------------------------------------------------------------------
     def check_model(self, identity: ModelIdentity) -> None:
@@ -205,11 +264,17 @@ class Plan:
             "make a new plan for this model"
         )
 
-    def check_override_names(self, layer_names: Iterable[str]) -> None:
+    def check_override_names(self, layer_names: Iterable[str], tables: Iterable[str] = ()
+                             ) -> None:
         """Overrides must reach real layers: an exact name that is not a layer, or a regex
-        that matches none, would otherwise do nothing (a typo the user never hears of)."""
+        that matches none, would otherwise do nothing (a typo the user never hears of).
+        ``tables``: the model's entries outside the blocks (its embedding, an untied head)."""
         names = list(layer_names)
-        known = set(names)
+        tables = set(tables)
+        if "lm_head" in self.overrides and "lm_head" not in tables:
+            raise AutocompressError("this model's head is tied to its embedding (one tensor): "
+                                    "give the format to 'model.embed_tokens' instead of 'lm_head'")
+        known = set(names) | tables
         bad = [k for k in self.overrides if not k.startswith("re:") and k not in known]
         if bad:
             raise AutocompressError(f"plan overrides name unknown layer(s): {', '.join(bad[:5])}")
@@ -282,6 +347,24 @@ class Plan:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AutocompressError(f"plan file {str(path)!r} is not valid JSON ({exc})") from None
         return cls.from_dict(data)
+
+
+def check_table(cfg: LayerConfig) -> None:
+    """The embedding and head are stored as float16 or a GGUF type (llama.cpp's own choice for
+    them); llama.cpp has no importance matrix for the embedding's lookups."""
+    if not (cfg.is_identity or cfg.is_gguf):
+        raise AutocompressError("the embedding and head take a gguf type (e.g. gguf q6_k) or "
+                                f"float16, not {cfg.short()}")
+    if cfg.method == "imatrix":
+        raise AutocompressError("the embedding and head are quantized without an importance "
+                                "matrix: use method rtn")
+
+
+def table_configs(plan: "Plan", tables: Iterable[str]) -> dict[str, LayerConfig]:
+    """The configs of the entries outside the blocks that the plan compresses (float16 ones
+    are left out: they are the model as it is)."""
+    configs = {name: plan.config_for(name) for name in tables}
+    return {name: cfg for name, cfg in configs.items() if not cfg.is_identity}
 
 
 def compact_overrides(configs: dict[str, LayerConfig], default: LayerConfig) -> dict[str, dict]:

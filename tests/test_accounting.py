@@ -49,3 +49,28 @@ def test_kv_cache_smollm2():
     assert kv_cache_bytes(dims, context=2048, batch=4) == 4 * kv_cache_bytes(dims, 2048, 1)
     fp = footprint([(576, 576)], [LayerConfig(bits=4)], other_params=1000, dims=dims)
     assert fp.total == fp.layer_weights + 2000 + fp.kv_cache + fp.workspace
+
+
+@pytest.mark.parametrize("name, n, row_bytes", [
+    ("q4_k", 1536, 1536 // 256 * 144),  # whole super-blocks: 4.5 bits a weight
+    ("q4_k", 576, 576 // 32 * 22),  # 576 is not a multiple of 256: llama.cpp stores q5_0
+    ("q6_k", 576, 576 // 32 * 34),  # -> q8_0
+    ("iq4_xs", 768, 768 // 256 * 136),
+    ("q8_0", 64, 2 * 34),
+    ("bf16", 100, 200),
+])
+def test_gguf_bytes_are_whole_blocks_of_the_type_llama_cpp_stores(name, n, row_bytes):
+    assert layer_bytes(10, n, LayerConfig(gguf=name)) == 10 * row_bytes
+
+
+def test_model_footprint_counts_the_embedding_at_its_gguf_type(tiny_loaded):
+    from autocompress.accounting import model_footprint
+
+    configs = {layer.name: LayerConfig(bits=16) for layer in tiny_loaded.layers}
+    plain = model_footprint(tiny_loaded, configs)
+    vocab, hidden = tiny_loaded.model.get_input_embeddings().weight.shape
+    squeezed = model_footprint(tiny_loaded, {**configs,
+                                             "model.embed_tokens": LayerConfig(gguf="q8_0")})
+    # hidden 64 = two q8_0 blocks per row, 34 bytes each, instead of 128 bytes of float16
+    assert plain.other_weights - squeezed.other_weights == vocab * (2 * hidden - 2 * 34)
+    assert squeezed.layer_weights == plain.layer_weights

@@ -38,6 +38,9 @@ def inputs(tiny_model_dir, tmp_path_factory):
     plan = root / "plan.json"
     assert main(["plan", "--model", str(tiny_model_dir), "--bits", "4", "--out", str(plan)]) == 0
     f["plan"] = plan
+    f["plan_gguf"] = root / "plan_gguf.json"
+    assert main(["plan", "--model", str(tiny_model_dir), "--gguf", "q8_0",
+                 "--out", str(f["plan_gguf"])]) == 0
     good = json.loads(plan.read_text())
     layer = next(iter(good["model"]["layers"]))
 
@@ -56,6 +59,10 @@ def inputs(tiny_model_dir, tmp_path_factory):
     f["plan_bad_default"] = plan_with("bad_default", default={**good["default"],
                                                               "group_size": 48})
     f["plan_overrides_list"] = plan_with("overrides_list", overrides=[1, 2])
+    f["plan_embed_imatrix"] = plan_with("embed_imatrix", overrides={
+        "model.embed_tokens": {"gguf": "q4_k", "method": "imatrix"}})
+    f["plan_embed_native"] = plan_with("embed_native", overrides={"model.embed_tokens": {"bits": 4}})
+    f["plan_tied_head"] = plan_with("tied_head", overrides={"lm_head": {"gguf": "q6_k"}})
     other = json.loads(json.dumps(good))
     other["model"]["content_hash"] = "0" * 16
     other["model"]["layers"] = {k: [v[0], v[1] * 2] for k, v in other["model"]["layers"].items()}
@@ -172,6 +179,28 @@ ROWS = [
     ("plan --model {model} --bits 4 --method gptq --calib-text {empty_text} --out {tmp}/p.json",
      2, "is empty"),
     ("plan --model {model} --bits 4 --calib-windows 0 --out {tmp}/p.json", 2, "must be positive"),
+    ("plan --model {model} --out {tmp}/p.json", 2, "--bits N (native) or --gguf TYPE"),
+    ("plan --model {model} --bits 4 --gguf q4_k --out {tmp}/p.json", 2, "--bits N (native)"),
+    ("plan --model {model} --gguf q7_k --out {tmp}/p.json", 2, "gguf must be one of"),
+    ("plan --model {model} --gguf q4_k --method gptq --out {tmp}/p.json", 2, "own grid"),
+    ("plan --model {model} --gguf q4_k --sparsity 0.5 --out {tmp}/p.json", 2, "dense, full-rank"),
+    ("plan --model {model} --bits 4 --imatrix --out {tmp}/p.json", 2, "--imatrix goes with"),
+    ("plan --model {model} --bits 4 --token-embedding-type q9 --out {tmp}/p.json", 2,
+     "gguf must be one of"),
+    ("plan --model {model} --gguf q8_0 --output-tensor-type q6_k --out {tmp}/p.json", 2,
+     "tied to its token embedding"),
+    ("export {plan} --model {model} --format gguf --out {tmp}/m.gguf", 2, "no GGUF type"),
+    ("export {plan_gguf} --model {model} --format gguf --out {tmp}/m.gguf", 2,
+     "convert_hf_to_gguf.py"),
+    ("export {plan_gguf} --model {model} --format gguf --out {a_file}", 2,
+     "not an autocompress GGUF export"),
+    ("export {plan_gguf} --model {model} --format gguf --out {plan_gguf}", 2, "is an input"),
+    ("export {plan_gguf} --model {model} --format onnx --out {tmp}/m.gguf", 2, "invalid choice"),
+    ("export {plan_embed_imatrix} --model {model} --format gguf --out {tmp}/m.gguf", 2,
+     "without an importance matrix"),
+    ("apply {plan_embed_native} --model {model} --out {tmp}/o", 2, "take a gguf type"),
+    ("apply {plan_tied_head} --model {model} --out {tmp}/o", 2, "give the format to"),
+    ("apply {plan_gguf} --model {model} --packed --out {tmp}/o", 2, "export PLAN --format gguf"),
     # -- apply -------------------------------------------------------------------------------
     ("apply {tmp}/none.json --model {model} --out {tmp}/o", 2, "not found"),
     ("apply {not_json} --model {model} --out {tmp}/o", 2, "not valid JSON"),
@@ -303,6 +332,6 @@ def test_bad_input_gets_one_line(template, code, words, inputs, tmp_path, capsys
 
 def test_the_table_covers_every_command_with_sixty_rows():
     commands = {row[0].split()[0] for row in ROWS}
-    assert {"layers", "plan", "apply", "eval", "sensitivity", "search", "devices", "profile",
-            "estimate"} <= commands
+    assert {"layers", "plan", "apply", "export", "eval", "sensitivity", "search", "devices",
+            "profile", "estimate"} <= commands
     assert len(ROWS) >= 60

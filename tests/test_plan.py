@@ -122,3 +122,67 @@ def test_short_labels():
     assert LayerConfig(bits=16, pattern="2:4").short() == "fp16 2:4-wanda"
     assert LayerConfig(bits=3, group_size=-1, sym=True, method="gptq", rank_ratio=0.5).short() == \
         "3b gch sym gptq r0.50"
+
+
+# -- GGUF types and the entries outside the blocks -----------------------------------------------
+
+def test_a_gguf_type_is_one_format_however_it_was_written():
+    """Merged over a native default, or spelled as llama.cpp prints it, q4_k is one config:
+    plans, tables and caches compare configs, so two spellings would be two options."""
+    merged = LayerConfig.from_dict({"gguf": "Q4_K"}, LayerConfig(bits=3, group_size=128, sym=True))
+    assert merged == LayerConfig(gguf="q4_k") and hash(merged) == hash(LayerConfig(gguf="q4_k"))
+    assert merged.short() == "q4_k" and not merged.is_identity
+    assert LayerConfig(gguf="iq4_xs", method="imatrix").short() == "iq4_xs imatrix"
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"gguf": "q7_k"}, "gguf must be one of"),
+    ({"gguf": "q4_k", "method": "gptq"}, "method must be 'rtn' or 'imatrix'"),
+    ({"gguf": "q4_k", "sparsity": 0.5}, "dense, full-rank"),
+    ({"gguf": "q4_k", "pattern": "2:4"}, "dense, full-rank"),
+    ({"gguf": "q4_k", "rank_ratio": 0.5}, "dense, full-rank"),
+    ({"method": "imatrix", "bits": 4}, "needs a gguf type"),
+])
+def test_gguf_configs_that_llama_cpp_cannot_store_are_refused(fields, words):
+    with pytest.raises(AutocompressError, match=words):
+        LayerConfig(**fields)
+
+
+def test_the_embedding_takes_only_an_exact_override():
+    """A regex written for the block linears must not reach the embedding (its 28 M weights
+    are a fifth of SmolLM2): it stays float16 unless named."""
+    plan = Plan(model=IDENTITY, default=LayerConfig(gguf="q4_k"),
+                overrides={"re:.*": {"gguf": "q2_k"}})
+    assert plan.config_for("model.embed_tokens").is_identity
+    plan = Plan(model=IDENTITY, default=LayerConfig(bits=4),
+                overrides={"model.embed_tokens": {"gguf": "q6_k"}})
+    assert plan.config_for("model.embed_tokens") == LayerConfig(gguf="q6_k")
+    plan.check_override_names(LAYERS, tables=["model.embed_tokens"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ({"bits": 4}, "take a gguf type"),
+    ({"gguf": "q4_k", "method": "imatrix"}, "without an importance matrix"),
+])
+def test_the_embedding_is_float16_or_a_gguf_type_without_imatrix(override, words):
+    with pytest.raises(AutocompressError, match=f"model.embed_tokens.*{words}"):
+        Plan(model=IDENTITY, overrides={"model.embed_tokens": override})
+
+
+def test_a_tied_head_is_named_by_its_embedding():
+    plan = Plan(model=IDENTITY, overrides={"lm_head": {"gguf": "q6_k"}})
+    with pytest.raises(AutocompressError, match="tied.*model.embed_tokens"):
+        plan.check_override_names(LAYERS, tables=["model.embed_tokens"])
+    plan.check_override_names(LAYERS, tables=["model.embed_tokens", "lm_head"])
+
+
+def test_a_gguf_plan_round_trips(tmp_path):
+    plan = Plan(model=IDENTITY, default=LayerConfig(gguf="q4_k", method="imatrix"),
+                overrides={"re:.*down_proj": {"gguf": "q6_k", "method": "rtn"},
+                           "model.embed_tokens": {"gguf": "q8_0"}})
+    plan.save(tmp_path / "p.json")
+    back = Plan.load(tmp_path / "p.json")
+    assert back.config_for("model.layers.0.mlp.down_proj") == LayerConfig(gguf="q6_k")
+    assert back.config_for("model.layers.0.self_attn.q_proj") == \
+        LayerConfig(gguf="q4_k", method="imatrix")
+    assert back.config_for("model.embed_tokens") == LayerConfig(gguf="q8_0")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AutocompressError
 from ..model import LayerInfo, LoadedModel
-from ..plan import LayerConfig, Plan
+from ..plan import LayerConfig, Plan, check_table
 from .calibration import InputStats, collect_stats, sequential
 from .weights import CompressedLayer, GPTQSettings, LayerStats, compress_weight
 
@@ -45,8 +45,8 @@ class LowRankLinear(nn.Module):
 
 
 def needs_calibration(configs: Iterable[LayerConfig]) -> bool:
-    """GPTQ and Wanda cannot run without input statistics."""
-    return any(cfg.method == "gptq" and cfg.bits < 16
+    """GPTQ, Wanda and llama.cpp's imatrix cannot run without input statistics."""
+    return any(cfg.method == "gptq" and cfg.bits < 16 or cfg.method == "imatrix"
                or (cfg.is_pruned and cfg.prune_method == "wanda") for cfg in configs)
 
 
@@ -91,8 +91,9 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
             layer_stats = _layer_stats(stats.get(layer.name)) if stats else None
             # identity configs come back rounded to float16, as deployment stores them
             compressed = compress_weight(weight, cfg, layer_stats, gptq)
-            if memo is not None and (cfg.is_low_rank or cfg.method == "gptq"):
-                memo[key] = compressed  # the expensive ones (SVD, GPTQ) only
+            if memo is not None and (cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf):
+                # the expensive ones only (SVD, GPTQ, llama.cpp's k-quant search)
+                memo[key] = compressed
         if on_layer is not None:
             on_layer(layer, cfg, compressed)
         _install(model, layer.name, compressed)
@@ -147,9 +148,27 @@ def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
                    gptq: GPTQSettings = GPTQSettings(),
                    on_layer: OnLayer | None = None, memo: dict | None = None) -> nn.Module:
     """A compressed copy of ``loaded.model`` (the original is left untouched)."""
-    names = [layer.name for layer in loaded.layers]
-    configs = plan.resolve(names) if isinstance(plan, Plan) else plan
+    configs = plan.resolve_model(loaded) if isinstance(plan, Plan) else plan
     model = copy.deepcopy(loaded.model)
     compress_layers_into(model, loaded.layers, configs, calib_windows, mode, stats, progress,
                          gptq, on_layer, memo)
+    compress_tables_into(model, loaded.tables, configs, on_layer)
     return model
+
+
+def compress_tables_into(model: nn.Module, tables: list[LayerInfo],
+                         configs: dict[str, LayerConfig], on_layer: OnLayer | None = None
+                         ) -> None:
+    """The embedding (and an untied head) at their configs, where ``configs`` gives one: a
+    tied head follows the embedding, as llama.cpp reads ``token_embd`` for both."""
+    for table in tables:
+        cfg = configs.get(table.name)
+        if cfg is None or cfg.is_identity:
+            continue
+        check_table(cfg)
+        weight = model.get_submodule(table.name).weight
+        compressed = compress_weight(weight.detach().float(), cfg)
+        if on_layer is not None:
+            on_layer(table, cfg, compressed)
+        with torch.no_grad():
+            weight.copy_(compressed.factors[0].to(weight.dtype))

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..errors import AutocompressError
 from ..plan import LayerConfig
+from .gguf import GGUFWeight, imatrix_from_hessian, quantize_gguf
 from .gptq import GPTQ
 from .lowrank import low_rank_factors, rank_for
 from .prune import magnitude_mask, prune, wanda_mask
@@ -52,14 +53,14 @@ class GPTQSettings:
 class CompressedMatrix:
     factor: Tensor  # pruned and dequantized, float32
     mask: Tensor | None  # True = kept; None when not pruned
-    quantized: QuantizedWeight | None  # None when kept in float16
+    quantized: QuantizedWeight | GGUFWeight | None  # None when kept in float16
 
 
 @dataclass
 class CompressedLayer:
     factors: list[Tensor]  # [W'] for a dense layer, [A', B'] for a low-rank one; float32
     masks: list[Tensor | None]
-    quantized: list[QuantizedWeight | None]
+    quantized: list[QuantizedWeight | GGUFWeight | None]
 
     def weight(self) -> Tensor:
         """The effective dense weight [out, in] (A'·B' for a low-rank layer)."""
@@ -85,6 +86,9 @@ def compress_weight(w: Tensor, cfg: LayerConfig, stats: LayerStats | None = None
 def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
                     gptq: GPTQSettings = GPTQSettings()) -> CompressedMatrix:
     """Prune then quantize one matrix (float32 [out, in]) whose input has ``stats``."""
+    if cfg.is_gguf:
+        gguf = quantize_gguf(w, cfg.gguf, _imatrix(cfg, stats))
+        return CompressedMatrix(gguf.dequantize(), None, gguf)
     mask = _prune_mask(w, cfg, stats) if cfg.is_pruned else None
     kept = w if mask is None else prune(w, mask)
     if cfg.bits == 16:
@@ -97,6 +101,15 @@ def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
         # the pruned zeros stay exactly 0: a group holding a 0 has 0 on its grid (code = zero)
         quantized = quantize_rtn(kept, cfg.bits, cfg.group_size, cfg.sym)
     return CompressedMatrix(quantized.dequantize(), mask, quantized)
+
+
+def _imatrix(cfg: LayerConfig, stats: LayerStats | None) -> Tensor | None:
+    if cfg.method != "imatrix":
+        return None
+    if stats is None or stats.H is None:
+        raise AutocompressError("method imatrix needs calibration data (the mean x² of each "
+                                "input column); calibrate first or use method 'rtn'")
+    return imatrix_from_hessian(stats.H)
 
 
 def _layer(parts: list[CompressedMatrix]) -> CompressedLayer:

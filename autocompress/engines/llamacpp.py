@@ -20,13 +20,13 @@ import ctypes
 import importlib.metadata
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import AutocompressError
+from ..gguf_types import GGUF_TYPES, GGUFType, type_for_row  # noqa: F401 (re-exported)
 from .base import Engine
 
 PINNED_WHEEL = "xllamacpp"
@@ -41,50 +41,6 @@ LIBRARY_ENV = "AUTOCOMPRESS_LLAMA_LIB"
 CONTEXT_DEFAULTS = (512, 2048, 512, 1, 0, 0, 1, 4, 4)
 _N_CTX, _N_BATCH, _N_UBATCH, _OUT_A, _OUT_B, _THREADS, _THREADS_BATCH = 0, 4, 8, 16, 20, 28, 32
 _PARAMS_BYTES = 1024  # larger than any version's struct (the pinned one is under 200 bytes)
-
-
-@dataclass(frozen=True)
-class GGUFType:
-    """A GGUF tensor type: ggml's enum value, weights per block, bytes per block."""
-
-    name: str
-    ggml: int
-    block: int
-    block_bytes: int
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.block_bytes / self.block
-
-    def row_bytes(self, n: int) -> int:
-        if n % self.block:
-            raise ValueError(f"{self.name} needs rows that are a multiple of {self.block}, got {n}")
-        return n // self.block * self.block_bytes
-
-
-# ggml-common.h's layouts; checked against the loaded library's ggml_blck_size/ggml_type_size
-GGUF_TYPES = {t.name: t for t in (
-    GGUFType("f32", 0, 1, 4), GGUFType("f16", 1, 1, 2), GGUFType("bf16", 30, 1, 2),
-    GGUFType("q8_0", 8, 32, 34), GGUFType("q6_k", 14, 256, 210), GGUFType("q5_k", 13, 256, 176),
-    GGUFType("q5_1", 7, 32, 24), GGUFType("q5_0", 6, 32, 22), GGUFType("q4_k", 12, 256, 144),
-    GGUFType("q4_1", 3, 32, 20), GGUFType("q4_0", 2, 32, 18), GGUFType("iq4_nl", 20, 32, 18),
-    GGUFType("iq4_xs", 23, 256, 136), GGUFType("q3_k", 11, 256, 110),
-    GGUFType("q2_k", 10, 256, 84),
-)}
-
-# what llama.cpp's quantizer uses when a row is not a multiple of the type's block
-_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
-             "iq4_xs": "iq4_nl"}
-
-
-def type_for_row(name: str, n_per_row: int) -> GGUFType:
-    """The type a tensor of rows ``n_per_row`` long really gets: ``name``, or llama.cpp's
-    fallback (then float16 if not even a multiple of 32)."""
-    wanted = GGUF_TYPES[name]
-    if n_per_row % wanted.block == 0:
-        return wanted
-    fallback = GGUF_TYPES[_FALLBACK.get(name, "f16")]
-    return fallback if n_per_row % fallback.block == 0 else GGUF_TYPES["f16"]
 
 
 # -- the library ---------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ FLOAT_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
 
 
 def layer_format(cfg: LayerConfig, float_dtype: str = "f16") -> str:
-    """``q4``, ``q4+2:4``, ``q3+sparse``; 16-bit layers run in the engine's float dtype."""
+    """``q4``, ``q4+2:4``, ``q3+sparse``; 16-bit layers run in the engine's float dtype; a
+    GGUF type is its own format (``q4_k``), named as llama.cpp names it."""
+    if cfg.is_gguf:
+        return cfg.gguf
     base = float_dtype if cfg.bits == 16 else f"q{cfg.bits}"
     if cfg.pattern == "2:4":
         return base + "+2:4"

@@ -57,6 +57,11 @@ def pack_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[str, La
                 gptq: GPTQSettings = GPTQSettings()) -> dict[str, PackedLinear]:
     """Compress and pack every layer of ``layers``. ``model`` is compressed in place on the way
     (fake-quant weights, so that sequential calibration sees the compressed prefix)."""
+    gguf = [layer.name for layer in layers if configs[layer.name].is_gguf]
+    if gguf:
+        raise AutocompressError(
+            f"{len(gguf)} layer(s) have GGUF types ({gguf[0]}, ...), which run in llama.cpp, not "
+            "in the packed runtime: `autocompress export PLAN --format gguf` writes the file")
     packed: dict[str, PackedLinear] = {}
 
     def keep(layer: LayerInfo, cfg: LayerConfig, compressed) -> None:
@@ -78,6 +83,12 @@ def pack_model(model_or_loaded: nn.Module | LoadedModel, plan: Plan | dict[str, 
         source, layers = model_or_loaded.model, model_or_loaded.layers
         if isinstance(plan, Plan):
             plan.check_model(model_or_loaded.identity)
+            tables = plan.resolve_model(model_or_loaded).keys() - {l.name for l in layers}
+            if tables:
+                raise AutocompressError(
+                    f"the plan gives {', '.join(sorted(tables))} a GGUF type; the packed runtime "
+                    "keeps the embedding in float16: `autocompress export PLAN --format gguf` "
+                    "writes the file llama.cpp runs")
     else:
         source, (layers, _) = model_or_loaded, discover_layers(model_or_loaded)
     configs = plan.resolve(layer.name for layer in layers) if isinstance(plan, Plan) else plan

@@ -1,0 +1,195 @@
+"""``autocompress export PLAN --format gguf``: the plan's model as a GGUF file llama.cpp runs.
+
+Every block linear, the token embedding and an untied head are written in their plan type as
+the plan's build made them (the bytes llama.cpp's quantizer returned during the build, so the
+file is the model ``eval`` measured, not a second quantization); float16 entries are written
+as f16. Everything else (metadata, tokenizer, norms, biases, rope tables) is copied from the
+source GGUF the model was loaded from. q and k rows go back into llama.cpp's order
+(gguf_layout.py); GGUF quantizes row by row, so reordering the bytes is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..compress.gguf import GGUFWeight
+from ..errors import AutocompressError
+from ..gguf_types import GGUF_BY_GGML, GGUF_TYPES
+from ..model import ALIASES, LayerInfo, LoadedModel, resolve_alias
+from ..plan import Plan
+from .gguf_layout import gguf_name, to_gguf_rows
+
+PLAN_KEY = "autocompress.plan"  # the plan's label, and how `export` recognises its own files
+CONVERTER = ("llama.cpp's convert_hf_to_gguf.py (write an f16 GGUF) and pass that file as "
+             "--model")
+
+# llama.cpp's LLAMA_FTYPE for a file whose block linears are mostly of one type (shown by
+# llama.cpp when it loads the file; it does not decide how tensors are read)
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
+               "q2_k": 10, "q3_k": 12, "q4_k": 15, "q5_k": 17, "q6_k": 18, "iq4_nl": 25,
+               "iq4_xs": 30, "bf16": 32}
+_GUESSED = 1024  # LLAMA_FTYPE_GUESSED: a mixture chosen per tensor
+
+
+@dataclass
+class GGUFExport:
+    path: Path
+    file_bytes: int
+    types: dict[str, int]  # GGUF type -> number of tensors written in it
+    planned_bytes: int  # bytes of the plan's entries (block linears, embedding, head)
+
+
+def source_gguf(loaded: LoadedModel) -> Path:
+    """The GGUF the model was loaded from, whose metadata and tokenizer the export carries."""
+    spec = loaded.spec
+    if spec in ALIASES:
+        return resolve_alias(spec)
+    if spec.endswith(".gguf") and Path(spec).is_file():
+        return Path(spec)
+    raise AutocompressError(
+        f"GGUF export copies the metadata and tokenizer of a GGUF source, and {spec!r} is a "
+        f"Hugging Face directory: convert it with {CONVERTER}")
+
+
+def check_exportable(plan: Plan, loaded: LoadedModel) -> None:
+    """One line naming the layers whose formats have no GGUF type."""
+    bad: dict[str, list[str]] = {}
+    for layer in loaded.layers:
+        cfg = plan.config_for(layer.name)
+        if not (cfg.is_gguf or cfg.is_identity):
+            bad.setdefault(cfg.short(), []).append(layer.name)
+    if bad:
+        count = sum(len(names) for names in bad.values())
+        shown = "; ".join(f"{label}: {names[0]}" + (f" (+{len(names) - 1})" if len(names) > 1
+                                                     else "") for label, names in bad.items())
+        raise AutocompressError(
+            f"{count} layer(s) have formats with no GGUF type ({shown}); GGUF stores dense "
+            "matrices in llama.cpp's types: make the plan with them (plan --gguf TYPE, or "
+            "search --space gguf)")
+
+
+def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
+                progress: bool = True) -> GGUFExport:
+    """Build ``plan`` on ``loaded`` (as its provenance says) and write the GGUF ``out``
+    atomically (a temporary file beside it, then a rename)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from ..compress.apply import compress_model
+    from ..compress.reproduce import build_recipe
+
+    check_exportable(plan, loaded)
+    source = source_gguf(loaded)
+    recipe = recipe or build_recipe(loaded, plan)
+    written: dict[str, tuple[np.ndarray, str]] = {}  # gguf name -> (bytes [rows, row], type)
+    heads = _heads(loaded)
+
+    def keep(info: LayerInfo, cfg, compressed) -> None:
+        stored = compressed.quantized[0]
+        if isinstance(stored, GGUFWeight):
+            data, type_name = stored.data, stored.type.name
+        else:  # float16, as the torch build rounded it
+            data = compressed.factors[0].numpy().astype(np.float16).view(np.uint8)
+            type_name = "f16"
+        hf = f"{info.name}.weight"
+        written[gguf_name(hf)] = (to_gguf_rows(hf, data, *heads), type_name)
+
+    compress_model(loaded, plan, recipe.calib, mode=recipe.mode, gptq=recipe.gptq,
+                   progress=progress, on_layer=keep)
+    model = loaded.model
+    for table in loaded.tables:  # float16 entries are not built: the model's weights as they are
+        name = gguf_name(f"{table.name}.weight")
+        if name not in written:
+            weight = model.get_submodule(table.name).weight.detach().float().numpy()
+            written[name] = (weight.astype(np.float16).view(np.uint8), "f16")
+
+    reader = GGUFReader(source)
+    missing = sorted(set(written) - {t.name for t in reader.tensors}
+                     - {gguf_name("lm_head.weight")})
+    if missing:
+        raise AutocompressError(f"the source GGUF {source} has no tensor {missing[0]}: it is "
+                                "not the file this model was loaded from")
+    path = Path(out)
+    tmp = Path(tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)[1])
+    try:
+        types = _write(reader, written, plan, tmp, progress, GGMLQuantizationType)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    planned = sum(int(data.nbytes) for data, _ in written.values())
+    return GGUFExport(path, path.stat().st_size, dict(types), planned)
+
+
+def _write(reader, written, plan: Plan, path: Path, progress: bool, GGMLQuantizationType
+           ) -> Counter:
+    from gguf import GGUFValueType, GGUFWriter
+
+    arch = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(path, arch)
+    block_types = Counter(t for name, (_, t) in written.items() if name.startswith("blk."))
+    main = block_types.most_common(1)[0][0] if block_types else "f16"
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture",
+                                                            "general.file_type", PLAN_KEY):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    mixed = len(block_types) > 1
+    writer.add_key_value("general.file_type", _FILE_TYPES.get(main, 1) | (_GUESSED if mixed
+                                                                          else 0),
+                         GGUFValueType.UINT32)
+    writer.add_key_value(PLAN_KEY, plan.figures.get("label") or plan.default.short(),
+                         GGUFValueType.STRING)
+    types: Counter = Counter()
+    order = [t.name for t in reader.tensors]
+    if "output.weight" in written and "output.weight" not in order:
+        order.append("output.weight")  # an untied head the source stored elsewhere
+    by_name = {t.name: t for t in reader.tensors}
+    for name in order:
+        if name in written:
+            data, type_name = written[name]
+            ggml = GGMLQuantizationType(GGUF_TYPES[type_name].ggml)
+        else:
+            tensor = by_name[name]
+            data, ggml = np.asarray(tensor.data), GGMLQuantizationType(int(tensor.tensor_type))
+            type_name = GGUF_BY_GGML[int(ggml)].name if int(ggml) in GGUF_BY_GGML else ggml.name
+            if ggml in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                writer.add_tensor(name, data)
+                types[type_name] += 1
+                continue
+        writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.uint8), raw_dtype=ggml)
+        types[type_name] += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=progress)
+    writer.close()
+    return types
+
+
+def _heads(loaded: LoadedModel) -> tuple[int, int]:
+    config = loaded.config
+    heads = config.num_attention_heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
+def _umask() -> int:
+    from ..io_utils import current_umask
+
+    return current_umask()
+
+
+def is_our_gguf(path: Path) -> bool:
+    """``is_ours`` for ``--out``: a GGUF that an earlier export wrote (it carries PLAN_KEY)."""
+    try:
+        from gguf import GGUFReader
+
+        return PLAN_KEY in GGUFReader(path).fields
+    except Exception:  # not a GGUF at all, or a damaged one: not ours to overwrite
+        return False

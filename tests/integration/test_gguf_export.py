@@ -1,0 +1,62 @@
+"""`export --format gguf` on the bundled SmolLM2 GGUF: a plan of the source's own types writes
+the source back byte for byte, and a k-quant plan with an importance matrix writes a file that
+llama.cpp runs with the perplexity `eval` measured for the plan in torch."""
+
+import json
+
+import numpy as np
+import pytest
+
+from autocompress.cli import main
+
+from ..conftest import EVAL_TEXT, require_shared_data
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("xllamacpp", reason="llama.cpp (pip install 'autocompress[llamacpp]')")
+
+
+def _tensors(path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    return {t.name: (t.tensor_type, np.asarray(t.data).tobytes()) for t in reader.tensors}, fields
+
+
+def test_a_plan_of_the_sources_types_exports_the_source_byte_for_byte(real_loaded, tmp_path):
+    """SmolLM2's file is Q4_1 with a Q8_0 embedding: the same plan, requantized from its
+    decoded weights, must give every tensor back exactly (names, q/k row order, block bytes,
+    metadata, tokenizer); a wrong permutation or a second rounding would not."""
+    from autocompress.model import resolve_alias
+
+    plan, out = tmp_path / "q4_1.json", tmp_path / "q4_1.gguf"
+    assert main(["plan", "--model", "smollm2-135m", "--gguf", "q4_1",
+                 "--token-embedding-type", "q8_0", "--out", str(plan)]) == 0
+    assert main(["export", str(plan), "--format", "gguf", "--out", str(out)]) == 0
+    source_tensors, source_fields = _tensors(resolve_alias("smollm2-135m"))
+    tensors, fields = _tensors(out)
+    assert tensors.keys() == source_tensors.keys()
+    assert [n for n in tensors if tensors[n] != source_tensors[n]] == []
+    assert fields.pop("autocompress.plan") == "q4_1"
+    assert fields == source_fields
+
+
+def test_a_k_quant_export_runs_in_llamacpp_as_eval_measured_it(real_loaded, tmp_path, capsys):
+    require_shared_data()
+    plan, out = tmp_path / "q4_k.json", tmp_path / "q4_k.gguf"
+    assert main(["plan", "--model", "smollm2-135m", "--gguf", "q4_k", "--imatrix",
+                 "--token-embedding-type", "q6_k", "--calib-windows", "4", "--window-len", "256",
+                 "--out", str(plan)]) == 0
+    assert main(["export", str(plan), "--format", "gguf", "--out", str(out), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # rows of 576 are not whole q4_k super-blocks: llama.cpp's fallback, as llama-quantize does
+    assert exported["types"] == {"q4_k": 30, "q5_0": 180, "q8_0": 1, "f32": 61}
+    common = ["eval", str(plan), "--eval-text", str(EVAL_TEXT), "--windows", "2",
+              "--window-len", "256", "--no-kl", "--json"]
+    assert main(common) == 0
+    torch_run = json.loads(capsys.readouterr().out)
+    assert main(common + ["--engine", "llamacpp", "--gguf", str(out)]) == 0
+    llama_run = json.loads(capsys.readouterr().out)
+    assert llama_run["ppl"] == pytest.approx(torch_run["ppl"], rel=0.02)
+    # the plan's accounting is the file's tensors: only metadata and alignment come on top
+    assert 0 < exported["file_bytes"] - torch_run["weight_bytes"] < 3_000_000
