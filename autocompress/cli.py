@@ -121,8 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", default=None, metavar="TYPE",
                    help="a GGUF type for every block linear instead of --bits (q4_k, q8_0, "
                         "iq4_xs, ...), made by llama.cpp's quantizer")
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help="one of llama.cpp's recipes (Q4_K_M, Q3_K_S, IQ4_XS, ...): the type "
+                        "llama-quantize gives each tensor, as a plan")
+    p.add_argument("--pure", action="store_true",
+                   help="with --recipe: its default type everywhere (llama-quantize --pure)")
     p.add_argument("--imatrix", action="store_true",
-                   help="with --gguf: weight llama.cpp's rounding by the mean x² of each "
+                   help="with --gguf or --recipe: weight llama.cpp's rounding by the mean x² of each "
                         "input column over the calibration windows (as llama-imatrix)")
     p.add_argument("--token-embedding-type", default=None, metavar="TYPE",
                    help="GGUF type of the token embedding (default float16), as llama-quantize's "
@@ -357,6 +362,8 @@ def cmd_plan(args) -> int:
     check_out_file(args.out, force=args.force, what="plan",
                    inputs=[args.config, args.model, args.calib_text],
                    is_ours=json_with_keys("schema_version", "model", "default"))
+    if args.recipe:
+        return _recipe_plan(args)
     config = _plan_config(args)
     tables = {name: LayerConfig(gguf=value) for name, value in
               (("model.embed_tokens", args.token_embedding_type),
@@ -396,6 +403,48 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _recipe_plan(args) -> int:
+    """plan --recipe: llama.cpp's recipe as a plan (the per-tensor types of llama-quantize)."""
+    from .accounting import model_footprint
+    from .gguf_recipes import RECIPES, recipe_configs
+    from .model import load_model
+    from .plan import LayerConfig, Plan, compact_overrides
+    from .report import footprint_table, print_tables
+
+    given = [flag for flag, value in (("--bits", args.bits), ("--gguf", args.gguf),
+                                      ("--config", args.config),
+                                      ("--token-embedding-type", args.token_embedding_type),
+                                      ("--output-tensor-type", args.output_tensor_type))
+             if value is not None]
+    if given:
+        raise AutocompressError(f"--recipe sets every tensor's type itself: leave out "
+                                f"{', '.join(given)} (a recipe needs --model)")
+    if args.recipe.upper() not in RECIPES:
+        raise AutocompressError(f"unknown llama.cpp recipe {args.recipe!r}: choose from "
+                                f"{', '.join(RECIPES)}")
+    recipe = args.recipe.upper()
+    loaded = load_model(args.model)
+    configs = recipe_configs(loaded, recipe, imatrix=args.imatrix, pure=args.pure)
+    method = "imatrix" if args.imatrix else "rtn"
+    default = LayerConfig(gguf=RECIPES[recipe], method=method)
+    tables = {t.name for t in loaded.tables}
+    blocks = {name: cfg for name, cfg in configs.items() if name not in tables}
+    overrides = compact_overrides(blocks, default)
+    overrides.update(compact_overrides({name: configs[name] for name in tables
+                                        if not configs[name].is_identity}, LayerConfig()))
+    label = f"llama.cpp {recipe}" + (" pure" if args.pure else "") + \
+        (" imatrix" if args.imatrix else "")
+    provenance = _plan_provenance(args, default, loaded.tokenizer)
+    plan = Plan(model=loaded.identity, default=default, overrides=overrides,
+                figures={"kind": "recipe", "label": label}, provenance=provenance)
+    fp = model_footprint(loaded, plan.resolve_model(loaded), args.context, args.batch)
+    plan.figures.update({"footprint": fp.as_dict(), "context": args.context, "batch": args.batch})
+    plan.save(args.out)
+    print_tables(footprint_table(fp, title=f"{label} on {loaded.name}"), console=console)
+    console.print(f"wrote {args.out}")
+    return 0
+
+
 def _note_gguf_fallbacks(plan, loaded) -> None:
     from .gguf_types import fallback_notes
 
@@ -417,8 +466,9 @@ def _plan_config(args):
         return LayerConfig(gguf=args.gguf, method="imatrix" if args.imatrix else "rtn",
                            sparsity=args.sparsity, pattern=args.pattern,
                            prune_method=args.prune_method, rank_ratio=args.rank_ratio)
-    if args.imatrix:
-        raise AutocompressError("--imatrix goes with --gguf (llama.cpp's quantizer)")
+    if args.imatrix or args.pure:
+        raise AutocompressError(f"{'--imatrix' if args.imatrix else '--pure'} goes with --gguf "
+                                "or --recipe (llama.cpp's quantizer)")
     return LayerConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
                        method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                        prune_method=args.prune_method, rank_ratio=args.rank_ratio)

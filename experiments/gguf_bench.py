@@ -1,0 +1,98 @@
+"""llama.cpp's recipes on SmolLM2-135M, measured by llama.cpp: each recipe written as a plan
+(`plan --recipe`), exported to GGUF by `export --format gguf`, loaded by llama.cpp through the
+binding, perplexity on wiki.test.raw and KL to the float32 model (run in torch on the same
+windows); with and without an importance matrix (calibration on wiki.valid.tokens). Writes
+experiments/results/gguf.json (resumable per row); the GGUF files go to experiments/runs/gguf/
+(not committed).
+
+    .venv/bin/python experiments/gguf_bench.py [--recipes Q4_K_M,Q3_K_S] [--windows 10]
+
+(Not experiments/gguf.py: a script of that name beside the others would shadow the gguf
+package for every script in this directory.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CALIB_TEXT, EVAL_TEXT, MODEL_LABEL, ResultFile, check_data, eval_protocol, machine  # noqa: E402
+
+from autocompress.compress.reproduce import build_recipe  # noqa: E402
+from autocompress.data import calibration_data, load_stream  # noqa: E402
+from autocompress.engines.llamacpp import PINNED_VERSION, LlamaCppEngine  # noqa: E402
+from autocompress.evaluate import ReferenceCache, evaluate  # noqa: E402
+from autocompress.export.gguf import export_gguf  # noqa: E402
+from autocompress.gguf_recipes import RECIPES, recipe_configs  # noqa: E402
+from autocompress.model import load_model  # noqa: E402
+from autocompress.plan import LayerConfig, Plan, compact_overrides  # noqa: E402
+from autocompress.provenance import Provenance  # noqa: E402
+
+RUNS = Path(__file__).resolve().parent / "runs" / "gguf"
+DEFAULT_RECIPES = "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,IQ4_XS,IQ4_NL,Q4_K_S,Q4_K_M,Q5_K_S,Q5_K_M,Q6_K,Q8_0"
+
+
+def recipe_plan(loaded, recipe: str, imatrix: bool, provenance: Provenance) -> Plan:
+    configs = recipe_configs(loaded, recipe, imatrix=imatrix)
+    tables = {t.name for t in loaded.tables}
+    default = LayerConfig(gguf=RECIPES[recipe], method="imatrix" if imatrix else "rtn")
+    overrides = compact_overrides({n: c for n, c in configs.items() if n not in tables}, default)
+    overrides.update(compact_overrides({n: configs[n] for n in tables}, LayerConfig()))
+    return Plan(model=loaded.identity, default=default, overrides=overrides,
+                figures={"kind": "recipe", "label": f"llama.cpp {recipe}"}, provenance=provenance)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES)
+    parser.add_argument("--windows", type=int, default=10)
+    parser.add_argument("--window-len", type=int, default=512)
+    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--no-plain", action="store_true", help="only the imatrix rows")
+    args = parser.parse_args()
+    check_data()
+    loaded = load_model("smollm2-135m")
+    windows = load_stream(loaded.tokenizer, EVAL_TEXT, "eval").windows(args.windows,
+                                                                       args.window_len)
+    calib = calibration_data(loaded.tokenizer, str(CALIB_TEXT), args.calib_windows, 0,
+                             args.window_len)
+    provenance = Provenance(calib_text=str(CALIB_TEXT), calib_windows=args.calib_windows,
+                            window_len=args.window_len, calib_digest=calib.digest,
+                            mode="parallel", made_by="experiments/gguf_bench.py")
+    protocol = {"model": MODEL_LABEL, "eval": eval_protocol(args.windows, args.window_len),
+                "engine": f"llama.cpp (xllamacpp {PINNED_VERSION}, CPU), the exported GGUF",
+                "kl_reference": "the float32 model in torch, same windows",
+                "calibration": f"imatrix rows: {args.calib_windows} windows of "
+                               f"{args.window_len} tokens of wiki.valid.tokens, mean x² per "
+                               "input column of the uncompressed model (parallel)",
+                "machine": machine()}
+    results = ResultFile("gguf.json", protocol)
+    reference = ReferenceCache(loaded.model, windows)  # 1 GB at 10 windows: once for all rows
+    RUNS.mkdir(parents=True, exist_ok=True)
+    for recipe in args.recipes.split(","):
+        for imatrix in ([True] if args.no_plain else [False, True]):
+            key = f"{recipe}{' imatrix' if imatrix else ''}"
+            if results.has(key):
+                continue
+            start = time.time()
+            plan = recipe_plan(loaded, recipe, imatrix, provenance)
+            path = RUNS / f"{recipe}{'-imatrix' if imatrix else ''}.gguf"
+            made = export_gguf(loaded, plan, path, build_recipe(loaded, plan), progress=False)
+            built = time.time() - start
+            engine = LlamaCppEngine(path, n_ctx=args.window_len, threads=2)
+            result = evaluate(engine, windows, reference=reference, progress=True, desc=key)
+            engine.close()
+            results.put(key, {"recipe": recipe, "imatrix": imatrix, "ppl": result.ppl,
+                              "kl": result.kl, "file_bytes": made.file_bytes,
+                              "tensor_bytes": made.planned_bytes, "types": made.types,
+                              "export_s": round(built, 1),
+                              "eval_s": round(time.time() - start - built, 1)})
+            print(f"{key}: ppl {result.ppl:.2f}, KL {result.kl:.4f}, "
+                  f"{made.file_bytes / 1e6:.1f} MB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
