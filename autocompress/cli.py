@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "plan (recorded in it): through the compressed prefix (sequential, "
                         "better, slower) or from the uncompressed model")
     p.add_argument("--out", required=True, help="output directory (plan.json, tables)")
+    p.add_argument("--export", choices=["gguf", "none"], default=None,
+                   help="write the chosen plan as OUT/model.gguf and check it in llama.cpp "
+                        "(default: gguf when every option of the space is a GGUF type)")
     p.add_argument("--proxy", default="fisher", help="fisher | hessian | hutchinson | measured")
     p.add_argument("--holdout-windows", type=_positive_int, default=4,
                    help="held-out windows to measure candidates on in process (--eval-top 0)")
@@ -710,7 +713,16 @@ def cmd_search(args) -> int:
     inputs = [args.model, args.calib_text, args.space, args.device]
     state = check_search_dir(args.out, resume=args.resume, force=args.force, inputs=inputs)
     check_storage(args.storage, args.out)
+    export = args.export or ("gguf" if space.all_gguf else "none")
+    if export == "gguf":
+        from .engines.llamacpp import library
+
+        library()  # llama.cpp missing or mismatched: said before any work
     loaded = load_model(args.model)
+    if export == "gguf":
+        from .export.gguf import source_gguf
+
+        source_gguf(loaded)  # a Hugging Face directory cannot be exported: said now
     prepare_search_dir(args.out, state, resume=args.resume,
                        log=_log)
     settings = SearchSettings(budget=budget, context=args.context, batch=args.batch,
@@ -731,9 +743,22 @@ def cmd_search(args) -> int:
     if chosen.decode is not None:
         tables.append(decode_table(chosen.decode, device.name))
     print_tables(*tables, console=console)
+    if export == "gguf":
+        from .search.deploy import GGUF_FILE, export_and_confirm, exports_gguf
+        from .units import format_size
+
+        if not exports_gguf(result.plan, loaded):
+            raise AutocompressError("--export gguf: the chosen plan has layers in formats with "
+                                    "no GGUF type; search a GGUF space (--space gguf)")
+        check = export_and_confirm(loaded, result.plan, args.out)
+        torch_kl = chosen.measured["kl"]
+        _log(f"llama.cpp runs {GGUF_FILE} ({format_size(check['file_bytes'])}) at KL "
+             f"{check['kl']:.4f}, perplexity {check['ppl']:.2f} on the {check['windows']} "
+             f"held-out windows (torch measured KL {torch_kl:.4f})")
     if note:  # said at the end, where it is read (and never before an error line)
         _log(note)
-    console.print(f"chosen: {chosen.label}; wrote {Path(args.out) / 'plan.json'} and the "
+    wrote = "plan.json" + (", model.gguf" if export == "gguf" else "")
+    console.print(f"chosen: {chosen.label}; wrote {wrote} in {args.out} and the "
                   "trade-offs (pareto.json, pareto.csv, pareto.png)", highlight=False)
     return 0
 

@@ -1,4 +1,5 @@
-"""llama.cpp's recipes on SmolLM2-135M, measured by llama.cpp: each recipe written as a plan
+"""llama.cpp's recipes on SmolLM2-135M against searched GGUF plans of the same size, all measured
+by llama.cpp. Recipes: each written as a plan
 (`plan --recipe`), exported to GGUF by `export --format gguf`, loaded by llama.cpp through the
 binding, perplexity on wiki.test.raw and KL to the float32 model (run in torch on the same
 windows); with and without an importance matrix (calibration on wiki.valid.tokens). Writes
@@ -52,6 +53,10 @@ def main() -> None:
     parser.add_argument("--window-len", type=int, default=512)
     parser.add_argument("--calib-windows", type=int, default=16)
     parser.add_argument("--no-plain", action="store_true", help="only the imatrix rows")
+    parser.add_argument("--search-at", default="",
+                        help="recipes at whose size to run `search --space gguf` (comma list)")
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--eval-top", type=int, default=2)
     args = parser.parse_args()
     check_data()
     loaded = load_model("smollm2-135m")
@@ -92,6 +97,42 @@ def main() -> None:
                               "eval_s": round(time.time() - start - built, 1)})
             print(f"{key}: ppl {result.ppl:.2f}, KL {result.kl:.4f}, "
                   f"{made.file_bytes / 1e6:.1f} MB", flush=True)
+    for recipe in filter(None, args.search_at.split(",")):
+        key = f"search@{recipe}"
+        if results.has(key):
+            continue
+        results.put(key, searched_row(loaded, recipe, provenance, windows, reference, args))
+        row = results.data["entries"][key]
+        print(f"{key}: ppl {row['ppl']:.2f}, KL {row['kl']:.4f}, "
+              f"{row['file_bytes'] / 1e6:.1f} MB", flush=True)
+
+
+def searched_row(loaded, recipe: str, provenance: Provenance, windows, reference, args) -> dict:
+    """`search --space gguf` at the bytes of ``recipe``'s plan; its GGUF run in llama.cpp."""
+    from autocompress.accounting import model_footprint
+    from autocompress.search.engine import SearchSettings, run_search
+    from autocompress.search.space import SearchSpace
+
+    target = recipe_plan(loaded, recipe, True, provenance)
+    budget = model_footprint(loaded, target.resolve_model(loaded)).total
+    out = RUNS / f"search-{recipe}"
+    start = time.time()
+    found = run_search(loaded, SearchSpace.load("gguf"), SearchSettings(
+        budget=budget, calib_text=str(CALIB_TEXT), trials=args.trials, eval_top=args.eval_top,
+        num_cpus=2, resume=(out / "study.journal").is_file()), out_dir=out, progress=False)
+    searched = time.time() - start
+    made = export_gguf(loaded, found.plan, out / "model.gguf", build_recipe(loaded, found.plan),
+                       progress=False)
+    engine = LlamaCppEngine(made.path, n_ctx=args.window_len, threads=2)
+    result = evaluate(engine, windows, reference=reference, progress=True, desc=f"search@{recipe}")
+    engine.close()
+    return {"recipe": recipe, "search": True, "budget_bytes": budget, "ppl": result.ppl,
+            "kl": result.kl, "file_bytes": made.file_bytes, "tensor_bytes": made.planned_bytes,
+            "types": made.types, "chosen": found.chosen.label,
+            "search_s": round(searched, 1), "timings_s": found.timings,
+            "settings": f"space gguf.yaml, proxy fisher, {args.trials} trials, eval-top "
+                        f"{args.eval_top}, sequential calibration (16 windows of "
+                        "wiki.valid.tokens), budget = the recipe's plan footprint"}
 
 
 if __name__ == "__main__":

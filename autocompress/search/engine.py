@@ -156,8 +156,11 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         """A layer's bytes as the device's engine holds them (the plan's without a device)."""
         return held_layer_bytes(layer.out_features, layer.in_features, cfg, device)
 
+    tables = space.table_configs(loaded)  # the embedding's fixed format, in every plan
+
     def footprint_of(configs: dict[str, LayerConfig]) -> Footprint:
-        plain = model_footprint(loaded, configs, settings.context, settings.batch, runtime_bytes)
+        plain = model_footprint(loaded, {**configs, **tables}, settings.context, settings.batch,
+                                runtime_bytes)
         if device is None:
             return plain
         return dataclasses.replace(plain, layer_weights=sum(
@@ -209,9 +212,9 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     # level 2 calibrates in parallel (statistics and GPTQ results shared by all trials); the
     # final measurement builds each candidate as apply will (``settings.mode``)
     meter = PlanMeter(loaded, calib.holdout[:settings.fast_windows], calib.calib, progress=False,
-                      gptq=settings.gptq)
+                      gptq=settings.gptq, fixed=tables)
     final_meter = PlanMeter(loaded, calib.holdout[:settings.final_windows], calib.calib,
-                            progress=False, mode=settings.mode, gptq=settings.gptq)
+                            progress=False, mode=settings.mode, gptq=settings.gptq, fixed=tables)
     study_trials: list = []
     if settings.trials:
         t0 = time.perf_counter()
@@ -264,8 +267,10 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                             mode=settings.mode, gptq_damp=settings.gptq.damp,
                             gptq_act_order=settings.gptq.act_order,
                             gptq_block_size=settings.gptq.block_size, made_by="search")
-    plan = Plan(model=loaded.identity, default=default,
-                overrides=compact_overrides(chosen.configs, default), provenance=provenance)
+    overrides = {**compact_overrides(chosen.configs, default),
+                 **compact_overrides(tables, LayerConfig())}
+    plan = Plan(model=loaded.identity, default=default, overrides=overrides,
+                provenance=provenance)
     plan.figures = {
         "chosen": chosen.label,
         "budget_bytes": budget,
@@ -309,7 +314,7 @@ def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, pro
         names[cand.signature] = cand
         if not (job / "candidates" / f"{cand.signature}.safetensors").is_file():
             write_candidate(job, cand.signature, meter.compress(cand.configs),
-                            [layer.name for layer in loaded.layers])
+                            [layer.name for layer in loaded.layers] + list(meter.fixed))
     results = run_level3(job, list(names), Level3Settings(
         windows=settings.eval_windows, num_cpus=settings.num_cpus, address=settings.address),
         tokens_per_window=settings.window_len - 1, resume=settings.resume, log=log,

@@ -21,11 +21,14 @@ from ..plan import LayerConfig
 class PlanMeter:
     def __init__(self, loaded: LoadedModel, holdout: torch.Tensor, calib: torch.Tensor | None,
                  progress: bool = False, mode: str = "parallel",
-                 gptq: GPTQSettings = GPTQSettings()):
+                 gptq: GPTQSettings = GPTQSettings(),
+                 fixed: dict[str, LayerConfig] | None = None):
+        """``fixed``: configs every measured plan shares (the search space's embedding)."""
         if mode not in ("parallel", "sequential"):
             raise ValueError(f"unknown calibration mode {mode!r}")
         self.loaded, self.holdout, self.calib, self.progress = loaded, holdout, calib, progress
         self.mode, self.gptq = mode, gptq
+        self.fixed = dict(fixed or {})
         self.reference = ReferenceCache(loaded.model, holdout)
         self._stats: dict[str, InputStats] | None = None
         self._memo: dict = {}  # SVD / GPTQ results per (layer, config), shared by all plans
@@ -40,6 +43,7 @@ class PlanMeter:
 
     def compress(self, configs: dict[str, LayerConfig]):
         """A compressed copy of the model under ``configs``, as every plan here is measured."""
+        configs = {**configs, **self.fixed}
         if self.mode == "sequential":
             calib = self.calib if uses_calibration(configs.values()) else None
             return compress_model(self.loaded, configs, calib, mode="sequential",

@@ -10,6 +10,8 @@ kinds:                                                 # ... unless its kind has
 tied: [[q, k, v], [gate, up]]                          # one choice per block for these kinds
 pinned:                                                # fixed config: exact name or re:REGEX
   "re:model\\.layers\\.0\\..*": {bits: 8}
+tables:                                                # the embedding / untied head (fixed)
+  model.embed_tokens: {gguf: q8_0}
 ```
 
 Tied kinds must have the same option list (they share one decision, e.g. for a fused QKV
@@ -29,9 +31,9 @@ import yaml
 
 from ..errors import AutocompressError
 from ..model import LAYER_KINDS, LayerInfo
-from ..plan import VALID_BITS, LayerConfig
+from ..plan import TABLE_ENTRIES, VALID_BITS, LayerConfig, check_table
 
-_KEYS = {"defaults", "options", "kinds", "tied", "pinned"}
+_KEYS = {"defaults", "options", "kinds", "tied", "pinned", "tables"}
 
 
 # Old names of bundled spaces, still accepted (with a warning): `default` became `joint`.
@@ -51,6 +53,8 @@ class SearchSpace:
     tied: list[list[str]] = field(default_factory=list)
     pinned: dict[str, LayerConfig] = field(default_factory=dict)
     name: str = "custom"
+    # the embedding and an untied head at a fixed format (every plan of the search has it)
+    tables: dict[str, LayerConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.options and not self.kinds:
@@ -69,6 +73,14 @@ class SearchSpace:
         if unknown:
             raise AutocompressError(f"kinds names unknown layer kind(s) {unknown}; kinds are "
                                     f"{', '.join(LAYER_KINDS)}")
+        for key, cfg in self.tables.items():
+            if key not in TABLE_ENTRIES:
+                raise AutocompressError(f"tables names {key!r}; the entries outside the blocks "
+                                        f"are {', '.join(TABLE_ENTRIES)}")
+            try:
+                check_table(cfg)
+            except AutocompressError as exc:
+                raise AutocompressError(f"tables {key!r}: {exc}") from None
         for key in self.pinned:
             if key.startswith("re:"):
                 try:
@@ -130,23 +142,38 @@ class SearchSpace:
         unknown = set(data) - _KEYS
         if unknown:
             raise AutocompressError(f"search space {str(path)!r} has unknown keys {sorted(unknown)}")
-        base = LayerConfig.from_dict(data.get("defaults") or {})
+        defaults = data.get("defaults") or {}
+        if not isinstance(defaults, dict):
+            raise AutocompressError(f"search space {str(path)!r}: 'defaults' is a map")
+        # merged as fields, not as a config: `method: imatrix` alone is no valid config, but is
+        # a valid default for options that name a gguf type; other defaults are checked here
+        if "gguf" in defaults or defaults.get("method") != "imatrix":
+            LayerConfig.from_dict(defaults)
+
+        def option(item) -> LayerConfig:
+            if not isinstance(item, dict):
+                raise AutocompressError(f"search space {str(path)!r}: options are maps of "
+                                        f"LayerConfig fields, got {item!r}")
+            return LayerConfig.from_dict({**defaults, **item})
 
         def configs(items) -> list[LayerConfig]:
             if not isinstance(items, list):
                 raise AutocompressError(f"search space {str(path)!r}: option lists must be lists")
-            return [LayerConfig.from_dict(item, base) for item in items]
+            return [option(item) for item in items]
 
         kinds = data.get("kinds") or {}
         pinned = data.get("pinned") or {}
-        if not isinstance(kinds, dict) or not isinstance(pinned, dict):
-            raise AutocompressError(f"search space {str(path)!r}: 'kinds' and 'pinned' are maps")
+        tables = data.get("tables") or {}
+        if not all(isinstance(m, dict) for m in (kinds, pinned, tables)):
+            raise AutocompressError(f"search space {str(path)!r}: 'kinds', 'pinned' and "
+                                    "'tables' are maps")
         return cls(
             options=configs(data.get("options") or []),
             kinds={kind: configs(items) for kind, items in kinds.items()},
             tied=_tied(path, data.get("tied")),
-            pinned={key: LayerConfig.from_dict(cfg, base) for key, cfg in pinned.items()},
+            pinned={key: option(cfg) for key, cfg in pinned.items()},
             name=path.stem,
+            tables={key: LayerConfig.from_dict(cfg) for key, cfg in tables.items()},
         )
 
     # -- per layer -------------------------------------------------------------------------------
@@ -178,6 +205,23 @@ class SearchSpace:
                 key = ("single", index)
             groups.setdefault(key, []).append(index)
         return list(groups.values())
+
+    @property
+    def all_gguf(self) -> bool:
+        """Every option (and pin) a GGUF type: the plans it gives export to GGUF."""
+        configs = self.options + [c for cs in self.kinds.values() for c in cs] + \
+            list(self.pinned.values())
+        return bool(configs) and all(cfg.is_gguf for cfg in configs)
+
+    def table_configs(self, loaded) -> dict[str, LayerConfig]:
+        """The fixed configs of ``loaded``'s embedding / untied head (float16 ones left out)."""
+        present = {table.name for table in loaded.tables}
+        if "lm_head" in self.tables and "lm_head" not in present:
+            raise AutocompressError("the search space gives 'lm_head' a format, but this "
+                                    "model's head is tied to its embedding: use "
+                                    "model.embed_tokens")
+        return {name: cfg for name, cfg in self.tables.items()
+                if name in present and not cfg.is_identity}
 
     def uniform_configs(self) -> list[LayerConfig]:
         """Options every non-pinned layer can take alike (the uniform baselines)."""

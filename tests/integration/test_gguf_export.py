@@ -60,3 +60,28 @@ def test_a_k_quant_export_runs_in_llamacpp_as_eval_measured_it(real_loaded, tmp_
     assert llama_run["ppl"] == pytest.approx(torch_run["ppl"], rel=0.02)
     # the plan's accounting is the file's tensors: only metadata and alignment come on top
     assert 0 < exported["file_bytes"] - torch_run["weight_bytes"] < 3_000_000
+
+
+def test_a_gguf_search_ends_with_the_file_llamacpp_confirms(real_loaded, tmp_path):
+    """`search` over GGUF types writes model.gguf beside plan.json and measures it in
+    llama.cpp on the held-out windows it measured the plan on in torch."""
+    require_shared_data()
+    from ..conftest import CALIB_TEXT
+
+    space = tmp_path / "gguf2.yaml"
+    space.write_text("defaults: {method: imatrix}\noptions: [{gguf: q4_0}, {gguf: q8_0}]\n"
+                     "tables: {model.embed_tokens: {gguf: q8_0}}\n")
+    out = tmp_path / "search"
+    assert main(["search", "--space", str(space), "--budget", "150MB", "--context", "512",
+                 "--trials", "2", "--eval-top", "0", "--holdout-windows", "1",
+                 "--calib-windows", "2", "--window-len", "128", "--calib-text", str(CALIB_TEXT),
+                 "--mode", "parallel", "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    check = plan["figures"]["llamacpp"]
+    assert (out / "model.gguf").stat().st_size == check["file_bytes"]
+    assert check["types"]["q8_0"] >= 1 and set(check["types"]) <= {"q4_0", "q8_0", "f32"}
+    torch_kl = plan["figures"]["holdout"]["reported"]["kl"]
+    assert check["windows"] == plan["figures"]["holdout"]["windows"] == 1
+    # the same weights in another engine: llama.cpp's kernels add about 0.003-0.005 of KL
+    # on SmolLM2 (its float16 file against torch float32: 0.0033)
+    assert abs(check["kl"] - torch_kl) < 0.01 + 0.3 * torch_kl

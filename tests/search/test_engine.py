@@ -273,3 +273,27 @@ def test_only_infeasible_limits_are_taken_as_no_plan_without_2bit(tiny_loaded, m
     with pytest.raises(AutocompressError, match="the solver broke"):
         run_search(tiny_loaded, space, SearchSettings(budget=_uniform_total(tiny_loaded, 3),
                                                       **SMALL), progress=False, log=lambda m: None)
+
+
+def test_a_gguf_space_searches_llama_cpps_types_with_the_embedding_in_every_plan(tiny_loaded,
+                                                                                 tmp_path):
+    """The plan, the bytes the budget was held to and every measured candidate carry the
+    space's embedding type; the options' costs are of llama.cpp's quantizer's real output."""
+    pytest.importorskip("xllamacpp", reason="llama.cpp (pip install 'autocompress[llamacpp]')")
+    space = SearchSpace.load("gguf")
+    assert space.all_gguf and not SearchSpace.load("joint").all_gguf
+    embedding = LayerConfig(gguf="q8_0")
+    layers = {l.name: LayerConfig(gguf="q4_0") for l in tiny_loaded.layers}
+    budget = model_footprint(tiny_loaded, {**layers, "model.embed_tokens": embedding},
+                             context=256).total + 3000
+    result = run_search(tiny_loaded, space, SearchSettings(budget=budget, **SMALL),
+                        out_dir=tmp_path, progress=False, log=lambda m: None)
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.config_for("model.embed_tokens") == embedding
+    assert all(c.footprint.total <= budget for c in result.candidates)
+    # the embedding's bytes are in every candidate's footprint: a float16 one would not fit
+    assert result.chosen.footprint.other_weights < \
+        model_footprint(tiny_loaded, layers, context=256).other_weights
+    assert all(plan.config_for(l.name).is_gguf for l in tiny_loaded.layers)
+    table = result.table
+    assert table.options[0] == space.options and len(set(map(tuple, table.cost))) > 1
