@@ -580,6 +580,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _search_gguf(plan_path: str) -> str | None:
+    """The model.gguf a GGUF search wrote beside its plan.json, if it is there."""
+    from .plan import Plan
+    from .search.deploy import GGUF_FILE
+
+    try:
+        figures = Plan.load(plan_path).figures
+    except AutocompressError:
+        return None  # the plan's own error is said where it is loaded
+    path = Path(plan_path).parent / GGUF_FILE
+    if isinstance(figures.get("llamacpp"), dict) and path.is_file():
+        _log(f"running {path} (the GGUF this search wrote beside its plan)")
+        return str(path)
+    return None
+
+
 def cmd_eval(args) -> int:
     from .accounting import model_footprint
     from .compress.reproduce import build_model
@@ -590,6 +606,8 @@ def cmd_eval(args) -> int:
     if args.engine == "llamacpp":  # checked before the model loads
         from .engines.llamacpp import library
 
+        if not args.gguf:
+            args.gguf = _search_gguf(args.plan)
         if not args.gguf:
             raise AutocompressError("--engine llamacpp runs a GGUF file: give --gguf FILE")
         if not Path(args.gguf).is_file():

@@ -33,6 +33,7 @@ from autocompress.plan import LayerConfig, Plan, compact_overrides  # noqa: E402
 from autocompress.provenance import Provenance  # noqa: E402
 
 RUNS = Path(__file__).resolve().parent / "runs" / "gguf"
+RESULTS_PNG = Path(__file__).resolve().parent / "results" / "gguf.png"
 DEFAULT_RECIPES = "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,IQ4_XS,IQ4_NL,Q4_K_S,Q4_K_M,Q5_K_S,Q5_K_M,Q6_K,Q8_0"
 
 
@@ -105,6 +106,45 @@ def main() -> None:
         row = results.data["entries"][key]
         print(f"{key}: ppl {row['ppl']:.2f}, KL {row['kl']:.4f}, "
               f"{row['file_bytes'] / 1e6:.1f} MB", flush=True)
+    plot(results)
+
+
+def plot(results: ResultFile) -> None:
+    """experiments/results/gguf.png: llama.cpp perplexity against file size, recipes with and
+    without imatrix, searched plans marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = results.data["entries"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for imatrix, style, label in ((False, "o--", "llama.cpp recipes"),
+                                  (True, "s-", "llama.cpp recipes + imatrix")):
+        rows = sorted((e["file_bytes"] / 1e6, e["ppl"], e["recipe"]) for k, e in entries.items()
+                      if not k.startswith("search@") and e["imatrix"] == imatrix)
+        if rows:
+            ax.plot([r[0] for r in rows], [r[1] for r in rows], style, label=label, alpha=0.8)
+            if imatrix:
+                for x, y, name in rows:
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
+    searched = [(e["file_bytes"] / 1e6, e["ppl"]) for k, e in entries.items()
+                if k.startswith("search@")]
+    if searched:
+        ax.plot(*zip(*searched), "*", markersize=13, color="crimson",
+                label="search --space gguf (at a recipe's bytes)")
+    ax.set_xlabel("GGUF file size (MB)")
+    ax.set_ylabel("llama.cpp perplexity, wiki.test.raw")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("SmolLM2-135M in llama.cpp: recipes and searched plans")
+    fig.tight_layout()
+    tmp = RESULTS_PNG.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(RESULTS_PNG)
 
 
 def searched_row(loaded, recipe: str, provenance: Provenance, windows, reference, args) -> dict:

@@ -446,7 +446,48 @@ def table_fast_path(store: Store) -> str:
             f"{p.proxy}; machine {p.machine}.")
 
 
-SECTIONS = {"table-fast-path": table_fast_path, "search": search, "search-v1": search_v1,
+def gguf(store: Store) -> str:
+    data = store.get("gguf.json")
+    p, entries = data.protocol, data.entries
+    rows = ["| plan | file | bits/weight (tensors) | llama.cpp perplexity | KL | types |",
+            "| --- | ---: | ---: | ---: | ---: | --- |"]
+    n_weights = None
+    for key, e in entries.items():
+        if key.startswith("search@"):
+            continue
+        if n_weights is None:  # bits per weight of the quantized tensors, from Q8_0's layout
+            n_weights = _gguf_weights(entries)
+        label = f"llama.cpp {e.recipe}" + (" + imatrix" if e.imatrix else "")
+        rows.append(_gguf_row(label, e, n_weights))
+    for key, e in entries.items():
+        if key.startswith("search@"):
+            rows.append(_gguf_row(f"**`search --space gguf`** at {e.recipe}'s bytes "
+                                  f"({e.search_s / 60:.0f} min)", e, n_weights))
+    searched = [e for k, e in entries.items() if k.startswith("search@")]
+    note = ""
+    if searched:
+        note = (f"\n\nSearched rows: {searched[0].settings}; the budget held the search to at "
+                "most the recipe's tensor bytes.")
+    return ("\n".join(rows) + note + f"\n\nProtocol: {p.model}; evaluation {p.eval}; engine "
+            f"{p.engine}; KL to {p.kl_reference}; calibration {p.calibration}; machine "
+            f"{p.machine}.")
+
+
+def _gguf_weights(entries) -> int | None:
+    """Weights in the file's quantized tensors, from a plain Q8_0 row (34 bytes per 32)."""
+    e = entries.get("Q8_0")
+    return None if e is None else e.tensor_bytes * 32 // 34
+
+
+def _gguf_row(label: str, e, n_weights: int | None) -> str:
+    bpw = "" if not n_weights else f"{8 * e.tensor_bytes / n_weights:.2f}"
+    types = ", ".join(f"{t} {n}" for t, n in sorted(e.types.items(), key=lambda kv: -kv[1])
+                      if t != "f32")
+    return (f"| {label} | {e.file_bytes / 1e6:.1f} MB | {bpw} | {_fmt_ppl(e.ppl)} | "
+            f"{e.kl:.4f} | {types} |")
+
+
+SECTIONS = {"gguf": gguf, "table-fast-path": table_fast_path, "search": search, "search-v1": search_v1,
             "latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity,
             "joint-vs-bits": joint_vs_bits, "baselines": baselines,
             "search-candidates": search_candidates, "gptq-study": gptq_study}

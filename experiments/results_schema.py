@@ -304,6 +304,45 @@ class FastPath(_Model):
     max_relative_difference: float
 
 
+# ---------------------------------------------------------------- gguf.json
+
+
+class GgufProtocol(_Model):
+    model: str
+    eval: str
+    engine: str
+    kl_reference: str
+    calibration: str
+    machine: str
+
+
+class GgufRecipe(_Model):
+    """A llama.cpp recipe exported and run in llama.cpp (keys RECIPE or RECIPE imatrix)."""
+    recipe: str
+    imatrix: bool
+    ppl: float
+    kl: float
+    file_bytes: int
+    tensor_bytes: int
+    types: dict[str, int]
+    export_s: float
+    eval_s: float
+
+
+class GgufSearch(_Model):
+    """`search --space gguf` at a recipe's bytes (keys search@RECIPE)."""
+    recipe: str
+    budget_bytes: int
+    ppl: float
+    kl: float
+    file_bytes: int
+    tensor_bytes: int
+    types: dict[str, int]
+    chosen: str
+    search_s: float
+    settings: str
+
+
 # ---------------------------------------------------------------- the files
 
 
@@ -351,6 +390,8 @@ SPECS: dict[str, FileSpec] = {
     "search.json": FileSpec(SearchProtocol, _by_key({}, SearchRun), keys=SEARCH_KEY),
     # the same benchmark before level 3 built candidates as apply does (parallel calibration)
     "search_v1.json": FileSpec(SearchProtocol, _by_key({}, SearchRun), keys=SEARCH_KEY),
+    "gguf.json": FileSpec(GgufProtocol, lambda key: GgufSearch if key.startswith("search@")
+                          else GgufRecipe, keys=r"(?:search@)?[A-Z0-9_]+(?: imatrix)?"),
     "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),
                                      required=("fisher",)),
 }

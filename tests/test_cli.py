@@ -236,3 +236,22 @@ def test_search_defaults_to_the_joint_space(tiny_model_dir, tmp_path, capsys):
     assert main(["search", "--model", str(tiny_model_dir), "--budget", "10MB", "--out",
                  str(tmp_path / "b"), "--bits", "2,4", "--space", "joint"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_plan_recipe_writes_llama_cpps_types_as_a_plan(tiny_model_dir, tmp_path):
+    """`plan --recipe Q4_K_M --imatrix`: every block linear and the embedding get the type
+    llama-quantize would give them (the tiny model's 64-wide rows take the fallbacks), the
+    weighting is recorded per layer, and the calibration windows are in the provenance."""
+    pytest.importorskip("xllamacpp", reason="llama.cpp (pip install 'autocompress[llamacpp]')")
+    from autocompress.gguf_recipes import recipe_configs
+    from autocompress.plan import Plan
+    from autocompress.model import load_model
+
+    out = tmp_path / "recipe.json"
+    assert main(["plan", "--model", str(tiny_model_dir), "--recipe", "q4_k_m", "--imatrix",
+                 "--calib-windows", "2", "--window-len", "64", "--out", str(out)]) == 0
+    plan = Plan.load(out)
+    loaded = load_model(str(tiny_model_dir))
+    assert plan.resolve_model(loaded) == recipe_configs(loaded, "Q4_K_M", imatrix=True)
+    assert plan.figures["label"] == "llama.cpp Q4_K_M imatrix"
+    assert plan.provenance.calib_digest is not None

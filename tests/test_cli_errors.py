@@ -129,6 +129,12 @@ def inputs(tiny_model_dir, tmp_path_factory):
     f["space_bad_field"] = _write(root / "field.yaml", "options: [{bitz: 4}]\n")
     f["space_kinds_kind"] = _write(root / "kinds.yaml",
                                    "options: [{bits: 4}]\nkinds: {mlp: [{bits: 8}]}\n")
+    f["space_tables_name"] = _write(root / "tables.yaml", "options: [{bits: 4}]\n"
+                                    "tables: {model.embed: {gguf: q8_0}}\n")
+    f["space_tables_native"] = _write(root / "tables2.yaml", "options: [{bits: 4}]\n"
+                                      "tables: {model.embed_tokens: {bits: 4}}\n")
+    f["space_tables_head"] = _write(root / "tables3.yaml", "options: [{gguf: q8_0}]\n"
+                                    "tables: {lm_head: {gguf: q8_0}}\n")
     f["space_binary"] = _write(root / "binary.yaml", bytes(range(128, 256)) * 4)
 
     # profiles
@@ -189,6 +195,9 @@ ROWS = [
      "gguf must be one of"),
     ("plan --model {model} --gguf q8_0 --output-tensor-type q6_k --out {tmp}/p.json", 2,
      "tied to its token embedding"),
+    ("plan --model {model} --recipe Q4_K_X --out {tmp}/p.json", 2, "unknown llama.cpp recipe"),
+    ("plan --model {model} --recipe Q4_K_M --bits 4 --out {tmp}/p.json", 2, "leave out --bits"),
+    ("plan --model {model} --bits 4 --pure --out {tmp}/p.json", 2, "--pure goes with"),
     ("export {plan} --model {model} --format gguf --out {tmp}/m.gguf", 2, "no GGUF type"),
     ("export {plan_gguf} --model {model} --format gguf --out {tmp}/m.gguf", 2,
      "convert_hf_to_gguf.py"),
@@ -254,12 +263,21 @@ ROWS = [
     ("sensitivity --model {model} --space {space_bad_field} --out {tmp}/t.json", 2, "bitz"),
     ("sensitivity --model {model} --space {space_kinds_kind} --out {tmp}/t.json", 2, "'mlp'"),
     ("sensitivity --model {model} --space {space_binary} --out {tmp}/t.json", 2, "not a text"),
+    ("sensitivity --model {model} --space {space_tables_name} --out {tmp}/t.json", 2,
+     "tables names 'model.embed'"),
+    ("sensitivity --model {model} --space {space_tables_native} --out {tmp}/t.json", 2,
+     "tables 'model.embed_tokens': the embedding and head take a gguf type"),
     ("sensitivity --model {model} --out {tmp}/t.png", 2, "like table.json"),
     ("sensitivity --model {model} --out {user_dir}", 2, "is a directory"),
     ("sensitivity --model {model} --calib-text {text} --out {text}", 2, "is an input"),
     ("sensitivity --model {model} --out {a_file}", 2, "not an autocompress sensitivity table"),
     # -- search ------------------------------------------------------------------------------
     ("search --model {model} --budget '4 bananas' --out {tmp}/s", 2, "4 bananas"),
+    ("search --model {model} --budget 1MB --space gguf --out {tmp}/s", 2,
+     "convert_hf_to_gguf.py"),
+    ("search --model {model} --budget 1MB --space {space_tables_head} --export none "
+     "--out {tmp}/s", 2, "tied to its embedding"),
+    ("search --model {model} --budget 1MB --export pdf --out {tmp}/s", 2, "invalid choice"),
     ("search --model {model} --budget 1KB --out {tmp}/s", 2, "no plan fits"),
     ("search --model {model} --budget 4GB --device jetsn --out {tmp}/s", 2, "unknown device"),
     ("search --model {model} --budget 4GB --device {profile_binary} --out {tmp}/s", 2,

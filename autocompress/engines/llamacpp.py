@@ -263,6 +263,31 @@ class LlamaCppEngine(Engine):
                                        shape=(n, self.n_vocab))
         return torch.from_numpy(logits.copy())
 
+    def decode_tokens_per_s(self, n_tokens: int = 64, prompt: int = 16, token: int = 1) -> float:
+        """Decode speed at batch 1: ``prompt`` tokens prefilled, then ``n_tokens`` decoded one
+        per llama_decode (the logits of each computed, as generation needs them); the ids fed
+        do not change the work, so no sampling is done."""
+        if prompt + n_tokens > self.n_ctx:
+            raise AutocompressError(f"{prompt} + {n_tokens} tokens exceed the llama.cpp "
+                                    f"context ({self.n_ctx})")
+        import time
+
+        lib = self.lib
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        self._tokens[:prompt] = token
+        self._pos[:prompt] = np.arange(prompt, dtype=np.int32)
+        self.batch.n_tokens = prompt
+        if lib.llama_decode(self.ctx, self.batch) != 0:
+            raise AutocompressError("llama_decode failed on the prompt")
+        self.batch.n_tokens = 1
+        start = time.perf_counter()
+        for i in range(n_tokens):
+            self._pos[0] = prompt + i
+            if lib.llama_decode(self.ctx, self.batch) != 0:
+                raise AutocompressError("llama_decode failed while decoding")
+            lib.llama_get_logits(self.ctx)[0]  # the logits are read, as a generator would
+        return n_tokens / (time.perf_counter() - start)
+
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self.lib.llama_batch_free(self.batch)

@@ -62,7 +62,7 @@ def test_a_k_quant_export_runs_in_llamacpp_as_eval_measured_it(real_loaded, tmp_
     assert 0 < exported["file_bytes"] - torch_run["weight_bytes"] < 3_000_000
 
 
-def test_a_gguf_search_ends_with_the_file_llamacpp_confirms(real_loaded, tmp_path):
+def test_a_gguf_search_ends_with_the_file_llamacpp_confirms(real_loaded, tmp_path, capsys):
     """`search` over GGUF types writes model.gguf beside plan.json and measures it in
     llama.cpp on the held-out windows it measured the plan on in torch."""
     require_shared_data()
@@ -85,3 +85,10 @@ def test_a_gguf_search_ends_with_the_file_llamacpp_confirms(real_loaded, tmp_pat
     # the same weights in another engine: llama.cpp's kernels add about 0.003-0.005 of KL
     # on SmolLM2 (its float16 file against torch float32: 0.0033)
     assert abs(check["kl"] - torch_kl) < 0.01 + 0.3 * torch_kl
+    # `eval --engine llamacpp` finds the search's file and measures the same figure again
+    capsys.readouterr()
+    assert main(["eval", str(out / "plan.json"), "--engine", "llamacpp", "--holdout",
+                 "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["gguf"].endswith("model.gguf") and again["windows"] == 1
+    assert again["kl"] == pytest.approx(check["kl"], rel=1e-5)

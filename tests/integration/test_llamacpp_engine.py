@@ -32,3 +32,24 @@ def test_eval_in_llamacpp_agrees_with_torch_on_the_same_windows(real_loaded, tmp
     assert llama_run["ppl"] == pytest.approx(torch_run["ppl"], rel=0.02)
     assert 0 < llama_run["kl"] < 0.02  # llama.cpp's float paths against torch's float32
     assert llama_run["gguf_bytes"] == gguf.stat().st_size
+
+
+def test_decode_speed_is_measured_without_disturbing_the_logits():
+    """Decode at batch 1 (one llama_decode per token): a positive rate, and the context is
+    left as a window evaluation expects (same logits before and after)."""
+    import math
+
+    import torch
+
+    from autocompress.engines.llamacpp import LlamaCppEngine
+    from autocompress.model import resolve_alias
+
+    engine = LlamaCppEngine(resolve_alias("smollm2-135m"), n_ctx=64, threads=2)
+    window = torch.arange(1, 33)
+    before = engine.window_logits(window)
+    rate = engine.decode_tokens_per_s(n_tokens=16, prompt=8)
+    assert math.isfinite(rate) and rate > 1.0  # SmolLM2 decodes at tens of tokens/s here
+    assert torch.allclose(engine.window_logits(window), before, atol=1e-4)
+    with pytest.raises(Exception, match="exceed the llama.cpp context"):
+        engine.decode_tokens_per_s(n_tokens=60, prompt=8)
+    engine.close()
