@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--proxy", default="fisher", help="fisher | hessian | hutchinson | measured")
     p.add_argument("--space", default="joint",
-                   help="search space: a bundled name (joint, bits) or a YAML path")
+                   help="search space: a bundled name (joint, bits, gguf) or a YAML path")
     p.add_argument("--out", required=True, help="table JSON to write (the PNG goes beside it)")
     _add_force(p, "the table")
     _add_calib(p, 8)
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RTN bit widths to choose from, e.g. 2,3,4,8, instead of a space")
     p.add_argument("--group-size", type=_group_size, default=64)
     p.add_argument("--space", default=None,
-                   help="search space: a bundled name (joint, bits) or a YAML path "
+                   help="search space: a bundled name (joint, bits, gguf) or a YAML path "
                         "(default: joint, the space of bits, groups, GPTQ, sparsity and low "
                         "rank; with --bits: RTN at those bit widths)")
     p.add_argument("--mode", choices=["sequential", "parallel"], default="sequential",
@@ -409,9 +409,9 @@ def cmd_plan(args) -> int:
 def _recipe_plan(args) -> int:
     """plan --recipe: llama.cpp's recipe as a plan (the per-tensor types of llama-quantize)."""
     from .accounting import model_footprint
-    from .gguf_recipes import RECIPES, recipe_configs
+    from .gguf_recipes import RECIPES, recipe_plan
     from .model import load_model
-    from .plan import LayerConfig, Plan, compact_overrides
+    from .plan import LayerConfig
     from .report import footprint_table, print_tables
 
     given = [flag for flag, value in (("--bits", args.bits), ("--gguf", args.gguf),
@@ -422,28 +422,18 @@ def _recipe_plan(args) -> int:
     if given:
         raise AutocompressError(f"--recipe sets every tensor's type itself: leave out "
                                 f"{', '.join(given)} (a recipe needs --model)")
-    if args.recipe.upper() not in RECIPES:
+    if args.recipe.upper() not in RECIPES:  # before the model loads
         raise AutocompressError(f"unknown llama.cpp recipe {args.recipe!r}: choose from "
                                 f"{', '.join(RECIPES)}")
-    recipe = args.recipe.upper()
     loaded = load_model(args.model)
-    configs = recipe_configs(loaded, recipe, imatrix=args.imatrix, pure=args.pure)
-    method = "imatrix" if args.imatrix else "rtn"
-    default = LayerConfig(gguf=RECIPES[recipe], method=method)
-    tables = {t.name for t in loaded.tables}
-    blocks = {name: cfg for name, cfg in configs.items() if name not in tables}
-    overrides = compact_overrides(blocks, default)
-    overrides.update(compact_overrides({name: configs[name] for name in tables
-                                        if not configs[name].is_identity}, LayerConfig()))
-    label = f"llama.cpp {recipe}" + (" pure" if args.pure else "") + \
-        (" imatrix" if args.imatrix else "")
-    provenance = _plan_provenance(args, default, loaded.tokenizer)
-    plan = Plan(model=loaded.identity, default=default, overrides=overrides,
-                figures={"kind": "recipe", "label": label}, provenance=provenance)
+    weighting = LayerConfig(gguf="q8_0", method="imatrix" if args.imatrix else "rtn")
+    plan = recipe_plan(loaded, args.recipe, imatrix=args.imatrix, pure=args.pure,
+                       provenance=_plan_provenance(args, weighting, loaded.tokenizer))
     fp = model_footprint(loaded, plan.resolve_model(loaded), args.context, args.batch)
     plan.figures.update({"footprint": fp.as_dict(), "context": args.context, "batch": args.batch})
     plan.save(args.out)
-    print_tables(footprint_table(fp, title=f"{label} on {loaded.name}"), console=console)
+    print_tables(footprint_table(fp, title=f"{plan.figures['label']} on {loaded.name}"),
+                 console=console)
     console.print(f"wrote {args.out}")
     return 0
 

@@ -167,3 +167,27 @@ def recipe_configs(loaded, recipe: str, imatrix: bool = False, pure: bool = Fals
         weighted = imatrix and info.name not in table_names
         out[info.name] = LayerConfig(gguf=type_name, method="imatrix" if weighted else "rtn")
     return out
+
+
+def recipe_plan(loaded, recipe: str, imatrix: bool = False, pure: bool = False,
+                provenance=None):
+    """The recipe as a plan: its default type as the default, the rules' other types as
+    overrides, the embedding (and an untied head) as their entries."""
+    from .plan import LayerConfig, Plan, compact_overrides
+    from .provenance import Provenance
+
+    if recipe.upper() not in RECIPES:
+        raise AutocompressError(f"unknown llama.cpp recipe {recipe!r}: choose from "
+                                f"{', '.join(RECIPES)}")
+    recipe = recipe.upper()
+    configs = recipe_configs(loaded, recipe, imatrix=imatrix, pure=pure)
+    tables = {table.name for table in loaded.tables}
+    default = LayerConfig(gguf=RECIPES[recipe], method="imatrix" if imatrix else "rtn")
+    overrides = compact_overrides({n: c for n, c in configs.items() if n not in tables},
+                                  default)
+    overrides.update(compact_overrides({n: configs[n] for n in tables
+                                        if not configs[n].is_identity}, LayerConfig()))
+    label = f"llama.cpp {recipe}" + (" pure" if pure else "") + (" imatrix" if imatrix else "")
+    return Plan(model=loaded.identity, default=default, overrides=overrides,
+                figures={"kind": "recipe", "label": label},
+                provenance=provenance or Provenance())

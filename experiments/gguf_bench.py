@@ -27,24 +27,13 @@ from autocompress.data import calibration_data, load_stream  # noqa: E402
 from autocompress.engines.llamacpp import PINNED_VERSION, LlamaCppEngine  # noqa: E402
 from autocompress.evaluate import ReferenceCache, evaluate  # noqa: E402
 from autocompress.export.gguf import export_gguf  # noqa: E402
-from autocompress.gguf_recipes import RECIPES, recipe_configs  # noqa: E402
+from autocompress.gguf_recipes import recipe_plan  # noqa: E402
 from autocompress.model import load_model  # noqa: E402
-from autocompress.plan import LayerConfig, Plan, compact_overrides  # noqa: E402
 from autocompress.provenance import Provenance  # noqa: E402
 
 RUNS = Path(__file__).resolve().parent / "runs" / "gguf"
 RESULTS_PNG = Path(__file__).resolve().parent / "results" / "gguf.png"
 DEFAULT_RECIPES = "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,IQ4_XS,IQ4_NL,Q4_K_S,Q4_K_M,Q5_K_S,Q5_K_M,Q6_K,Q8_0"
-
-
-def recipe_plan(loaded, recipe: str, imatrix: bool, provenance: Provenance) -> Plan:
-    configs = recipe_configs(loaded, recipe, imatrix=imatrix)
-    tables = {t.name for t in loaded.tables}
-    default = LayerConfig(gguf=RECIPES[recipe], method="imatrix" if imatrix else "rtn")
-    overrides = compact_overrides({n: c for n, c in configs.items() if n not in tables}, default)
-    overrides.update(compact_overrides({n: configs[n] for n in tables}, LayerConfig()))
-    return Plan(model=loaded.identity, default=default, overrides=overrides,
-                figures={"kind": "recipe", "label": f"llama.cpp {recipe}"}, provenance=provenance)
 
 
 def main() -> None:
@@ -56,6 +45,9 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="only the imatrix rows")
     parser.add_argument("--search-at", default="",
                         help="recipes at whose size to run `search --space gguf` (comma list)")
+    parser.add_argument("--speeds", action="store_true",
+                        help="measure decode tokens/s of every written file that lacks it (run "
+                             "it alone: the machine's two cores are the measurement)")
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--eval-top", type=int, default=2)
     args = parser.parse_args()
@@ -84,7 +76,7 @@ def main() -> None:
             if results.has(key):
                 continue
             start = time.time()
-            plan = recipe_plan(loaded, recipe, imatrix, provenance)
+            plan = recipe_plan(loaded, recipe, imatrix, provenance=provenance)
             path = RUNS / f"{recipe}{'-imatrix' if imatrix else ''}.gguf"
             made = export_gguf(loaded, plan, path, build_recipe(loaded, plan), progress=False)
             built = time.time() - start
@@ -98,6 +90,8 @@ def main() -> None:
                               "eval_s": round(time.time() - start - built, 1)})
             print(f"{key}: ppl {result.ppl:.2f}, KL {result.kl:.4f}, "
                   f"{made.file_bytes / 1e6:.1f} MB", flush=True)
+    if args.speeds:
+        measure_speeds(results)
     for recipe in filter(None, args.search_at.split(",")):
         key = f"search@{recipe}"
         if results.has(key):
@@ -107,6 +101,31 @@ def main() -> None:
         print(f"{key}: ppl {row['ppl']:.2f}, KL {row['kl']:.4f}, "
               f"{row['file_bytes'] / 1e6:.1f} MB", flush=True)
     plot(results)
+
+
+def measure_speeds(results: ResultFile, repeats: int = 3) -> None:
+    """Decode tokens/s at batch 1 (16-token prompt, 64 decoded, median of 3) of each row's
+    file, on both cores."""
+    import statistics
+
+    for key, entry in list(results.data["entries"].items()):
+        if "decode_tps" in entry:
+            continue
+        if key.startswith("search@"):
+            path = RUNS / f"search-{entry['recipe']}" / "model.gguf"
+        else:
+            path = RUNS / f"{entry['recipe']}{'-imatrix' if entry['imatrix'] else ''}.gguf"
+        if not path.is_file():
+            print(f"{key}: {path} is gone; its speed is not measured", flush=True)
+            continue
+        engine = LlamaCppEngine(path, n_ctx=128, threads=2)
+        engine.decode_tokens_per_s(n_tokens=8)  # warm-up: pages in the weights
+        rate = statistics.median(engine.decode_tokens_per_s(n_tokens=64)
+                                 for _ in range(repeats))
+        engine.close()
+        results.put(key, {**{k: v for k, v in entry.items() if k != "measured_at"},
+                          "decode_tps": rate})
+        print(f"{key}: {rate:.1f} tokens/s", flush=True)
 
 
 def plot(results: ResultFile) -> None:
@@ -153,7 +172,7 @@ def searched_row(loaded, recipe: str, provenance: Provenance, windows, reference
     from autocompress.search.engine import SearchSettings, run_search
     from autocompress.search.space import SearchSpace
 
-    target = recipe_plan(loaded, recipe, True, provenance)
+    target = recipe_plan(loaded, recipe, True, provenance=provenance)
     budget = model_footprint(loaded, target.resolve_model(loaded)).total
     out = RUNS / f"search-{recipe}"
     start = time.time()

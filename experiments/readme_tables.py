@@ -449,8 +449,8 @@ def table_fast_path(store: Store) -> str:
 def gguf(store: Store) -> str:
     data = store.get("gguf.json")
     p, entries = data.protocol, data.entries
-    rows = ["| plan | file | bits/weight (tensors) | llama.cpp perplexity | KL | types |",
-            "| --- | ---: | ---: | ---: | ---: | --- |"]
+    rows = ["| plan | file | bits/weight (tensors) | llama.cpp perplexity | KL | decode tok/s "
+            "| types |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     n_weights = None
     for key, e in entries.items():
         if key.startswith("search@"):
@@ -469,7 +469,8 @@ def gguf(store: Store) -> str:
         note = (f"\n\nSearched rows: {searched[0].settings}; the budget held the search to at "
                 "most the recipe's tensor bytes.")
     return ("\n".join(rows) + note + f"\n\nProtocol: {p.model}; evaluation {p.eval}; engine "
-            f"{p.engine}; KL to {p.kl_reference}; calibration {p.calibration}; machine "
+            f"{p.engine}; KL to {p.kl_reference}; calibration {p.calibration}; decode: batch 1, "
+            f"16-token prompt, 64 tokens decoded, median of 3, measured alone; machine "
             f"{p.machine}.")
 
 
@@ -483,8 +484,9 @@ def _gguf_row(label: str, e, n_weights: int | None) -> str:
     bpw = "" if not n_weights else f"{8 * e.tensor_bytes / n_weights:.2f}"
     types = ", ".join(f"{t} {n}" for t, n in sorted(e.types.items(), key=lambda kv: -kv[1])
                       if t != "f32")
+    speed = "" if e.decode_tps is None else f"{e.decode_tps:.1f}"
     return (f"| {label} | {e.file_bytes / 1e6:.1f} MB | {bpw} | {_fmt_ppl(e.ppl)} | "
-            f"{e.kl:.4f} | {types} |")
+            f"{e.kl:.4f} | {speed} | {types} |")
 
 
 SECTIONS = {"gguf": gguf, "table-fast-path": table_fast_path, "search": search, "search-v1": search_v1,

@@ -327,6 +327,7 @@ class GgufRecipe(_Model):
     types: dict[str, int]
     export_s: float
     eval_s: float
+    decode_tps: float | None = None  # llama.cpp decode at batch 1 on this machine
 
 
 class GgufSearch(_Model):
@@ -341,6 +342,7 @@ class GgufSearch(_Model):
     chosen: str
     search_s: float
     settings: str
+    decode_tps: float | None = None
 
 
 # ---------------------------------------------------------------- the files

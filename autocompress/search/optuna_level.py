@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 from .. import faults
 from ..errors import AutocompressError
 from ..model import BLOCK_INDEX
+from ..gguf_types import GGUF_TYPES
 from ..plan import LayerConfig
 from .problem import Problem
 
@@ -44,10 +45,18 @@ def _kind(problem: Problem, group: list[int]) -> str:
     return problem.table.layers[group[0]].rsplit(".", 1)[-1]
 
 
+def _bits_class(c: LayerConfig) -> int:
+    """2 or 3 for the options the 2-/3-bit knobs correct: native bits, or a GGUF type's bits
+    per weight (q2_k 2.6, q3_k 3.4; their fallbacks on short rows are not known here)."""
+    if c.is_gguf:
+        return int(GGUF_TYPES[c.gguf].bits_per_weight)
+    return c.bits
+
+
 # knob name -> does it apply to (option, kinds of the group, block of the group, number of blocks)
 KNOBS: dict[str, Callable[[LayerConfig, str, int | None, int], bool]] = {
-    "w_2bit": lambda c, k, b, n: c.bits == 2,
-    "w_3bit": lambda c, k, b, n: c.bits == 3,
+    "w_2bit": lambda c, k, b, n: _bits_class(c) == 2,
+    "w_3bit": lambda c, k, b, n: _bits_class(c) == 3,
     "w_sparse": lambda c, k, b, n: c.sparsity > 0 and c.pattern == "unstructured",
     "w_2to4": lambda c, k, b, n: c.pattern == "2:4",
     "w_lowrank": lambda c, k, b, n: c.is_low_rank,

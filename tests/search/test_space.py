@@ -21,6 +21,12 @@ def test_bundled_bits_space_equals_bits_flag():
     ("colours: []\noptions: []", "unknown keys"),
     ("options: 3", "options"),
     ("options: [{bits: 4", "YAML"),
+    ("defaults: {method: imatrix}\noptions: [{bits: 4}]", "needs a gguf type"),
+    ("defaults: {method: gptq}\noptions: [{gguf: q4_k}]", "method must be 'rtn' or 'imatrix'"),
+    ("options: [4]", "options are maps"),
+    ("defaults: 3\noptions: [{bits: 4}]", "'defaults' is a map"),
+    ("options: [{gguf: q4_k}]\ntables: {model.embed_tokens: {gguf: q4_k, method: imatrix}}",
+     "without an importance matrix"),
 ])
 def test_bad_space_files(tmp_path, text, match):
     path = tmp_path / "space.yaml"
@@ -72,7 +78,7 @@ def test_spaces_load_by_name_from_any_directory(tmp_path, monkeypatch):
     assert SearchSpace.load("joint") == SearchSpace.from_yaml(SPACES / "joint.yaml")
     assert SearchSpace.load("joint").name == "joint"
     assert SearchSpace.load("bits").name == "bits"
-    with pytest.raises(AutocompressError, match="unknown search space 'nope'.*bits, joint"):
+    with pytest.raises(AutocompressError, match="unknown search space 'nope'.*bits, gguf, joint"):
         SearchSpace.load("nope")
     with pytest.raises(AutocompressError, match="not found"):
         SearchSpace.load("mine.yaml")
@@ -85,3 +91,11 @@ def test_old_name_default_is_a_deprecated_alias_of_joint():
     assert (old.options, old.kinds, old.tied, old.pinned) == \
         (joint.options, joint.kinds, joint.tied, joint.pinned)
     assert old.name == "default"  # a study begun with --space default resumes with it
+
+
+def test_the_gguf_space_is_llama_cpps_types_with_imatrix_and_a_fixed_embedding():
+    space = SearchSpace.load("gguf")
+    assert space.all_gguf
+    assert {cfg.gguf for cfg in space.options} >= {"q2_k", "q3_k", "q4_k", "q6_k", "q8_0"}
+    assert all(cfg.method == "imatrix" for cfg in space.options)
+    assert space.tables == {"model.embed_tokens": LayerConfig(gguf="q8_0")}
