@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default=None,
                    help="formats to measure, e.g. f16,q4,q8 (default: every runtime format: "
                         "f16, q2-q6, q8, q4+2:4, q4+sparse)")
+    p.add_argument("--engine", choices=["autocompress", "llamacpp"], default="autocompress",
+                   help="llamacpp: llama.cpp's decode of --model's GGUF files, one per type "
+                        "(--formats: GGUF types), for predicting mixed files")
 
     p = sub.add_parser("estimate",
                        help="predict a plan's memory and decode speed on a device from a config")
@@ -852,6 +855,8 @@ def cmd_profile(args) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():
         raise AutocompressError(f"directory {out.parent} does not exist; create it first")
+    if args.engine == "llamacpp":
+        return _profile_llamacpp(args, out)
     check_out_file(out, force=args.force, inputs=[args.config, args.model], what="profile",
                    is_ours=yaml_with_keys("memory", "compute"))
     if args.config:
@@ -874,6 +879,44 @@ def cmd_profile(args) -> int:
                   f"f32 GEMM {profile.compute.peak_tflops['f32'] * 1e3:.0f} GFLOPS, "
                   f"{len(profile.lookup)} measured layer latencies; use it with --device {out}",
                   highlight=False)
+    return 0
+
+
+def _profile_llamacpp(args, out: Path) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .engines.llamacpp import library
+    from .gguf_types import GGUF_TYPES
+    from .hardware.llamacpp_speed import PROFILE_TYPES, REFERENCE, measure
+    from .io_utils import atomic_write_text
+    from .model import load_model
+    from .outputs import check_out_file, yaml_with_keys
+
+    check_out_file(out, force=args.force, inputs=[args.model], what="llama.cpp speed profile",
+                   is_ours=yaml_with_keys("llamacpp_speed"))
+    if args.config:
+        raise AutocompressError("--engine llamacpp runs the model's GGUF files: give --model, "
+                                "not --config")
+    types = tuple(args.formats.split(",")) if args.formats else PROFILE_TYPES
+    unknown = [t for t in types if t not in GGUF_TYPES]
+    if unknown:
+        raise AutocompressError(f"--formats {', '.join(unknown)}: not GGUF types (choose from "
+                                f"{', '.join(GGUF_TYPES)})")
+    if REFERENCE not in types:
+        types = (REFERENCE,) + types
+    library()
+    loaded = load_model(args.model)
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("profiling llama.cpp", total=1.0)
+        speed = measure(loaded, types, threads=args.threads or 2,
+                        progress=lambda step, done: bar.update(
+                            task, completed=done, description=f"llama.cpp decode: {step}"))
+    atomic_write_text(out, speed.to_yaml())
+    fastest = max(speed.files, key=lambda f: f["tokens_per_s"])
+    console.print(f"wrote {out}: {len(speed.files)} GGUF types of {loaded.name} decoded by "
+                  f"llama.cpp, {fastest['type']} fastest at {fastest['tokens_per_s']:.1f} "
+                  "tokens/s", highlight=False)
     return 0
 
 

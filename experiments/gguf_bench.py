@@ -29,6 +29,7 @@ from autocompress.evaluate import ReferenceCache, evaluate  # noqa: E402
 from autocompress.export.gguf import export_gguf  # noqa: E402
 from autocompress.gguf_recipes import recipe_plan  # noqa: E402
 from autocompress.model import load_model  # noqa: E402
+from autocompress.plan import Plan  # noqa: E402
 from autocompress.provenance import Provenance  # noqa: E402
 
 RUNS = Path(__file__).resolve().parent / "runs" / "gguf"
@@ -48,6 +49,9 @@ def main() -> None:
     parser.add_argument("--speeds", action="store_true",
                         help="measure decode tokens/s of every written file that lacks it (run "
                              "it alone: the machine's two cores are the measurement)")
+    parser.add_argument("--predict", type=Path, default=None,
+                        help="a llama.cpp speed profile (profile --engine llamacpp): predict "
+                             "each row's decode speed from it, beside the measured one")
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--eval-top", type=int, default=2)
     args = parser.parse_args()
@@ -92,6 +96,8 @@ def main() -> None:
                   f"{made.file_bytes / 1e6:.1f} MB", flush=True)
     if args.speeds:
         measure_speeds(results)
+    if args.predict:
+        predict_speeds(results, loaded, provenance, args.predict)
     for recipe in filter(None, args.search_at.split(",")):
         key = f"search@{recipe}"
         if results.has(key):
@@ -126,6 +132,26 @@ def measure_speeds(results: ResultFile, repeats: int = 3) -> None:
         results.put(key, {**{k: v for k, v in entry.items() if k != "measured_at"},
                           "decode_tps": rate})
         print(f"{key}: {rate:.1f} tokens/s", flush=True)
+
+
+def predict_speeds(results: ResultFile, loaded, provenance: Provenance, profile: Path) -> None:
+    """Each row's decode speed as the llama.cpp speed profile predicts it (from the weights
+    each stored type holds in the row's plan)."""
+    from autocompress.hardware.llamacpp_speed import LlamaCppSpeed, plan_entries, weights_by_type
+
+    speed = LlamaCppSpeed.load(profile)
+    for key, entry in list(results.data["entries"].items()):
+        if key.startswith("search@"):
+            plan = Plan.load(RUNS / f"search-{entry['recipe']}" / "plan.json")
+        else:
+            plan = recipe_plan(loaded, entry["recipe"], entry["imatrix"], provenance=provenance)
+        weights = weights_by_type(plan_entries(loaded, plan.resolve_model(loaded)))
+        predicted = 1 / speed.predict_s(weights)
+        if entry.get("predicted_tps") != predicted:
+            results.put(key, {**{k: v for k, v in entry.items() if k != "measured_at"},
+                              "predicted_tps": predicted,
+                              "speed_profile": f"{profile.name} ({len(speed.files)} uniform "
+                                               f"files, {speed.threads} threads)"})
 
 
 def plot(results: ResultFile) -> None:

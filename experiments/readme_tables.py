@@ -450,7 +450,7 @@ def gguf(store: Store) -> str:
     data = store.get("gguf.json")
     p, entries = data.protocol, data.entries
     rows = ["| plan | file | bits/weight (tensors) | llama.cpp perplexity | KL | decode tok/s "
-            "| types |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+            "(predicted) | types |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     n_weights = None
     for key, e in entries.items():
         if key.startswith("search@"):
@@ -464,9 +464,15 @@ def gguf(store: Store) -> str:
             rows.append(_gguf_row(f"**`search --space gguf`** at {e.recipe}'s bytes "
                                   f"({e.search_s / 60:.0f} min)", e, n_weights))
     searched = [e for k, e in entries.items() if k.startswith("search@")]
-    note = ""
+    profiles = {e.speed_profile for e in entries.values() if e.speed_profile}
+    note = "" if not profiles else (
+        f"\n\nPredicted decode speeds: from the llama.cpp speed profile {', '.join(profiles)} "
+        "(`profile --engine llamacpp`: one file per type with every block linear in it, "
+        "llama.cpp's fallbacks aside, fitted per weight and stored type). A row whose plan "
+        "has one type in every block linear repeats one of those files; rows that mix types "
+        "(the recipes' boosted layers, the searched plans) are predictions.")
     if searched:
-        note = (f"\n\nSearched rows: {searched[0].settings}; the budget held the search to at "
+        note += (f"\n\nSearched rows: {searched[0].settings}; the budget held the search to at "
                 "most the recipe's tensor bytes.")
     return ("\n".join(rows) + note + f"\n\nProtocol: {p.model}; evaluation {p.eval}; engine "
             f"{p.engine}; KL to {p.kl_reference}; calibration {p.calibration}; decode: batch 1, "
@@ -485,6 +491,8 @@ def _gguf_row(label: str, e, n_weights: int | None) -> str:
     types = ", ".join(f"{t} {n}" for t, n in sorted(e.types.items(), key=lambda kv: -kv[1])
                       if t != "f32")
     speed = "" if e.decode_tps is None else f"{e.decode_tps:.1f}"
+    if e.predicted_tps is not None:
+        speed += f" ({e.predicted_tps:.1f})"
     return (f"| {label} | {e.file_bytes / 1e6:.1f} MB | {bpw} | {_fmt_ppl(e.ppl)} | "
             f"{e.kl:.4f} | {speed} | {types} |")
 

@@ -328,6 +328,8 @@ class GgufRecipe(_Model):
     export_s: float
     eval_s: float
     decode_tps: float | None = None  # llama.cpp decode at batch 1 on this machine
+    predicted_tps: float | None = None  # the llama.cpp speed profile's prediction
+    speed_profile: str | None = None
 
 
 class GgufSearch(_Model):
@@ -343,6 +345,8 @@ class GgufSearch(_Model):
     search_s: float
     settings: str
     decode_tps: float | None = None
+    predicted_tps: float | None = None
+    speed_profile: str | None = None
 
 
 # ---------------------------------------------------------------- the files

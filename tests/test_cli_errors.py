@@ -303,6 +303,7 @@ ROWS = [
     ("search --model {missing_weight} --budget 4GB --out {tmp}/s", 2, "random values"),
     # -- devices, profile, estimate ----------------------------------------------------------
     ("devices --all", 2, "unrecognized arguments"),
+    ("profile --engine llamacpp --formats q7_k --out {tmp}/p.yaml", 2, "not GGUF types"),
     ("profile --model {model} --out {tmp}/none/p.yaml", 2, "does not exist"),
     ("profile --model {model} --out {user_dir}", 2, "is a directory"),
     ("profile --model {model} --out {a_file}", 2, "not an autocompress profile"),

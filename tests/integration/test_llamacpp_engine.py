@@ -53,3 +53,20 @@ def test_decode_speed_is_measured_without_disturbing_the_logits():
     with pytest.raises(Exception, match="exceed the llama.cpp context"):
         engine.decode_tokens_per_s(n_tokens=60, prompt=8)
     engine.close()
+
+
+def test_profile_engine_llamacpp_measures_each_type_and_predicts_its_own_files(real_loaded,
+                                                                               tmp_path):
+    """Two types: q8_0 (the reference) and q4_0; the fit reproduces both files' measured
+    speeds (two files, two unknowns), and q4_0, read in fewer bytes, decodes faster."""
+    from autocompress.cli import main
+    from autocompress.hardware.llamacpp_speed import LlamaCppSpeed
+
+    out = tmp_path / "speed.yaml"
+    assert main(["profile", "--engine", "llamacpp", "--model", "smollm2-135m",
+                 "--formats", "q4_0", "--out", str(out)]) == 0
+    speed = LlamaCppSpeed.load(out)
+    assert [f["type"] for f in speed.files] == ["q8_0", "q4_0"]
+    for f in speed.files:
+        assert 1 / speed.predict_s(f["weights"]) == pytest.approx(f["tokens_per_s"], rel=1e-6)
+    assert speed.per_weight_s["q4_0"] < 0  # relative to q8_0: fewer bytes per weight
