@@ -74,7 +74,7 @@ def main() -> None:
     results = ResultFile("gguf.json", protocol)
     reference = ReferenceCache(loaded.model, windows)  # 1 GB at 10 windows: once for all rows
     RUNS.mkdir(parents=True, exist_ok=True)
-    for recipe in args.recipes.split(","):
+    for recipe in filter(None, args.recipes.split(",")):
         for imatrix in ([True] if args.no_plain else [False, True]):
             key = f"{recipe}{' imatrix' if imatrix else ''}"
             if results.has(key):
@@ -181,7 +181,6 @@ def plot(results: ResultFile) -> None:
                 label="search --space gguf (at a recipe's bytes)")
     ax.set_xlabel("GGUF file size (MB)")
     ax.set_ylabel("llama.cpp perplexity, wiki.test.raw")
-    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("SmolLM2-135M in llama.cpp: recipes and searched plans")

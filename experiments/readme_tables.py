@@ -465,12 +465,13 @@ def gguf(store: Store) -> str:
                                   f"({e.search_s / 60:.0f} min)", e, n_weights))
     searched = [e for k, e in entries.items() if k.startswith("search@")]
     profiles = {e.speed_profile for e in entries.values() if e.speed_profile}
+    noise = _speed_noise(entries)
     note = "" if not profiles else (
         f"\n\nPredicted decode speeds: from the llama.cpp speed profile {', '.join(profiles)} "
         "(`profile --engine llamacpp`: one file per type with every block linear in it, "
         "llama.cpp's fallbacks aside, fitted per weight and stored type). A row whose plan "
         "has one type in every block linear repeats one of those files; rows that mix types "
-        "(the recipes' boosted layers, the searched plans) are predictions.")
+        "(the recipes' boosted layers, the searched plans) are predictions." + noise)
     if searched:
         note += (f"\n\nSearched rows: {searched[0].settings}; the budget held the search to at "
                 "most the recipe's tensor bytes.")
@@ -478,6 +479,23 @@ def gguf(store: Store) -> str:
             f"{p.engine}; KL to {p.kl_reference}; calibration {p.calibration}; decode: batch 1, "
             f"16-token prompt, 64 tokens decoded, median of 3, measured alone; machine "
             f"{p.machine}.")
+
+
+def _speed_noise(entries) -> str:
+    """How far apart decode speeds of files with the same types came out: the resolution of
+    the speed column on this machine."""
+    groups: dict[tuple, list[float]] = {}
+    for e in entries.values():
+        if e.decode_tps is not None:
+            groups.setdefault(tuple(sorted(e.types.items())), []).append(e.decode_tps)
+    spreads = [max(v) / min(v) - 1 for v in groups.values() if len(v) > 1]
+    if not spreads:
+        return ""
+    return (f" Files with the same types in every tensor (most recipes with and without "
+            f"imatrix; recipes whose rules coincide on this model) decoded up to {max(spreads):.0%} apart "
+            f"({len(spreads)} such groups, median spread {statistics.median(spreads):.0%}): "
+            "differences in this column smaller than that are noise of this shared 2-core "
+            "machine, and so is the agreement of the predictions.")
 
 
 def _gguf_weights(entries) -> int | None:

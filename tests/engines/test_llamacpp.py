@@ -122,3 +122,21 @@ def test_a_type_that_needs_an_imatrix_or_a_bad_one_is_refused(matrix):
         quantize(matrix, "q4_k", np.ones(3, dtype=np.float32))
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize(matrix[:, :320], "q4_k")
+
+
+def test_q5_1_holds_a_q4_1_grid_exactly_when_the_quantizer_searches_its_scales():
+    """Why SmolLM2's q5_1 rows with an imatrix are near lossless (README, llama.cpp results):
+    its weights are Q4_1-decoded, 16 grid values per block; q5_1's 32-level grid at half the
+    step holds them, which llama.cpp's weighted search finds and min-max rounding does not."""
+    rng = np.random.default_rng(0)
+    rows, blocks = 16, 8
+    codes = rng.integers(0, 16, size=(rows, blocks, 32))
+    codes[..., 0], codes[..., 1] = 0, 15  # each block spans its whole grid, as Q4_1 makes it
+    step = rng.uniform(0.001, 0.01, size=(rows, blocks, 1))
+    low = rng.uniform(-0.08, -0.02, size=(rows, blocks, 1))
+    w = (low + step * codes).reshape(rows, blocks * 32).astype(np.float32)
+    w = dequantize(quantize(w, "q4_1"), "q4_1", w.shape)  # exactly on Q4_1's grid (fp16 scales)
+    weighted = dequantize(quantize(w, "q5_1", np.ones(w.shape[1], np.float32)), "q5_1", w.shape)
+    plain = dequantize(quantize(w, "q5_1"), "q5_1", w.shape)
+    assert np.abs(weighted - w).max() < 1e-6
+    assert np.abs(plain - w).max() > 1e-4

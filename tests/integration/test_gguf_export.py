@@ -44,15 +44,15 @@ def test_a_plan_of_the_sources_types_exports_the_source_byte_for_byte(real_loade
 def test_a_k_quant_export_runs_in_llamacpp_as_eval_measured_it(real_loaded, tmp_path, capsys):
     require_shared_data()
     plan, out = tmp_path / "q4_k.json", tmp_path / "q4_k.gguf"
-    assert main(["plan", "--model", "smollm2-135m", "--gguf", "q4_k", "--imatrix",
-                 "--token-embedding-type", "q6_k", "--calib-windows", "4", "--window-len", "256",
-                 "--out", str(plan)]) == 0
+    # (the imatrix path from plan to file is the search test's below)
+    assert main(["plan", "--model", "smollm2-135m", "--gguf", "q4_k",
+                 "--token-embedding-type", "q6_k", "--out", str(plan)]) == 0
     assert main(["export", str(plan), "--format", "gguf", "--out", str(out), "--json"]) == 0
     exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # rows of 576 are not whole q4_k super-blocks: llama.cpp's fallback, as llama-quantize does
     assert exported["types"] == {"q4_k": 30, "q5_0": 180, "q8_0": 1, "f32": 61}
-    common = ["eval", str(plan), "--eval-text", str(EVAL_TEXT), "--windows", "2",
-              "--window-len", "256", "--no-kl", "--json"]
+    common = ["eval", str(plan), "--eval-text", str(EVAL_TEXT), "--windows", "1",
+              "--window-len", "512", "--no-kl", "--json"]
     assert main(common) == 0
     torch_run = json.loads(capsys.readouterr().out)
     assert main(common + ["--engine", "llamacpp", "--gguf", str(out)]) == 0
