@@ -23,7 +23,6 @@ class GGUFWeight:
     type: GGUFType  # after llama.cpp's fallback for the row length
     data: np.ndarray  # uint8 [rows, row bytes]
     shape: tuple[int, int]
-    imatrix: bool
 
     def dequantize(self) -> Tensor:
         from ..engines.llamacpp import dequantize
@@ -49,4 +48,4 @@ def quantize_gguf(w: Tensor, type_name: str, imatrix: Tensor | None = None) -> G
     weights = None if imatrix is None else imatrix.detach().float().cpu().numpy()
     data = quantize(w.detach().float().cpu().numpy(), gtype.name,
                     None if gtype.is_float else weights)
-    return GGUFWeight(gtype, data, (rows, n), imatrix is not None and not gtype.is_float)
+    return GGUFWeight(gtype, data, (rows, n))

@@ -20,6 +20,7 @@ import ctypes
 import importlib.metadata
 import os
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -270,8 +271,6 @@ class LlamaCppEngine(Engine):
         if prompt + n_tokens > self.n_ctx:
             raise AutocompressError(f"{prompt} + {n_tokens} tokens exceed the llama.cpp "
                                     f"context ({self.n_ctx})")
-        import time
-
         lib = self.lib
         lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
         self._tokens[:prompt] = token

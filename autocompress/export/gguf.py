@@ -21,6 +21,7 @@ import numpy as np
 from ..compress.gguf import GGUFWeight
 from ..errors import AutocompressError
 from ..gguf_types import GGUF_BY_GGML, GGUF_TYPES
+from ..io_utils import current_umask
 from ..model import ALIASES, LayerInfo, LoadedModel, resolve_alias
 from ..plan import Plan
 from .gguf_layout import gguf_name, to_gguf_rows
@@ -78,7 +79,7 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
                 progress: bool = True) -> GGUFExport:
     """Build ``plan`` on ``loaded`` (as its provenance says) and write the GGUF ``out``
     atomically (a temporary file beside it, then a rename)."""
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGUFReader
 
     from ..compress.apply import compress_model
     from ..compress.reproduce import build_recipe
@@ -117,8 +118,8 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
     path = Path(out)
     tmp = Path(tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)[1])
     try:
-        types = _write(reader, written, plan, tmp, progress, GGMLQuantizationType)
-        os.chmod(tmp, 0o666 & ~_umask())
+        types = _write(reader, written, plan, tmp, progress)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -126,9 +127,8 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
     return GGUFExport(path, path.stat().st_size, dict(types), planned)
 
 
-def _write(reader, written, plan: Plan, path: Path, progress: bool, GGMLQuantizationType
-           ) -> Counter:
-    from gguf import GGUFValueType, GGUFWriter
+def _write(reader, written, plan: Plan, path: Path, progress: bool) -> Counter:
+    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
     arch = reader.fields["general.architecture"].contents()
     writer = GGUFWriter(path, arch)
@@ -177,12 +177,6 @@ def _heads(loaded: LoadedModel) -> tuple[int, int]:
     config = loaded.config
     heads = config.num_attention_heads
     return heads, getattr(config, "num_key_value_heads", None) or heads
-
-
-def _umask() -> int:
-    from ..io_utils import current_umask
-
-    return current_umask()
 
 
 def is_our_gguf(path: Path) -> bool:
