@@ -558,18 +558,19 @@ def cmd_export(args) -> int:
     plan, loaded = _load_for_plan(args)
     check_exportable(plan, loaded)
     source = source_gguf(loaded)
-    check_out_file(args.out, force=args.force, what="GGUF export", inputs=[source, loaded.source],
-                   is_ours=is_our_gguf)
+    check_out_file(args.out, force=args.force, what="GGUF export",
+                   inputs=[p for p in (source, loaded.source) if p], is_ours=is_our_gguf)
     recipe = _build_recipe(args, loaded, plan)
     result = export_gguf(loaded, plan, args.out, recipe, progress=not args.json)
     types = ", ".join(f"{n} {t}" for t, n in sorted(result.types.items(), key=lambda kv: -kv[1]))
     if args.json:
         print(json.dumps({"gguf": str(result.path), "file_bytes": result.file_bytes,
                           "planned_bytes": result.planned_bytes, "types": result.types,
-                          "source": str(source)}))
+                          "source": str(source or loaded.source)}))
     else:
+        origin = source.name if source else f"the config and tokenizer in {loaded.source}"
         console.print(f"wrote {args.out}: {format_size(result.file_bytes)} ({types}); "
-                      f"metadata and tokenizer from {source.name}", highlight=False)
+                      f"metadata and tokenizer from {origin}", highlight=False)
     return 0
 
 
@@ -733,7 +734,7 @@ def cmd_search(args) -> int:
     if export == "gguf":
         from .export.gguf import source_gguf
 
-        source_gguf(loaded)  # a Hugging Face directory cannot be exported: said now
+        source_gguf(loaded)  # what the export cannot write (an architecture...): said now
     prepare_search_dir(args.out, state, resume=args.resume,
                        log=_log)
     settings = SearchSettings(budget=budget, context=args.context, batch=args.batch,

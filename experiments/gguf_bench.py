@@ -47,11 +47,14 @@ def main() -> None:
     parser.add_argument("--search-at", default="",
                         help="recipes at whose size to run `search --space gguf` (comma list)")
     parser.add_argument("--speeds", action="store_true",
-                        help="measure decode tokens/s of every written file that lacks it (run "
+                        help="measure decode tokens/s of every row's file, all together (run "
                              "it alone: the machine's two cores are the measurement)")
     parser.add_argument("--predict", type=Path, default=None,
                         help="a llama.cpp speed profile (profile --engine llamacpp): predict "
                              "each row's decode speed from it, beside the measured one")
+    parser.add_argument("--torch-eval", action="store_true",
+                        help="each row's plan built as `autocompress eval` builds it and measured "
+                             "in torch on the same windows (fills torch_ppl / torch_kl)")
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--eval-top", type=int, default=2)
     args = parser.parse_args()
@@ -94,6 +97,8 @@ def main() -> None:
                               "eval_s": round(time.time() - start - built, 1)})
             print(f"{key}: ppl {result.ppl:.2f}, KL {result.kl:.4f}, "
                   f"{made.file_bytes / 1e6:.1f} MB", flush=True)
+    if args.torch_eval:
+        torch_eval(results, loaded, provenance, windows, reference)
     if args.speeds:
         measure_speeds(results)
     if args.predict:
@@ -109,29 +114,56 @@ def main() -> None:
     plot(results)
 
 
-def measure_speeds(results: ResultFile, repeats: int = 3) -> None:
-    """Decode tokens/s at batch 1 (16-token prompt, 64 decoded, median of 3) of each row's
-    file, on both cores."""
-    import statistics
+SPEED_PROTOCOL = ("decode at batch 1 after a 16-token prompt, 64 tokens, 2 threads; all files "
+                  "measured in 5 interleaved rounds, each file's best round")
 
-    for key, entry in list(results.data["entries"].items()):
-        if "decode_tps" in entry:
-            continue
+
+def measure_speeds(results: ResultFile) -> None:
+    """Decode tokens/s of every row's file (``measure_decode``: interleaved rounds, best of
+    each), all rows measured again together so that they share one protocol and one state of
+    the machine."""
+    from autocompress.hardware.llamacpp_speed import measure_decode
+
+    rows = []
+    for key, entry in results.data["entries"].items():
         if key.startswith("search@"):
             path = RUNS / f"search-{entry['recipe']}" / "model.gguf"
         else:
             path = RUNS / f"{entry['recipe']}{'-imatrix' if entry['imatrix'] else ''}.gguf"
-        if not path.is_file():
+        if path.is_file():
+            rows.append((key, path))
+        else:
             print(f"{key}: {path} is gone; its speed is not measured", flush=True)
-            continue
-        engine = LlamaCppEngine(path, n_ctx=128, threads=2)
-        engine.decode_tokens_per_s(n_tokens=8)  # warm-up: pages in the weights
-        rate = statistics.median(engine.decode_tokens_per_s(n_tokens=64)
-                                 for _ in range(repeats))
-        engine.close()
+    rates = measure_decode([path for _, path in rows], threads=2,
+                           progress=lambda what, _: print(f"decode speeds: {what}", flush=True))
+    for (key, _), rate in zip(rows, rates):
+        entry = results.data["entries"][key]
         results.put(key, {**{k: v for k, v in entry.items() if k != "measured_at"},
-                          "decode_tps": rate})
+                          "decode_tps": rate, "speed_protocol": SPEED_PROTOCOL})
         print(f"{key}: {rate:.1f} tokens/s", flush=True)
+
+
+def _row_plan(loaded, key: str, entry: dict, provenance: Provenance) -> Plan:
+    if key.startswith("search@"):
+        return Plan.load(RUNS / f"search-{entry['recipe']}" / "plan.json")
+    return recipe_plan(loaded, entry["recipe"], entry["imatrix"], provenance=provenance)
+
+
+def torch_eval(results: ResultFile, loaded, provenance: Provenance, windows, reference) -> None:
+    """What `autocompress eval PLAN` measures for each row's plan (the torch model its build
+    makes, the same windows), beside llama.cpp's figure for the exported file."""
+    from autocompress.compress.reproduce import build_model
+
+    for key, entry in list(results.data["entries"].items()):
+        if "torch_ppl" in entry:
+            continue
+        model = build_model(loaded, _row_plan(loaded, key, entry, provenance), progress=False)
+        result = evaluate(model, windows, reference=reference, progress=True,
+                          desc=f"{key} (torch)")
+        del model
+        results.put(key, {**{k: v for k, v in entry.items() if k != "measured_at"},
+                          "torch_ppl": result.ppl, "torch_kl": result.kl})
+        print(f"{key}: torch ppl {result.ppl:.2f} (llama.cpp {entry['ppl']:.2f})", flush=True)
 
 
 def predict_speeds(results: ResultFile, loaded, provenance: Provenance, profile: Path) -> None:
@@ -141,15 +173,15 @@ def predict_speeds(results: ResultFile, loaded, provenance: Provenance, profile:
 
     speed = LlamaCppSpeed.load(profile)
     for key, entry in list(results.data["entries"].items()):
-        if key.startswith("search@"):
-            plan = Plan.load(RUNS / f"search-{entry['recipe']}" / "plan.json")
-        else:
-            plan = recipe_plan(loaded, entry["recipe"], entry["imatrix"], provenance=provenance)
+        plan = _row_plan(loaded, key, entry, provenance)
         weights = weights_by_type(plan_entries(loaded, plan.resolve_model(loaded)))
         predicted = 1 / speed.predict_s(weights)
-        if entry.get("predicted_tps") != predicted:
+        # a row that stores every weight as one of the profile's own files did is no test of
+        # the model's predictions: only the others (mixed files) are
+        mixed = all(f["weights"] != weights for f in speed.files)
+        if entry.get("predicted_tps") != predicted or entry.get("mixed_types") != mixed:
             results.put(key, {**{k: v for k, v in entry.items() if k != "measured_at"},
-                              "predicted_tps": predicted,
+                              "predicted_tps": predicted, "mixed_types": mixed,
                               "speed_profile": f"{profile.name} ({len(speed.files)} uniform "
                                                f"files, {speed.threads} threads)"})
 
@@ -191,6 +223,21 @@ def plot(results: ResultFile) -> None:
     tmp.replace(RESULTS_PNG)
 
 
+def seed_sensitivity_cache(out: Path) -> None:
+    """Start a search's sensitivity cache from an earlier search's of this benchmark: the table
+    does not depend on the budget, and the cache checks its own key (model, space, proxy,
+    calibration digest), rebuilding itself when it does not match."""
+    target = out / "sensitivity.cache.json"
+    if target.exists():
+        return
+    earlier = sorted(RUNS.glob("search-*/sensitivity.cache.json"))
+    if earlier:
+        import shutil
+
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(earlier[0], target)
+
+
 def searched_row(loaded, recipe: str, provenance: Provenance, windows, reference, args) -> dict:
     """`search --space gguf` at the bytes of ``recipe``'s plan; its GGUF run in llama.cpp."""
     from autocompress.accounting import model_footprint
@@ -200,6 +247,7 @@ def searched_row(loaded, recipe: str, provenance: Provenance, windows, reference
     target = recipe_plan(loaded, recipe, True, provenance=provenance)
     budget = model_footprint(loaded, target.resolve_model(loaded)).total
     out = RUNS / f"search-{recipe}"
+    seed_sensitivity_cache(out)
     start = time.time()
     found = run_search(loaded, SearchSpace.load("gguf"), SearchSettings(
         budget=budget, calib_text=str(CALIB_TEXT), trials=args.trials, eval_top=args.eval_top,

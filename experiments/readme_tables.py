@@ -449,36 +449,75 @@ def table_fast_path(store: Store) -> str:
 def gguf(store: Store) -> str:
     data = store.get("gguf.json")
     p, entries = data.protocol, data.entries
-    rows = ["| plan | file | bits/weight (tensors) | llama.cpp perplexity | KL | decode tok/s "
-            "(predicted) | types |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
-    n_weights = None
+    rows = ["| plan | file | bits/weight (tensors) | llama.cpp perplexity | KL | `eval` (torch) "
+            "perplexity | decode tok/s (predicted) | types |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    n_weights = _gguf_weights(entries)
     for key, e in entries.items():
-        if key.startswith("search@"):
-            continue
-        if n_weights is None:  # bits per weight of the quantized tensors, from Q8_0's layout
-            n_weights = _gguf_weights(entries)
-        label = f"llama.cpp {e.recipe}" + (" + imatrix" if e.imatrix else "")
-        rows.append(_gguf_row(label, e, n_weights))
-    for key, e in entries.items():
-        if key.startswith("search@"):
-            rows.append(_gguf_row(f"**`search --space gguf`** at {e.recipe}'s bytes "
-                                  f"({e.search_s / 60:.0f} min)", e, n_weights))
-    searched = [e for k, e in entries.items() if k.startswith("search@")]
-    profiles = {e.speed_profile for e in entries.values() if e.speed_profile}
-    noise = _speed_noise(entries)
-    note = "" if not profiles else (
-        f"\n\nPredicted decode speeds: from the llama.cpp speed profile {', '.join(profiles)} "
-        "(`profile --engine llamacpp`: one file per type with every block linear in it, "
-        "llama.cpp's fallbacks aside, fitted per weight and stored type). A row whose plan "
-        "has one type in every block linear repeats one of those files; rows that mix types "
-        "(the recipes' boosted layers, the searched plans) are predictions." + noise)
+        if not key.startswith("search@"):
+            label = f"llama.cpp {e.recipe}" + (" + imatrix" if e.imatrix else "")
+            rows.append(_gguf_row(label, e, n_weights))
+    searched = {k: e for k, e in entries.items() if k.startswith("search@")}
+    for e in sorted(searched.values(), key=lambda e: e.file_bytes):
+        rows.append(_gguf_row(f"**`search --space gguf`** at {e.recipe}'s bytes "
+                              f"({e.search_s / 60:.0f} min)", e, n_weights))
+    out = "\n".join(rows)
     if searched:
-        note += (f"\n\nSearched rows: {searched[0].settings}; the budget held the search to at "
-                "most the recipe's tensor bytes.")
-    return ("\n".join(rows) + note + f"\n\nProtocol: {p.model}; evaluation {p.eval}; engine "
-            f"{p.engine}; KL to {p.kl_reference}; calibration {p.calibration}; decode: batch 1, "
-            f"16-token prompt, 64 tokens decoded, median of 3, measured alone; machine "
-            f"{p.machine}.")
+        out += "\n\n" + _gguf_versus(entries, searched)
+    out += _gguf_agreement(entries) + _gguf_speeds(entries)
+    if searched:
+        out += (f"\n\nSearched rows: {next(iter(searched.values())).settings}; the budget held "
+                "the search to at most the recipe's tensor bytes.")
+    return out + (f"\n\nProtocol: {p.model}; evaluation {p.eval}; engine {p.engine}; KL to "
+                  f"{p.kl_reference}; calibration {p.calibration}; machine {p.machine}.")
+
+
+def _gguf_versus(entries, searched) -> str:
+    """At each recipe's file size: the recipe with imatrix against the searched file."""
+    rows = ["| at the size of | recipe + imatrix: MB, KL | search: MB, KL | KL change |",
+            "| --- | ---: | ---: | ---: |"]
+    for e in sorted(searched.values(), key=lambda e: e.file_bytes):
+        r = entries.get(f"{e.recipe} imatrix")
+        if r is None:
+            continue
+        rows.append(f"| {e.recipe} | {r.file_bytes / 1e6:.1f}, {r.kl:.4f} | "
+                    f"{e.file_bytes / 1e6:.1f}, {e.kl:.4f} | {e.kl / r.kl - 1:+.0%} |")
+    return "\n".join(rows)
+
+
+def _gguf_agreement(entries) -> str:
+    """llama.cpp's perplexity of each exported file against `eval`'s of its plan in torch."""
+    gaps = [e.ppl / e.torch_ppl - 1 for e in entries.values() if e.torch_ppl is not None]
+    if not gaps:
+        return ""
+    worst = max(gaps, key=abs)
+    return (f"\n\nllama.cpp against `eval`: over {len(gaps)} plans, llama.cpp's perplexity of "
+            f"the exported file is within {abs(worst):.1%} of `eval`'s perplexity of the same "
+            f"plan in torch (median {statistics.median(abs(g) for g in gaps):.1%}; the same "
+            "windows; torch runs the dequantized weights in float32, llama.cpp its own "
+            "quantized kernels).")
+
+
+def _gguf_speeds(entries) -> str:
+    """The speed column's protocol, its noise, and how well the profile predicts mixed files."""
+    profiles = {e.speed_profile for e in entries.values() if e.speed_profile}
+    protocols = {e.speed_protocol for e in entries.values() if e.speed_protocol}
+    if not profiles and not protocols:
+        return ""
+    out = "\n\nDecode speeds: " + ("; ".join(sorted(protocols)) if protocols else
+                                   "batch 1, 16-token prompt, 64 tokens, median of 3") + "."
+    mixed = [e.decode_tps / e.predicted_tps - 1 for e in entries.values()
+             if e.mixed_types and e.decode_tps is not None and e.predicted_tps is not None]
+    if profiles:
+        out += (f" Predicted: from the llama.cpp speed profile {', '.join(sorted(profiles))} "
+                "(`profile --engine llamacpp`: one file per type with every block linear in it, "
+                "llama.cpp's fallbacks aside, fitted per weight and stored type).")
+    if mixed:
+        errors = sorted(abs(m) for m in mixed)
+        out += (f" On the {len(mixed)} files whose mixture of stored types no profile file "
+                f"had (the recipes' boosted layers, the searched plans), the prediction's "
+                f"median error is {statistics.median(errors):.1%} (largest {errors[-1]:.1%}).")
+    return out + _speed_noise(entries)
 
 
 def _speed_noise(entries) -> str:
@@ -495,7 +534,7 @@ def _speed_noise(entries) -> str:
             f"imatrix; recipes whose rules coincide on this model) decoded up to {max(spreads):.0%} apart "
             f"({len(spreads)} such groups, median spread {statistics.median(spreads):.0%}): "
             "differences in this column smaller than that are noise of this shared 2-core "
-            "machine, and so is the agreement of the predictions.")
+            "machine.")
 
 
 def _gguf_weights(entries) -> int | None:
@@ -511,8 +550,9 @@ def _gguf_row(label: str, e, n_weights: int | None) -> str:
     speed = "" if e.decode_tps is None else f"{e.decode_tps:.1f}"
     if e.predicted_tps is not None:
         speed += f" ({e.predicted_tps:.1f})"
+    torch = "" if e.torch_ppl is None else _fmt_ppl(e.torch_ppl)
     return (f"| {label} | {e.file_bytes / 1e6:.1f} MB | {bpw} | {_fmt_ppl(e.ppl)} | "
-            f"{e.kl:.4f} | {speed} | {types} |")
+            f"{e.kl:.4f} | {torch} | {speed} | {types} |")
 
 
 SECTIONS = {"gguf": gguf, "table-fast-path": table_fast_path, "search": search, "search-v1": search_v1,

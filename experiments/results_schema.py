@@ -330,6 +330,10 @@ class GgufRecipe(_Model):
     decode_tps: float | None = None  # llama.cpp decode at batch 1 on this machine
     predicted_tps: float | None = None  # the llama.cpp speed profile's prediction
     speed_profile: str | None = None
+    speed_protocol: str | None = None
+    mixed_types: bool | None = None  # stores weights in a mixture no profile file had
+    torch_ppl: float | None = None  # `autocompress eval` of the same plan, same windows
+    torch_kl: float | None = None
 
 
 class GgufSearch(_Model):
@@ -347,6 +351,10 @@ class GgufSearch(_Model):
     decode_tps: float | None = None
     predicted_tps: float | None = None
     speed_profile: str | None = None
+    speed_protocol: str | None = None
+    mixed_types: bool | None = None  # stores weights in a mixture no profile file had
+    torch_ppl: float | None = None
+    torch_kl: float | None = None
 
 
 # ---------------------------------------------------------------- the files

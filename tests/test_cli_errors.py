@@ -106,6 +106,18 @@ def inputs(tiny_model_dir, tmp_path_factory):
     data = (tiny_model_dir / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     f["truncated"] = truncated
+    scaled = root / "rope-scaled"  # llama 3's RoPE scaling: no GGUF export from a directory
+    shutil.copytree(tiny_model_dir, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 128,
+                              "rope_theta": 10000.0}
+    config.pop("rope_parameters", None)
+    (scaled / "config.json").write_text(json.dumps(config))
+    f["rope_scaled"] = scaled
+    f["plan_gguf_scaled"] = root / "plan_gguf_scaled.json"
+    assert main(["plan", "--model", str(scaled), "--gguf", "q8_0",
+                 "--out", str(f["plan_gguf_scaled"])]) == 0
     f["packed"] = root / "packed"
     assert main(["apply", str(plan), "--model", str(tiny_model_dir), "--packed",
                  "--out", str(f["packed"])]) == 0
@@ -199,8 +211,8 @@ ROWS = [
     ("plan --model {model} --recipe Q4_K_M --bits 4 --out {tmp}/p.json", 2, "leave out --bits"),
     ("plan --model {model} --bits 4 --pure --out {tmp}/p.json", 2, "--pure goes with"),
     ("export {plan} --model {model} --format gguf --out {tmp}/m.gguf", 2, "no GGUF type"),
-    ("export {plan_gguf} --model {model} --format gguf --out {tmp}/m.gguf", 2,
-     "convert_hf_to_gguf.py"),
+    ("export {plan_gguf_scaled} --model {rope_scaled} --format gguf --out {tmp}/m.gguf", 2,
+     "uses RoPE scaling 'llama3'"),
     ("export {plan_gguf} --model {model} --format gguf --out {a_file}", 2,
      "not an autocompress GGUF export"),
     ("export {plan_gguf} --model {model} --format gguf --out {plan_gguf}", 2, "is an input"),
@@ -273,7 +285,7 @@ ROWS = [
     ("sensitivity --model {model} --out {a_file}", 2, "not an autocompress sensitivity table"),
     # -- search ------------------------------------------------------------------------------
     ("search --model {model} --budget '4 bananas' --out {tmp}/s", 2, "4 bananas"),
-    ("search --model {model} --budget 1MB --space gguf --out {tmp}/s", 2,
+    ("search --model {rope_scaled} --budget 1MB --space gguf --out {tmp}/s", 2,
      "convert_hf_to_gguf.py"),
     ("search --model {model} --budget 1MB --space {space_tables_head} --export none "
      "--out {tmp}/s", 2, "tied to its embedding"),

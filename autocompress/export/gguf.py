@@ -4,12 +4,15 @@ Every block linear, the token embedding and an untied head are written in their 
 the plan's build made them (the bytes llama.cpp's quantizer returned during the build, so the
 file is the model ``eval`` measured, not a second quantization); float16 entries are written
 as f16. Everything else (metadata, tokenizer, norms, biases, rope tables) is copied from the
-source GGUF the model was loaded from. q and k rows go back into llama.cpp's order
-(gguf_layout.py); GGUF quantizes row by row, so reordering the bytes is exact.
+source GGUF the model was loaded from; a model loaded from a Hugging Face Llama directory gets
+them from its config and tokenizer instead (hf_source.py). q and k rows go back into
+llama.cpp's order (gguf_layout.py); GGUF quantizes row by row, so reordering the bytes is
+exact.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections import Counter
@@ -25,11 +28,9 @@ from ..io_utils import current_umask
 from ..model import ALIASES, LayerInfo, LoadedModel, resolve_alias
 from ..plan import Plan
 from .gguf_layout import gguf_name, to_gguf_rows
+from .hf_source import Field, hf_fields, hf_tensors
 
 PLAN_KEY = "autocompress.plan"  # the plan's label, and how `export` recognises its own files
-CONVERTER = ("llama.cpp's convert_hf_to_gguf.py (write an f16 GGUF) and pass that file as "
-             "--model")
-
 # llama.cpp's LLAMA_FTYPE for a file whose block linears are mostly of one type (shown by
 # llama.cpp when it loads the file; it does not decide how tensors are read)
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
@@ -46,16 +47,42 @@ class GGUFExport:
     planned_bytes: int  # bytes of the plan's entries (block linears, embedding, head)
 
 
-def source_gguf(loaded: LoadedModel) -> Path:
-    """The GGUF the model was loaded from, whose metadata and tokenizer the export carries."""
+def source_gguf(loaded: LoadedModel) -> Path | None:
+    """The GGUF the model was loaded from, whose metadata and tokenizer the export carries;
+    None for a Hugging Face directory, whose config and tokenizer are checked now (one line
+    for what this export cannot write)."""
     spec = loaded.spec
     if spec in ALIASES:
         return resolve_alias(spec)
     if spec.endswith(".gguf") and Path(spec).is_file():
         return Path(spec)
-    raise AutocompressError(
-        f"GGUF export copies the metadata and tokenizer of a GGUF source, and {spec!r} is a "
-        f"Hugging Face directory: convert it with {CONVERTER}")
+    hf_fields(loaded)
+    return None
+
+
+@dataclass
+class _Source:
+    """What the file carries besides the plan's entries: the architecture, the metadata, and
+    every tensor in file order (data and GGML type; None for the plan's own entries)."""
+    arch: str
+    fields: list[Field]
+    tensors: list[tuple[str, np.ndarray | None, int | None]]
+
+
+def _source(loaded: LoadedModel, path: Path | None) -> _Source:
+    from gguf import GGMLQuantizationType, GGUFValueType
+
+    if path is None:
+        return _Source("llama", hf_fields(loaded), [
+            (name, data, None if data is None else int(GGMLQuantizationType.F32))
+            for name, data in hf_tensors(loaded)])
+    reader = _read_source(path)
+    fields = [Field(f.name, f.contents(), f.types[0],
+                    f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
+              for f in reader.fields.values()
+              if not f.name.startswith("GGUF.") and f.name != "general.architecture"]
+    return _Source(reader.fields["general.architecture"].contents(), fields,
+                   [(t.name, t.data, int(t.tensor_type)) for t in reader.tensors])
 
 
 def check_exportable(plan: Plan, loaded: LoadedModel) -> None:
@@ -79,8 +106,6 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
                 progress: bool = True) -> GGUFExport:
     """Build ``plan`` on ``loaded`` (as its provenance says) and write the GGUF ``out``
     atomically (a temporary file beside it, then a rename)."""
-    from gguf import GGUFReader
-
     from ..compress.apply import compress_model
     from ..compress.reproduce import build_recipe
 
@@ -109,8 +134,8 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
             weight = model.get_submodule(table.name).weight.detach().float().numpy()
             written[name] = (weight.astype(np.float16).view(np.uint8), "f16")
 
-    reader = GGUFReader(source)
-    missing = sorted(set(written) - {t.name for t in reader.tensors}
+    carried = _source(loaded, source)
+    missing = sorted(set(written) - {name for name, _, _ in carried.tensors}
                      - {gguf_name("lm_head.weight")})
     if missing:
         raise AutocompressError(f"the source GGUF {source} has no tensor {missing[0]}: it is "
@@ -118,7 +143,7 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
     path = Path(out)
     tmp = Path(tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)[1])
     try:
-        types = _write(reader, written, plan, tmp, progress)
+        types = _write(carried, written, plan, tmp, progress)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
@@ -127,20 +152,15 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
     return GGUFExport(path, path.stat().st_size, dict(types), planned)
 
 
-def _write(reader, written, plan: Plan, path: Path, progress: bool) -> Counter:
+def _write(source: _Source, written, plan: Plan, path: Path, progress: bool) -> Counter:
     from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-    arch = reader.fields["general.architecture"].contents()
-    writer = GGUFWriter(path, arch)
+    writer = GGUFWriter(path, source.arch)
     block_types = Counter(t for name, (_, t) in written.items() if name.startswith("blk."))
     main = block_types.most_common(1)[0][0] if block_types else "f16"
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in ("general.architecture",
-                                                            "general.file_type", PLAN_KEY):
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    for field in source.fields:
+        if field.name not in ("general.file_type", PLAN_KEY):
+            writer.add_key_value(field.name, field.value, field.type, sub_type=field.sub_type)
     mixed = len(block_types) > 1
     writer.add_key_value("general.file_type", _FILE_TYPES.get(main, 1) | (_GUESSED if mixed
                                                                           else 0),
@@ -148,17 +168,16 @@ def _write(reader, written, plan: Plan, path: Path, progress: bool) -> Counter:
     writer.add_key_value(PLAN_KEY, plan.figures.get("label") or plan.default.short(),
                          GGUFValueType.STRING)
     types: Counter = Counter()
-    order = [t.name for t in reader.tensors]
-    if "output.weight" in written and "output.weight" not in order:
-        order.append("output.weight")  # an untied head the source stored elsewhere
-    by_name = {t.name: t for t in reader.tensors}
-    for name in order:
+    tensors = list(source.tensors)
+    if "output.weight" in written and all(name != "output.weight" for name, _, _ in tensors):
+        tensors.append(("output.weight", None, None))  # an untied head the source stored elsewhere
+    for name, data, ggml_type in tensors:
         if name in written:
             data, type_name = written[name]
             ggml = GGMLQuantizationType(GGUF_TYPES[type_name].ggml)
         else:
-            tensor = by_name[name]
-            data, ggml = np.asarray(tensor.data), GGMLQuantizationType(int(tensor.tensor_type))
+            ggml = GGMLQuantizationType(ggml_type)
+            data = np.asarray(data)
             type_name = GGUF_BY_GGML[int(ggml)].name if int(ggml) in GGUF_BY_GGML else ggml.name
             if ggml in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 writer.add_tensor(name, data)
@@ -177,6 +196,22 @@ def _heads(loaded: LoadedModel) -> tuple[int, int]:
     config = loaded.config
     heads = config.num_attention_heads
     return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
+def _read_source(path: Path):
+    """gguf-py's reader of the source GGUF, kept for the process: it parses every metadata
+    field up front (~10 s for a 49k-token vocabulary), and a benchmark or a search exports
+    from the same source many times. Keyed by size and modification time, so a file replaced
+    on disk is read again."""
+    stat = Path(path).stat()
+    return _cached_reader(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, size: int, mtime_ns: int):
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
 
 
 def is_our_gguf(path: Path) -> bool:

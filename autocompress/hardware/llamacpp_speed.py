@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,35 +99,58 @@ def fit(files: list[dict], reference: str = REFERENCE) -> tuple[float, dict[str,
     return float(solution[0]), {t: float(v) for t, v in zip(types, solution[1:])}
 
 
-def measure(loaded, types=PROFILE_TYPES, threads: int = 2, repeats: int = 3,
+def measure_decode(paths: list[Path], threads: int = 2, rounds: int = 5, n_tokens: int = 64,
+                   progress: Callable[[str, float], None] | None = None) -> list[float]:
+    """Decode tokens/s at batch 1 of each GGUF, measured in rounds: every round decodes every
+    file once, and each file's figure is its best round. Interleaving spreads a slow drift of
+    the machine (another job, the clock) over all files instead of one, and the best of
+    several runs is the undisturbed time (the convention of timeit): identical files measured
+    one after another with a median of three differed by up to 39% on this machine."""
+    from ..engines.llamacpp import LlamaCppEngine
+
+    engines = []
+    try:
+        for path in paths:
+            engine = LlamaCppEngine(path, n_ctx=n_tokens + 32, threads=threads)
+            engines.append(engine)
+            engine.decode_tokens_per_s(n_tokens=8)  # warm-up: the weights paged in
+        best = [0.0] * len(engines)
+        for round_ in range(rounds):
+            if progress:
+                progress(f"round {round_ + 1}/{rounds}", round_ / rounds)
+            for i, engine in enumerate(engines):
+                best[i] = max(best[i], engine.decode_tokens_per_s(n_tokens=n_tokens))
+        return best
+    finally:
+        for engine in engines:
+            engine.close()
+
+
+def measure(loaded, types=PROFILE_TYPES, threads: int = 2, rounds: int = 5,
             n_tokens: int = 64, progress: Callable[[str, float], None] | None = None
             ) -> LlamaCppSpeed:
     """Write one GGUF per type (block linears in it, the embedding at the reference type),
-    measure llama.cpp's decode of each, fit the per-type costs."""
-    from ..engines.llamacpp import PINNED_VERSION, LlamaCppEngine, library_path
+    measure llama.cpp's decode of all of them (``measure_decode``), fit the per-type costs."""
+    from ..engines.llamacpp import PINNED_VERSION, library_path
     from ..export.gguf import export_gguf
     from ..plan import LayerConfig, Plan
 
-    files = []
+    files, paths = [], []
     with tempfile.TemporaryDirectory(prefix="autocompress-llamacpp-profile-") as tmp:
         for index, name in enumerate(types):
             if progress:
-                progress(name, index / len(types))
+                progress(f"writing {name}", 0.5 * index / len(types))
             plan = Plan(model=loaded.identity, default=LayerConfig(gguf=name),
                         overrides={"model.embed_tokens": {"gguf": REFERENCE}})
-            path = Path(tmp) / f"{name}.gguf"
-            export_gguf(loaded, plan, path, progress=False)
-            engine = LlamaCppEngine(path, n_ctx=n_tokens + 32, threads=threads)
-            try:
-                engine.decode_tokens_per_s(n_tokens=8)  # warm-up: the weights paged in
-                rate = statistics.median(engine.decode_tokens_per_s(n_tokens=n_tokens)
-                                         for _ in range(repeats))
-            finally:
-                engine.close()
-            weights = weights_by_type(plan_entries(loaded, plan.resolve_model(loaded)))
-            files.append({"type": name, "tokens_per_s": rate, "seconds_per_token": 1 / rate,
-                          "weights": weights})
-            path.unlink()
+            paths.append(Path(tmp) / f"{name}.gguf")
+            export_gguf(loaded, plan, paths[-1], progress=False)
+            files.append({"type": name, "weights": weights_by_type(
+                plan_entries(loaded, plan.resolve_model(loaded)))})
+        rates = measure_decode(paths, threads, rounds, n_tokens, progress=None if not progress
+                               else lambda what, f: progress(what, 0.5 + 0.5 * f))
+    for entry, rate in zip(files, rates):
+        entry.update(tokens_per_s=rate, seconds_per_token=1 / rate)
+        entry["weights"] = entry.pop("weights")  # keep the file's key order: type, speed, weights
     if progress:
         progress("fit", 1.0)
     t0, per_weight = fit(files)
