@@ -30,7 +30,8 @@ from ..plan import Plan
 from .gguf_layout import gguf_name, to_gguf_rows
 from .hf_source import Field, hf_fields, hf_tensors
 
-PLAN_KEY = "autocompress.plan"  # the plan's label, and how `export` recognises its own files
+PLAN_KEY = "autocompress.plan"
+PERMUTED_ARCHS = ("llama",)  # transformers' LlamaTensorProcessor: the ones it reorders back  # the plan's label, and how `export` recognises its own files
 # llama.cpp's LLAMA_FTYPE for a file whose block linears are mostly of one type (shown by
 # llama.cpp when it loads the file; it does not decide how tensors are read)
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
@@ -112,8 +113,12 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
     check_exportable(plan, loaded)
     source = source_gguf(loaded)
     recipe = recipe or build_recipe(loaded, plan)
+    carried = _source(loaded, source)
     written: dict[str, tuple[np.ndarray, str]] = {}  # gguf name -> (bytes [rows, row], type)
-    heads = _heads(loaded)
+    # only llama-architecture GGUFs hold q/k rows in llama.cpp's interleaved rotary order (its
+    # converter reorders them, and transformers undoes that on loading); qwen2 and the other
+    # NeoX-rotary architectures keep Hugging Face's order
+    heads = _heads(loaded) if carried.arch in PERMUTED_ARCHS else None
 
     def keep(info: LayerInfo, cfg, compressed) -> None:
         stored = compressed.quantized[0]
@@ -123,7 +128,8 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
             data = compressed.factors[0].numpy().astype(np.float16).view(np.uint8)
             type_name = "f16"
         hf = f"{info.name}.weight"
-        written[gguf_name(hf)] = (to_gguf_rows(hf, data, *heads), type_name)
+        written[gguf_name(hf)] = (data if heads is None else to_gguf_rows(hf, data, *heads),
+                                  type_name)
 
     compress_model(loaded, plan, recipe.calib, mode=recipe.mode, gptq=recipe.gptq,
                    progress=progress, on_layer=keep)
@@ -134,7 +140,6 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
             weight = model.get_submodule(table.name).weight.detach().float().numpy()
             written[name] = (weight.astype(np.float16).view(np.uint8), "f16")
 
-    carried = _source(loaded, source)
     missing = sorted(set(written) - {name for name, _, _ in carried.tensors}
                      - {gguf_name("lm_head.weight")})
     if missing:
