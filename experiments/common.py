@@ -8,6 +8,7 @@ exp(mean next-token loss over all N × (L−1) predictions); calibration on wiki
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -128,8 +129,33 @@ class ResultFile:
 
     def put(self, key: str, record: dict) -> None:
         record = {**record, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self.data["entries"][key] = record
-        self.save()
+        with self._locked():
+            # two runs may fill one file (a long search beside a quick re-measurement): what
+            # the other wrote since this one read the file wins for every key but this one
+            entries = {**self.data["entries"], **self._entries_on_disk(), key: record}
+            self.data["entries"] = entries
+            self.save()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _entries_on_disk(self) -> dict:
+        try:
+            stored = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if stored.get("protocol") != self.protocol or not isinstance(stored.get("entries"), dict):
+            return {}  # a file this run replaces (fresh) or none yet
+        return stored["entries"]
 
     def save(self) -> None:
         self._write(self.path, json.dumps(self.data, indent=2) + "\n")

@@ -39,6 +39,10 @@ DEFAULT_RECIPES = "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,IQ4_XS,IQ4_NL,Q4_K_S,Q4_K_M,Q5_K_S,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the model (a GGUF: its metadata and tokenizer are exported)")
+    parser.add_argument("--label", default="",
+                        help="for another model: results/gguf_LABEL.json, runs/gguf-LABEL/")
     parser.add_argument("--recipes", default=DEFAULT_RECIPES)
     parser.add_argument("--windows", type=int, default=10)
     parser.add_argument("--window-len", type=int, default=512)
@@ -52,14 +56,19 @@ def main() -> None:
     parser.add_argument("--predict", type=Path, default=None,
                         help="a llama.cpp speed profile (profile --engine llamacpp): predict "
                              "each row's decode speed from it, beside the measured one")
-    parser.add_argument("--torch-eval", action="store_true",
-                        help="each row's plan built as `autocompress eval` builds it and measured "
-                             "in torch on the same windows (fills torch_ppl / torch_kl)")
+    parser.add_argument("--torch-eval", default="",
+                        help="rows (comma list of keys, or 'all') whose plan is built as "
+                             "`autocompress eval` builds it and measured in torch on the same "
+                             "windows (fills torch_ppl / torch_kl)")
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--eval-top", type=int, default=2)
     args = parser.parse_args()
+    global RUNS, RESULTS_PNG
+    if args.label:
+        RUNS = RUNS.with_name(f"gguf-{args.label}")
+        RESULTS_PNG = RESULTS_PNG.with_name(f"gguf_{args.label}.png")
     check_data()
-    loaded = load_model("smollm2-135m")
+    loaded = load_model(args.model)
     windows = load_stream(loaded.tokenizer, EVAL_TEXT, "eval").windows(args.windows,
                                                                        args.window_len)
     calib = calibration_data(loaded.tokenizer, str(CALIB_TEXT), args.calib_windows, 0,
@@ -67,14 +76,15 @@ def main() -> None:
     provenance = Provenance(calib_text=str(CALIB_TEXT), calib_windows=args.calib_windows,
                             window_len=args.window_len, calib_digest=calib.digest,
                             mode="parallel", made_by="experiments/gguf_bench.py")
-    protocol = {"model": MODEL_LABEL, "eval": eval_protocol(args.windows, args.window_len),
+    protocol = {"model": MODEL_LABEL if args.model == "smollm2-135m" else
+                 f"{Path(args.model).name} (GGUF dequantized to float32)", "eval": eval_protocol(args.windows, args.window_len),
                 "engine": f"llama.cpp (xllamacpp {PINNED_VERSION}, CPU), the exported GGUF",
                 "kl_reference": "the float32 model in torch, same windows",
                 "calibration": f"imatrix rows: {args.calib_windows} windows of "
                                f"{args.window_len} tokens of wiki.valid.tokens, mean x² per "
                                "input column of the uncompressed model (parallel)",
                 "machine": machine()}
-    results = ResultFile("gguf.json", protocol)
+    results = ResultFile(f"gguf_{args.label}.json" if args.label else "gguf.json", protocol)
     reference = ReferenceCache(loaded.model, windows)  # 1 GB at 10 windows: once for all rows
     RUNS.mkdir(parents=True, exist_ok=True)
     for recipe in filter(None, args.recipes.split(",")):
@@ -98,7 +108,7 @@ def main() -> None:
             print(f"{key}: ppl {result.ppl:.2f}, KL {result.kl:.4f}, "
                   f"{made.file_bytes / 1e6:.1f} MB", flush=True)
     if args.torch_eval:
-        torch_eval(results, loaded, provenance, windows, reference)
+        torch_eval(results, loaded, provenance, windows, reference, args.torch_eval)
     if args.speeds:
         measure_speeds(results)
     if args.predict:
@@ -149,13 +159,15 @@ def _row_plan(loaded, key: str, entry: dict, provenance: Provenance) -> Plan:
     return recipe_plan(loaded, entry["recipe"], entry["imatrix"], provenance=provenance)
 
 
-def torch_eval(results: ResultFile, loaded, provenance: Provenance, windows, reference) -> None:
+def torch_eval(results: ResultFile, loaded, provenance: Provenance, windows, reference,
+               rows: str) -> None:
     """What `autocompress eval PLAN` measures for each row's plan (the torch model its build
     makes, the same windows), beside llama.cpp's figure for the exported file."""
     from autocompress.compress.reproduce import build_model
 
+    wanted = None if rows == "all" else set(rows.split(","))
     for key, entry in list(results.data["entries"].items()):
-        if "torch_ppl" in entry:
+        if "torch_ppl" in entry or (wanted is not None and key not in wanted):
             continue
         model = build_model(loaded, _row_plan(loaded, key, entry, provenance), progress=False)
         result = evaluate(model, windows, reference=reference, progress=True,
@@ -215,7 +227,8 @@ def plot(results: ResultFile) -> None:
     ax.set_ylabel("llama.cpp perplexity, wiki.test.raw")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("SmolLM2-135M in llama.cpp: recipes and searched plans")
+    model = results.data["protocol"]["model"].split(" (")[0]
+    ax.set_title(f"{model} in llama.cpp: recipes and searched plans")
     fig.tight_layout()
     tmp = RESULTS_PNG.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)

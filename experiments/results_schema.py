@@ -406,6 +406,8 @@ SPECS: dict[str, FileSpec] = {
     "search_v1.json": FileSpec(SearchProtocol, _by_key({}, SearchRun), keys=SEARCH_KEY),
     "gguf.json": FileSpec(GgufProtocol, lambda key: GgufSearch if key.startswith("search@")
                           else GgufRecipe, keys=r"(?:search@)?[A-Z0-9_]+(?: imatrix)?"),
+    "gguf_*.json": FileSpec(GgufProtocol, lambda key: GgufSearch if key.startswith("search@")
+                          else GgufRecipe, keys=r"(?:search@)?[A-Z0-9_]+(?: imatrix)?"),
     "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),
                                      required=("fisher",)),
 }

@@ -213,3 +213,18 @@ def test_result_file_starts_afresh_only_when_told(tmp_path, monkeypatch, capsys,
     rf.put("c", {"ppl": 3.0})
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["protocol"] == other and list(data["entries"]) == ["c"]
+
+
+def test_two_runs_filling_one_file_keep_each_others_rows(tmp_path):
+    """A long search and a quick re-measurement write the same file: neither drops or reverts
+    what the other wrote after it read the file."""
+    _stored(tmp_path)
+    search = common.ResultFile("r.json", PROTOCOL, root=tmp_path)
+    remeasure = common.ResultFile("r.json", PROTOCOL, root=tmp_path)
+    remeasure.put("a", {"ppl": 1.0, "speed": 9.0})
+    search.put("search@x", {"ppl": 0.5})  # its copy of "a" is the old one
+    remeasure.put("b", {"ppl": 2.0, "speed": 8.0})
+    entries = json.loads((tmp_path / "r.json").read_text())["entries"]
+    assert list(entries) == ["a", "b", "search@x"]
+    assert entries["a"]["speed"] == 9.0 and entries["b"]["speed"] == 8.0
+    assert entries["search@x"]["ppl"] == 0.5
