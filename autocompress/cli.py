@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole footprint: 4GB, 3.5GiB, 80MB, 62000000 (default with --device: "
                         "the memory the device lets a model use)")
     _add_device(p, required=False)
+    p.add_argument("--speed-profile", default=None,
+                   help="a llama.cpp speed profile (profile --engine llamacpp): --latency and "
+                        "--min-tps then predict llama.cpp's decode of GGUF plans from it")
     p.add_argument("--latency", default=None,
                    help="most predicted time per decoded token on --device, e.g. 30ms")
     p.add_argument("--min-tps", type=float, default=None,
@@ -682,9 +685,11 @@ def _device_and_latency(args):
     --device/--latency/--min-tps."""
     from .units import parse_duration
 
-    if (args.latency or args.min_tps) and not args.device:
-        raise AutocompressError("--latency and --min-tps need --device: the speed is predicted "
-                                "on a device profile (`autocompress devices` lists them)")
+    if (args.latency or args.min_tps) and not (args.device or
+                                               getattr(args, "speed_profile", None)):
+        raise AutocompressError("--latency and --min-tps need --device (the speed is predicted "
+                                "on a device profile: `autocompress devices` lists them) or "
+                                "--speed-profile (llama.cpp's, from profile --engine llamacpp)")
     if args.min_tps is not None and args.min_tps <= 0:
         raise AutocompressError(f"--min-tps must be positive, got {args.min_tps}")
     limits = [s for s in (args.latency and parse_duration(args.latency),
@@ -722,7 +727,12 @@ def cmd_search(args) -> int:
     space = SearchSpace.bits_only(args.bits, group_size=args.group_size) if args.bits else \
         SearchSpace.load(args.space or "joint")
     make_proxy(args.proxy)  # a typo is one line before any work
-    inputs = [args.model, args.calib_text, args.space, args.device]
+    speed = None
+    if args.speed_profile:
+        from .hardware.llamacpp_speed import LlamaCppSpeed
+
+        speed = LlamaCppSpeed.load(args.speed_profile)
+    inputs = [args.model, args.calib_text, args.space, args.device, args.speed_profile]
     state = check_search_dir(args.out, resume=args.resume, force=args.force, inputs=inputs)
     check_storage(args.storage, args.out)
     export = args.export or ("gguf" if space.all_gguf else "none")
@@ -741,7 +751,7 @@ def cmd_search(args) -> int:
                               n_calib=args.calib_windows, n_holdout=args.holdout_windows,
                               window_len=args.window_len, calib_text=args.calib_text,
                               proxy=args.proxy, device=device, max_latency_s=max_latency,
-                              mode=args.mode,
+                              speed_profile=speed, mode=args.mode,
                               trials=args.trials, eval_top=args.eval_top,
                               fast_windows=args.fast_windows, eval_windows=args.eval_windows,
                               sampler=args.sampler, storage=args.storage, seed=args.seed,
@@ -753,7 +763,8 @@ def cmd_search(args) -> int:
               footprint_table(chosen.footprint, settings.effective_budget()),
               candidates_table(result.candidates, chosen.label)]
     if chosen.decode is not None:
-        tables.append(decode_table(chosen.decode, device.name))
+        tables.append(decode_table(chosen.decode, device.name if device and not speed else
+                                   f"llama.cpp ({speed.machine}, {speed.threads} threads)"))
     print_tables(*tables, console=console)
     if export == "gguf":
         from .search.deploy import GGUF_FILE, export_and_confirm, exports_gguf

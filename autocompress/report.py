@@ -123,11 +123,16 @@ def decode_table(estimate, device: str, title: str | None = None) -> Table:
                                  f"{estimate.context})")
     table.add_column("part")
     table.add_column("ms/token", justify="right")
-    for label, seconds in (("block linears", estimate.layers_s), ("head", estimate.head_s),
-                           ("KV cache", estimate.kv_s),
-                           ("per-block work, dispatch", estimate.overhead_s)):
-        table.add_row(label, f"{seconds * 1e3:.3f}")
+    if "llamacpp profile" in estimate.sources:  # relative to the profile's reference file
+        parts = (("the profile's reference file, this plan's embedding", estimate.overhead_s),
+                 ("this plan's block linears against the reference type", estimate.layers_s))
+    else:
+        parts = (("block linears", estimate.layers_s), ("head", estimate.head_s),
+                 ("KV cache", estimate.kv_s), ("per-block work, dispatch", estimate.overhead_s))
+    for label, seconds in parts:
+        table.add_row(label, f"{seconds * 1e3:+.3f}" if seconds < 0 else f"{seconds * 1e3:.3f}")
     table.add_row("[bold]total[/bold]", f"[bold]{estimate.seconds_per_token * 1e3:.3f}[/bold]")
     table.add_row("tokens/s", f"{estimate.tokens_per_s:.1f}")
-    table.add_row("bytes read per token", format_size(estimate.bytes_per_token))
+    if estimate.bytes_per_token:
+        table.add_row("bytes read per token", format_size(estimate.bytes_per_token))
     return table

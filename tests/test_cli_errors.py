@@ -295,6 +295,10 @@ ROWS = [
     ("search --model {model} --budget 4GB --device {profile_binary} --out {tmp}/s", 2,
      "not a text"),
     ("search --model {model} --budget 4GB --min-tps 20 --out {tmp}/s", 2, "need --device"),
+    ("search --model {model} --budget 4GB --speed-profile {tmp}/none.yaml --min-tps 20 "
+     "--out {tmp}/s", 2, "speed profile '"),
+    ("search --model {model} --budget 4GB --speed-profile {a_file} --min-tps 20 "
+     "--out {tmp}/s", 2, "not a llama.cpp speed profile"),
     ("search --model {model} --device jetson --latency fast --out {tmp}/s", 2, "'fast'"),
     ("search --model {model} --out {tmp}/s", 2, "give --budget"),
     ("search --model {model} --budget 4GB --bits 2,4 --space joint --out {tmp}/s", 2,

@@ -35,8 +35,8 @@ import numpy as np
 from ..accounting import Footprint, model_footprint
 from ..data import calibration_data
 from ..errors import AutocompressError
-from ..hardware.architecture import Architecture
-from ..hardware.latency import DecodeEstimate, LatencyModel
+from ..hardware.latency import DecodeEstimate
+from ..hardware.llamacpp_speed import LlamaCppSpeed
 from ..hardware.memory import held_layer_bytes
 from ..hardware.profile import DeviceProfile
 from .. import faults
@@ -53,7 +53,8 @@ from .exact import InfeasibleBudget, InfeasibleLimit, Limit
 from .holdout import holdout_record
 from .measure import PlanMeter
 from .optuna_level import Level2, Level2Settings, plan_signature
-from .problem import Problem, group_sums
+from .problem import Problem
+from .speed import DeviceDecode, LlamaCppDecode
 from .space import SearchSpace
 from .tune_level import Level3Settings, run_level3, write_candidate, write_job
 
@@ -69,6 +70,7 @@ class SearchSettings:
     calib_text: str | None = None
     proxy: str = "fisher"
     device: DeviceProfile | None = None
+    speed_profile: LlamaCppSpeed | None = None  # predicts decode instead of the device profile
     max_latency_s: float | None = None  # per decoded token, batch 1, at ``context``
     # how candidates are calibrated where it decides the result (level 3, or the in-process
     # check) and how apply will build the plan: recorded in the plan's provenance
@@ -173,7 +175,9 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     capacity = budget - (fixed.total - fixed.layer_weights)
     if capacity < fixed.layer_weights:
         raise InfeasibleBudget(budget, fixed.total, what="plan footprint")
-    speed = _DecodeSpeed(loaded, device, settings) if device else None
+    speed = (LlamaCppDecode(loaded, settings.speed_profile, tables, settings.context)
+             if settings.speed_profile else
+             DeviceDecode(loaded, device, settings.context) if device else None)
 
     if settings.calib_text is None and needs_calibration(
             cfg for layer in loaded.layers for cfg in space.for_layer(layer)):
@@ -228,6 +232,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
             out_dir=out, resume=settings.resume, log=log, progress=progress,
             identity={"budget": budget, "space": space.name, "proxy": settings.proxy,
                       "device": device.name if device else None,
+                      **({"speed": speed.name} if isinstance(speed, LlamaCppDecode) else {}),
                       "max_latency_s": settings.max_latency_s,
                       "fast_windows": settings.fast_windows, "table": table.digest(),
                       "mode": settings.mode, "gptq": dataclasses.asdict(settings.gptq)})
@@ -348,41 +353,6 @@ def _write_front(out, candidates, front, trials, chosen, loaded, settings) -> No
                         "tokens_per_s": 1 / seconds if seconds else None, "chosen": False})
     where = f" on {settings.device.name}" if settings.device else ""
     write_pareto(out, records, title=f"{loaded.name}{where}: quality against memory")
-
-
-class _DecodeSpeed:
-    """Predicted decode time of plans on the device (batch 1, at the search's context)."""
-
-    def __init__(self, loaded: LoadedModel, device: DeviceProfile, settings: SearchSettings):
-        self.model = LatencyModel(device)
-        self.arch = Architecture.from_loaded(loaded)
-        self.device = device
-        self.context = settings.context
-
-    def estimate(self, configs: dict[str, LayerConfig]) -> DecodeEstimate:
-        return self.model.decode(self.arch, [configs[layer.name] for layer in self.arch.layers],
-                                 self.context)
-
-    def limit(self, table: SensitivityTable, groups: list[list[int]], max_latency_s: float
-              ) -> Limit:
-        """Per decision group and option, predicted microseconds; the limit is what the
-        per-token budget leaves after the plan-independent part."""
-        width = max(len(opts) for opts in table.options)
-        usage = np.zeros((len(table.layers), width))
-        for row, (layer, opts) in enumerate(zip(self.arch.layers, table.options)):
-            for col, cfg in enumerate(opts):
-                usage[row, col] = self.model.layer_seconds(*layer.shape, cfg)[0] * 1e6
-        grouped = group_sums(usage, groups)
-        fixed = self.model.fixed_decode_seconds(self.arch, self.context)
-        name, target = self.device.name, 1.0 / max_latency_s
-
-        def describe(least_us: float) -> str:
-            best = 1.0 / (fixed + least_us * 1e-6)
-            return (f"no plan in the search space reaches {target:.1f} tokens/s "
-                    f"({max_latency_s * 1e3:.1f} ms/token) on {name}: the fastest predicts "
-                    f"{best:.1f} tokens/s at context {self.context}; relax --min-tps/--latency "
-                    "or allow fewer bits in the search space")
-        return Limit(grouped, (max_latency_s - fixed) * 1e6, describe)
 
 
 def _candidates(problem: Problem, space: SearchSpace, footprint_of) -> list[Candidate]:
