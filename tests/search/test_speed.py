@@ -84,3 +84,32 @@ def test_min_tps_holds_a_gguf_search_to_plans_llamacpp_decodes_fast_enough(tiny_
     with pytest.raises(AutocompressError, match="no plan in the search space reaches"):
         run_search(tiny_loaded, space, SearchSettings(**common, max_latency_s=fast * 0.9),
                    out_dir=tmp_path / "none", progress=False, log=lambda m: None)
+
+
+def test_the_cli_profiles_the_tiny_model_in_llamacpp_and_searches_with_that_profile(
+        tiny_model_dir, tmp_path, capsys):
+    """`profile --engine llamacpp` on a Hugging Face directory (exported through hf_source),
+    then `search --speed-profile` with it: the chosen plan carries llama.cpp's predicted
+    speed, and the terminal shows where the prediction came from."""
+    pytest.importorskip("xllamacpp", reason="llama.cpp (pip install 'autocompress[llamacpp]')")
+    import json
+
+    from autocompress.cli import main
+
+    speed = tmp_path / "speed.yaml"
+    assert main(["profile", "--engine", "llamacpp", "--model", str(tiny_model_dir),
+                 "--formats", "q4_0", "--out", str(speed)]) == 0
+    space = tmp_path / "space.yaml"
+    space.write_text("options: [{gguf: q4_0}, {gguf: q8_0}]\n"
+                     "tables: {model.embed_tokens: {gguf: q8_0}}\n")
+    out = tmp_path / "run"
+    assert main(["search", "--model", str(tiny_model_dir), "--space", str(space),
+                 "--budget", "10MB", "--context", "64", "--calib-windows", "2",
+                 "--holdout-windows", "1", "--window-len", "64", "--speed-profile", str(speed),
+                 "--min-tps", "1", "--trials", "0", "--eval-top", "0", "--export", "none",
+                 "--out", str(out)]) == 0
+    assert "Predicted decode on llama.cpp" in capsys.readouterr().err
+    decode = json.loads((out / "plan.json").read_text())["figures"]["decode"]
+    profile = LlamaCppSpeed.load(speed)
+    assert decode["tokens_per_s"] >= 1
+    assert decode["seconds_per_token"] <= profile.t0_s * 1.5  # q4_0/q8_0 only: near the q8_0 file
