@@ -491,7 +491,8 @@ def _gguf_agreement(entries) -> str:
     if not gaps:
         return ""
     worst = max(gaps, key=abs)
-    return (f"\n\nllama.cpp against `eval`: over {len(gaps)} plans, llama.cpp's perplexity of "
+    plans = f"{len(gaps)} plan" + ("s" if len(gaps) > 1 else "")
+    return (f"\n\nllama.cpp against `eval`: over {plans}, llama.cpp's perplexity of "
             f"the exported file is within {abs(worst):.1%} of `eval`'s perplexity of the same "
             f"plan in torch (median {statistics.median(abs(g) for g in gaps):.1%}; the same "
             "windows; torch runs the dequantized weights in float32, llama.cpp its own "
