@@ -127,9 +127,17 @@ def resolve_alias(alias: str) -> Path:
 
 
 def _file_fingerprint(path: Path) -> str:
-    stat = path.stat()
-    key = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    """The GGUF's identity for its cached conversion: size and its first and last MiB (the
+    header with its metadata, and the last tensors' bytes), not its path, so the same file in
+    another environment (a fresh clone's venv) reuses the conversion instead of writing
+    another copy."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{size}:".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def check_gguf(path: Path) -> None:
