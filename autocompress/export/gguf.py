@@ -28,10 +28,10 @@ from ..io_utils import current_umask
 from ..model import ALIASES, LayerInfo, LoadedModel, resolve_alias
 from ..plan import Plan
 from .gguf_layout import gguf_name, to_gguf_rows
-from .hf_source import Field, hf_fields, hf_tensors
+from .hf_source import ARCH, Field, hf_fields, hf_tensors
 
-PLAN_KEY = "autocompress.plan"
-PERMUTED_ARCHS = ("llama",)  # transformers' LlamaTensorProcessor: the ones it reorders back  # the plan's label, and how `export` recognises its own files
+PLAN_KEY = "autocompress.plan"  # the plan's label, and how `export` recognises its own files
+PERMUTED_ARCHS = (ARCH,)  # transformers' LlamaTensorProcessor: the ones it reorders back
 # llama.cpp's LLAMA_FTYPE for a file whose block linears are mostly of one type (shown by
 # llama.cpp when it loads the file; it does not decide how tensors are read)
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
@@ -74,7 +74,7 @@ def _source(loaded: LoadedModel, path: Path | None) -> _Source:
     from gguf import GGMLQuantizationType, GGUFValueType
 
     if path is None:
-        return _Source("llama", hf_fields(loaded), [
+        return _Source(ARCH, hf_fields(loaded), [
             (name, data, None if data is None else int(GGMLQuantizationType.F32))
             for name, data in hf_tensors(loaded)])
     reader = _read_source(path)
