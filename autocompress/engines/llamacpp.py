@@ -194,13 +194,52 @@ def _float_bytes(src: np.ndarray, name: str) -> np.ndarray:
 
 
 def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.ndarray:
-    """GGUF bytes back to float32 [rows, n] (gguf-py's numpy dequantizers)."""
+    """GGUF bytes back to float32 [rows, n]: llama.cpp's own ``dequantize_row_*`` (C, about a
+    hundred times faster than gguf-py's numpy code on K-types), else gguf-py's where the
+    library lacks the symbol or is not installed."""
+    t = GGUF_TYPES[type_name]
+    src = np.ascontiguousarray(data, dtype=np.uint8)
+    if src.nbytes != t.row_bytes(shape[1]) * shape[0]:  # the C call would read past the end
+        raise ValueError(f"{src.nbytes} bytes are not a {shape} matrix of {t.name}")
+    if t.name in ("f32", "f16", "bf16"):
+        return _float_values(src, t.name).reshape(shape)
+    row = _dequantize_row(t.name)
+    if row is None:
+        return _dequantize_numpy(src, t.name, shape)
+    out = np.empty(shape, dtype=np.float32)
+    row(src.ctypes.data, out.ctypes.data, out.size)  # the rows are contiguous blocks
+    return out
+
+
+def _dequantize_row(name: str):
+    """llama.cpp's ``dequantize_row_<type>(blocks, floats, count)`` (ggml-quants.h), or None."""
+    try:
+        lib = library()
+    except AutocompressError:
+        return None
+    symbol = "dequantize_row_" + name.replace("_k", "_K")
+    fn = getattr(lib, symbol, None)
+    if fn is not None:
+        fn.restype, fn.argtypes = None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return fn
+
+
+def _dequantize_numpy(src: np.ndarray, name: str, shape: tuple[int, int]) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
-    values = gguf_dequantize(np.ascontiguousarray(data).reshape(shape[0], -1),
-                             GGMLQuantizationType(GGUF_TYPES[type_name].ggml))
+    values = gguf_dequantize(src.reshape(shape[0], -1),
+                             GGMLQuantizationType(GGUF_TYPES[name].ggml))
     return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def _float_values(src: np.ndarray, name: str) -> np.ndarray:
+    if name == "f32":
+        return src.view(np.float32).copy()
+    if name == "f16":
+        return src.view(np.float16).astype(np.float32)
+    as_bf16 = torch.from_numpy(src.view(np.int16).copy()).view(torch.bfloat16)
+    return as_bf16.float().numpy()
 
 
 # -- running a GGUF --------------------------------------------------------------------------------

@@ -52,6 +52,22 @@ def test_every_type_writes_its_block_layout_and_more_bits_mean_less_error(matrix
     assert GGUF_TYPES["q4_k"].bits_per_weight == 4.5 and GGUF_TYPES["q2_k"].bits_per_weight == 2.625
 
 
+@pytest.mark.parametrize("name", sorted(GGUF_TYPES))
+def test_llamacpps_dequantizer_agrees_with_gguf_pys_on_every_type(matrix, name):
+    """dequantize() runs llama.cpp's C dequantize_row_* (the sensitivity table dequantizes
+    every candidate of every tensor); gguf-py's numpy code is the independent reference."""
+    from autocompress.engines.llamacpp import _dequantize_numpy, _dequantize_row
+
+    data = quantize(matrix, name)
+    ours = dequantize(data, name, matrix.shape)
+    if name not in ("f32", "f16", "bf16"):  # floats are a view, not a library call
+        assert _dequantize_row(name) is not None, f"the library lacks dequantize_row_{name}"
+    theirs = _dequantize_numpy(np.ascontiguousarray(data), name, matrix.shape)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="bytes are not"):
+        dequantize(data[:-1], name, matrix.shape)
+
+
 @pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k", "q6_k", "iq4_xs", "q4_0"])
 def test_the_importance_matrix_lowers_the_importance_weighted_error(name):
     """Within a block the quantizer trades error between weights by their importance: with
