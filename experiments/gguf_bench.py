@@ -61,7 +61,14 @@ def main() -> None:
                              "`autocompress eval` builds it and measured in torch on the same "
                              "windows (fills torch_ppl / torch_kl)")
     parser.add_argument("--trials", type=int, default=24)
-    parser.add_argument("--eval-top", type=int, default=2)
+    parser.add_argument("--eval-top", type=int, default=2,
+                        help="level 3 candidates (0: the chosen plan is checked in process, "
+                             "without Ray: one copy of a large model in memory)")
+    parser.add_argument("--search-calib", type=int, default=8,
+                        help="the search's calibration windows (proxy, imatrix)")
+    parser.add_argument("--fast-windows", type=int, default=2, help="level 2's windows per trial")
+    parser.add_argument("--final-windows", type=int, default=8,
+                        help="windows of the search's final measurement (level 3 or in process)")
     args = parser.parse_args()
     global RUNS, RESULTS_PNG
     if args.label:
@@ -103,6 +110,7 @@ def main() -> None:
             results.put(key, {"recipe": recipe, "imatrix": imatrix, "ppl": result.ppl,
                               "kl": result.kl, "file_bytes": made.file_bytes,
                               "tensor_bytes": made.planned_bytes, "types": made.types,
+                              "tensor_weights": tensor_weights(loaded),
                               "export_s": round(built, 1),
                               "eval_s": round(time.time() - start - built, 1)})
             print(f"{key}: ppl {result.ppl:.2f}, KL {result.kl:.4f}, "
@@ -236,6 +244,12 @@ def plot(results: ResultFile) -> None:
     tmp.replace(RESULTS_PNG)
 
 
+def tensor_weights(loaded) -> int:
+    """Weights in the plan's entries (block linears, embedding, untied head): what
+    tensor_bytes holds, for bits per weight."""
+    return sum(info.out_features * info.in_features for info in loaded.layers + loaded.tables)
+
+
 def seed_sensitivity_cache(out: Path) -> None:
     """Start a search's sensitivity cache from an earlier search's of this benchmark: the table
     does not depend on the budget, and the cache checks its own key (model, space, proxy,
@@ -262,9 +276,12 @@ def searched_row(loaded, recipe: str, provenance: Provenance, windows, reference
     out = RUNS / f"search-{recipe}"
     seed_sensitivity_cache(out)
     start = time.time()
-    found = run_search(loaded, SearchSpace.load("gguf"), SearchSettings(
+    settings = SearchSettings(
         budget=budget, calib_text=str(CALIB_TEXT), trials=args.trials, eval_top=args.eval_top,
-        num_cpus=2, resume=(out / "study.journal").is_file()), out_dir=out, progress=False)
+        n_calib=args.search_calib, fast_windows=args.fast_windows,
+        eval_windows=args.final_windows, n_holdout=args.final_windows, num_cpus=2,
+        resume=(out / "study.journal").is_file())
+    found = run_search(loaded, SearchSpace.load("gguf"), settings, out_dir=out, progress=False)
     searched = time.time() - start
     made = export_gguf(loaded, found.plan, out / "model.gguf", build_recipe(loaded, found.plan),
                        progress=False)
@@ -273,11 +290,16 @@ def searched_row(loaded, recipe: str, provenance: Provenance, windows, reference
     engine.close()
     return {"recipe": recipe, "search": True, "budget_bytes": budget, "ppl": result.ppl,
             "kl": result.kl, "file_bytes": made.file_bytes, "tensor_bytes": made.planned_bytes,
-            "types": made.types, "chosen": found.chosen.label,
+            "types": made.types, "tensor_weights": tensor_weights(loaded),
+            "chosen": found.chosen.label,
             "search_s": round(searched, 1), "timings_s": found.timings,
-            "settings": f"space gguf.yaml, proxy fisher, {args.trials} trials, eval-top "
-                        f"{args.eval_top}, sequential calibration (16 windows of "
-                        "wiki.valid.tokens), budget = the recipe's plan footprint"}
+            "settings": f"space gguf.yaml, proxy {settings.proxy}, {settings.trials} trials "
+                        f"on {settings.fast_windows} windows, "
+                        + (f"eval-top {settings.eval_top}" if settings.eval_top else
+                           "the chosen plan checked in process")
+                        + f" on {settings.final_windows} windows; {settings.mode} calibration "
+                        f"({settings.n_calib} windows of {Path(settings.calib_text).name}), "
+                        "budget = the recipe's plan footprint"}
 
 
 if __name__ == "__main__":

@@ -446,8 +446,8 @@ def table_fast_path(store: Store) -> str:
             f"{p.proxy}; machine {p.machine}.")
 
 
-def gguf(store: Store) -> str:
-    data = store.get("gguf.json")
+def gguf(store: Store, name: str = "gguf.json") -> str:
+    data = store.get(name)
     p, entries = data.protocol, data.entries
     rows = ["| plan | file | bits/weight (tensors) | llama.cpp perplexity | KL | `eval` (torch) "
             "perplexity | decode tok/s (predicted) | types |",
@@ -465,9 +465,10 @@ def gguf(store: Store) -> str:
     if searched:
         out += "\n\n" + _gguf_versus(entries, searched)
     out += _gguf_agreement(entries) + _gguf_speeds(entries)
-    if searched:
-        out += (f"\n\nSearched rows: {next(iter(searched.values())).settings}; the budget held "
-                "the search to at most the recipe's tensor bytes.")
+    settings = sorted({e.settings for e in searched.values()})
+    if settings:
+        out += (f"\n\nSearched rows: {' / '.join(settings)}; the budget held the search to at "
+                "most the recipe's tensor bytes.")
     return out + (f"\n\nProtocol: {p.model}; evaluation {p.eval}; engine {p.engine}; KL to "
                   f"{p.kl_reference}; calibration {p.calibration}; machine {p.machine}.")
 
@@ -539,7 +540,11 @@ def _speed_noise(entries) -> str:
 
 
 def _gguf_weights(entries) -> int | None:
-    """Weights in the file's quantized tensors, from a plain Q8_0 row (34 bytes per 32)."""
+    """Weights in the file's quantized tensors: recorded by the row, else from a plain Q8_0
+    row (34 bytes per 32)."""
+    recorded = {e.tensor_weights for e in entries.values() if e.tensor_weights}
+    if recorded:
+        return recorded.pop()
     e = entries.get("Q8_0")
     return None if e is None else e.tensor_bytes * 32 // 34
 
@@ -556,7 +561,8 @@ def _gguf_row(label: str, e, n_weights: int | None) -> str:
             f"{e.kl:.4f} | {torch} | {speed} | {types} |")
 
 
-SECTIONS = {"gguf": gguf, "table-fast-path": table_fast_path, "search": search, "search-v1": search_v1,
+SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.json"),
+            "table-fast-path": table_fast_path, "search": search, "search-v1": search_v1,
             "latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity,
             "joint-vs-bits": joint_vs_bits, "baselines": baselines,
             "search-candidates": search_candidates, "gptq-study": gptq_study}

@@ -334,6 +334,7 @@ class GgufRecipe(_Model):
     mixed_types: bool | None = None  # stores weights in a mixture no profile file had
     torch_ppl: float | None = None  # `autocompress eval` of the same plan, same windows
     torch_kl: float | None = None
+    tensor_weights: int | None = None  # weights in the plan's entries (for bits per weight)
 
 
 class GgufSearch(_Model):
@@ -355,6 +356,7 @@ class GgufSearch(_Model):
     mixed_types: bool | None = None  # stores weights in a mixture no profile file had
     torch_ppl: float | None = None
     torch_kl: float | None = None
+    tensor_weights: int | None = None
 
 
 # ---------------------------------------------------------------- the files
