@@ -193,6 +193,10 @@ def predict_speeds(results: ResultFile, loaded, provenance: Provenance, profile:
 
     speed = LlamaCppSpeed.load(profile)
     for key, entry in list(results.data["entries"].items()):
+        if key.startswith("search@") and not (RUNS / f"search-{entry['recipe']}").is_dir():
+            print(f"{key}: its plan is gone (another checkout's runs/); prediction kept as it "
+                  "was", flush=True)
+            continue
         plan = _row_plan(loaded, key, entry, provenance)
         weights = weights_by_type(plan_entries(loaded, plan.resolve_model(loaded)))
         predicted = 1 / speed.predict_s(weights)
