@@ -56,10 +56,23 @@ def uses_calibration(configs: Iterable[LayerConfig]) -> bool:
     return needs_calibration(configs) or any(cfg.is_low_rank for cfg in configs)
 
 
+def needs_hessian(cfg: LayerConfig) -> bool:
+    """GPTQ and the whitened low-rank factorisation read the whole E[x xᵀ]; imatrix and Wanda
+    only its diagonal."""
+    return cfg.method == "gptq" and cfg.bits < 16 or cfg.is_low_rank
+
+
+def hessian_layers(layers: Iterable[LayerInfo], options: Callable[[LayerInfo], Iterable[LayerConfig]]
+                   ) -> set[str]:
+    """Names of the layers any of whose configs (``options(layer)``) needs the full E[x xᵀ]."""
+    return {layer.name for layer in layers if any(map(needs_hessian, options(layer)))}
+
+
 def _layer_stats(stats: InputStats | None) -> LayerStats | None:
     if stats is None:
         return None
-    return LayerStats(H=stats.hessian, act_norm=stats.act_norm, n_samples=stats.n_samples)
+    return LayerStats(H=stats.hessian, act_norm=stats.act_norm, n_samples=stats.n_samples,
+                      mean_square=stats.mean_square)
 
 
 def _install(model: nn.Module, name: str, compressed: CompressedLayer) -> None:
@@ -126,9 +139,11 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
             "default corpus)"
         )
     calibrate = uses_calibration(active_configs) and (stats is not None or calib_windows is not None)
+    full = hessian_layers(active, lambda layer: [configs[layer.name]])
     if not calibrate or stats is not None or mode == "parallel":
         if calibrate and stats is None:
-            stats = collect_stats(model, active, calib_windows, progress=progress)
+            stats = collect_stats(model, active, calib_windows, progress=progress,
+                                  hessian_layers=full)
         for layer in tqdm(layers, desc="compress", disable=not progress, leave=False):
             _compress_layers(model, [layer], configs, stats, gptq, on_layer, memo)
         return
@@ -139,7 +154,8 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
         block_layers = [l for l in active if l.name in block_stats]
         _compress_layers(model, block_layers, configs, block_stats, gptq, on_layer)
 
-    sequential(model, active, calib_windows, compress_block, progress=progress)
+    sequential(model, active, calib_windows, compress_block, progress=progress,
+               hessian_layers=full)
 
 
 def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],

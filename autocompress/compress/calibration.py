@@ -30,38 +30,61 @@ def input_group(layer: LayerInfo) -> tuple[Any, str]:
 
 
 class InputAccumulator:
-    """Running sums for one input: Σ x xᵀ and the token count. Each batch's product is taken in
-    float32 (a few hundred terms: fast, and accurate enough), the running sum in float64."""
+    """Running sums for one input: Σ x xᵀ and the token count, or only Σ x² per column where
+    nothing needs the off-diagonal (llama.cpp's imatrix, Wanda): the full matrix of a
+    1.5B model's ffn_down inputs is 8960² float64, 640 MB a block, and its product per batch
+    most of the calibration's time. Each batch's product is taken in float32 (a few hundred
+    terms: fast, and accurate enough), the running sum in float64."""
 
-    def __init__(self, dim: int):
-        self.xtx = torch.zeros(dim, dim, dtype=torch.float64)
+    def __init__(self, dim: int, full: bool = True):
+        self.full = full
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float64) if full else None
+        self.sq = None if full else torch.zeros(dim, dtype=torch.float64)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.xtx += (x.T @ x).double()
+        if self.full:
+            self.xtx += (x.T @ x).double()
+        else:
+            self.sq += (x * x).sum(0).double()
         self.n += x.shape[0]
 
     @property
-    def hessian(self) -> torch.Tensor:
-        """E[x xᵀ] in float32 (GPTQ's H up to its factor 2)."""
-        return (self.xtx / max(self.n, 1)).float()
+    def hessian(self) -> torch.Tensor | None:
+        """E[x xᵀ] in float32 (GPTQ's H up to its factor 2); None when only the diagonal is kept."""
+        return (self.xtx / max(self.n, 1)).float() if self.full else None
+
+    def _diagonal(self) -> torch.Tensor:
+        return self.xtx.diagonal() if self.full else self.sq
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        """E[x_j²] per input column (llama.cpp's importance matrix), float32."""
+        return (self._diagonal() / max(self.n, 1)).float()
 
     @property
     def act_norm(self) -> torch.Tensor:
         """‖X_j‖₂ over all calibration tokens (Wanda's activation norm)."""
-        return self.xtx.diagonal().clamp_min(0).sqrt().float()
+        return self._diagonal().clamp_min(0).sqrt().float()
 
 
 @dataclass
 class InputStats:
-    hessian: torch.Tensor  # [in, in] E[x xᵀ]
+    hessian: torch.Tensor | None  # [in, in] E[x xᵀ]; None where only the diagonal was kept
     act_norm: torch.Tensor  # [in]
     n_samples: int
+    mean_square: torch.Tensor | None = None  # [in] E[x_j²]
 
 
 def _hook_layers(model: nn.Module, layers: Iterable[LayerInfo],
-                 accumulators: dict[tuple, InputAccumulator]) -> list:
+                 accumulators: dict[tuple, InputAccumulator],
+                 hessian_layers: set[str] | None = None) -> list:
+    """One forward pre-hook per distinct input; its accumulator keeps the full E[x xᵀ] when
+    any layer reading that input is in ``hessian_layers`` (None: every layer)."""
+    layers = list(layers)
+    full = {input_group(layer) for layer in layers
+            if hessian_layers is None or layer.name in hessian_layers}
     handles = []
     seen: set[tuple] = set()
     for layer in layers:
@@ -69,7 +92,8 @@ def _hook_layers(model: nn.Module, layers: Iterable[LayerInfo],
         if group in seen:
             continue
         seen.add(group)
-        acc = accumulators.setdefault(group, InputAccumulator(layer.in_features))
+        acc = accumulators.setdefault(group, InputAccumulator(layer.in_features,
+                                                              full=group in full))
 
         def hook(_module, args, acc=acc):
             acc.add(args[0])
@@ -86,17 +110,19 @@ def _stats_by_layer(layers: Iterable[LayerInfo], accumulators: dict[tuple, Input
         group = input_group(layer)
         if group not in cache:
             acc = accumulators[group]
-            cache[group] = InputStats(acc.hessian, acc.act_norm, acc.n)
+            cache[group] = InputStats(acc.hessian, acc.act_norm, acc.n, acc.mean_square)
         out[layer.name] = cache[group]  # shared object: q/k/v hold the same H
     return out
 
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,
-                  progress: bool = True) -> dict[str, InputStats]:
-    """Input statistics of every layer in ``layers`` from one pass of ``model`` over windows."""
+                  progress: bool = True, hessian_layers: set[str] | None = None
+                  ) -> dict[str, InputStats]:
+    """Input statistics of every layer in ``layers`` from one pass of ``model`` over windows;
+    the full E[x xᵀ] only for the inputs of ``hessian_layers`` (None: all)."""
     accumulators: dict[tuple, InputAccumulator] = {}
-    handles = _hook_layers(model, layers, accumulators)
+    handles = _hook_layers(model, layers, accumulators, hessian_layers)
     try:
         for i in tqdm(range(windows.shape[0]), desc="calibration", disable=not progress, leave=False):
             model(windows[i:i + 1], use_cache=False)
@@ -144,14 +170,14 @@ class BlockRunner:
             handle.remove()
 
     @torch.no_grad()
-    def run_block(self, index: int, layers: list[LayerInfo] | None = None
-                  ) -> dict[str, InputStats] | None:
+    def run_block(self, index: int, layers: list[LayerInfo] | None = None,
+                  hessian_layers: set[str] | None = None) -> dict[str, InputStats] | None:
         """Input stats of ``layers`` (all inside block ``index``) with the block as it is now.
         Does not advance the hidden states: call ``advance`` after compressing the block."""
         if not layers:
             return None
         accumulators: dict[tuple, InputAccumulator] = {}
-        handles = _hook_layers(self.model, layers, accumulators)
+        handles = _hook_layers(self.model, layers, accumulators, hessian_layers)
         try:
             for hidden, kwargs in zip(self.hidden, self.kwargs):
                 self.blocks[index](hidden, **kwargs)
@@ -173,7 +199,7 @@ def _block_output(out: Any) -> torch.Tensor:
 
 def sequential(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,
                compress_block: Callable[[int, dict[str, InputStats]], None],
-               progress: bool = True) -> None:
+               progress: bool = True, hessian_layers: set[str] | None = None) -> None:
     """For each block in order: take its layers' input stats through the already-compressed
     prefix, let ``compress_block(block, stats)`` install the compressed weights, then advance."""
     runner = BlockRunner(model, windows)
@@ -184,6 +210,6 @@ def sequential(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,
                       leave=False):
         block_layers = by_block.get(index, [])
         if block_layers:
-            stats = runner.run_block(index, block_layers)
+            stats = runner.run_block(index, block_layers, hessian_layers)
             compress_block(index, stats)
         runner.advance(index)

@@ -28,6 +28,7 @@ class LayerStats:
     H: Tensor | None  # [in, in], E[x xᵀ]
     act_norm: Tensor | None  # [in], ‖X_j‖₂ = sqrt(Σ_tokens x_j²)
     n_samples: int
+    mean_square: Tensor | None = None  # [in], E[x_j²] (kept where H is not)
 
     def activation_norms(self) -> Tensor | None:
         """act_norm, or sqrt(n · diag H) when only H was collected."""
@@ -106,6 +107,8 @@ def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
 def _imatrix(cfg: LayerConfig, stats: LayerStats | None) -> Tensor | None:
     if cfg.method != "imatrix":
         return None
+    if stats is not None and stats.mean_square is not None:
+        return stats.mean_square.float().clone()
     if stats is None or stats.H is None:
         raise AutocompressError("method imatrix needs calibration data (the mean x² of each "
                                 "input column); calibrate first or use method 'rtn'")

@@ -41,7 +41,7 @@ from ..hardware.memory import held_layer_bytes
 from ..hardware.profile import DeviceProfile
 from .. import faults
 from ..io_utils import atomic_write_text
-from ..compress.apply import needs_calibration
+from ..compress.apply import hessian_layers, needs_calibration
 from ..compress.weights import GPTQSettings
 from ..model import LoadedModel
 from ..plan import LayerConfig, Plan, compact_overrides
@@ -215,8 +215,9 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     # -- level 2: Optuna, each trial measured at low fidelity ----------------------------------
     # level 2 calibrates in parallel (statistics and GPTQ results shared by all trials); the
     # final measurement builds each candidate as apply will (``settings.mode``)
+    full = hessian_layers(loaded.layers, space.for_layer)  # the rest keep only diag E[x xᵀ]
     meter = PlanMeter(loaded, calib.holdout[:settings.fast_windows], calib.calib, progress=False,
-                      gptq=settings.gptq, fixed=tables)
+                      gptq=settings.gptq, fixed=tables, hessian_layers=full)
     final_meter = PlanMeter(loaded, calib.holdout[:settings.final_windows], calib.calib,
                             progress=False, mode=settings.mode, gptq=settings.gptq, fixed=tables)
     study_trials: list = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compress.apply import compress_model, uses_calibration
+from ..compress.apply import compress_model, needs_hessian, uses_calibration
 from ..compress.calibration import InputStats, collect_stats
 from ..compress.weights import GPTQSettings
 from ..evaluate import ReferenceCache, evaluate
@@ -22,23 +22,33 @@ class PlanMeter:
     def __init__(self, loaded: LoadedModel, holdout: torch.Tensor, calib: torch.Tensor | None,
                  progress: bool = False, mode: str = "parallel",
                  gptq: GPTQSettings = GPTQSettings(),
-                 fixed: dict[str, LayerConfig] | None = None):
-        """``fixed``: configs every measured plan shares (the search space's embedding)."""
+                 fixed: dict[str, LayerConfig] | None = None,
+                 hessian_layers: set[str] | None = None):
+        """``fixed``: configs every measured plan shares (the search space's embedding);
+        ``hessian_layers``: the layers whose configs may need the full E[x xᵀ] (GPTQ, low
+        rank; None: all), the others' statistics keep only its diagonal."""
         if mode not in ("parallel", "sequential"):
             raise ValueError(f"unknown calibration mode {mode!r}")
         self.loaded, self.holdout, self.calib, self.progress = loaded, holdout, calib, progress
         self.mode, self.gptq = mode, gptq
         self.fixed = dict(fixed or {})
         self.reference = ReferenceCache(loaded.model, holdout)
+        self.hessian_layers = hessian_layers
         self._stats: dict[str, InputStats] | None = None
         self._memo: dict = {}  # SVD / GPTQ results per (layer, config), shared by all plans
 
     def stats_for(self, configs: dict[str, LayerConfig]) -> dict[str, InputStats] | None:
         if self.calib is None or not uses_calibration(configs.values()):
             return None
+        if self.hessian_layers is not None:
+            beyond = [n for n, cfg in configs.items()
+                      if needs_hessian(cfg) and n not in self.hessian_layers]
+            if beyond:
+                raise ValueError(f"{beyond[0]} needs E[x xᵀ], which this meter does not keep")
         if self._stats is None:
             self._stats = collect_stats(self.loaded.model, self.loaded.layers, self.calib,
-                                        progress=self.progress)
+                                        progress=self.progress,
+                                        hessian_layers=self.hessian_layers)
         return self._stats
 
     def compress(self, configs: dict[str, LayerConfig]):

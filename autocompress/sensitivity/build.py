@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..accounting import layer_bytes
-from ..compress.apply import uses_calibration
+from ..compress.apply import hessian_layers, uses_calibration
 from ..compress.calibration import collect_stats
 from ..compress.weights import LayerStats, compress_weight
 from ..io_utils import atomic_write_text
@@ -141,15 +141,19 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
         todo_layers = [layers[i] for i in todo]
         proxy.prepare(loaded, windows, todo_layers, progress=progress)
         stats = None
+        options_of = {layer.name: opts for layer, opts in zip(layers, options)}
         if uses_calibration(o for i in todo for o in options[i]):
-            stats = collect_stats(loaded.model, todo_layers, windows, progress=progress)
+            stats = collect_stats(loaded.model, todo_layers, windows, progress=progress,
+                                  hessian_layers=hessian_layers(
+                                      todo_layers, lambda layer: options_of[layer.name]))
         for i in tqdm(todo, desc=f"{proxy.name} table", disable=not progress, leave=False):
             layer = layers[i]
             weight = loaded.module(layer.name).weight.detach().float()
             layer_stats = None
             if stats is not None:
                 s = stats[layer.name]
-                layer_stats = LayerStats(H=s.hessian, act_norm=s.act_norm, n_samples=s.n_samples)
+                layer_stats = LayerStats(H=s.hessian, act_norm=s.act_norm, n_samples=s.n_samples,
+                                         mean_square=s.mean_square)
             cost = layer_costs(proxy, layer, weight, options[i], layer_stats)
             size = [layer_bytes(layer.out_features, layer.in_features, cfg) for cfg in options[i]]
             cache.put(layer.name, cost, size)

@@ -26,3 +26,19 @@ def test_memo_refuses_sequential_mode(tiny_loaded):
     with pytest.raises(ValueError, match="memo"):
         compress_model(tiny_loaded, {l.name: LayerConfig(bits=4) for l in tiny_loaded.layers},
                        mode="sequential", memo={})
+
+
+def test_a_meter_keeping_only_diagonals_measures_imatrix_plans_and_refuses_gptq(tiny_loaded):
+    """The search's meter keeps the full E[x xᵀ] only for layers its space may give GPTQ or
+    low rank; a plan outside that promise is refused, not built from missing statistics."""
+    g = torch.Generator().manual_seed(0)
+    vocab = tiny_loaded.model.config.vocab_size
+    holdout, calib = torch.randint(0, vocab, (2, 32), generator=g), torch.randint(0, vocab, (4, 32), generator=g)
+    names = [l.name for l in tiny_loaded.layers]
+    imatrix = {n: LayerConfig(gguf="q4_0", method="imatrix") for n in names}
+    lean = PlanMeter(tiny_loaded, holdout, calib, hessian_layers=set())
+    full = PlanMeter(tiny_loaded, holdout, calib)
+    assert lean.measure(imatrix)["kl"] == pytest.approx(full.measure(imatrix)["kl"], rel=1e-3)
+    assert all(s.hessian is None for s in lean._stats.values())
+    with pytest.raises(ValueError, match="E\\[x xᵀ\\]"):
+        lean.measure({**imatrix, names[0]: LayerConfig(bits=3, method="gptq")})
