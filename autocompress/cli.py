@@ -273,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate",
                        help="predict a plan's memory and decode speed on a device from a config")
     p.add_argument("plan", help="plan JSON")
-    _add_device(p, required=True)
+    _add_device(p, required=False)
+    p.add_argument("--speed-profile", default=None,
+                   help="a llama.cpp speed profile (profile --engine llamacpp): predict "
+                        "llama.cpp's decode of the plan's GGUF on the machine it measured "
+                        "(with or instead of --device)")
     p.add_argument("--config", default=None,
                    help="model config.json (default: the plan's model's, without loading weights)")
     p.add_argument("--model", default=None, help="model whose config to use (default: the plan's)")
@@ -937,9 +941,19 @@ def cmd_estimate(args) -> int:
     from .hardware.profile import load_device
     from .plan import Plan
     from .report import footprint_table, print_tables
+    from .search.speed import predict_llamacpp_decode
 
+    if not (args.device or args.speed_profile):
+        raise AutocompressError("estimate needs --device (a device profile: `autocompress "
+                                "devices` lists them) or --speed-profile (llama.cpp's, from "
+                                "profile --engine llamacpp)")
     plan = Plan.load(args.plan)
-    profile, note = load_device(args.device)
+    profile, note = load_device(args.device) if args.device else (None, None)
+    speed = None
+    if args.speed_profile:
+        from .hardware.llamacpp_speed import LlamaCppSpeed
+
+        speed = LlamaCppSpeed.load(args.speed_profile)
     if args.head_format:
         from .hardware.profile import check_format_name
 
@@ -948,15 +962,27 @@ def cmd_estimate(args) -> int:
         except ValueError as exc:
             raise AutocompressError(f"--head-format: {exc}") from None
     arch = architecture_for(plan, args.config, args.model)
-    estimate = estimate_plan(plan, arch, profile, args.context, args.batch, args.kv_bits,
-                             args.head_format, args.prompt_tokens)
+    estimate = profile and estimate_plan(plan, arch, profile, args.context, args.batch,
+                                         args.kv_bits, args.head_format, args.prompt_tokens)
+    llamacpp = speed and predict_llamacpp_decode(plan, arch, speed, args.context)
     if args.json:
-        print(json.dumps({"model": arch.name, **estimate.as_dict()}))
+        print(json.dumps({"model": arch.name, **(estimate.as_dict() if estimate else {}),
+                          **({"llamacpp_decode": {
+                              "profile": str(args.speed_profile),
+                              "seconds_per_token": llamacpp.seconds_per_token,
+                              "tokens_per_s": 1 / llamacpp.seconds_per_token}}
+                             if llamacpp else {})}))
     else:
-        print_tables(footprint_table(estimate.footprint, estimate.usable_bytes,
-                                     title=f"Memory of {arch.name} on {profile.name}"),
-                     console=console)
-        _print_device_estimate(estimate)
+        if estimate:
+            print_tables(footprint_table(estimate.footprint, estimate.usable_bytes,
+                                         title=f"Memory of {arch.name} on {profile.name}"),
+                         console=console)
+            _print_device_estimate(estimate)
+        if llamacpp:
+            console.print(f"llama.cpp decode on {speed.machine} ({speed.threads} threads), "
+                          f"predicted from {args.speed_profile}: "
+                          f"{1 / llamacpp.seconds_per_token:.1f} tokens/s "
+                          f"({llamacpp.seconds_per_token * 1e3:.1f} ms/token)", highlight=False)
     if note:
         _log(note)
     return 0

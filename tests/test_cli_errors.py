@@ -326,6 +326,8 @@ ROWS = [
     ("profile --model {model} --formats f16,q9 --out {tmp}/p.yaml", 2, "q9"),
     ("profile --config {tmp}/none.json --out {tmp}/p.yaml", 2, "No such file"),
     ("estimate {tmp}/none.json --device jetson", 2, "not found"),
+    ("estimate {plan}", 2, "--device (a device profile"),
+    ("estimate {plan} --speed-profile {a_file}", 2, "not a llama.cpp speed profile"),
     ("estimate {plan} --device {profile_bad_yaml}", 2, "not valid YAML"),
     ("estimate {plan} --device {profile_nan}", 2, "bandwidth_gbps"),
     ("estimate {plan} --device {profile_inf}", 2, "peak_tflops"),

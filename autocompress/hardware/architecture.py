@@ -15,7 +15,7 @@ from typing import Any
 
 from ..accounting import ModelDims
 from ..errors import AutocompressError
-from ..model import LayerInfo
+from ..model import EMBEDDING, LayerInfo
 
 LLAMA_LAYERS = (("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v"),
                 ("self_attn.o_proj", "o"), ("mlp.gate_proj", "gate"), ("mlp.up_proj", "up"),
@@ -34,6 +34,15 @@ class Architecture:
     @property
     def head_params(self) -> int:
         return self.dims.vocab * self.dims.hidden
+
+    @property
+    def tables(self) -> list[LayerInfo]:
+        """The embedding and, when it is not tied to it, the head: as LoadedModel.tables."""
+        vocab, hidden = self.dims.vocab, self.dims.hidden
+        out = [LayerInfo(EMBEDDING, "embed", None, vocab, hidden)]
+        if not self.tied_embeddings:
+            out.append(LayerInfo("lm_head", "lm_head", None, vocab, hidden))
+        return out
 
     @classmethod
     def from_loaded(cls, loaded) -> "Architecture":

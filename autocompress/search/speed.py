@@ -11,6 +11,8 @@ Two predictors with one interface (``estimate(configs)``, ``limit(table, groups,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import AutocompressError
@@ -19,8 +21,8 @@ from ..hardware.latency import DecodeEstimate, LatencyModel
 from ..hardware.llamacpp_speed import LlamaCppSpeed
 from ..hardware.profile import DeviceProfile
 from ..gguf_types import type_for_row
-from ..model import LoadedModel
-from ..plan import LayerConfig
+from ..model import LayerInfo, LoadedModel
+from ..plan import LayerConfig, ModelIdentity, Plan, table_configs
 from ..sensitivity.table import SensitivityTable
 from .exact import Limit
 from .problem import group_sums
@@ -73,6 +75,8 @@ class LlamaCppDecode:
 
     def __init__(self, loaded: LoadedModel, speed: LlamaCppSpeed,
                  tables: dict[str, LayerConfig], context: int):
+        """``loaded``: the model, or anything with its ``name``, ``identity``, ``layers`` and
+        ``tables`` (``ModelShapes``: estimate predicts from a config, without weights)."""
         if speed.content_hash != loaded.identity.content_hash:
             raise AutocompressError(
                 f"the llama.cpp speed profile was measured on {speed.model!r}, not on "
@@ -119,3 +123,26 @@ class LlamaCppDecode:
             for col, cfg in enumerate(opts):
                 usage[row, col] = self._seconds(info.out_features, info.in_features, cfg)
         return _limit(usage, groups, self.fixed_s, max_latency_s, self.name, self.context)
+
+
+@dataclass
+class ModelShapes:
+    """What a decode predictor reads of a model: its name, identity (the plan's), block
+    linears and tables; from an Architecture (a config.json), so `estimate` loads no weights."""
+    name: str
+    identity: ModelIdentity
+    layers: list[LayerInfo]
+    tables: list[LayerInfo]
+
+    @classmethod
+    def of(cls, arch: Architecture, identity: ModelIdentity) -> "ModelShapes":
+        return cls(arch.name, identity, list(arch.layers), arch.tables)
+
+
+def predict_llamacpp_decode(plan: Plan, arch: Architecture, speed: LlamaCppSpeed,
+                            context: int) -> DecodeEstimate:
+    """A plan's llama.cpp decode time per token, from a llama.cpp speed profile of its model."""
+    shapes = ModelShapes.of(arch, plan.model)
+    decode = LlamaCppDecode(shapes, speed, table_configs(plan, [t.name for t in shapes.tables]),
+                            context)
+    return decode.estimate(plan.resolve(layer.name for layer in shapes.layers))

@@ -113,3 +113,12 @@ def test_the_cli_profiles_the_tiny_model_in_llamacpp_and_searches_with_that_prof
     profile = LlamaCppSpeed.load(speed)
     assert decode["tokens_per_s"] >= 1
     assert decode["seconds_per_token"] <= profile.t0_s * 1.5  # q4_0/q8_0 only: near the q8_0 file
+
+    # `estimate` predicts the same from the plan and the model's config alone (no weights)
+    capsys.readouterr()
+    assert main(["estimate", str(out / "plan.json"), "--speed-profile", str(speed),
+                 "--context", "64", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    estimated = printed["llamacpp_decode"]
+    assert estimated["seconds_per_token"] == pytest.approx(decode["seconds_per_token"], rel=1e-9)
+    assert "memory" not in printed  # no --device: no device figures
