@@ -15,6 +15,7 @@ package for every script in this directory.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,13 @@ def main() -> None:
     parser.add_argument("--search-calib", type=int, default=8,
                         help="the search's calibration windows (proxy, imatrix)")
     parser.add_argument("--fast-windows", type=int, default=2, help="level 2's windows per trial")
+    parser.add_argument("--source-row", action="store_true",
+                        help="also run the source GGUF itself in llama.cpp (key SOURCE): the "
+                             "KL llama.cpp's kernels alone add against float32 torch")
+    parser.add_argument("--search-tables", choices=["space", "recipe"], default="space",
+                        help="embedding/head types of the searched plans: gguf.yaml's (q8_0, "
+                             "SmolLM2's recipes' type) or the recipe's own at each size (a "
+                             "large vocabulary at q8_0 would not fit the smaller recipes)")
     parser.add_argument("--final-windows", type=int, default=8,
                         help="windows of the search's final measurement (level 3 or in process)")
     args = parser.parse_args()
@@ -115,6 +123,19 @@ def main() -> None:
                               "eval_s": round(time.time() - start - built, 1)})
             print(f"{key}: ppl {result.ppl:.2f}, KL {result.kl:.4f}, "
                   f"{made.file_bytes / 1e6:.1f} MB", flush=True)
+    if args.source_row and not results.has("SOURCE"):
+        from autocompress.export.gguf import source_gguf
+
+        path = source_gguf(loaded)
+        start = time.time()
+        engine = LlamaCppEngine(path, n_ctx=args.window_len, threads=2)
+        result = evaluate(engine, windows, reference=reference, progress=True, desc="SOURCE")
+        engine.close()
+        results.put("SOURCE", {"recipe": path.name, "imatrix": False, "ppl": result.ppl,
+                               "kl": result.kl, "file_bytes": path.stat().st_size,
+                               "tensor_bytes": 0, "types": {}, "export_s": 0.0,
+                               "eval_s": round(time.time() - start, 1)})
+        print(f"SOURCE: ppl {result.ppl:.2f}, KL {result.kl:.4f}", flush=True)
     if args.torch_eval:
         torch_eval(results, loaded, provenance, windows, reference, args.torch_eval)
     if args.speeds:
@@ -273,6 +294,7 @@ def searched_row(loaded, recipe: str, provenance: Provenance, windows, reference
     """`search --space gguf` at the bytes of ``recipe``'s plan; its GGUF run in llama.cpp."""
     from autocompress.accounting import model_footprint
     from autocompress.search.engine import SearchSettings, run_search
+    from autocompress.plan import table_configs
     from autocompress.search.space import SearchSpace
 
     target = recipe_plan(loaded, recipe, True, provenance=provenance)
@@ -285,7 +307,11 @@ def searched_row(loaded, recipe: str, provenance: Provenance, windows, reference
         n_calib=args.search_calib, fast_windows=args.fast_windows,
         eval_windows=args.final_windows, n_holdout=args.final_windows, num_cpus=2,
         resume=(out / "study.journal").is_file())
-    found = run_search(loaded, SearchSpace.load("gguf"), settings, out_dir=out, progress=False)
+    space = SearchSpace.load("gguf")
+    if args.search_tables == "recipe":
+        space = dataclasses.replace(space, tables=table_configs(
+            target, [table.name for table in loaded.tables]))
+    found = run_search(loaded, space, settings, out_dir=out, progress=False)
     searched = time.time() - start
     made = export_gguf(loaded, found.plan, out / "model.gguf", build_recipe(loaded, found.plan),
                        progress=False)
@@ -303,7 +329,9 @@ def searched_row(loaded, recipe: str, provenance: Provenance, windows, reference
                            "the chosen plan checked in process")
                         + f" on {settings.final_windows} windows; {settings.mode} calibration "
                         f"({settings.n_calib} windows of {Path(settings.calib_text).name}), "
-                        "budget = the recipe's plan footprint"}
+                        "budget = the recipe's plan footprint"
+                        + ("; embedding and head at the recipe's types"
+                           if args.search_tables == "recipe" else "")}
 
 
 if __name__ == "__main__":

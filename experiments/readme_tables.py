@@ -454,6 +454,8 @@ def gguf(store: Store, name: str = "gguf.json") -> str:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     n_weights = _gguf_weights(entries)
     for key, e in entries.items():
+        if key == "SOURCE":
+            continue
         if not key.startswith("search@"):
             label = f"llama.cpp {e.recipe}" + (" + imatrix" if e.imatrix else "")
             rows.append(_gguf_row(label, e, n_weights))
@@ -464,13 +466,25 @@ def gguf(store: Store, name: str = "gguf.json") -> str:
     out = "\n".join(rows)
     if searched:
         out += "\n\n" + _gguf_versus(entries, searched)
-    out += _gguf_agreement(entries) + _gguf_speeds(entries)
+    out += _gguf_agreement(entries) + _gguf_speeds(entries) + _gguf_floor(entries)
     settings = sorted({e.settings for e in searched.values()})
     if settings:
         out += (f"\n\nSearched rows: {' / '.join(settings)}; the budget held the search to at "
                 "most the recipe's tensor bytes.")
     return out + (f"\n\nProtocol: {p.model}; evaluation {p.eval}; engine {p.engine}; KL to "
                   f"{p.kl_reference}; calibration {p.calibration}; machine {p.machine}.")
+
+
+def _gguf_floor(entries) -> str:
+    """The source file itself in llama.cpp against its own float32 decoding in torch: what
+    llama.cpp's kernels add to every row's KL (no requantization at all)."""
+    e = entries.get("SOURCE")
+    if e is None:
+        return ""
+    return (f"\n\nFloor: the source file itself ({e.recipe}) run by llama.cpp has KL "
+            f"{e.kl:.4f} (perplexity {_fmt_ppl(e.ppl)}) to its float32 decoding in torch on "
+            "the same windows, with no weight changed: that much of every row's KL is "
+            "llama.cpp's kernels (activations quantized for its dot products), not the plan.")
 
 
 def _gguf_versus(entries, searched) -> str:

@@ -188,10 +188,11 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     t0 = time.perf_counter()
     calib = calibration_data(loaded.tokenizer, settings.calib_text, settings.n_calib,
                              settings.holdout_windows, settings.window_len)
-    proxy = make_proxy(settings.proxy)
     cache = out / "sensitivity.cache.json" if out else None
-    table = build_table(loaded, space, proxy, calib.calib, calib.digest, cache=cache,
-                        progress=progress, log=log)
+    # the proxy is not kept past the table: a Fisher proxy holds one float32 per weight (5 GB
+    # on a 1.5B model) that the measured levels' model copies need more
+    table = build_table(loaded, space, make_proxy(settings.proxy), calib.calib, calib.digest,
+                        cache=cache, progress=progress, log=log)
     if out:
         table.save(out / "sensitivity.json")
     timings["sensitivity_s"] = time.perf_counter() - t0
