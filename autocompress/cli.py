@@ -970,7 +970,7 @@ def cmd_estimate(args) -> int:
                           **({"llamacpp_decode": {
                               "profile": str(args.speed_profile),
                               "seconds_per_token": llamacpp.seconds_per_token,
-                              "tokens_per_s": 1 / llamacpp.seconds_per_token}}
+                              "tokens_per_s": llamacpp.tokens_per_s}}
                              if llamacpp else {})}))
     else:
         if estimate:
@@ -981,7 +981,7 @@ def cmd_estimate(args) -> int:
         if llamacpp:
             console.print(f"llama.cpp decode on {speed.machine} ({speed.threads} threads), "
                           f"predicted from {args.speed_profile}: "
-                          f"{1 / llamacpp.seconds_per_token:.1f} tokens/s "
+                          f"{llamacpp.tokens_per_s:.1f} tokens/s "
                           f"({llamacpp.seconds_per_token * 1e3:.1f} ms/token)", highlight=False)
     if note:
         _log(note)

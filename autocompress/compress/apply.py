@@ -68,7 +68,8 @@ def hessian_layers(layers: Iterable[LayerInfo], options: Callable[[LayerInfo], I
     return {layer.name for layer in layers if any(map(needs_hessian, options(layer)))}
 
 
-def _layer_stats(stats: InputStats | None) -> LayerStats | None:
+def layer_stats(stats: InputStats | None) -> LayerStats | None:
+    """What the operators read of one layer's calibration statistics."""
     if stats is None:
         return None
     return LayerStats(H=stats.hessian, act_norm=stats.act_norm, n_samples=stats.n_samples,
@@ -101,7 +102,7 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
             compressed = memo[key]
         else:
             weight = model.get_submodule(layer.name).weight.detach().float()
-            layer_stats = _layer_stats(stats.get(layer.name)) if stats else None
+            layer_stats = layer_stats(stats.get(layer.name)) if stats else None
             # identity configs come back rounded to float16, as deployment stores them
             compressed = compress_weight(weight, cfg, layer_stats, gptq)
             if memo is not None and (cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf):

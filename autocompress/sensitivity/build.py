@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..accounting import layer_bytes
-from ..compress.apply import hessian_layers, uses_calibration
+from ..compress.apply import hessian_layers, layer_stats, uses_calibration
 from ..compress.calibration import collect_stats
 from ..compress.weights import LayerStats, compress_weight
 from ..io_utils import atomic_write_text
@@ -149,12 +149,8 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
         for i in tqdm(todo, desc=f"{proxy.name} table", disable=not progress, leave=False):
             layer = layers[i]
             weight = loaded.module(layer.name).weight.detach().float()
-            layer_stats = None
-            if stats is not None:
-                s = stats[layer.name]
-                layer_stats = LayerStats(H=s.hessian, act_norm=s.act_norm, n_samples=s.n_samples,
-                                         mean_square=s.mean_square)
-            cost = layer_costs(proxy, layer, weight, options[i], layer_stats)
+            cost = layer_costs(proxy, layer, weight, options[i],
+                               layer_stats(stats[layer.name]) if stats is not None else None)
             size = [layer_bytes(layer.out_features, layer.in_features, cfg) for cfg in options[i]]
             cache.put(layer.name, cost, size)
             faults.point("sensitivity_row")
