@@ -102,9 +102,9 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
             compressed = memo[key]
         else:
             weight = model.get_submodule(layer.name).weight.detach().float()
-            layer_stats = layer_stats(stats.get(layer.name)) if stats else None
+            weight_stats = layer_stats(stats.get(layer.name)) if stats else None
             # identity configs come back rounded to float16, as deployment stores them
-            compressed = compress_weight(weight, cfg, layer_stats, gptq)
+            compressed = compress_weight(weight, cfg, weight_stats, gptq)
             if memo is not None and (cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf):
                 # the expensive ones only (SVD, GPTQ, llama.cpp's k-quant search)
                 memo[key] = compressed
