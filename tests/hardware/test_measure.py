@@ -85,7 +85,7 @@ def test_profile_says_how_the_runtime_holds_each_format(measured, tiny_loaded):
                                  profile=profile).layer_weights
     accounted = memory_breakdown(arch, [configs[l.name] for l in arch.layers]).layer_weights
     # tiny layers: ORT's per-session state dominates and varies with what else the process
-    # did (SmolLM2 in experiments/kernels.py: within 0.1%); the plan's bytes are far off
+    # did (SmolLM2 in experiments/kernel_bench.py: within 0.1%); the plan's bytes are far off
     assert predicted == pytest.approx(resident, rel=0.2)
     assert abs(accounted - resident) > 0.5 * resident
 

@@ -1,5 +1,6 @@
 """CPU kernels and SmolLM2-135M decode at batch 1 on this machine: fp32, bf16, int8, packed int4
-and mixed plans. Writes experiments/results/kernels.json and prints the tables.
+and mixed plans. Writes experiments/results/kernels.json and prints the tables. (Not named
+kernels.py: that would shadow Hugging Face's `kernels` package, which transformers imports.)
 
 Measured:
 - the machine's memory bandwidth: best of several copies of a 512 MiB tensor, counting the bytes
@@ -17,7 +18,7 @@ Measured:
 
 SmolLM2's float weights are already Q4_1-rounded (the model ships as a Q4_1 GGUF).
 
-    .venv/bin/python experiments/kernels.py [--tokens 64] [--threads 2] [--only fp32,int4]
+    .venv/bin/python experiments/kernel_bench.py [--tokens 64] [--threads 2] [--only fp32,int4]
 
 With --threads other than 2 the results go to kernels_threads{N}.json.
 """
