@@ -42,6 +42,9 @@ class Provenance:
     gptq_block_size: int = 128
     gptq_static_groups: bool = True  # groups fixed before reordering: the format is unchanged
     importance: str = IMPORTANCE
+    # a layer whose GGUF type is the one the source GGUF stores it in keeps the stored bytes,
+    # as llama-quantize does (gguf_source.py); plans that predate the field requantized them
+    gguf_source_copy: bool = True
     tool_version: str = __version__
     made_by: str = "plan"
 
@@ -57,6 +60,9 @@ class Provenance:
         if not 0.0 <= float(self.gptq_damp) < 1.0:
             raise AutocompressError(f"provenance gptq_damp must be in [0, 1), got "
                                     f"{self.gptq_damp!r}")
+        if not isinstance(self.gguf_source_copy, bool):
+            raise AutocompressError(f"provenance gguf_source_copy must be true or false, got "
+                                    f"{self.gguf_source_copy!r}")
         if not self.gptq_static_groups:
             raise AutocompressError("provenance gptq_static_groups must be true: this version "
                                     "only makes static groups")
@@ -84,6 +90,7 @@ class Provenance:
         if unknown:
             raise AutocompressError(f"plan provenance has unknown field(s) {unknown}; known: "
                                     f"{sorted(known)}")
+        data = {"gguf_source_copy": False, **data}  # recorded before the field: built without
         try:
             return cls(**data)
         except TypeError as exc:
@@ -97,7 +104,7 @@ class Provenance:
 
 
 # A v1 plan (or one without provenance) is applied the way this tool always applied plans.
-LEGACY = Provenance(made_by="unknown (schema v1 plan)")
+LEGACY = Provenance(made_by="unknown (schema v1 plan)", gguf_source_copy=False)
 
 
 @dataclass

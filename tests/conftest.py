@@ -33,14 +33,15 @@ def _tiny_tokenizer(directory: Path):
 
 
 def make_tiny_model_dir(directory: Path, seed: int = 0, n_layers: int = 2,
-                        init_std: float = 0.02) -> Path:
+                        init_std: float = 0.02, hidden_size: int = 64,
+                        intermediate_size: int = 128) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = _tiny_tokenizer(directory)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=intermediate_size, num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2, initializer_range=init_std)
     model = LlamaForCausalLM(config)

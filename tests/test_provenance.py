@@ -45,3 +45,15 @@ def test_changed_or_missing_calibration_text_is_refused(tiny_loaded, tmp_path):
     text.unlink()
     with pytest.raises(AutocompressError, match="not there"):
         calibration_windows(tiny_loaded.tokenizer, good)
+
+
+def test_plans_recorded_before_gguf_source_copy_are_built_without_it():
+    """New plans keep a source GGUF's tensors in their own type (llama-quantize's rule); a
+    provenance written before the field existed reproduces its old, requantized build."""
+    assert Provenance().gguf_source_copy is True
+    assert Provenance.from_dict(Provenance().to_dict()).gguf_source_copy is True
+    older = {k: v for k, v in Provenance().to_dict().items() if k != "gguf_source_copy"}
+    assert Provenance.from_dict(older).gguf_source_copy is False
+    assert LEGACY.gguf_source_copy is False
+    with pytest.raises(AutocompressError, match="gguf_source_copy must be true or false"):
+        Provenance.from_dict({**older, "gguf_source_copy": "yes"})

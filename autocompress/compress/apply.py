@@ -13,7 +13,7 @@ uncompressed model in one pass (faster, and reusable across plans via ``stats=``
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from ..model import LayerInfo, LoadedModel
 from ..plan import LayerConfig, Plan, check_table
 from .calibration import InputStats, collect_stats, sequential
 from .weights import CompressedLayer, GPTQSettings, LayerStats, compress_weight
+
+if TYPE_CHECKING:
+    from ..gguf_source import SourceTensors
 
 
 class LowRankLinear(nn.Module):
@@ -76,6 +79,11 @@ def layer_stats(stats: InputStats | None) -> LayerStats | None:
                       mean_square=stats.mean_square)
 
 
+def _stored(source: SourceTensors | None, name: str, cfg: LayerConfig):
+    """The source GGUF's bytes of layer ``name`` where ``cfg`` is a GGUF type (else None)."""
+    return source.stored(name) if source is not None and cfg.is_gguf else None
+
+
 def _install(model: nn.Module, name: str, compressed: CompressedLayer) -> None:
     module = model.get_submodule(name)
     dtype = module.weight.dtype
@@ -94,7 +102,8 @@ OnLayer = Callable[[LayerInfo, LayerConfig, CompressedLayer], None]
 
 def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[str, LayerConfig],
                      stats: dict[str, InputStats] | None, gptq: GPTQSettings,
-                     on_layer: OnLayer | None, memo: dict | None = None) -> None:
+                     on_layer: OnLayer | None, memo: dict | None = None,
+                     source: SourceTensors | None = None) -> None:
     for layer in layers:
         cfg = configs[layer.name]
         key = (layer.name, cfg)
@@ -104,7 +113,8 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
             weight = model.get_submodule(layer.name).weight.detach().float()
             weight_stats = layer_stats(stats.get(layer.name)) if stats else None
             # identity configs come back rounded to float16, as deployment stores them
-            compressed = compress_weight(weight, cfg, weight_stats, gptq)
+            compressed = compress_weight(weight, cfg, weight_stats, gptq,
+                                         _stored(source, layer.name, cfg))
             if memo is not None and (cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf):
                 # the expensive ones only (SVD, GPTQ, llama.cpp's k-quant search)
                 memo[key] = compressed
@@ -118,11 +128,13 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
                          calib_windows: torch.Tensor | None = None, mode: str = "sequential",
                          stats: dict[str, InputStats] | None = None, progress: bool = True,
                          gptq: GPTQSettings = GPTQSettings(),
-                         on_layer: OnLayer | None = None, memo: dict | None = None) -> None:
+                         on_layer: OnLayer | None = None, memo: dict | None = None,
+                         source: SourceTensors | None = None) -> None:
     """Compress ``layers`` of ``model`` in place; ``on_layer`` sees every compressed layer
     (the packed runtime builds its storage from it). ``memo`` (parallel mode with fixed
     ``stats`` only) keeps expensive per-(layer, config) results across calls, for callers that
-    measure many plans."""
+    measure many plans. ``source``: the GGUF the weights were loaded from, whose tensors are
+    kept where a layer's GGUF type is the one they are stored in (gguf_source.py)."""
     if memo is not None and (stats is None or mode != "parallel"):
         raise ValueError("memo needs fixed stats and parallel mode: results must not depend on "
                          "the rest of the plan")
@@ -146,14 +158,15 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
             stats = collect_stats(model, active, calib_windows, progress=progress,
                                   hessian_layers=full)
         for layer in tqdm(layers, desc="compress", disable=not progress, leave=False):
-            _compress_layers(model, [layer], configs, stats, gptq, on_layer, memo)
+            _compress_layers(model, [layer], configs, stats, gptq, on_layer, memo, source)
         return
     # sequential: float16 layers first, then block by block through the compressed prefix
     _compress_layers(model, identity, configs, None, gptq, on_layer)
 
     def compress_block(_index: int, block_stats: dict[str, InputStats]) -> None:
         block_layers = [l for l in active if l.name in block_stats]
-        _compress_layers(model, block_layers, configs, block_stats, gptq, on_layer)
+        _compress_layers(model, block_layers, configs, block_stats, gptq, on_layer,
+                         source=source)
 
     sequential(model, active, calib_windows, compress_block, progress=progress,
                hessian_layers=full)
@@ -163,19 +176,26 @@ def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
                    calib_windows: torch.Tensor | None = None, mode: str = "sequential",
                    stats: dict[str, InputStats] | None = None, progress: bool = True,
                    gptq: GPTQSettings = GPTQSettings(),
-                   on_layer: OnLayer | None = None, memo: dict | None = None) -> nn.Module:
-    """A compressed copy of ``loaded.model`` (the original is left untouched)."""
+                   on_layer: OnLayer | None = None, memo: dict | None = None,
+                   copy_source: bool = True) -> nn.Module:
+    """A compressed copy of ``loaded.model`` (the original is left untouched).
+    ``copy_source``: keep the source GGUF's tensors where a layer's type is theirs, as
+    llama-quantize does (False: quantize them again, as plans that do not record
+    ``gguf_source_copy`` were built)."""
+    from ..gguf_source import source_tensors
+
     configs = plan.resolve_model(loaded) if isinstance(plan, Plan) else plan
+    source = source_tensors(loaded) if copy_source else None
     model = copy.deepcopy(loaded.model)
     compress_layers_into(model, loaded.layers, configs, calib_windows, mode, stats, progress,
-                         gptq, on_layer, memo)
-    compress_tables_into(model, loaded.tables, configs, on_layer)
+                         gptq, on_layer, memo, source)
+    compress_tables_into(model, loaded.tables, configs, on_layer, source)
     return model
 
 
 def compress_tables_into(model: nn.Module, tables: list[LayerInfo],
-                         configs: dict[str, LayerConfig], on_layer: OnLayer | None = None
-                         ) -> None:
+                         configs: dict[str, LayerConfig], on_layer: OnLayer | None = None,
+                         source: SourceTensors | None = None) -> None:
     """The embedding (and an untied head) at their configs, where ``configs`` gives one: a
     tied head follows the embedding, as llama.cpp reads ``token_embd`` for both."""
     for table in tables:
@@ -184,7 +204,8 @@ def compress_tables_into(model: nn.Module, tables: list[LayerInfo],
             continue
         check_table(cfg)
         weight = model.get_submodule(table.name).weight
-        compressed = compress_weight(weight.detach().float(), cfg)
+        compressed = compress_weight(weight.detach().float(), cfg,
+                                     source=_stored(source, table.name, cfg))
         if on_layer is not None:
             on_layer(table, cfg, compressed)
         with torch.no_grad():

@@ -48,4 +48,4 @@ def build_model(loaded: LoadedModel, plan: Plan, recipe: BuildRecipe | None = No
     """The plan's compressed (fake-quant) model, built as its provenance records."""
     recipe = recipe or build_recipe(loaded, plan)
     return compress_model(loaded, plan, recipe.calib, mode=recipe.mode, gptq=recipe.gptq,
-                          progress=progress)
+                          progress=progress, copy_source=recipe.provenance.gguf_source_copy)

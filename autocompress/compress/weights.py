@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ..errors import AutocompressError
+from ..gguf_types import type_for_row
 from ..plan import LayerConfig
 from .gguf import GGUFWeight, imatrix_from_hessian, quantize_gguf
 from .gptq import GPTQ
@@ -71,10 +73,18 @@ class CompressedLayer:
 
 
 def compress_weight(w: Tensor, cfg: LayerConfig, stats: LayerStats | None = None,
-                    gptq: GPTQSettings = GPTQSettings()) -> CompressedLayer:
+                    gptq: GPTQSettings = GPTQSettings(),
+                    source: GGUFWeight | None = None) -> CompressedLayer:
     """Apply ``cfg`` to ``w`` [out, in]; ``stats`` (of the layer's input) is needed by GPTQ and
-    Wanda, and whitens the low-rank factorisation when it holds H."""
+    Wanda, and whitens the low-rank factorisation when it holds H. ``source``: the GGUF bytes
+    ``w`` was loaded from; a gguf config of their type keeps them (as llama-quantize copies a
+    tensor already in its target type) instead of quantizing the decoded values again, as long
+    as ``w`` is still exactly what they decode to."""
     w = w.detach().float()
+    if source is not None and keeps_source(cfg, source, w.shape):
+        decoded = source.dequantize()
+        if torch.equal(decoded, w):
+            return _layer([CompressedMatrix(decoded, None, source)])
     if not cfg.is_low_rank:
         return _layer([compress_matrix(w, cfg, stats, gptq)])
     _check_two_four_rank(w, cfg)
@@ -82,6 +92,12 @@ def compress_weight(w: Tensor, cfg: LayerConfig, stats: LayerStats | None = None
     b = compress_matrix(B, cfg, stats, gptq)
     a = compress_matrix(A, cfg, _stats_after(b.factor, stats), gptq)
     return _layer([a, b])
+
+
+def keeps_source(cfg: LayerConfig, source: GGUFWeight, shape) -> bool:
+    """Whether ``cfg`` stores a matrix of ``shape`` in the type ``source`` already has."""
+    return (cfg.is_gguf and tuple(shape) == source.shape
+            and type_for_row(cfg.gguf, source.shape[1]) == source.type)
 
 
 def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,

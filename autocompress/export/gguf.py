@@ -12,7 +12,6 @@ exact.
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 from collections import Counter
@@ -25,7 +24,8 @@ from ..compress.gguf import GGUFWeight
 from ..errors import AutocompressError
 from ..gguf_types import GGUF_BY_GGML, GGUF_TYPES
 from ..io_utils import current_umask
-from ..model import ALIASES, LayerInfo, LoadedModel, resolve_alias
+from ..gguf_source import gguf_path, read_gguf
+from ..model import LayerInfo, LoadedModel
 from ..plan import Plan
 from .gguf_layout import gguf_name, to_gguf_rows
 from .hf_source import ARCH, Field, hf_fields, hf_tensors
@@ -52,13 +52,10 @@ def source_gguf(loaded: LoadedModel) -> Path | None:
     """The GGUF the model was loaded from, whose metadata and tokenizer the export carries;
     None for a Hugging Face directory, whose config and tokenizer are checked now (one line
     for what this export cannot write)."""
-    spec = loaded.spec
-    if spec in ALIASES:
-        return resolve_alias(spec)
-    if spec.endswith(".gguf") and Path(spec).is_file():
-        return Path(spec)
-    hf_fields(loaded)
-    return None
+    path = gguf_path(loaded)
+    if path is None:
+        hf_fields(loaded)
+    return path
 
 
 @dataclass
@@ -77,7 +74,7 @@ def _source(loaded: LoadedModel, path: Path | None) -> _Source:
         return _Source(ARCH, hf_fields(loaded), [
             (name, data, None if data is None else int(GGMLQuantizationType.F32))
             for name, data in hf_tensors(loaded)])
-    reader = _read_source(path)
+    reader = read_gguf(path)
     fields = [Field(f.name, f.contents(), f.types[0],
                     f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
               for f in reader.fields.values()
@@ -132,7 +129,8 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
                                   type_name)
 
     compress_model(loaded, plan, recipe.calib, mode=recipe.mode, gptq=recipe.gptq,
-                   progress=progress, on_layer=keep)
+                   progress=progress, on_layer=keep,
+                   copy_source=recipe.provenance.gguf_source_copy)
     model = loaded.model
     for table in loaded.tables:  # float16 entries are not built: the model's weights as they are
         name = gguf_name(f"{table.name}.weight")
@@ -201,22 +199,6 @@ def _heads(loaded: LoadedModel) -> tuple[int, int]:
     config = loaded.config
     heads = config.num_attention_heads
     return heads, getattr(config, "num_key_value_heads", None) or heads
-
-
-def _read_source(path: Path):
-    """gguf-py's reader of the source GGUF, kept for the process: it parses every metadata
-    field up front (~10 s for a 49k-token vocabulary), and a benchmark or a search exports
-    from the same source many times. Keyed by size and modification time, so a file replaced
-    on disk is read again."""
-    stat = Path(path).stat()
-    return _cached_reader(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_reader(path: str, size: int, mtime_ns: int):
-    from gguf import GGUFReader
-
-    return GGUFReader(path)
 
 
 def is_our_gguf(path: Path) -> bool:

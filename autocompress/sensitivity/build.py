@@ -22,7 +22,9 @@ from tqdm.auto import tqdm
 from ..accounting import layer_bytes
 from ..compress.apply import hessian_layers, layer_stats, uses_calibration
 from ..compress.calibration import collect_stats
+from ..compress.gguf import GGUFWeight
 from ..compress.weights import LayerStats, compress_weight
+from ..gguf_source import source_tensors
 from ..io_utils import atomic_write_text
 from .. import faults
 from ..model import LoadedModel, cache_dir, weights_fingerprint
@@ -52,7 +54,7 @@ def table_key(loaded: LoadedModel, calib_digest: str, options: list[list[LayerCo
 
     return {"model": loaded.identity.content_hash, "weights": weights_fingerprint(loaded),
             "calib": calib_digest, "options": option_digest,
-            "gptq": asdict(GPTQSettings()), **proxy.describe()}
+            "gptq": asdict(GPTQSettings()), "gguf_source_copy": True, **proxy.describe()}
 
 
 class TableCache:
@@ -114,15 +116,18 @@ def is_plain_rtn(cfg: LayerConfig) -> bool:
 
 
 def layer_costs(proxy: SensitivityProxy, layer, weight: torch.Tensor,
-                options: list[LayerConfig], stats: LayerStats | None) -> list[float]:
+                options: list[LayerConfig], stats: LayerStats | None,
+                source: GGUFWeight | None = None) -> list[float]:
     """The proxy's cost of every option of one layer: plain RTN options in one pass where the
-    proxy can (``rtn_costs``), the others from the ΔW their operators really produce."""
+    proxy can (``rtn_costs``), the others from the ΔW their operators really produce (an option
+    of the type the source GGUF stores the layer in keeps its bytes: ΔW = 0)."""
     plain = [k for k, cfg in enumerate(options) if is_plain_rtn(cfg)]
     fast = proxy.rtn_costs(layer, weight, [(options[k].bits, options[k].group_size,
                                             options[k].sym) for k in plain]) if plain else None
     done = dict(zip(plain, fast)) if fast is not None else {}
     rest = [k for k in range(len(options)) if k not in done]
-    deltas = [compress_weight(weight, options[k], stats).weight() - weight for k in rest]
+    deltas = [compress_weight(weight, options[k], stats, source=source).weight() - weight
+              for k in rest]
     done.update(zip(rest, proxy.layer_costs(layer, weight, deltas) if rest else []))
     return [done[k] for k in range(len(options))]
 
@@ -146,11 +151,13 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
             stats = collect_stats(loaded.model, todo_layers, windows, progress=progress,
                                   hessian_layers=hessian_layers(
                                       todo_layers, lambda layer: options_of[layer.name]))
+        source = source_tensors(loaded)
         for i in tqdm(todo, desc=f"{proxy.name} table", disable=not progress, leave=False):
             layer = layers[i]
             weight = loaded.module(layer.name).weight.detach().float()
             cost = layer_costs(proxy, layer, weight, options[i],
-                               layer_stats(stats[layer.name]) if stats is not None else None)
+                               layer_stats(stats[layer.name]) if stats is not None else None,
+                               source.stored(layer.name) if source is not None else None)
             size = [layer_bytes(layer.out_features, layer.in_features, cfg) for cfg in options[i]]
             cache.put(layer.name, cost, size)
             faults.point("sensitivity_row")
