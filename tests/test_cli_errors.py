@@ -291,6 +291,8 @@ ROWS = [
      "--out {tmp}/s", 2, "tied to its embedding"),
     ("search --model {model} --budget 1MB --export pdf --out {tmp}/s", 2, "invalid choice"),
     ("search --model {model} --budget 1KB --out {tmp}/s", 2, "no plan fits"),
+    ("search --model {model} --budget 1KB --space gguf --out {tmp}/s", 2,
+     "model.embed_tokens q8_0, fixed by the space"),
     ("search --model {model} --budget 4GB --device jetsn --out {tmp}/s", 2, "unknown device"),
     ("search --model {model} --budget 4GB --device {profile_binary} --out {tmp}/s", 2,
      "not a text"),

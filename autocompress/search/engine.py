@@ -174,7 +174,9 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     fixed = footprint_of(smallest)
     capacity = budget - (fixed.total - fixed.layer_weights)
     if capacity < fixed.layer_weights:
-        raise InfeasibleBudget(budget, fixed.total, what="plan footprint")
+        raise InfeasibleBudget(budget, fixed.total, what="plan footprint",
+                               detail=_footprint_parts(fixed, tables),
+                               fix=_infeasible_fix(tables))
     speed = (LlamaCppDecode(loaded, settings.speed_profile, tables, settings.context)
              if settings.speed_profile else
              DeviceDecode(loaded, device, settings.context) if device else None)
@@ -404,3 +406,24 @@ def _most_common(configs: dict[str, LayerConfig]) -> LayerConfig:
     for cfg in configs.values():
         counts[cfg] = counts.get(cfg, 0) + 1
     return max(counts, key=counts.get)
+
+
+def _footprint_parts(footprint: Footprint, tables: dict[str, LayerConfig]) -> str:
+    """What the smallest plan's bytes are made of, for the one-line refusal."""
+    stored = ", ".join(f"{name} {cfg.short()}" for name, cfg in tables.items())
+    parts = [f"block linears {format_size(footprint.layer_weights)}",
+             f"embedding, head and norms {format_size(footprint.other_weights)}"
+             + (f" ({stored}, fixed by the space)" if stored else "")]
+    if footprint.kv_cache:
+        parts.append(f"KV cache {format_size(footprint.kv_cache)}")
+    runtime = footprint.workspace + footprint.runtime_overhead
+    if runtime:
+        parts.append(f"workspace and runtime {format_size(runtime)}")
+    return ", ".join(parts)
+
+
+def _infeasible_fix(tables: dict[str, LayerConfig]) -> str:
+    if not tables:
+        return ""
+    return ("raise the budget, allow fewer bits in the search space, or give its `tables:` a "
+            "smaller type (e.g. model.embed_tokens: {gguf: q4_k})")

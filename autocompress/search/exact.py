@@ -37,13 +37,15 @@ class InfeasibleLimit(AutocompressError):
 class InfeasibleBudget(AutocompressError):
     """No choice of options fits the capacity."""
 
-    def __init__(self, capacity: int, minimum: int, what: str = "layer weights"):
+    def __init__(self, capacity: int, minimum: int, what: str = "layer weights",
+                 detail: str = "", fix: str = ""):
         self.capacity = capacity
         self.minimum = minimum
         super().__init__(
             f"no plan fits: the smallest possible {what} take {format_size(minimum)} "
-            f"({minimum} bytes) but the budget leaves {format_size(max(capacity, 0))} for them; "
-            "raise the budget or allow fewer bits/more sparsity in the search space"
+            f"({minimum} bytes{'; ' + detail if detail else ''}) but the budget leaves "
+            f"{format_size(max(capacity, 0))} for them; "
+            + (fix or "raise the budget or allow fewer bits/more sparsity in the search space")
         )
 
 
