@@ -49,20 +49,73 @@ def window_sums(logp: torch.Tensor, window: torch.Tensor, ref: torch.Tensor | No
 
 
 class ReferenceCache:
-    """Log-probabilities of the uncompressed model per window, in float32: 4 bytes per vocabulary
-    entry and position (4 windows of 512 tokens of a 49k vocabulary: 400 MB). Not bfloat16: its
-    rounding of log-probabilities biases small KLs (8-bit plans) by more than their size."""
+    """The uncompressed model's next-token log-probabilities per window, for one process that
+    measures many plans against it.
+
+    Kept as what the model's head reads (its hidden state per position) and put through the
+    head again on each use: the hidden size, not the vocabulary, per position (576 against
+    49,152 floats on SmolLM2, 1,536 against 151,936 on Qwen2.5-1.5B), for one head matmul per
+    window and use. The head sees the same input tensor as in the model's forward, so the
+    log-probabilities are bit for bit those of the forward; where they are not (a model that
+    scales or caps its logits after the head), the cache keeps the log-probabilities
+    themselves, in float32 (not bfloat16: its rounding of log-probabilities biases small KLs,
+    8-bit plans, by more than their size)."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor):
         self.model = model
         self.windows = windows
-        self._store: dict[int, torch.Tensor] = {}
+        self._head = getattr(model, "lm_head", None)
+        if not isinstance(self._head, nn.Linear):
+            self._head = None
+        self._hidden: dict[int, torch.Tensor] = {}
+        self._log_probs: dict[int, torch.Tensor] = {}
+        # the head is run again on each use: it must still be the head the forward ran
+        self._head_state = self._state()
+
+    def _state(self):
+        if self._head is None:
+            return None
+        weight = self._head.weight
+        return weight, weight._version
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds."""
+        return sum(t.numel() * t.element_size()
+                   for store in (self._hidden, self._log_probs) for t in store.values())
 
     @torch.no_grad()
     def get(self, index: int) -> torch.Tensor:
-        if index not in self._store:
-            self._store[index] = log_probs(self.model, self.windows[index])
-        return self._store[index]
+        if index in self._hidden:
+            return self._through_head(self._hidden[index])
+        if index in self._log_probs:
+            return self._log_probs[index]
+        return self._compute(index)
+
+    def _through_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight, version = self._head_state
+        if self._head.weight is not weight or weight._version != version:
+            raise RuntimeError("the reference model's head changed after its ReferenceCache was "
+                               "made: the cache recomputes log-probabilities through it")
+        return F.log_softmax(self._head(hidden)[0, :-1].float(), dim=-1)
+
+    def _compute(self, index: int) -> torch.Tensor:
+        window = self.windows[index]
+        if self._head is None or self._log_probs:  # no head, or its output is not the logits
+            self._log_probs[index] = log_probs(self.model, window)
+            return self._log_probs[index]
+        seen: list[torch.Tensor] = []
+        handle = self._head.register_forward_hook(
+            lambda _module, inputs, _output: seen.append(inputs[0].detach().clone()))
+        try:
+            logp = log_probs(self.model, window)
+        finally:
+            handle.remove()
+        if len(seen) == 1 and torch.equal(self._through_head(seen[0]), logp):
+            self._hidden[index] = seen[0]
+        else:
+            self._log_probs[index] = logp
+        return logp
 
 
 @torch.no_grad()

@@ -100,7 +100,7 @@ def main() -> None:
                                "input column of the uncompressed model (parallel)",
                 "machine": machine()}
     results = ResultFile(f"gguf_{args.label}.json" if args.label else "gguf.json", protocol)
-    reference = ReferenceCache(loaded.model, windows)  # 1 GB at 10 windows: once for all rows
+    reference = ReferenceCache(loaded.model, windows)  # once for all rows
     RUNS.mkdir(parents=True, exist_ok=True)
     for recipe in filter(None, args.recipes.split(",")):
         for imatrix in ([True] if args.no_plain else [False, True]):

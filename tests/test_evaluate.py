@@ -33,3 +33,52 @@ def test_kl_zero_to_itself_and_positive_to_another_model(tiny_loaded, tiny_model
     cached = evaluate(other, windows, ReferenceCache(model, windows), progress=False)
     assert direct.kl > 1e-5
     assert math.isclose(direct.kl, cached.kl, rel_tol=1e-4)
+
+
+def test_the_reference_cache_keeps_hidden_states_and_gives_the_forwards_log_probs(tiny_loaded):
+    """What the head reads (hidden size per position), not the vocabulary-wide log-probs, and
+    put through the head again the log-probs are bit for bit the model's own."""
+    from autocompress.evaluate import log_probs
+
+    model, windows = tiny_loaded.model, _windows(tiny_loaded)
+    cache = ReferenceCache(model, windows)
+    for _ in range(2):
+        for i in range(len(windows)):
+            assert torch.equal(cache.get(i), log_probs(model, windows[i]))
+    n, length = windows.shape
+    assert cache.nbytes == n * length * model.config.hidden_size * 4
+
+
+def test_a_model_whose_logits_are_not_its_heads_output_keeps_log_probs(tiny_loaded):
+    import copy
+
+    from autocompress.evaluate import log_probs
+
+    model, windows = copy.deepcopy(tiny_loaded.model), _windows(tiny_loaded)
+    forward = model.forward
+
+    def scaled(*args, **kwargs):  # a logit scale after the head, as some architectures have
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled
+    cache = ReferenceCache(model, windows)
+    for i in range(len(windows)):
+        assert torch.equal(cache.get(i), log_probs(model, windows[i]))
+    n, length = windows.shape
+    assert cache.nbytes == n * (length - 1) * model.config.vocab_size * 4
+
+
+def test_a_reference_whose_head_changed_is_refused(tiny_loaded):
+    import copy
+
+    import pytest
+
+    model, windows = copy.deepcopy(tiny_loaded.model), _windows(tiny_loaded)
+    cache = ReferenceCache(model, windows)
+    cache.get(0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    with pytest.raises(RuntimeError, match="head changed"):
+        cache.get(0)
