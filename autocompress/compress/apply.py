@@ -97,6 +97,21 @@ def _install(model: nn.Module, name: str, compressed: CompressedLayer) -> None:
     setattr(parent, child, LowRankLinear(a, b, module.bias, dtype))
 
 
+def _for_memo(compressed: CompressedLayer) -> CompressedLayer:
+    """What a memo keeps of a layer: the stored codes, not their float32 decoding (4 bytes a
+    weight, against 1 for codes or less for GGUF blocks); a memo holds many configs per layer."""
+    return CompressedLayer([f if q is None else None
+                            for f, q in zip(compressed.factors, compressed.quantized)],
+                           compressed.masks, compressed.quantized)
+
+
+def _from_memo(kept: CompressedLayer) -> CompressedLayer:
+    """The layer again: every factor was its codes' dequantization, so this is exact."""
+    return CompressedLayer([q.dequantize() if f is None else f
+                            for f, q in zip(kept.factors, kept.quantized)],
+                           kept.masks, kept.quantized)
+
+
 OnLayer = Callable[[LayerInfo, LayerConfig, CompressedLayer], None]
 
 
@@ -108,7 +123,7 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
         cfg = configs[layer.name]
         key = (layer.name, cfg)
         if memo is not None and key in memo:
-            compressed = memo[key]
+            compressed = _from_memo(memo[key])
         else:
             weight = model.get_submodule(layer.name).weight.detach().float()
             weight_stats = layer_stats(stats.get(layer.name)) if stats else None
@@ -117,7 +132,7 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
                                          _stored(source, layer.name, cfg))
             if memo is not None and (cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf):
                 # the expensive ones only (SVD, GPTQ, llama.cpp's k-quant search)
-                memo[key] = compressed
+                memo[key] = _for_memo(compressed)
         if on_layer is not None:
             on_layer(layer, cfg, compressed)
         _install(model, layer.name, compressed)

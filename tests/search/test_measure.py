@@ -22,6 +22,23 @@ def test_meter_reuses_expensive_layers_without_changing_results(tiny_loaded):
     assert first["kl"] != second["kl"]
 
 
+def test_the_memo_keeps_codes_only_and_rebuilds_the_same_weights(tiny_loaded):
+    """A memo entry holds the stored codes, not their float32 decoding (a memo holds many
+    configs per layer); a hit decodes them to exactly the weights of the first build."""
+    g = torch.Generator().manual_seed(1)
+    vocab = tiny_loaded.model.config.vocab_size
+    holdout, calib = torch.randint(0, vocab, (1, 32), generator=g), torch.randint(0, vocab, (2, 32), generator=g)
+    meter = PlanMeter(tiny_loaded, holdout, calib)
+    configs = {l.name: LayerConfig(bits=3, group_size=32, method="gptq") for l in tiny_loaded.layers}
+    configs[tiny_loaded.layers[1].name] = LayerConfig(bits=4, rank_ratio=0.5)
+    first, again = meter.compress(configs), meter.compress(configs)
+    built, rebuilt = first.state_dict(), again.state_dict()
+    assert built.keys() == rebuilt.keys()
+    assert [k for k in built if not torch.equal(built[k], rebuilt[k])] == []
+    assert len(meter._memo) == len(tiny_loaded.layers)
+    assert all(f is None for kept in meter._memo.values() for f in kept.factors)
+
+
 def test_memo_refuses_sequential_mode(tiny_loaded):
     with pytest.raises(ValueError, match="memo"):
         compress_model(tiny_loaded, {l.name: LayerConfig(bits=4) for l in tiny_loaded.layers},
