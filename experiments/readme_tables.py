@@ -446,6 +446,20 @@ def table_fast_path(store: Store) -> str:
             f"{p.proxy}; machine {p.machine}.")
 
 
+def peak_memory(store: Store) -> str:
+    data = store.get("peak_memory.json")
+    rows = ["| run | peak memory (PSS, summed) | RSS summed | largest process | processes | "
+            "wall | measured |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for key, e in data.entries.items():
+        rows.append(f"| {key} | {e.peak_pss_bytes / 2**30:.2f} GiB | "
+                    f"{e.peak_rss_sum_bytes / 2**30:.2f} GiB | "
+                    f"{e.largest_process_rss_bytes / 2**30:.2f} GiB | {e.processes} | "
+                    f"{e.wall_s / 60:.1f} min | {e.measured_at} |")
+    commands = "; ".join(f"{key}: `{e.command}`" for key, e in data.entries.items())
+    return "\n".join(rows) + (f"\n\nCommands: {commands}. Sampler: {data.protocol.sampler}; "
+                              f"machine {data.protocol.machine}.")
+
+
 def gguf(store: Store, name: str = "gguf.json") -> str:
     data = store.get(name)
     p, entries = data.protocol, data.entries
@@ -579,7 +593,8 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "table-fast-path": table_fast_path, "search": search, "search-v1": search_v1,
             "latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity,
             "joint-vs-bits": joint_vs_bits, "baselines": baselines,
-            "search-candidates": search_candidates, "gptq-study": gptq_study}
+            "search-candidates": search_candidates, "gptq-study": gptq_study,
+            "peak-memory": peak_memory}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

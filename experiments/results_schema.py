@@ -304,6 +304,25 @@ class FastPath(_Model):
     max_relative_difference: float
 
 
+# ---------------------------------------------------------------- peak_memory.json
+
+
+class PeakMemoryProtocol(_Model):
+    sampler: str
+    machine: str
+
+
+class PeakMemory(_Model):
+    """One command's peak memory, its descendants (Ray workers) included."""
+    command: str
+    peak_pss_bytes: int
+    peak_rss_sum_bytes: int
+    largest_process_rss_bytes: int
+    processes: int
+    wall_s: float
+    measured_at: str
+
+
 # ---------------------------------------------------------------- gguf.json
 
 
@@ -410,6 +429,7 @@ SPECS: dict[str, FileSpec] = {
                           else GgufRecipe, keys=r"(?:search@)?[A-Z0-9_]+(?: imatrix)?"),
     "gguf_*.json": FileSpec(GgufProtocol, lambda key: GgufSearch if key.startswith("search@")
                           else GgufRecipe, keys=r"(?:search@)?[A-Z0-9_]+(?: imatrix)?"),
+    "peak_memory.json": FileSpec(PeakMemoryProtocol, _by_key({}, PeakMemory)),
     "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),
                                      required=("fisher",)),
 }
