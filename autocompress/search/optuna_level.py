@@ -238,15 +238,20 @@ class Level2:
         """Trials left RUNNING by a killed or interrupted process: failed, and run again. A
         seed runs again with its parameters; a sampled trial is sampled again, which asks the
         same parameters (the sampler is seeded by the trial's index, and failed trials are not
-        in its history), even if the kill came half-way through its suggestions."""
+        in its history), even if the kill came half-way through its suggestions. The copy is
+        enqueued before the trial is marked failed, and not twice: a kill between the two
+        steps (while resuming) loses no seed and doubles none."""
+        queued = {t.user_attrs.get("requeued_from")
+                  for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number not in queued:
+                attrs, params = {"requeued_from": trial.number}, {}
+                if "seed_index" in trial.user_attrs:
+                    index = trial.user_attrs["seed_index"]
+                    attrs.update(seed="proxy front", seed_index=index)
+                    params = self._seed_params()[index]
+                self.study.enqueue_trial(params, user_attrs=attrs)
             self.study.tell(trial.number, state=TrialState.FAIL)
-            attrs, params = {"requeued_from": trial.number}, {}
-            if "seed_index" in trial.user_attrs:
-                index = trial.user_attrs["seed_index"]
-                attrs.update(seed="proxy front", seed_index=index)
-                params = self._seed_params()[index]
-            self.study.enqueue_trial(params, user_attrs=attrs)
             self.log(f"trial {trial.number} was interrupted: run again")
 
     # -- trials --------------------------------------------------------------------------------

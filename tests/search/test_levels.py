@@ -235,3 +235,23 @@ def test_level2_uses_only_optunas_public_api():
     source = Path(level.__file__).read_text()
     for private in ("._storage", "._trial_id", "system_attrs", "._cached"):
         assert private not in source, private
+
+
+def test_a_kill_while_requeueing_loses_no_seed_and_doubles_none(problem, tmp_path):
+    """Resuming enqueues a copy of each interrupted trial, then marks it failed; a process killed
+    between the two leaves both the RUNNING trial and its copy, and the next resume must not
+    enqueue a second copy (nor, the other way round, could it lose the seed)."""
+    level, _ = _level2(problem, tmp_path, 1)
+    level.run()
+    seed = level.study.ask()  # the second seed, asked and then killed while measuring
+    assert seed.user_attrs.get("seed_index") == 1
+    level.study.enqueue_trial(level._seed_params()[1], user_attrs={
+        "requeued_from": seed.number, "seed": "proxy front", "seed_index": 1})
+    # ... and killed here, before the original was marked failed
+    resumed, _ = _level2(problem, tmp_path, 8, resume=True)
+    trials = resumed.study.get_trials(deepcopy=False)
+    assert trials[seed.number].state == TrialState.FAIL
+    copies = [t for t in trials if t.user_attrs.get("requeued_from") == seed.number]
+    assert len(copies) == 1
+    done = resumed.run()
+    assert [t.user_attrs.get("seed_index") for t in done].count(1) == 1
