@@ -70,13 +70,8 @@ class ReferenceCache:
         self._hidden: dict[int, torch.Tensor] = {}
         self._log_probs: dict[int, torch.Tensor] = {}
         # the head is run again on each use: it must still be the head the forward ran
-        self._head_state = self._state()
-
-    def _state(self):
-        if self._head is None:
-            return None
-        weight = self._head.weight
-        return weight, weight._version
+        self._head_state = None if self._head is None else (self._head.weight,
+                                                              self._head.weight._version)
 
     @property
     def nbytes(self) -> int:

@@ -59,10 +59,16 @@ class SourceTensors:
         self._arch = reader.fields["general.architecture"].contents()
         self._heads = (n_head, n_head_kv)
         self._tensors = {t.name: t for t in reader.tensors}
+        self._stored: dict[str, GGUFWeight | None] = {}  # a meter asks once per plan built
 
     def stored(self, layer_name: str) -> GGUFWeight | None:
         """The GGUF weight ``layer_name`` (``model.layers.3.mlp.down_proj``) was loaded from;
         None where the file holds no such matrix or holds it in a type plans do not take."""
+        if layer_name not in self._stored:
+            self._stored[layer_name] = self._read(layer_name)
+        return self._stored[layer_name]
+
+    def _read(self, layer_name: str) -> GGUFWeight | None:
         from .export.gguf_layout import from_gguf_rows, gguf_name
 
         hf = f"{layer_name}.weight"
@@ -86,10 +92,18 @@ class SourceTensors:
 
 
 def source_tensors(loaded: LoadedModel) -> SourceTensors | None:
-    """The source GGUF's tensors of ``loaded``, or None when it was not loaded from a GGUF."""
+    """The source GGUF's tensors of ``loaded``, or None when it was not loaded from a GGUF;
+    one per model and file, so the rows reordered for one build serve the next."""
     path = gguf_path(loaded)
     if path is None:
         return None
     config = loaded.config
     heads = config.num_attention_heads
-    return SourceTensors(path, heads, getattr(config, "num_key_value_heads", None) or heads)
+    return _tensors_of(read_gguf(path), path, heads,
+                       getattr(config, "num_key_value_heads", None) or heads)
+
+
+@functools.lru_cache(maxsize=2)
+def _tensors_of(_reader, path: Path, n_head: int, n_head_kv: int) -> SourceTensors:
+    # keyed by the (cached) reader, so a file replaced on disk gets new tensors
+    return SourceTensors(path, n_head, n_head_kv)

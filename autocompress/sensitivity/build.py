@@ -157,7 +157,8 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
             weight = loaded.module(layer.name).weight.detach().float()
             cost = layer_costs(proxy, layer, weight, options[i],
                                layer_stats(stats[layer.name]) if stats is not None else None,
-                               source.stored(layer.name) if source is not None else None)
+                               source.stored(layer.name) if source is not None and any(
+                                   cfg.is_gguf for cfg in options[i]) else None)
             size = [layer_bytes(layer.out_features, layer.in_features, cfg) for cfg in options[i]]
             cache.put(layer.name, cost, size)
             faults.point("sensitivity_row")
