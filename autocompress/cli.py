@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .errors import AutocompressError
+from .peak_memory import describe as describe_peak, peak_rss_bytes
 
 console = Console(stderr=True)  # tables and logs on stderr; stdout carries --json output
 
@@ -526,7 +527,7 @@ def _build_recipe(args, loaded, plan):
 
 
 def cmd_apply(args) -> int:
-    from .compress.reproduce import build_model
+    from .compress.reproduce import built_in_place
     from .export.safetensors import save_compressed
     from .outputs import check_out_dir
 
@@ -548,9 +549,10 @@ def cmd_apply(args) -> int:
                       f"(plan accounting {format_size(sizes['accounted_layer_bytes'])})",
                       highlight=False)
         return 0
-    model = build_model(loaded, built, recipe)
-    save_compressed(model, loaded, built, args.out, force=args.force, log=_log)
+    with built_in_place(loaded, built, recipe) as model:
+        save_compressed(model, loaded, built, args.out, force=args.force, log=_log)
     console.print(f"wrote compressed model to {args.out}")
+    _log(describe_peak({"peak_rss_bytes": peak_rss_bytes()}))
     return 0
 
 
@@ -573,11 +575,13 @@ def cmd_export(args) -> int:
     if args.json:
         print(json.dumps({"gguf": str(result.path), "file_bytes": result.file_bytes,
                           "planned_bytes": result.planned_bytes, "types": result.types,
-                          "source": str(source or loaded.source)}))
+                          "source": str(source or loaded.source),
+                          "peak_rss_bytes": peak_rss_bytes()}))
     else:
         origin = source.name if source else f"the config and tokenizer in {loaded.source}"
         console.print(f"wrote {args.out}: {format_size(result.file_bytes)} ({types}); "
                       f"metadata and tokenizer from {origin}", highlight=False)
+        _log(describe_peak({"peak_rss_bytes": peak_rss_bytes()}))
     return 0
 
 
@@ -599,9 +603,9 @@ def _search_gguf(plan_path: str) -> str | None:
 
 def cmd_eval(args) -> int:
     from .accounting import model_footprint
-    from .compress.reproduce import build_model
+    from .compress.reproduce import built_in_place
     from .data import load_stream
-    from .evaluate import evaluate
+    from .evaluate import ReferenceCache, evaluate
     from .report import footprint_table, print_tables
 
     if args.engine == "llamacpp":  # checked before the model loads
@@ -648,14 +652,17 @@ def cmd_eval(args) -> int:
         recipe, engine_note = None, f" (llama.cpp, {args.gguf})"
     else:
         recipe = _build_recipe(args, loaded, plan)
-        model = build_model(loaded, plan, recipe)
-        result = evaluate(model, windows, None if args.no_kl else loaded.model)
+        # the reference first: the plan is then built into the model itself, not a copy
+        reference = None if args.no_kl else ReferenceCache(loaded.model, windows).fill(True)
+        with built_in_place(loaded, plan, recipe) as model:
+            result = evaluate(model, windows, reference)
     configs = plan.resolve_model(loaded)
     fp = model_footprint(loaded, configs, args.context, args.batch)
     record = {**result.as_dict(), "weight_bytes": fp.weights, "total_bytes": fp.total,
               "layer_weight_bytes": fp.layer_weights, "eval_text": source,
               "window_len": window_len, "engine": args.engine,
-              "provenance": recipe.provenance.to_dict() if recipe else None}
+              "provenance": recipe.provenance.to_dict() if recipe else None,
+              "peak_rss_bytes": peak_rss_bytes()}
     if args.engine == "llamacpp":
         record["gguf"] = str(Path(args.gguf).resolve())
         record["gguf_bytes"] = Path(args.gguf).stat().st_size
@@ -678,6 +685,7 @@ def cmd_eval(args) -> int:
         kl = "" if result.kl is None else f", KL {result.kl:.4f} nats/token"
         Console().print(f"perplexity {result.ppl:.3f}{kl} on {result.windows} windows of "
                         f"{window_len} tokens of {source}{engine_note or ''}", highlight=False)
+        _log(describe_peak(record))
         if reported is not None and reported.get("kl") is not None:
             Console().print(f"the search reported KL {reported['kl']:.4f}, perplexity "
                             f"{reported['ppl']:.3f} on these windows", highlight=False)
@@ -787,6 +795,7 @@ def cmd_search(args) -> int:
     wrote = "plan.json" + (", model.gguf" if export == "gguf" else "")
     console.print(f"chosen: {chosen.label}; wrote {wrote} in {args.out} and the "
                   "trade-offs (pareto.json, pareto.csv, pareto.png)", highlight=False)
+    _log(describe_peak(result.memory))
     return 0
 
 
@@ -808,6 +817,7 @@ def cmd_sensitivity(args) -> int:
     table.save(out)
     save_heatmap(table, png, title=f"{loaded.name}: {proxy.name} proxy, predicted Δloss (nats)")
     console.print(f"wrote {out} and {png}", highlight=False)
+    _log(describe_peak({"peak_rss_bytes": peak_rss_bytes()}))
     return 0
 
 

@@ -69,9 +69,12 @@ class ReferenceCache:
             self._head = None
         self._hidden: dict[int, torch.Tensor] = {}
         self._log_probs: dict[int, torch.Tensor] = {}
-        # the head is run again on each use: it must still be the head the forward ran
-        self._head_state = None if self._head is None else (self._head.weight,
-                                                              self._head.weight._version)
+        # the head is run again on each use: its tensors as they were when the cache was made
+        # (a plan compressed in place swaps new tensors into the model and keeps these intact;
+        # a write into these themselves is refused)
+        self._head_state = None if self._head is None else (
+            self._head.weight.detach(), None if self._head.bias is None else
+            self._head.bias.detach(), self._head.weight._version)
 
     @property
     def nbytes(self) -> int:
@@ -88,13 +91,30 @@ class ReferenceCache:
         return self._compute(index)
 
     def _through_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight, version = self._head_state
-        if self._head.weight is not weight or weight._version != version:
+        weight, bias, version = self._head_state
+        if weight._version != version:
             raise RuntimeError("the reference model's head changed after its ReferenceCache was "
                                "made: the cache recomputes log-probabilities through it")
-        return F.log_softmax(self._head(hidden)[0, :-1].float(), dim=-1)
+        return F.log_softmax(F.linear(hidden, weight, bias)[0, :-1].float(), dim=-1)
+
+    def fill(self, progress: bool = False, desc: str = "reference") -> "ReferenceCache":
+        """Compute every window now, while the model is the reference (before a plan is
+        compressed into it in place)."""
+        for index in tqdm(range(self.windows.shape[0]), desc=desc, leave=False,
+                          disable=not progress or self.complete):
+            self.get(index)
+        return self
+
+    @property
+    def complete(self) -> bool:
+        return len(self._hidden) + len(self._log_probs) == self.windows.shape[0]
 
     def _compute(self, index: int) -> torch.Tensor:
+        from .compress.apply import IN_PLACE
+
+        if getattr(self.model, IN_PLACE, False):
+            raise RuntimeError("the reference model holds a compressed plan in place: fill() "
+                               "the ReferenceCache before compressing")
         window = self.windows[index]
         if self._head is None or self._log_probs:  # no head, or its output is not the logits
             self._log_probs[index] = log_probs(self.model, window)

@@ -54,6 +54,7 @@ def test_plan_apply_eval_chain(tiny_model_dir, tmp_path, capsys):
     record = json.loads(capsys.readouterr().out)
     assert {"ppl", "kl", "weight_bytes", "total_bytes"} <= set(record)
     assert record["kl"] > 0 and record["ppl"] > 1
+    assert 50e6 < record["peak_rss_bytes"] < 64 * 2**30  # torch alone is more than 50 MB
 
     # on a device: the memory by part against what it allows, and the predicted speed
     assert main(["eval", str(plan_path), "--windows", "2", "--window-len", "64", "--json",

@@ -13,7 +13,8 @@ uncompressed model in one pass (faster, and reusable across plans via ``stats=``
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable, Iterable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -84,12 +85,18 @@ def _stored(source: SourceTensors | None, name: str, cfg: LayerConfig):
     return source.stored(name) if source is not None and cfg.is_gguf else None
 
 
+def _swap_in(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Give ``param`` a new tensor rather than writing into its own: the tensor it had is left
+    as it was, for whoever keeps it (``compressed_in_place`` restores it); a parameter shared by
+    two modules (a tied head) stays shared."""
+    param.data = value.to(param.dtype, copy=True)
+
+
 def _install(model: nn.Module, name: str, compressed: CompressedLayer) -> None:
     module = model.get_submodule(name)
     dtype = module.weight.dtype
     if len(compressed.factors) == 1:
-        with torch.no_grad():
-            module.weight.copy_(compressed.factors[0].to(dtype))
+        _swap_in(module.weight, compressed.factors[0])
         return
     a, b = compressed.factors
     parent_name, _, child = name.rpartition(".")
@@ -197,15 +204,56 @@ def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
     ``copy_source``: keep the source GGUF's tensors where a layer's type is theirs, as
     llama-quantize does (False: quantize them again, as plans that do not record
     ``gguf_source_copy`` were built)."""
+    model = copy.deepcopy(loaded.model)
+    _compress_all(model, loaded, plan, calib_windows, mode, stats, progress, gptq, on_layer,
+                  memo, copy_source)
+    return model
+
+
+IN_PLACE = "_autocompress_in_place"  # set on a model while it holds a plan in place
+
+
+@contextmanager
+def compressed_in_place(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
+                        calib_windows: torch.Tensor | None = None, mode: str = "sequential",
+                        stats: dict[str, InputStats] | None = None, progress: bool = True,
+                        gptq: GPTQSettings = GPTQSettings(), on_layer: OnLayer | None = None,
+                        memo: dict | None = None, copy_source: bool = True
+                        ) -> Iterator[nn.Module]:
+    """``loaded.model`` itself, compressed as ``compress_model`` would build its copy, for the
+    duration of the block; restored exactly when it ends, however it ends. A candidate then
+    costs the memory of its new weights only, not of a copy of the whole model (the embedding
+    is a fifth of SmolLM2 and a sixth of Qwen2.5-1.5B). Nothing is copied to restore: layers
+    get new tensors (``_swap_in``), the original ones are kept and put back, and a layer that
+    became low rank gets its original module back. Not reentrant: one plan at a time."""
+    model = loaded.model
+    if getattr(model, IN_PLACE, False):
+        raise RuntimeError("the model is already compressed in place: one plan at a time")
+    kept = [(param, param.data) for param in model.parameters()]
+    modules = {layer.name: model.get_submodule(layer.name) for layer in loaded.layers}
+    setattr(model, IN_PLACE, True)
+    try:
+        _compress_all(model, loaded, plan, calib_windows, mode, stats, progress, gptq, on_layer,
+                      memo, copy_source)
+        yield model
+    finally:
+        for name, module in modules.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        for param, data in kept:
+            param.data = data
+        setattr(model, IN_PLACE, False)
+
+
+def _compress_all(model: nn.Module, loaded: LoadedModel, plan, calib_windows, mode, stats,
+                  progress, gptq, on_layer, memo, copy_source) -> None:
     from ..gguf_source import source_tensors
 
     configs = plan.resolve_model(loaded) if isinstance(plan, Plan) else plan
     source = source_tensors(loaded) if copy_source else None
-    model = copy.deepcopy(loaded.model)
     compress_layers_into(model, loaded.layers, configs, calib_windows, mode, stats, progress,
                          gptq, on_layer, memo, source)
     compress_tables_into(model, loaded.tables, configs, on_layer, source)
-    return model
 
 
 def compress_tables_into(model: nn.Module, tables: list[LayerInfo],
@@ -223,5 +271,4 @@ def compress_tables_into(model: nn.Module, tables: list[LayerInfo],
                                      source=_stored(source, table.name, cfg))
         if on_layer is not None:
             on_layer(table, cfg, compressed)
-        with torch.no_grad():
-            weight.copy_(compressed.factors[0].to(weight.dtype))
+        _swap_in(weight, compressed.factors[0])

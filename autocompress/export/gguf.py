@@ -104,7 +104,7 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
                 progress: bool = True) -> GGUFExport:
     """Build ``plan`` on ``loaded`` (as its provenance says) and write the GGUF ``out``
     atomically (a temporary file beside it, then a rename)."""
-    from ..compress.apply import compress_model
+    from ..compress.apply import compressed_in_place
     from ..compress.reproduce import build_recipe
 
     check_exportable(plan, loaded)
@@ -128,9 +128,10 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
         written[gguf_name(hf)] = (data if heads is None else to_gguf_rows(hf, data, *heads),
                                   type_name)
 
-    compress_model(loaded, plan, recipe.calib, mode=recipe.mode, gptq=recipe.gptq,
-                   progress=progress, on_layer=keep,
-                   copy_source=recipe.provenance.gguf_source_copy)
+    with compressed_in_place(loaded, plan, recipe.calib, mode=recipe.mode, gptq=recipe.gptq,
+                             progress=progress, on_layer=keep,
+                             copy_source=recipe.provenance.gguf_source_copy):
+        pass  # ``keep`` has every tensor; the model is restored for the tables below
     model = loaded.model
     for table in loaded.tables:  # float16 entries are not built: the model's weights as they are
         name = gguf_name(f"{table.name}.weight")

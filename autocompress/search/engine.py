@@ -44,6 +44,7 @@ from ..io_utils import atomic_write_text
 from ..compress.apply import hessian_layers, needs_calibration
 from ..compress.weights import GPTQSettings
 from ..model import LoadedModel
+from ..peak_memory import peak_rss_bytes
 from ..plan import LayerConfig, Plan, compact_overrides
 from ..provenance import Provenance
 from ..sensitivity.build import build_table, make_proxy
@@ -138,6 +139,7 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     front: list[Candidate] = field(default_factory=list)  # level 1's proxy Pareto front
     trials: list = field(default_factory=list)  # level 2's complete Optuna trials
+    memory: dict = field(default_factory=dict)  # peak resident bytes (peak_memory.py)
 
 
 def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings,
@@ -258,8 +260,10 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
 
     # -- level 3: measured for real ------------------------------------------------------------
     t0 = time.perf_counter()
+    worker_peak = None
     if settings.eval_top:
-        _measure_with_tune(loaded, candidates, final_meter, calib, settings, out, log, progress)
+        worker_peak = _measure_with_tune(loaded, candidates, final_meter, calib, settings, out,
+                                         log, progress)
         full = [c for c in candidates if not c.measured["stopped_early"]]
     else:
         for cand in candidates:
@@ -295,20 +299,24 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         "candidates": [c.summary() for c in candidates],
         "timings_s": timings,
     }
+    memory = {"peak_rss_bytes": peak_rss_bytes(), "worker_peak_rss_bytes": worker_peak}
     if out:
         plan.save(out / "plan.json")
         atomic_write_text(out / "search.json",
                           json.dumps({"candidates": [c.summary() for c in candidates],
                                       "proxy_front": [c.summary() for c in front],
                                       "trials": len(study_trials),
-                                      "chosen": chosen.label, "timings_s": timings}, indent=2))
+                                      "chosen": chosen.label, "timings_s": timings,
+                                      "memory": memory}, indent=2))
         _write_front(out, candidates, front, study_trials, chosen, loaded, settings)
     return SearchResult(plan=plan, chosen=chosen, candidates=candidates, table=table,
-                        timings=timings, front=front, trials=study_trials)
+                        timings=timings, front=front, trials=study_trials, memory=memory)
 
 
-def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, progress) -> None:
-    """Level 3: write the job (windows, reference, each candidate's weights), run Ray Tune."""
+def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, progress
+                       ) -> int | None:
+    """Level 3: write the job (windows, reference, each candidate's weights), run Ray Tune;
+    returns the largest peak resident memory of the workers."""
     from tqdm import tqdm
 
     from ..evaluate import ReferenceCache
@@ -322,14 +330,17 @@ def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, pro
                      leave=False):
         names[cand.signature] = cand
         if not (job / "candidates" / f"{cand.signature}.safetensors").is_file():
-            write_candidate(job, cand.signature, meter.compress(cand.configs),
-                            [layer.name for layer in loaded.layers] + list(meter.fixed))
+            with meter.compressed(cand.configs) as model:
+                write_candidate(job, cand.signature, model,
+                                [layer.name for layer in loaded.layers] + list(meter.fixed))
     results = run_level3(job, list(names), Level3Settings(
         windows=settings.eval_windows, num_cpus=settings.num_cpus, address=settings.address),
         tokens_per_window=settings.window_len - 1, resume=settings.resume, log=log,
         progress=progress)
+    worker_peaks = [results[name].pop("peak_rss_bytes", None) for name in names]
     for name, cand in names.items():
         cand.measured = results[name]
+    return max((p for p in worker_peaks if p), default=None)
 
 
 def _write_front(out, candidates, front, trials, chosen, loaded, settings) -> None:

@@ -4,13 +4,20 @@ are computed once. In ``parallel`` mode (level 2's low-fidelity trials) the cali
 statistics (for GPTQ, Wanda and whitened low rank) are also taken once, from the uncompressed
 model, and expensive per-layer results are shared across plans. In ``sequential`` mode each plan
 is calibrated block by block through its own compressed prefix, exactly as ``apply`` builds it
-from the plan's provenance: that is how the chosen plan's figures are measured."""
+from the plan's provenance: that is how the chosen plan's figures are measured. Plans are
+compressed into the model in place and it is restored after each (compress/apply.py's
+``compressed_in_place``)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..compress.apply import compress_model, needs_hessian, uses_calibration
+from contextlib import contextmanager
+from typing import Iterator
+
+from torch import nn
+
+from ..compress.apply import compressed_in_place, needs_hessian, uses_calibration
 from ..compress.calibration import InputStats, collect_stats
 from ..compress.weights import GPTQSettings
 from ..evaluate import ReferenceCache, evaluate
@@ -51,19 +58,28 @@ class PlanMeter:
                                         hessian_layers=self.hessian_layers)
         return self._stats
 
-    def compress(self, configs: dict[str, LayerConfig]):
-        """A compressed copy of the model under ``configs``, as every plan here is measured."""
+    @contextmanager
+    def compressed(self, configs: dict[str, LayerConfig]) -> Iterator[nn.Module]:
+        """The model under ``configs``, as every plan here is measured, for the duration of the
+        block: compressed in place and restored after (one candidate's new weights in memory,
+        not a copy of the model)."""
         configs = {**configs, **self.fixed}
+        self.reference.fill()  # the reference is the model before any plan is put into it
         if self.mode == "sequential":
             calib = self.calib if uses_calibration(configs.values()) else None
-            return compress_model(self.loaded, configs, calib, mode="sequential",
-                                  progress=False, gptq=self.gptq)
-        stats = self.stats_for(configs)
-        return compress_model(self.loaded, configs, stats=stats, mode="parallel", progress=False,
-                              gptq=self.gptq, memo=self._memo if stats is not None else None)
+            context = compressed_in_place(self.loaded, configs, calib, mode="sequential",
+                                          progress=False, gptq=self.gptq)
+        else:
+            stats = self.stats_for(configs)
+            context = compressed_in_place(self.loaded, configs, stats=stats, mode="parallel",
+                                          progress=False, gptq=self.gptq,
+                                          memo=self._memo if stats is not None else None)
+        with context as model:
+            yield model
 
     def measure(self, configs: dict[str, LayerConfig], desc: str = "measure") -> dict:
-        model = self.compress(configs)
-        result = evaluate(model, self.holdout, self.reference, progress=self.progress, desc=desc)
+        with self.compressed(configs) as model:
+            result = evaluate(model, self.holdout, self.reference, progress=self.progress,
+                              desc=desc)
         return {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens,
                 "windows": result.windows}

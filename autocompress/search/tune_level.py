@@ -97,6 +97,7 @@ def evaluate_candidate(config: dict) -> None:
     from ray import tune
 
     from ..evaluate import log_probs, window_sums
+    from ..peak_memory import peak_rss_bytes
 
     job_dir = Path(config["job_dir"])
     job = json.loads((job_dir / "job.json").read_text())
@@ -122,7 +123,8 @@ def evaluate_candidate(config: dict) -> None:
             (Path(tmp) / "state.json").write_text(json.dumps(state))
             tune.report({"kl": state["kl"] / state["tokens"],
                          "ppl": math.exp(state["nll"] / state["tokens"]),
-                         "tokens": state["tokens"], "windows": i + 1},
+                         "tokens": state["tokens"], "windows": i + 1,
+                         "peak_rss_bytes": peak_rss_bytes()},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -189,7 +191,8 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
                tokens_per_window: int, resume: bool = False, log=print,
                progress: bool = True) -> dict[str, dict]:
     """Evaluate ``candidates`` (names of files in the job directory); returns per candidate its
-    last report (kl, ppl, tokens, windows) and whether ASHA stopped it early."""
+    last report (kl, ppl, tokens, windows), whether ASHA stopped it early, and the peak
+    resident memory of the worker that measured it."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -253,5 +256,6 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
         name = result.config["candidate"]
         out[name] = {"kl": metrics["kl"], "ppl": metrics["ppl"], "tokens": metrics["tokens"],
                      "windows": metrics["windows"],
-                     "stopped_early": metrics["windows"] < job["windows"]}
+                     "stopped_early": metrics["windows"] < job["windows"],
+                     "peak_rss_bytes": metrics.get("peak_rss_bytes")}
     return out

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from autocompress.accounting import rank_for
@@ -116,3 +117,75 @@ def test_an_imatrix_plan_builds_alike_from_diagonal_statistics_and_gptq_still_ge
         gptq_w = built.get_submodule(gptq_name).weight
         rtn_w = fake_quantize(tiny_loaded.module(gptq_name).weight.float(), 3, 64, False)
         assert not torch.allclose(gptq_w, rtn_w)  # GPTQ ran (with H), not plain rounding
+
+
+def _mixed_configs(tiny_loaded):
+    """RTN, GPTQ, a low-rank layer and the (tied) embedding in a GGUF type: every way a plan
+    changes the model."""
+    names = [layer.name for layer in tiny_loaded.layers]
+    configs = {n: LayerConfig(bits=4, group_size=32, method="gptq") for n in names}
+    configs[names[0]] = LayerConfig(bits=3)
+    configs[names[1]] = LayerConfig(bits=8, rank_ratio=0.5)
+    configs["model.embed_tokens"] = LayerConfig(gguf="q8_0")
+    return configs
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_in_place_builds_the_copy_s_weights_and_restores_the_model_exactly(tiny_loaded):
+    from autocompress.compress.apply import compressed_in_place
+
+    configs, calib = _mixed_configs(tiny_loaded), _calib(tiny_loaded)
+    original = _snapshot(tiny_loaded.model)
+    copy = compress_model(tiny_loaded, configs, calib, progress=False)
+    with compressed_in_place(tiny_loaded, configs, calib, progress=False) as model:
+        assert model is tiny_loaded.model
+        assert isinstance(model.get_submodule(tiny_loaded.layers[1].name), LowRankLinear)
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+        inside, built = model.state_dict(), copy.state_dict()
+        assert inside.keys() == built.keys()
+        assert [k for k in built if not torch.equal(inside[k], built[k])] == []
+    after = tiny_loaded.model.state_dict()
+    assert after.keys() == original.keys()
+    assert [k for k in original if not torch.equal(after[k], original[k])] == []
+    assert not isinstance(tiny_loaded.module(tiny_loaded.layers[1].name), LowRankLinear)
+
+
+def test_in_place_restores_the_model_when_the_block_fails(tiny_loaded):
+    from autocompress.compress.apply import compressed_in_place
+
+    original = _snapshot(tiny_loaded.model)
+    try:
+        with compressed_in_place(tiny_loaded, _mixed_configs(tiny_loaded), _calib(tiny_loaded),
+                                 progress=False) as model:
+            assert not torch.equal(model.model.embed_tokens.weight,
+                                   original["model.embed_tokens.weight"])
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    after = tiny_loaded.model.state_dict()
+    assert [k for k in original if not torch.equal(after[k], original[k])] == []
+    with compressed_in_place(tiny_loaded, {l.name: LayerConfig(bits=4)
+                                           for l in tiny_loaded.layers}, progress=False):
+        pass  # usable again: the in-place flag was cleared
+
+
+def test_a_reference_cache_is_unchanged_by_a_plan_in_place_and_refuses_to_compute_inside(
+        tiny_loaded):
+    """The cache recomputes log-probs through the head it saw; a plan put into the model in
+    place (its tied head quantized) must not change them, and a window not yet computed must
+    not be computed from the compressed model."""
+    from autocompress.compress.apply import compressed_in_place
+    from autocompress.evaluate import ReferenceCache, log_probs
+
+    windows = _calib(tiny_loaded, n=2)
+    expected = [log_probs(tiny_loaded.model, w) for w in windows]
+    cache = ReferenceCache(tiny_loaded.model, windows)
+    cache.get(0)
+    with compressed_in_place(tiny_loaded, _mixed_configs(tiny_loaded), windows, progress=False):
+        assert torch.equal(cache.get(0), expected[0])
+        with pytest.raises(RuntimeError, match="fill"):
+            cache.get(1)
+    assert torch.equal(cache.fill().get(1), expected[1])

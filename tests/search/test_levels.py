@@ -213,6 +213,9 @@ def test_sigkill_in_level3_then_resume(tiny_loaded, tiny_model_dir, tmp_path):
     measured = [c["measured"] for c in search["candidates"]]
     assert all(m["windows"] == 6 or m["stopped_early"] for m in measured)
     assert all(m["tokens"] == 63 * m["windows"] for m in measured)
+    memory = search["memory"]  # the workers' own high-water marks, and the driver's
+    assert 50e6 < memory["worker_peak_rss_bytes"] < 64 * 2**30
+    assert 50e6 < memory["peak_rss_bytes"] < 64 * 2**30
 
 
 def test_resuming_a_study_made_for_other_settings_is_refused(problem, tmp_path):

@@ -31,8 +31,10 @@ def test_the_memo_keeps_codes_only_and_rebuilds_the_same_weights(tiny_loaded):
     meter = PlanMeter(tiny_loaded, holdout, calib)
     configs = {l.name: LayerConfig(bits=3, group_size=32, method="gptq") for l in tiny_loaded.layers}
     configs[tiny_loaded.layers[1].name] = LayerConfig(bits=4, rank_ratio=0.5)
-    first, again = meter.compress(configs), meter.compress(configs)
-    built, rebuilt = first.state_dict(), again.state_dict()
+    with meter.compressed(configs) as model:
+        built = {k: v.clone() for k, v in model.state_dict().items()}
+    with meter.compressed(configs) as model:
+        rebuilt = {k: v.clone() for k, v in model.state_dict().items()}
     assert built.keys() == rebuilt.keys()
     assert [k for k in built if not torch.equal(built[k], rebuilt[k])] == []
     assert len(meter._memo) == len(tiny_loaded.layers)
