@@ -109,6 +109,29 @@ class ReferenceCache:
     def complete(self) -> bool:
         return len(self._hidden) + len(self._log_probs) == self.windows.shape[0]
 
+    def saved(self, index: int) -> dict[str, torch.Tensor]:
+        """What the cache keeps of window ``index``, to write to a file: the head's input
+        (``hidden``) or the log-probabilities themselves (``logp``)."""
+        self.get(index)
+        if index in self._hidden:
+            return {"hidden": self._hidden[index]}
+        return {"logp": self._log_probs[index]}
+
+    @classmethod
+    def from_saved(cls, model: nn.Module, windows: torch.Tensor,
+                   saved: list[dict[str, torch.Tensor]]) -> "ReferenceCache":
+        """A cache from ``saved`` entries, with ``model`` the same uncompressed model (loaded
+        again elsewhere: a Ray worker), whose head the hidden states go through."""
+        cache = cls(model, windows)
+        for index, entry in enumerate(saved):
+            if "hidden" in entry:
+                if cache._head is None:
+                    raise ValueError("saved hidden states need the model's lm_head")
+                cache._hidden[index] = entry["hidden"]
+            else:
+                cache._log_probs[index] = entry["logp"]
+        return cache
+
     def _compute(self, index: int) -> torch.Tensor:
         from .compress.apply import IN_PLACE
 

@@ -315,24 +315,22 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
 
 def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, progress
                        ) -> int | None:
-    """Level 3: write the job (windows, reference, each candidate's weights), run Ray Tune;
+    """Level 3: write the job (windows, reference, calibration windows, each candidate's plan)
+    and run Ray Tune, whose workers build and measure the candidates as ``meter`` would;
     returns the largest peak resident memory of the workers."""
-    from tqdm import tqdm
-
+    from ..compress.apply import uses_calibration
     from ..evaluate import ReferenceCache
 
     job = out / "level3"
     windows = calib.holdout[:settings.eval_windows]
+    calibrated = any(uses_calibration({**c.configs, **meter.fixed}.values()) for c in candidates)
     write_job(job, loaded.spec or loaded.source, windows, ReferenceCache(loaded.model, windows),
-              threads=settings.num_cpus or 2)
+              threads=settings.num_cpus or 2, calib=calib.calib if calibrated else None,
+              mode=meter.mode, gptq=meter.gptq)
     names = {}
-    for cand in tqdm(candidates, desc="level 3: writing candidates", disable=not progress,
-                     leave=False):
+    for cand in candidates:
         names[cand.signature] = cand
-        if not (job / "candidates" / f"{cand.signature}.safetensors").is_file():
-            with meter.compressed(cand.configs) as model:
-                write_candidate(job, cand.signature, model,
-                                [layer.name for layer in loaded.layers] + list(meter.fixed))
+        write_candidate(job, cand.signature, {**cand.configs, **meter.fixed})
     results = run_level3(job, list(names), Level3Settings(
         windows=settings.eval_windows, num_cpus=settings.num_cpus, address=settings.address),
         tokens_per_window=settings.window_len - 1, resume=settings.resume, log=log,

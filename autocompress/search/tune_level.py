@@ -1,11 +1,14 @@
 """Level 3: the best candidates evaluated for real, as Ray Tune trials.
 
-The driver, which holds the calibration statistics (GPTQ, Wanda, whitened low rank), writes each
-candidate's compressed block linears (float32, low-rank factors folded) to a job directory,
-with the held-out windows and the uncompressed model's log-probabilities for them. A trial
-loads the model once per worker, swaps in its candidate's weights, and evaluates window by
-window, reporting KL and perplexity so far against the number of evaluated tokens; ASHA stops
-candidates that trail after the first windows. Each report carries a checkpoint (the running
+The driver writes a job directory: the held-out windows, the uncompressed model's reference
+for them (the head's input per position, a few MB; the worker puts it through its own copy of
+the head), the calibration windows, how candidates are built, and each candidate as its plan
+(a few KB; no weights). A trial loads the model once per worker, builds its candidate into it
+in place exactly as ``apply`` builds a plan (sequential calibration through the compressed
+prefix, GPTQ settings, source GGUF tensors kept), and evaluates window by window, reporting KL
+and perplexity so far against the number of evaluated tokens; ASHA stops candidates that
+trail after the first windows. The driver no longer builds the candidates one after another:
+the workers build them side by side. Each report carries a checkpoint (the running
 sums), so a trial interrupted with its driver continues from its last window when the
 experiment is restored (``--resume``).
 
@@ -17,6 +20,7 @@ Locally Ray starts in process (``ray.init(num_cpus=..., include_dashboard=False)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -27,8 +31,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..compress.weights import GPTQSettings
 from ..errors import AutocompressError
 from ..io_utils import atomic_write_text
+from ..plan import LayerConfig
 
 EXPERIMENT = "level3"
 
@@ -46,36 +52,32 @@ class Level3Settings:
 # -- job directory (driver side) ---------------------------------------------------------------
 
 def write_job(directory: Path, model_spec: str, windows: torch.Tensor, reference,
-              threads: int) -> None:
-    """Windows, reference log-probabilities (one file per window) and the job description."""
+              threads: int, calib: torch.Tensor | None = None, mode: str = "sequential",
+              gptq: GPTQSettings = GPTQSettings()) -> None:
+    """Windows, the reference per window (what its ReferenceCache keeps: the head's input,
+    a few MB), the calibration windows and how candidates are built (``mode``, ``gptq``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / "job.json").is_file():
+    described = directory / "job.json"
+    if not described.is_file() or "mode" not in json.loads(described.read_text()):
+        # (no "mode": a job of an earlier version, whose candidates were weight files)
         save_file({"windows": windows.contiguous()}, str(directory / "windows.safetensors"))
+        if calib is not None:
+            save_file({"calib": calib.contiguous()}, str(directory / "calib.safetensors"))
         for i in range(windows.shape[0]):
-            save_file({"logp": reference.get(i).contiguous()},
+            save_file({k: v.contiguous() for k, v in reference.saved(i).items()},
                       str(directory / f"reference_{i}.safetensors"))
         atomic_write_text(directory / "job.json", json.dumps(
-            {"model": model_spec, "windows": int(windows.shape[0]), "threads": threads}))
+            {"model": model_spec, "windows": int(windows.shape[0]), "threads": threads,
+             "mode": mode, "gptq": dataclasses.asdict(gptq)}))
 
 
-def write_candidate(directory: Path, name: str, model: torch.nn.Module,
-                    layer_names: list[str]) -> None:
-    """The compressed model's block linears as dense float32 weights (what it computes)."""
-    path = directory / "candidates" / f"{name}.safetensors"
+def write_candidate(directory: Path, name: str, configs: dict[str, LayerConfig]) -> None:
+    """A candidate is its plan: every layer's config (the worker builds the weights)."""
+    path = directory / "candidates" / f"{name}.json"
     if path.is_file():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for layer in layer_names:
-        module = model.get_submodule(layer)
-        if hasattr(module, "up") and hasattr(module, "down"):  # LowRankLinear: fold A·B
-            weight = module.up.weight.detach().float() @ module.down.weight.detach().float()
-        else:
-            weight = module.weight.detach().float()
-        tensors[layer] = weight.contiguous()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({layer: cfg.to_dict() for layer, cfg in configs.items()}))
 
 
 # -- trial (worker side) -----------------------------------------------------------------------
@@ -83,49 +85,66 @@ def write_candidate(directory: Path, name: str, model: torch.nn.Module,
 _WORKER: dict = {}
 
 
-def _worker_model(spec: str, threads: int):
-    if _WORKER.get("spec") != spec:
+def _worker_state(job_dir: Path, job: dict, threads: int):
+    """The worker's model (loaded once per worker) and the job's reference, made from the
+    saved hidden states through the model's own, uncompressed head."""
+    from ..compress.apply import IN_PLACE
+    from ..evaluate import ReferenceCache
+
+    stale = "loaded" in _WORKER and getattr(_WORKER["loaded"].model, IN_PLACE, False)
+    if _WORKER.get("spec") != job["model"] or stale:  # stale: a trial stopped mid-build
         from ..model import load_model
 
+        _WORKER.clear()
         torch.set_num_threads(threads)
-        _WORKER.update(spec=spec, loaded=load_model(spec))
-    return _WORKER["loaded"].model
+        _WORKER.update(spec=job["model"], loaded=load_model(job["model"]))
+    if _WORKER.get("job") != (str(job_dir), job):
+        windows = load_file(str(job_dir / "windows.safetensors"))["windows"]
+        saved = [load_file(str(job_dir / f"reference_{i}.safetensors"))
+                 for i in range(job["windows"])]
+        _WORKER.update(job=(str(job_dir), job), windows=windows, reference=ReferenceCache.from_saved(
+            _WORKER["loaded"].model, windows, saved))
+    return _WORKER["loaded"], _WORKER["windows"], _WORKER["reference"]
 
 
 def evaluate_candidate(config: dict) -> None:
-    """A Ray Tune function trainable: evaluate one candidate window by window."""
+    """A Ray Tune function trainable: build one candidate from its plan, as the search's final
+    meter and ``apply`` build it, into the worker's model, and evaluate it window by window."""
     from ray import tune
 
+    from ..compress.apply import compressed_in_place, uses_calibration
     from ..evaluate import log_probs, window_sums
     from ..peak_memory import peak_rss_bytes
 
     job_dir = Path(config["job_dir"])
     job = json.loads((job_dir / "job.json").read_text())
-    model = _worker_model(job["model"], int(config.get("threads") or job["threads"]))
-    weights = load_file(str(job_dir / "candidates" / f"{config['candidate']}.safetensors"))
-    with torch.no_grad():
-        for name, weight in weights.items():
-            module = model.get_submodule(name)
-            module.weight.data = weight.to(module.weight.dtype)
-    windows = load_file(str(job_dir / "windows.safetensors"))["windows"]
+    loaded, windows, reference = _worker_state(job_dir, job,
+                                               int(config.get("threads") or job["threads"]))
+    raw = json.loads((job_dir / "candidates" / f"{config['candidate']}.json").read_text())
+    configs = {layer: LayerConfig.from_dict(cfg) for layer, cfg in raw.items()}
+    calib_file = job_dir / "calib.safetensors"
+    calib = load_file(str(calib_file))["calib"] if calib_file.is_file() and \
+        uses_calibration(configs.values()) else None
     state = {"next": 0, "nll": 0.0, "kl": 0.0, "tokens": 0}
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # restored after an interruption: continue where it stopped
         with checkpoint.as_directory() as path:
             state = json.loads((Path(path) / "state.json").read_text())
-    for i in range(state["next"], job["windows"]):
-        ref = load_file(str(job_dir / f"reference_{i}.safetensors"))["logp"]
-        with torch.no_grad():
-            nll, kl, tokens = window_sums(log_probs(model, windows[i]), windows[i], ref)
-        state = {"next": i + 1, "nll": state["nll"] + nll, "kl": state["kl"] + kl,
-                 "tokens": state["tokens"] + tokens}
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "state.json").write_text(json.dumps(state))
-            tune.report({"kl": state["kl"] / state["tokens"],
-                         "ppl": math.exp(state["nll"] / state["tokens"]),
-                         "tokens": state["tokens"], "windows": i + 1,
-                         "peak_rss_bytes": peak_rss_bytes()},
-                        checkpoint=tune.Checkpoint.from_directory(tmp))
+    with compressed_in_place(loaded, configs, calib, mode=job["mode"], progress=False,
+                             gptq=GPTQSettings(**job["gptq"])) as model:
+        for i in range(state["next"], job["windows"]):
+            with torch.no_grad():
+                nll, kl, tokens = window_sums(log_probs(model, windows[i]), windows[i],
+                                              reference.get(i))
+            state = {"next": i + 1, "nll": state["nll"] + nll, "kl": state["kl"] + kl,
+                     "tokens": state["tokens"] + tokens}
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "state.json").write_text(json.dumps(state))
+                tune.report({"kl": state["kl"] / state["tokens"],
+                             "ppl": math.exp(state["nll"] / state["tokens"]),
+                             "tokens": state["tokens"], "windows": i + 1,
+                             "peak_rss_bytes": peak_rss_bytes()},
+                            checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
 # -- experiment (driver side) ------------------------------------------------------------------

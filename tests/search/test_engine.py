@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -226,17 +227,29 @@ def test_the_final_measurement_uses_its_own_windows_and_the_plan_says_how_many(t
     assert (record["windows"], record["reported"]["windows"]) == (3, 3)
 
 
-@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+@pytest.mark.parametrize("mode,level3", [("sequential", False), ("parallel", False),
+                                        ("sequential", True)])
 def test_eval_of_a_search_plan_reproduces_the_kl_the_search_reported(tiny_loaded, tiny_model_dir,
-                                                                     tmp_path, capsys, mode):
+                                                                     tmp_path, capsys, mode,
+                                                                     level3):
     """What the search measured is what the user gets: the plan's provenance makes `eval`
-    build the same weights, on the same held-out windows."""
+    build the same weights, on the same held-out windows; also where level 3's Ray workers
+    built the candidates from their plans (``level3``)."""
     from autocompress.cli import main
 
     space = SearchSpace(GPTQ_SPACE, name="gptq")
     settings = SearchSettings(budget=_uniform_total(tiny_loaded, 4), mode=mode, **SMALL)
-    result = run_search(tiny_loaded, space, settings, out_dir=tmp_path, progress=False,
-                        log=lambda m: None)
+    if level3:
+        settings = dataclasses.replace(settings, trials=2, eval_top=1, eval_windows=2,
+                                       num_cpus=1)
+    try:
+        result = run_search(tiny_loaded, space, settings, out_dir=tmp_path, progress=False,
+                            log=lambda m: None)
+    finally:
+        if level3:
+            import ray
+
+            ray.shutdown()
     assert any(cfg.method == "gptq" for cfg in result.chosen.configs.values())
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.provenance.mode == mode and plan.provenance.made_by == "search"
