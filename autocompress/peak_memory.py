@@ -31,3 +31,21 @@ def describe(record: dict) -> str:
     if worker:
         line += f", {format_size(worker)} in the largest level-3 worker"
     return line
+
+
+def return_freed_memory() -> None:
+    """Hand the memory a stage freed back to the operating system (glibc's ``malloc_trim``).
+    Tensors of up to 32 MB come from malloc's heap, which keeps freed pages resident for
+    reuse; after a stage that freed gigabytes (the sensitivity table's Fisher diagonal and
+    statistics, level 2's memo) those pages would stay counted against the next stage, and
+    against Ray's workers that start beside it. A no-op where malloc is not glibc's."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        pass

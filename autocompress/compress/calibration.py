@@ -111,6 +111,7 @@ def _stats_by_layer(layers: Iterable[LayerInfo], accumulators: dict[tuple, Input
         if group not in cache:
             acc = accumulators[group]
             cache[group] = InputStats(acc.hessian, acc.act_norm, acc.n, acc.mean_square)
+            acc.xtx = acc.sq = None  # the float64 sums go as their float32 results come
         out[layer.name] = cache[group]  # shared object: q/k/v hold the same H
     return out
 

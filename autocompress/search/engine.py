@@ -44,7 +44,7 @@ from ..io_utils import atomic_write_text
 from ..compress.apply import hessian_layers, needs_calibration
 from ..compress.weights import GPTQSettings
 from ..model import LoadedModel
-from ..peak_memory import peak_rss_bytes
+from ..peak_memory import peak_rss_bytes, return_freed_memory
 from ..plan import LayerConfig, Plan, compact_overrides
 from ..provenance import Provenance
 from ..sensitivity.build import build_table, make_proxy
@@ -199,6 +199,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                         cache=cache, progress=progress, log=log)
     if out:
         table.save(out / "sensitivity.json")
+    return_freed_memory()  # the proxy's diagonal and the statistics are gone
     timings["sensitivity_s"] = time.perf_counter() - t0
 
     # -- level 1: exact proxy optima -----------------------------------------------------------
@@ -220,14 +221,14 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     # -- level 2: Optuna, each trial measured at low fidelity ----------------------------------
     # level 2 calibrates in parallel (statistics and GPTQ results shared by all trials); the
     # final measurement builds each candidate as apply will (``settings.mode``)
-    full = hessian_layers(loaded.layers, space.for_layer)  # the rest keep only diag E[x xᵀ]
-    meter = PlanMeter(loaded, calib.holdout[:settings.fast_windows], calib.calib, progress=False,
-                      gptq=settings.gptq, fixed=tables, hessian_layers=full)
     final_meter = PlanMeter(loaded, calib.holdout[:settings.final_windows], calib.calib,
                             progress=False, mode=settings.mode, gptq=settings.gptq, fixed=tables)
     study_trials: list = []
     if settings.trials:
         t0 = time.perf_counter()
+        full = hessian_layers(loaded.layers, space.for_layer)  # the rest keep only diag E[x xᵀ]
+        meter = PlanMeter(loaded, calib.holdout[:settings.fast_windows], calib.calib,
+                          progress=False, gptq=settings.gptq, fixed=tables, hessian_layers=full)
         level2 = Level2(
             problem, Level2Settings(n_trials=settings.trials, sampler=settings.sampler,
                                     seed=settings.seed, storage=settings.storage),
@@ -253,6 +254,8 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         by_signature = {t.user_attrs["signature"]: t.user_attrs["kl_fast"] for t in study_trials}
         for cand in candidates + front:
             cand.kl_fast = by_signature.get(cand.signature, cand.kl_fast)
+        del level2, meter  # its statistics and memo: level 3's workers start beside this process
+        return_freed_memory()
         timings["level2_s"] = time.perf_counter() - t0
     if speed is not None:
         for cand in candidates + front:

@@ -26,16 +26,33 @@ def fisher_diagonal(model: nn.Module, layers: list[LayerInfo], windows: torch.Te
     """Mean squared gradient of each layer's weight over ``windows`` [n, L] (one sample per
     window). Only the listed layers' weights take gradients; the model is left unchanged."""
     params = {layer.name: model.get_submodule(layer.name).weight for layer in layers}
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+
+    def accumulate(name: str):
+        def hook(param: torch.Tensor) -> None:
+            # each gradient is squared into its sum and dropped as soon as backward has it:
+            # one layer's gradient alive at a time, not the whole model's
+            sums[name].add_(param.grad.float().square())
+            param.grad = None
+        return hook
+
     with gradients_for(model, params.values()):
-        sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-        for i in tqdm(range(windows.shape[0]), desc="fisher", disable=not progress, leave=False):
-            window = windows[i:i + 1]
-            loss = model(window, labels=window, use_cache=False).loss
-            grads = torch.autograd.grad(loss, list(params.values()))
-            for name, grad in zip(params, grads):
-                sums[name].add_(grad.float().square())
+        for p in params.values():
+            p.grad = None  # a gradient left from elsewhere would be counted in the first sum
+        handles = [p.register_post_accumulate_grad_hook(accumulate(name))
+                   for name, p in params.items()]
+        try:
+            for i in tqdm(range(windows.shape[0]), desc="fisher", disable=not progress,
+                          leave=False):
+                window = windows[i:i + 1]
+                model(window, labels=window, use_cache=False).loss.backward()
+        finally:
+            for handle in handles:
+                handle.remove()
     n = windows.shape[0]
-    return {name: s / n for name, s in sums.items()}
+    for total in sums.values():
+        total.div_(n)
+    return sums
 
 
 class gradients_for:
