@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join for level 3 (default: a local Ray in process)")
     p.add_argument("--num-cpus", type=_positive_int, default=None,
-                   help="CPUs for local Ray and torch threads of level 3 (default: all)")
+                   help="CPUs of the local Ray and torch threads of level 3 (default: all); "
+                        "with --address, CPUs per level-3 trial (default 1), as many trials "
+                        "at once as the cluster's CPUs hold")
     p.add_argument("--seed", type=int, default=0, help="the Optuna sampler's seed")
     _add_calib(p, 8)
     _add_memory(p)

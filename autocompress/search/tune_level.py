@@ -44,7 +44,7 @@ class Level3Settings:
     windows: int = 8  # held-out windows at full fidelity
     grace_windows: int = 1  # ASHA looks at candidates after this many windows
     reduction_factor: int = 2
-    num_cpus: int | None = None  # local Ray: default all cores
+    num_cpus: int | None = None  # local Ray: default all cores; a cluster: CPUs per trial
     cpus_per_trial: int | None = None  # default: all of num_cpus (one trial at a time)
     address: str | None = None
 
@@ -110,6 +110,7 @@ def _worker_state(job_dir: Path, job: dict, threads: int):
 def evaluate_candidate(config: dict) -> None:
     """A Ray Tune function trainable: build one candidate from its plan, as the search's final
     meter and ``apply`` build it, into the worker's model, and evaluate it window by window."""
+    import ray
     from ray import tune
 
     from ..compress.apply import compressed_in_place, uses_calibration
@@ -118,6 +119,7 @@ def evaluate_candidate(config: dict) -> None:
 
     job_dir = Path(config["job_dir"])
     job = json.loads((job_dir / "job.json").read_text())
+    node = ray.get_runtime_context().get_node_id()  # in each report: which machine measured it
     loaded, windows, reference = _worker_state(job_dir, job,
                                                int(config.get("threads") or job["threads"]))
     raw = json.loads((job_dir / "candidates" / f"{config['candidate']}.json").read_text())
@@ -143,7 +145,7 @@ def evaluate_candidate(config: dict) -> None:
                 tune.report({"kl": state["kl"] / state["tokens"],
                              "ppl": math.exp(state["nll"] / state["tokens"]),
                              "tokens": state["tokens"], "windows": i + 1,
-                             "peak_rss_bytes": peak_rss_bytes()},
+                             "peak_rss_bytes": peak_rss_bytes(), "node": node},
                             checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
@@ -229,7 +231,12 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
             else:
                 ray.init(num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
                          log_to_driver=False, configure_logging=False)
-    cpus = settings.cpus_per_trial or settings.num_cpus or os.cpu_count()
+    if settings.address:  # a cluster: as many trials at once as its CPUs hold
+        cpus = settings.cpus_per_trial or settings.num_cpus or 1
+        slots = int(ray.cluster_resources().get("CPU", cpus)) // cpus
+    else:
+        cpus = settings.cpus_per_trial or settings.num_cpus or os.cpu_count()
+        slots = (settings.num_cpus or os.cpu_count()) // cpus
     job = json.loads((job_dir / "job.json").read_text())
     trainable = tune.with_resources(evaluate_candidate, {"cpu": cpus})
     callbacks = [_progress_bar(len(candidates), job["windows"])] if progress else []
@@ -250,8 +257,7 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
             param_space={"job_dir": str(job_dir.resolve()), "threads": cpus,
                          "candidate": tune.grid_search(candidates)},
             tune_config=tune.TuneConfig(
-                metric="kl", mode="min", max_concurrent_trials=max(1, (settings.num_cpus
-                                                                       or os.cpu_count()) // cpus),
+                metric="kl", mode="min", max_concurrent_trials=max(1, slots),
                 scheduler=ASHAScheduler(time_attr="tokens", max_t=max_t,
                                         grace_period=settings.grace_windows * tokens_per_window,
                                         reduction_factor=settings.reduction_factor)),

@@ -1,0 +1,124 @@
+"""Level 3 on a real two-node Ray cluster on this machine: a head and a second node started
+with `ray start` on loopback, each with one CPU, joined by `search --address`."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from autocompress.accounting import model_footprint
+from autocompress.plan import LayerConfig
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(temp_dir: str) -> None:
+    """Only this cluster's processes (`ray stop` would stop every Ray on the machine): theirs
+    are the command lines that name its temp dir."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in proc.info["cmdline"] or []):
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+@pytest.fixture
+def two_nodes():
+    # a short temp dir of its own: Unix socket paths are limited to 107 bytes, and a default
+    # one (/tmp/ray) would be found and joined by the in-process Ray of other tests
+    temp_dir = f"/tmp/ac-ray-{os.getpid()}"
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats"]
+    try:
+        subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1",
+                        "--port", str(port), "--include-dashboard", "false",
+                        "--temp-dir", temp_dir, *common], check=True, env=env,
+                       capture_output=True, timeout=120)
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}",
+                        "--node-ip-address", "127.0.0.1", *common], check=True, env=env,
+                       capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _node_ids(experiment: Path) -> set[str]:
+    nodes = set()
+    for result in experiment.glob("*/result.json"):
+        for line in result.read_text().splitlines():
+            if line.strip():
+                nodes.add(json.loads(line)["node"])
+    return nodes
+
+
+@pytest.mark.slow
+def test_a_search_through_address_measures_its_candidates_on_both_nodes(
+        two_nodes, tiny_loaded, tiny_model_dir, tmp_path, monkeypatch):
+    import ray
+
+    from autocompress.cli import main
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    budget = model_footprint(tiny_loaded, {l.name: LayerConfig(bits=3)
+                                           for l in tiny_loaded.layers}, context=256).total
+    out = tmp_path / "run"
+    try:
+        code = main(["search", "--model", str(tiny_model_dir), "--budget", str(budget),
+                     "--context", "256", "--calib-windows", "2", "--window-len", "64",
+                     "--trials", "2", "--eval-top", "2", "--eval-windows", "4",
+                     "--address", two_nodes, "--num-cpus", "1", "--out", str(out)])
+        assert code == 0
+        assert len(ray.nodes()) == 2
+    finally:
+        ray.shutdown()
+    search = json.loads((out / "search.json").read_text())
+    measured = [c["measured"] for c in search["candidates"]]
+    assert len(measured) >= 2 and all(m["tokens"] == 63 * m["windows"] for m in measured)
+    # two one-CPU trials at a time on two one-CPU nodes: each node measured some
+    assert len(_node_ids(out / "level3" / "level3")) == 2
+
+
+@pytest.mark.slow
+def test_a_search_killed_in_level3_on_the_cluster_resumes_there(two_nodes, tiny_loaded,
+                                                                 tiny_model_dir, tmp_path,
+                                                                 monkeypatch):
+    """SIGKILL of the driver while the cluster measures; `--resume --address` continues the
+    Tune experiment on the same cluster and repeats no level-2 trial."""
+    import ray
+
+    from autocompress.cli import main
+    from tests.search.test_levels import _budget, _complete, _kill_when, _search_argv, _start
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    out = tmp_path / "run"
+    argv = _search_argv(tiny_model_dir, out, _budget(tiny_loaded), "--trials", "6",
+                        "--eval-top", "2", "--eval-windows", "6", "--address", two_nodes,
+                        "--num-cpus", "1")
+    experiment = out / "level3" / "level3"
+    _kill_when(_start(argv), lambda: any(p.stat().st_size > 0
+                                         for p in experiment.glob("*/progress.csv")))
+    try:
+        assert main(argv + ["--resume"]) == 0
+    finally:
+        ray.shutdown()
+    assert len(_complete(out)) == 6
+    measured = [c["measured"] for c in json.loads((out / "search.json").read_text())["candidates"]]
+    assert all(m["windows"] == 6 or m["stopped_early"] for m in measured)
+    assert len(_node_ids(experiment)) == 2
