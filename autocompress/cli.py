@@ -253,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs of the local Ray and torch threads of level 3 (default: all); "
                         "with --address, CPUs per level-3 trial (default 1), as many trials "
                         "at once as the cluster's CPUs hold")
+    p.add_argument("--level2-workers", type=_non_negative_int, default=0,
+                   help="Ray workers measuring level 2's trials side by side, one CPU and one "
+                        "torch thread each (default 0: in this process)")
+    p.add_argument("--level2-batch", type=_positive_int, default=None,
+                   help="level-2 trials asked at once (default: --level2-workers, at least 1); "
+                        "the same batch asks the same trials with any number of workers")
     p.add_argument("--seed", type=int, default=0, help="the Optuna sampler's seed")
     _add_calib(p, 8)
     _add_memory(p)
@@ -769,7 +775,9 @@ def cmd_search(args) -> int:
                               trials=args.trials, eval_top=args.eval_top,
                               fast_windows=args.fast_windows, eval_windows=args.eval_windows,
                               sampler=args.sampler, storage=args.storage, seed=args.seed,
-                              resume=args.resume, num_cpus=args.num_cpus, address=args.address)
+                              resume=args.resume, num_cpus=args.num_cpus, address=args.address,
+                              level2_workers=args.level2_workers,
+                              level2_batch=args.level2_batch)
     result = run_search(loaded, space, settings, out_dir=args.out,
                         log=_log)
     chosen = result.chosen

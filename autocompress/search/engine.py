@@ -87,6 +87,8 @@ class SearchSettings:
     resume: bool = False
     num_cpus: int | None = None
     address: str | None = None
+    level2_workers: int = 0  # Ray workers measuring level 2's trials (0: in this process)
+    level2_batch: int | None = None  # trials asked at once (default: the workers, at least 1)
 
     def effective_budget(self) -> int:
         """The byte budget after the device's usable memory caps it."""
@@ -227,12 +229,24 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     if settings.trials:
         t0 = time.perf_counter()
         full = hessian_layers(loaded.layers, space.for_layer)  # the rest keep only diag E[x xᵀ]
-        meter = PlanMeter(loaded, calib.holdout[:settings.fast_windows], calib.calib,
-                          progress=False, gptq=settings.gptq, fixed=tables, hessian_layers=full)
+        fast = calib.holdout[:settings.fast_windows]
+        if settings.level2_workers:  # side by side on Ray workers, each with its own meter
+            from .meter_pool import MeterPool
+
+            meter = MeterPool(loaded.spec or loaded.source, fast, calib.calib, settings.gptq,
+                              tables, full, workers=settings.level2_workers,
+                              num_cpus=settings.num_cpus, address=settings.address)
+            measure_many = meter.measure_many
+        else:
+            meter = PlanMeter(loaded, fast, calib.calib, progress=False, gptq=settings.gptq,
+                              fixed=tables, hessian_layers=full)
+            measure_many = lambda plans: [meter.measure(c)["kl"] for c in plans]  # noqa: E731
         level2 = Level2(
             problem, Level2Settings(n_trials=settings.trials, sampler=settings.sampler,
-                                    seed=settings.seed, storage=settings.storage),
-            measure=lambda configs: meter.measure(configs)["kl"],
+                                    seed=settings.seed, storage=settings.storage,
+                                    batch=settings.level2_batch or
+                                    max(1, settings.level2_workers)),
+            measure=lambda configs: measure_many([configs])[0], measure_many=measure_many,
             describe=lambda configs: (footprint_of(configs).total,
                                       speed.estimate(configs).seconds_per_token if speed else None),
             budget=budget, max_latency_s=settings.max_latency_s, with_latency=speed is not None,
@@ -243,7 +257,11 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                       "max_latency_s": settings.max_latency_s,
                       "fast_windows": settings.fast_windows, "table": table.digest(),
                       "mode": settings.mode, "gptq": dataclasses.asdict(settings.gptq)})
-        study_trials = level2.run()
+        try:
+            study_trials = level2.run()
+        finally:
+            if settings.level2_workers:
+                meter.close()
         known = {c.signature: c for c in candidates}
         for rank, (signature, choice, kl) in enumerate(level2.best(settings.eval_top or 3)):
             if signature in known:
@@ -254,7 +272,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         by_signature = {t.user_attrs["signature"]: t.user_attrs["kl_fast"] for t in study_trials}
         for cand in candidates + front:
             cand.kl_fast = by_signature.get(cand.signature, cand.kl_fast)
-        del level2, meter  # its statistics and memo: level 3's workers start beside this process
+        del level2, meter, measure_many  # statistics and memo: level 3 starts beside this
         return_freed_memory()
         timings["level2_s"] = time.perf_counter() - t0
     if speed is not None:

@@ -105,6 +105,7 @@ class Level2Settings:
     capacity_span: float = 0.1  # trials may use down to (1 - span) of the byte capacity: the
     # front's memory axis, kept narrow so that most trials work at the budget itself
     front_points: int = 4
+    batch: int = 1  # trials asked before any is told: measured side by side (meter_pool.py)
 
 
 def open_storage(storage: str | None, out_dir: Path | None):
@@ -159,14 +160,16 @@ def plan_signature(configs: dict[str, LayerConfig]) -> str:
 
 class Level2:
     """``measure(configs) -> kl`` is the low-fidelity measurement; ``describe(configs) ->
-    (total bytes, seconds per token or None)`` the hardware figures of a plan."""
+    (total bytes, seconds per token or None)`` the hardware figures of a plan;
+    ``measure_many(list of configs) -> kls``, where given, measures a batch side by side."""
 
     def __init__(self, problem: Problem, settings: Level2Settings, measure, describe,
                  budget: int, max_latency_s: float | None, with_latency: bool,
                  out_dir: Path | None = None, resume: bool = False, log=print,
-                 progress: bool = True, identity: dict | None = None):
+                 progress: bool = True, identity: dict | None = None, measure_many=None):
         self.problem, self.settings = problem, settings
         self.measure, self.describe = measure, describe
+        self.measure_many = measure_many or (lambda plans: [measure(c) for c in plans])
         self.budget, self.max_latency_s = budget, max_latency_s
         self.reweighting = Reweighting(problem)
         self.log, self.progress = log, progress
@@ -189,6 +192,8 @@ class Level2:
         # mix trials of two problems
         identity = {"capacity": int(problem.capacity), "layers": len(problem.table.layers),
                     "options": len(problem.options[0]), **(identity or {})}
+        if settings.batch > 1:  # batches ask other trials (studies before batches had none)
+            identity["batch"] = settings.batch
         stored = self.study.user_attrs.get("identity") if exists else None
         if stored is not None:
             if stored != json.loads(json.dumps(identity)):
@@ -255,19 +260,20 @@ class Level2:
             self.log(f"trial {trial.number} was interrupted: run again")
 
     # -- trials --------------------------------------------------------------------------------
-    def objective(self, trial: optuna.Trial) -> list[float]:
+    def propose(self, trial: optuna.Trial) -> tuple[dict[str, LayerConfig], list[int]]:
+        """The trial's corrections and capacity, solved into a plan."""
         weights = {knob: trial.suggest_float(knob, *WEIGHT_RANGE, log=True)
                    for knob in self.reweighting.masks}
         fraction = trial.suggest_float("capacity", self.lo, 1.0)
         cost = self.reweighting.cost(self.problem, weights)
         choice = self.problem.solve(cost, capacity=int(fraction * self.problem.capacity))
-        configs = self.problem.configs(choice)
-        signature = plan_signature(configs)
-        if signature not in self._cache:  # the same plan reached again: measured once
-            self._cache[signature] = self.measure(configs)
-        kl = self._cache[signature]
+        return self.problem.configs(choice), choice
+
+    def record(self, trial: optuna.Trial, configs: dict[str, LayerConfig], choice: list[int],
+               kl: float) -> list[float]:
+        """The trial's attributes and objective values, for a plan measured at ``kl``."""
         total, seconds = self.describe(configs)
-        trial.set_user_attr("signature", signature)
+        trial.set_user_attr("signature", plan_signature(configs))
         trial.set_user_attr("choice", [int(c) for c in choice])
         trial.set_user_attr("kl_fast", kl)
         trial.set_user_attr("predicted", self.problem.predicted(choice))
@@ -281,22 +287,49 @@ class Level2:
             values.append(float(seconds))
         return values
 
-    def _trial(self, index: int) -> None:
-        """One ask/tell. The sampler is made afresh for each trial, seeded by the seed and the
-        number of complete trials, so a resumed study asks what an uninterrupted one would
-        have asked (Optuna's samplers keep only their RNG outside the storage). An interrupt
-        leaves the trial RUNNING in the storage, as a kill does; --resume runs it again."""
-        self.study.sampler = make_sampler(self.settings.sampler,
-                                          self.settings.seed * 100_003 + index)
-        trial = self.study.ask()
+    def objective(self, trial: optuna.Trial) -> list[float]:
+        configs, choice = self.propose(trial)
+        self._measure_new([configs])
+        return self.record(trial, configs, choice, self._cache[plan_signature(configs)])
+
+    def _measure_new(self, plans: list[dict[str, LayerConfig]]) -> None:
+        """Measure the plans not measured before (the same plan reached twice: once)."""
+        new: dict[str, dict[str, LayerConfig]] = {}
+        for configs in plans:
+            signature = plan_signature(configs)
+            if signature not in self._cache:
+                new.setdefault(signature, configs)
+        for signature, kl in zip(new, self.measure_many(list(new.values()))):
+            self._cache[signature] = kl
+
+    def _batch(self, index: int, size: int) -> None:
+        """``size`` asks, their plans measured together, then the tells in order. Each trial's
+        sampler is made afresh, seeded by the seed, the number of complete trials and its place
+        in the batch, so a resumed study asks what an uninterrupted one would have asked
+        (Optuna's samplers keep only their RNG outside the storage). An interrupt leaves the
+        batch RUNNING in the storage, as a kill does; --resume runs it again."""
+        asked = []
+        for offset in range(size):
+            self.study.sampler = make_sampler(self.settings.sampler,
+                                              self.settings.seed * 100_003 + index + offset)
+            trial = self.study.ask()
+            try:
+                asked.append((trial, *self.propose(trial)))
+            except AutocompressError as exc:
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.log(f"level 2: trial {trial.number} failed: {exc}")
         try:
-            values = self.objective(trial)
+            self._measure_new([configs for _, configs, _ in asked])
         except AutocompressError as exc:
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.log(f"level 2: trial {trial.number} failed: {exc}")
+            for trial, _, _ in asked:
+                self.study.tell(trial, state=TrialState.FAIL)
+            self.log(f"level 2: trials {', '.join(str(t.number) for t, _, _ in asked)} "
+                     f"failed: {exc}")
             return
         faults.point("level2_trial")  # measured, not yet recorded
-        self.study.tell(trial, values)
+        for trial, configs, choice in asked:
+            values = self.record(trial, configs, choice, self._cache[plan_signature(configs)])
+            self.study.tell(trial, values)
 
     def complete_trials(self) -> list:
         return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -312,7 +345,7 @@ class Level2:
                   disable=not self.progress, leave=False) as bar:
             attempts = 0
             while done < target:
-                self._trial(done)
+                self._batch(done, min(self.settings.batch, target - done))
                 attempts += 1
                 now = len(self.complete_trials())
                 bar.update(now - done)

@@ -208,6 +208,21 @@ def _keeping_sigterm_handler():
             signal.signal(signal.SIGTERM, previous)
 
 
+def start_ray(num_cpus: int | None, address: str | None) -> None:
+    """Ray for levels 2 and 3: the cluster at ``address``, or a local one in process with
+    ``num_cpus`` (default: all cores); nothing when this process already has one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    with _keeping_sigterm_handler():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+
+
 def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
                tokens_per_window: int, resume: bool = False, log=print,
                progress: bool = True) -> dict[str, dict]:
@@ -224,13 +239,7 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
     # (Tune's own handler would print its lines and return a half-measured grid); the
     # experiment's saved state is what --resume restores, as after a kill.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    if not ray.is_initialized():
-        with _keeping_sigterm_handler():
-            if settings.address:
-                ray.init(address=settings.address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
-                         log_to_driver=False, configure_logging=False)
+    start_ray(settings.num_cpus, settings.address)
     if settings.address:  # a cluster: as many trials at once as its CPUs hold
         cpus = settings.cpus_per_trial or settings.num_cpus or 1
         slots = int(ray.cluster_resources().get("CPU", cpus)) // cpus

@@ -43,7 +43,9 @@ def two_nodes():
     # one (/tmp/ray) would be found and joined by the in-process Ray of other tests
     temp_dir = f"/tmp/ac-ray-{os.getpid()}"
     port = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray's default authentication, as the in-process drivers of the other tests have it (a
+    # process caches its auth mode: one that set RAY_AUTH_MODE differently cannot join)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-cpus", "1", "--num-gpus", "0", "--disable-usage-stats"]
     try:
         subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1",
@@ -70,12 +72,11 @@ def _node_ids(experiment: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_a_search_through_address_measures_its_candidates_on_both_nodes(
-        two_nodes, tiny_loaded, tiny_model_dir, tmp_path, monkeypatch):
+        two_nodes, tiny_loaded, tiny_model_dir, tmp_path):
     import ray
 
     from autocompress.cli import main
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     budget = model_footprint(tiny_loaded, {l.name: LayerConfig(bits=3)
                                            for l in tiny_loaded.layers}, context=256).total
     out = tmp_path / "run"
@@ -97,22 +98,23 @@ def test_a_search_through_address_measures_its_candidates_on_both_nodes(
 
 @pytest.mark.slow
 def test_a_search_killed_in_level3_on_the_cluster_resumes_there(two_nodes, tiny_loaded,
-                                                                 tiny_model_dir, tmp_path,
-                                                                 monkeypatch):
+                                                                 tiny_model_dir, tmp_path):
     """SIGKILL of the driver while the cluster measures; `--resume --address` continues the
     Tune experiment on the same cluster and repeats no level-2 trial."""
     import ray
 
     from autocompress.cli import main
-    from tests.search.test_levels import _budget, _complete, _kill_when, _search_argv, _start
+    from tests.search.test_levels import _budget, _complete, _kill_when, _search_argv
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     out = tmp_path / "run"
     argv = _search_argv(tiny_model_dir, out, _budget(tiny_loaded), "--trials", "6",
                         "--eval-top", "2", "--eval-windows", "6", "--address", two_nodes,
                         "--num-cpus", "1")
     experiment = out / "level3" / "level3"
-    _kill_when(_start(argv), lambda: any(p.stat().st_size > 0
+    driver = subprocess.Popen([sys.executable, "-m", "autocompress.cli", *argv],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    _kill_when(driver, lambda: any(p.stat().st_size > 0
                                          for p in experiment.glob("*/progress.csv")))
     try:
         assert main(argv + ["--resume"]) == 0

@@ -1,0 +1,75 @@
+"""Level 2's trials measured side by side on Ray workers.
+
+Each worker (a Ray actor, one CPU and ``threads`` torch threads) loads the model once and
+holds its own PlanMeter: the same held-out windows, calibration statistics and settings as the
+in-process meter, its own memo. ``measure_many`` sends one batch of plans, a plan per free
+worker, and returns their KLs in order. A plan's KL does not depend on which worker measured
+it, nor on how many there are (every worker computes with the same thread count), so a study
+run with 1 worker and with 2 asks and measures the same trials; only the wall time differs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import LayerConfig
+
+
+class _MeterWorker:
+    def __init__(self, spec: str, holdout: torch.Tensor, calib: torch.Tensor | None,
+                 gptq: dict, fixed: dict[str, dict], hessian_layers: list[str] | None,
+                 threads: int):
+        torch.set_num_threads(threads)
+        from ..compress.weights import GPTQSettings
+        from ..model import load_model
+        from .measure import PlanMeter
+
+        self.meter = PlanMeter(load_model(spec), holdout, calib, progress=False,
+                               gptq=GPTQSettings(**gptq),
+                               fixed={n: LayerConfig.from_dict(c) for n, c in fixed.items()},
+                               hessian_layers=None if hessian_layers is None
+                               else set(hessian_layers))
+
+    def measure(self, configs: dict[str, dict]) -> float:
+        plan = {n: LayerConfig.from_dict(c) for n, c in configs.items()}
+        return self.meter.measure(plan)["kl"]
+
+
+class MeterPool:
+    """``workers`` Ray actors measuring plans as ``PlanMeter(parallel mode)`` does."""
+
+    def __init__(self, spec: str, holdout: torch.Tensor, calib: torch.Tensor | None,
+                 gptq, fixed: dict[str, LayerConfig], hessian_layers: set[str] | None,
+                 workers: int, threads: int = 1, num_cpus: int | None = None,
+                 address: str | None = None):
+        import dataclasses
+
+        import ray
+
+        from .tune_level import start_ray
+
+        start_ray(num_cpus, address)
+        actor = ray.remote(num_cpus=threads)(_MeterWorker)
+        args = (spec, holdout, calib, dataclasses.asdict(gptq),
+                {n: c.to_dict() for n, c in fixed.items()},
+                None if hessian_layers is None else sorted(hessian_layers), threads)
+        self._workers = [actor.remote(*args) for _ in range(workers)]
+
+    @property
+    def size(self) -> int:
+        return len(self._workers)
+
+    def measure_many(self, plans: list[dict[str, LayerConfig]]) -> list[float]:
+        import ray
+        from ray.util import ActorPool
+
+        pool = ActorPool(self._workers)
+        encoded = [{n: c.to_dict() for n, c in plan.items()} for plan in plans]
+        return list(pool.map(lambda worker, plan: worker.measure.remote(plan), encoded))
+
+    def close(self) -> None:
+        import ray
+
+        for worker in self._workers:
+            ray.kill(worker)
+        self._workers = []
