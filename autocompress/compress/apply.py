@@ -119,6 +119,52 @@ def _from_memo(kept: CompressedLayer) -> CompressedLayer:
                            kept.masks, kept.quantized)
 
 
+class LayerMemo:
+    """Expensive per-(layer, config) results kept across plans, at most ``max_bytes`` of
+    them: the least recently used go first. Level 2's trials reach many configs per layer,
+    and an unbounded memo grew with every new one."""
+
+    def __init__(self, max_bytes: int):
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: "OrderedDict[tuple, tuple[CompressedLayer, int]]" = OrderedDict()
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, key) -> CompressedLayer:
+        self._entries.move_to_end(key)
+        return self._entries[key][0]
+
+    def __setitem__(self, key, kept: CompressedLayer) -> None:
+        size = _kept_bytes(kept)
+        if key in self._entries:
+            self.nbytes -= self._entries.pop(key)[1]
+        self._entries[key] = (kept, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes and len(self._entries) > 1:
+            _, (_, freed) = self._entries.popitem(last=False)
+            self.nbytes -= freed
+
+    def values(self):
+        return [kept for kept, _ in self._entries.values()]
+
+
+def _kept_bytes(kept: CompressedLayer) -> int:
+    tensors = [f for f in kept.factors if f is not None]
+    for q in kept.quantized:
+        if q is not None:
+            tensors += [getattr(q, name) for name in ("q", "scale", "zero") if hasattr(q, name)]
+            if hasattr(q, "data"):  # GGUF blocks (numpy)
+                tensors.append(torch.from_numpy(q.data))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 OnLayer = Callable[[LayerInfo, LayerConfig, CompressedLayer], None]
 
 

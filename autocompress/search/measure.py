@@ -17,7 +17,8 @@ from typing import Iterator
 
 from torch import nn
 
-from ..compress.apply import compressed_in_place, needs_hessian, uses_calibration
+from ..compress.apply import (LayerMemo, compressed_in_place, needs_hessian,
+                              uses_calibration)
 from ..compress.calibration import InputStats, collect_stats
 from ..compress.weights import GPTQSettings
 from ..evaluate import ReferenceCache, evaluate
@@ -42,7 +43,10 @@ class PlanMeter:
         self.reference = ReferenceCache(loaded.model, holdout)
         self.hessian_layers = hessian_layers
         self._stats: dict[str, InputStats] | None = None
-        self._memo: dict = {}  # SVD / GPTQ results per (layer, config), shared by all plans
+        # SVD / GPTQ / GGUF results per (layer, config), shared by all plans; bounded by the
+        # float32 bytes of the block linears (one copy of the model's weights)
+        self._memo = LayerMemo(max_bytes=4 * sum(l.out_features * l.in_features
+                                                 for l in loaded.layers))
 
     def stats_for(self, configs: dict[str, LayerConfig]) -> dict[str, InputStats] | None:
         if self.calib is None or not uses_calibration(configs.values()):

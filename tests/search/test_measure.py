@@ -61,3 +61,25 @@ def test_a_meter_keeping_only_diagonals_measures_imatrix_plans_and_refuses_gptq(
     assert all(s.hessian is None for s in lean._stats.values())
     with pytest.raises(ValueError, match="E\\[x xᵀ\\]"):
         lean.measure({**imatrix, names[0]: LayerConfig(bits=3, method="gptq")})
+
+
+def test_the_memo_holds_at_most_its_bytes_dropping_the_least_recently_used(tiny_loaded):
+    """A meter's memo is bounded (level 2 reaches many configs per layer); what it drops is
+    built again, to the same weights, so the KL of a plan does not depend on the bound."""
+    from autocompress.compress.apply import LayerMemo
+
+    g = torch.Generator().manual_seed(2)
+    vocab = tiny_loaded.model.config.vocab_size
+    holdout, calib = torch.randint(0, vocab, (1, 32), generator=g), torch.randint(0, vocab, (2, 32), generator=g)
+    names = [l.name for l in tiny_loaded.layers]
+    plans = [{n: LayerConfig(bits=b, group_size=32, method="gptq") for n in names} for b in (3, 4)]
+    free = PlanMeter(tiny_loaded, holdout, calib)
+    capped = PlanMeter(tiny_loaded, holdout, calib)
+    one_layer = max(l.out_features * l.in_features for l in tiny_loaded.layers)
+    capped._memo = LayerMemo(max_bytes=3 * one_layer)  # a few layers' uint8 codes
+    for plan in plans + plans:
+        assert capped.measure(plan)["kl"] == free.measure(plan)["kl"]
+        assert capped._memo.nbytes <= 3 * one_layer or len(capped._memo) == 1
+    assert len(free._memo) == 2 * len(names) and len(capped._memo) < len(names)
+    last = (names[-1], plans[1][names[-1]])
+    assert last in capped._memo  # the most recent entry is kept
