@@ -323,6 +323,29 @@ class PeakMemory(_Model):
     measured_at: str
 
 
+# ---------------------------------------------------------------- level2_workers.json
+
+
+class Level2WorkersProtocol(_Model):
+    model: str
+    search: str
+    workers: str
+    machine: str
+
+
+class Level2Workers(_Model):
+    """One run of level 2 with ``workers`` Ray workers."""
+    workers: int
+    batch: int
+    trials: int
+    level2_s: float
+    search_s: float
+    signatures: list[str]
+    kl_fast: list[float]
+    same_trials_as_first: bool
+    measured_at: str
+
+
 # ---------------------------------------------------------------- gguf.json
 
 
@@ -430,6 +453,7 @@ SPECS: dict[str, FileSpec] = {
     "gguf_*.json": FileSpec(GgufProtocol, lambda key: GgufSearch if key.startswith("search@")
                           else GgufRecipe, keys=r"(?:search@)?[A-Z0-9_]+(?: imatrix)?"),
     "peak_memory.json": FileSpec(PeakMemoryProtocol, _by_key({}, PeakMemory)),
+    "level2_workers.json": FileSpec(Level2WorkersProtocol, _by_key({}, Level2Workers)),
     "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),
                                      required=("fisher",)),
 }

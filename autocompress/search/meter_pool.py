@@ -54,18 +54,34 @@ class MeterPool:
                 {n: c.to_dict() for n, c in fixed.items()},
                 None if hessian_layers is None else sorted(hessian_layers), threads)
         self._workers = [actor.remote(*args) for _ in range(workers)]
+        self._seen: list[set] = [set() for _ in range(workers)]  # memo keys sent to each
 
     @property
     def size(self) -> int:
         return len(self._workers)
 
     def measure_many(self, plans: list[dict[str, LayerConfig]]) -> list[float]:
+        """KLs of ``plans``, in order: up to one plan per worker at a time, each sent to the
+        free worker whose memo already holds most of its expensive layers (GPTQ, low rank,
+        GGUF: what the memo keeps), so that a layer-config computed by one worker is rarely
+        computed again by another. Where a plan goes changes its speed, never its KL."""
         import ray
-        from ray.util import ActorPool
 
-        pool = ActorPool(self._workers)
-        encoded = [{n: c.to_dict() for n, c in plan.items()} for plan in plans]
-        return list(pool.map(lambda worker, plan: worker.measure.remote(plan), encoded))
+        kls: list[float] = []
+        for start in range(0, len(plans), len(self._workers)):
+            batch = plans[start:start + len(self._workers)]
+            free = list(range(len(self._workers)))
+            futures = []
+            for plan in batch:
+                keys = {(name, cfg) for name, cfg in plan.items()
+                        if cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf}
+                worker = max(free, key=lambda w: (len(keys & self._seen[w]), -w))
+                free.remove(worker)
+                self._seen[worker] |= keys
+                futures.append(self._workers[worker].measure.remote(
+                    {n: c.to_dict() for n, c in plan.items()}))
+            kls += ray.get(futures)
+        return kls
 
     def close(self) -> None:
         import ray

@@ -1,0 +1,83 @@
+"""Level 2 with 1 and 2 Ray workers on SmolLM2-135M: the same study (same batch of trials
+asked at once, so the same trials), one CPU and one torch thread per worker in both runs; the
+wall time of level 2 and whether the trials agree. Writes
+experiments/results/level2_workers.json (entry "workers=N").
+
+The search is the demo's (`make demo`: joint space, 183MB on the jetson profile, fisher
+proxy), with --eval-top 0; the sensitivity table is built once and reused by the other run.
+
+    .venv/bin/python experiments/level2_workers.py --trials 16 --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ResultFile, machine  # noqa: E402
+
+RUNS = Path(__file__).resolve().parent / "runs" / "level2-workers"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--workers", default="1,2")
+    args = parser.parse_args()
+
+    import ray
+
+    from autocompress.hardware.profile import load_device
+    from autocompress.model import load_model
+    from autocompress.search.engine import SearchSettings, run_search
+    from autocompress.search.space import SearchSpace
+    from autocompress.units import parse_size
+
+    results = ResultFile("level2_workers.json", {
+        "model": "smollm2-135m (Q4_1 GGUF dequantized to float32)",
+        "search": f"joint space, 183MB on jetson, fisher proxy on 8 windows of 512 of the "
+                  f"default corpus; level 2: {args.trials} trials (TPE), batches of "
+                  f"{args.batch}, 2 held-out windows each, parallel calibration",
+        "workers": "Ray actors, one CPU and one torch thread each",
+        "machine": machine()})
+    loaded = load_model("smollm2-135m")
+    device, _ = load_device("jetson")
+    space = SearchSpace.load("joint")
+    table_cache = RUNS / "sensitivity.cache.json"
+    trials_of = {}
+    for workers in [int(w) for w in args.workers.split(",")]:
+        key = f"workers={workers}"
+        out = RUNS / key
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        if table_cache.is_file():
+            shutil.copy(table_cache, out / "sensitivity.cache.json")
+        settings = SearchSettings(budget=parse_size("183MB"), device=device,
+                                  trials=args.trials, eval_top=0, num_cpus=max(2, workers),
+                                  level2_workers=workers, level2_batch=args.batch)
+        start = time.perf_counter()
+        result = run_search(loaded, space, settings, out_dir=out, progress=True)
+        wall = time.perf_counter() - start
+        ray.shutdown()
+        shutil.copy(out / "sensitivity.cache.json", table_cache)
+        trials = sorted(result.trials, key=lambda t: t.number)
+        trials_of[workers] = [(t.user_attrs["signature"], t.user_attrs["kl_fast"])
+                              for t in trials]
+        record = {"workers": workers, "batch": args.batch, "trials": len(trials),
+                  "level2_s": round(result.timings["level2_s"], 1), "search_s": round(wall, 1),
+                  "signatures": [s for s, _ in trials_of[workers]],
+                  "kl_fast": [k for _, k in trials_of[workers]]}
+        first = next(iter(trials_of.values()))
+        record["same_trials_as_first"] = trials_of[workers] == first
+        results.put(key, record)
+        print(f"{key}: level 2 {record['level2_s']} s for {len(trials)} trials; same trials "
+              f"as the first run: {record['same_trials_as_first']}")
+
+
+if __name__ == "__main__":
+    main()
