@@ -460,6 +460,21 @@ def peak_memory(store: Store) -> str:
                               f"machine {data.protocol.machine}.")
 
 
+def level2_workers(store: Store) -> str:
+    data = store.get("level2_workers.json")
+    p, entries = data.protocol, data.entries
+    rows = ["| Ray workers | trials (batch) | level 2 wall | speed-up | same trials as 1 worker "
+            "| measured |", "| ---: | ---: | ---: | ---: | --- | --- |"]
+    base = next((e.level2_s for e in entries.values() if e.workers == 1), None)
+    for e in entries.values():
+        speedup = f"{base / e.level2_s:.2f}×" if base else "n/a"
+        rows.append(f"| {e.workers} | {e.trials} ({e.batch}) | {e.level2_s:.0f} s | {speedup} | "
+                    f"{'yes' if e.same_trials_as_first else '**no**'} | {e.measured_at} |")
+    return "\n".join(rows) + (f"\n\nProtocol: {p.model}; {p.search}; workers: {p.workers}; "
+                              f"machine {p.machine}. Command: `.venv/bin/python "
+                              f"experiments/level2_workers.py --trials 16 --batch 2`.")
+
+
 def gguf(store: Store, name: str = "gguf.json") -> str:
     data = store.get(name)
     p, entries = data.protocol, data.entries
@@ -590,11 +605,12 @@ def _gguf_row(label: str, e, n_weights: int | None) -> str:
 
 
 SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.json"),
+            "gguf-40": lambda store: gguf(store, "gguf_smollm2-40.json"),
             "table-fast-path": table_fast_path, "search": search, "search-v1": search_v1,
             "latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity,
             "joint-vs-bits": joint_vs_bits, "baselines": baselines,
             "search-candidates": search_candidates, "gptq-study": gptq_study,
-            "peak-memory": peak_memory}
+            "peak-memory": peak_memory, "level2-workers": level2_workers}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 
