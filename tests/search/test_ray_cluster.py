@@ -94,33 +94,3 @@ def test_a_search_through_address_measures_its_candidates_on_both_nodes(
     assert len(measured) >= 2 and all(m["tokens"] == 63 * m["windows"] for m in measured)
     # two one-CPU trials at a time on two one-CPU nodes: each node measured some
     assert len(_node_ids(out / "level3" / "level3")) == 2
-
-
-@pytest.mark.slow
-def test_a_search_killed_in_level3_on_the_cluster_resumes_there(two_nodes, tiny_loaded,
-                                                                 tiny_model_dir, tmp_path):
-    """SIGKILL of the driver while the cluster measures; `--resume --address` continues the
-    Tune experiment on the same cluster and repeats no level-2 trial."""
-    import ray
-
-    from autocompress.cli import main
-    from tests.search.test_levels import _budget, _complete, _kill_when, _search_argv
-
-    out = tmp_path / "run"
-    argv = _search_argv(tiny_model_dir, out, _budget(tiny_loaded), "--trials", "6",
-                        "--eval-top", "2", "--eval-windows", "6", "--address", two_nodes,
-                        "--num-cpus", "1")
-    experiment = out / "level3" / "level3"
-    driver = subprocess.Popen([sys.executable, "-m", "autocompress.cli", *argv],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    _kill_when(driver, lambda: any(p.stat().st_size > 0
-                                         for p in experiment.glob("*/progress.csv")))
-    try:
-        assert main(argv + ["--resume"]) == 0
-    finally:
-        ray.shutdown()
-    assert len(_complete(out)) == 6
-    measured = [c["measured"] for c in json.loads((out / "search.json").read_text())["candidates"]]
-    assert all(m["windows"] == 6 or m["stopped_early"] for m in measured)
-    assert len(_node_ids(experiment)) == 2
