@@ -287,11 +287,6 @@ class Level2:
             values.append(float(seconds))
         return values
 
-    def objective(self, trial: optuna.Trial) -> list[float]:
-        configs, choice = self.propose(trial)
-        self._measure_new([configs])
-        return self.record(trial, configs, choice, self._cache[plan_signature(configs)])
-
     def _measure_new(self, plans: list[dict[str, LayerConfig]]) -> None:
         """Measure the plans not measured before (the same plan reached twice: once)."""
         new: dict[str, dict[str, LayerConfig]] = {}
