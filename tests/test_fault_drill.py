@@ -98,10 +98,13 @@ def reference(tiny_model_dir, tmp_path_factory):
     return _what_counts(out), time.perf_counter() - start
 
 
-# one search's ten kills, in the order its stages come (a kill for a stage already passed is
-# skipped): sensitivity rows, level-2 trials, final measurements and the file writes, timers
-ROUND = ("sensitivity", "sensitivity", "timer", "level2", "level2", "level2", "timer",
-         "final", "final", "timer")
+# one search's ten kills, in the order its stages come (a kill for a stage already passed moves
+# to the stage reached): sensitivity rows and writes, level-2 trials, final measurements and
+# the final writes, timers. Each kind has its own slot, so that every kind is drilled whatever
+# the timing (drawn at random between kinds, the timers' stages decided which came up)
+ROUND = (("sensitivity", "row"), ("sensitivity", "write"), ("timer", None),
+         ("level2", "trial"), ("level2", "trial"), ("level2", "trial"), ("timer", None),
+         ("final", "measure"), ("final", "write"), ("timer", None))
 
 
 def _stage(out: Path) -> str:
@@ -112,27 +115,26 @@ def _stage(out: Path) -> str:
     return "final"
 
 
-def _kill_for(want: str, out: Path, rng: random.Random, wall: float
+def _kill_for(want: str, kind: str | None, out: Path, rng: random.Random, wall: float
               ) -> tuple[str | None, float | None]:
-    """The fault (or timer) for a kill in stage ``want``, given where the search is. A run's
-    atomic writes come in this order: the output marker, one per new sensitivity row,
-    sensitivity.json, then (after the final measurements) plan.json, search.json and the
+    """The fault (or timer) for a kill of ``kind`` in stage ``want``, given where the search
+    is. A run's atomic writes come in this order: the output marker, one per new sensitivity
+    row, sensitivity.json, then (after the final measurements) plan.json, search.json and the
     Pareto files."""
     if want == "timer":
         return None, rng.uniform(2.0, wall)
-    now = _stage(out)
     if want == "sensitivity":
         cache = out / "sensitivity.cache.json"
         left = LAYERS - (len(json.loads(cache.read_text())["rows"]) if cache.exists() else 0)
-        return rng.choice([f"sensitivity_row:{rng.randint(1, left)}",
-                           f"atomic_write:{rng.randint(2, left + 1)}"]), None
+        if kind == "row":
+            return f"sensitivity_row:{rng.randint(1, left)}", None
+        return f"atomic_write:{rng.randint(2, left + 1)}", None
     if want == "level2":
         left = N_TRIALS - (_complete(out) if (out / "study.journal").exists() else 0)
         return f"level2_trial:{rng.randint(1, left)}", None
-    if now != "final":  # counted from here on, the writes would fall in an earlier stage
-        return f"final_measure:{rng.randint(1, 2)}", None
-    return rng.choice([f"final_measure:{rng.randint(1, 2)}",
-                       f"atomic_write:{rng.randint(3, 7)}"]), None
+    if kind == "measure" or _stage(out) != "final":  # counted from before the final stage,
+        return f"final_measure:{rng.randint(1, 2)}", None  # the writes would fall in another
+    return f"atomic_write:{rng.randint(3, 7)}", None
 
 
 def _complete(out: Path) -> int:
@@ -148,10 +150,10 @@ def test_twenty_sigkills_then_resume_give_the_uninterrupted_plan(reference, tiny
     order = ["sensitivity", "level2", "final"]
     for round_ in range(KILLS // len(ROUND)):
         out = tmp_path / f"round{round_}"
-        for want in ROUND:
+        for want, kind in ROUND:
             if want != "timer" and order.index(want) < order.index(_stage(out)):
-                want = _stage(out)  # that stage is done: kill in the one reached
-            fault, delay = _kill_for(want, out, rng, wall)
+                want, kind = _stage(out), {"level2": "trial", "final": "measure"}[_stage(out)]
+            fault, delay = _kill_for(want, kind, out, rng, wall)
             # a timer drawn after what is left of the run would let it finish (the test then
             # has nothing to resume): the first final measurement stops it first
             proc = _start(_argv(tiny_model_dir, out) + ["--resume"], fault or TIMER_BACKSTOP)
@@ -173,9 +175,9 @@ def test_twenty_sigkills_then_resume_give_the_uninterrupted_plan(reference, tiny
         trials = study.get_trials(deepcopy=False)
         rerun = {}
         for t in trials:
-            if "requeued_from" in t.user_attrs:
-                assert t.user_attrs["requeued_from"] not in rerun  # run again once, not twice
-                rerun[t.user_attrs["requeued_from"]] = t
+            for number in t.user_attrs.get("requeued_from", []):
+                assert number not in rerun  # run again once, not twice
+                rerun[number] = t
         for failed in (t for t in trials if t.state == TrialState.FAIL):
             again = rerun[failed.number]  # each interrupted trial ran again (perhaps itself
             while again.state == TrialState.FAIL:  # killed, and run again in turn) until it

@@ -10,11 +10,12 @@ limits, and the plan is measured for real at low fidelity (KL to the uncompresse
 few held-out windows). Objectives: measured KL, total bytes and, on a device, predicted
 seconds per token; the limits are also recorded with ``trial.set_constraint``.
 
-The proxy's own optima (its Pareto front over capacities, every weight 1) are enqueued first,
-so the study starts from level 1 and the sampler learns from there. A study lives in a storage
+The proxy's own optima (its Pareto front over capacities, every weight 1) come first, so the
+study starts from level 1 and the sampler learns from there. A study lives in a storage
 (default: a journal file in the output directory), so a killed search resumes: trials that
-were running are marked failed and their parameters enqueued again, and the study continues
-until it holds ``n_trials`` complete trials.
+were running are marked failed and run again, and the study continues until it holds
+``n_trials`` complete trials. A resumed study asks what the uninterrupted one would have asked
+(module notes at ``Level2._ask``).
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ class Level2:
                     "options": len(problem.options[0]), **(identity or {})}
         if settings.batch > 1:  # batches ask other trials (studies before batches had none)
             identity["batch"] = settings.batch
+        identity["trials"] = "by position"  # studies before positions resumed out of order
         stored = self.study.user_attrs.get("identity") if exists else None
         if stored is not None:
             if stored != json.loads(json.dumps(identity)):
@@ -210,25 +212,14 @@ class Level2:
             self._cache[trial.user_attrs["signature"]] = trial.user_attrs["kl_fast"]
         if exists:
             self._requeue_interrupted()
-        self._seed()  # idempotent: a study killed while seeding gets the rest
 
-    # -- study set-up --------------------------------------------------------------------------
-    def _seed(self) -> None:
-        """Level 1's proxy front, all weights 1, then the two corrections measurements most
-        often call for: the optimum without 2-bit (second-order proxies underrate its damage)
-        and the optimum trusting GPTQ 3x more (a diagonal proxy scores GPTQ's ΔW elementwise and
-        overrates its damage: SmolLM2's Fisher table costs GPTQ 1.5x RTN at equal bits where
-        the measured KL is 0.45x)."""
-        if self.study.user_attrs.get("seeded"):
-            return
-        present = {t.user_attrs.get("seed_index") for t in self.study.get_trials(deepcopy=False)}
-        for index, params in enumerate(self._seed_params()):
-            if index not in present:
-                self.study.enqueue_trial(params, user_attrs={"seed": "proxy front",
-                                                             "seed_index": index})
-        self.study.set_user_attr("seeded", True)
-
+    # -- the sequence of trials ----------------------------------------------------------------
     def _seed_params(self) -> list[dict[str, float]]:
+        """The first trials: level 1's proxy front, all weights 1, then the two corrections
+        measurements most often call for: the optimum without 2-bit (second-order proxies
+        underrate its damage) and the optimum trusting GPTQ 3x more (a diagonal proxy scores
+        GPTQ's ΔW elementwise and overrates its damage: SmolLM2's Fisher table costs GPTQ 1.5x
+        RTN at equal bits where the measured KL is 0.45x)."""
         ones = {knob: 1.0 for knob in self.reweighting.masks}
         seeds = [{"capacity": 1.0, **ones}]
         for fraction in np.linspace(1.0, self.lo, self.settings.front_points)[1:]:
@@ -239,25 +230,71 @@ class Level2:
             seeds.append({"capacity": 1.0, **ones, "w_gptq": WEIGHT_RANGE[0]})
         return seeds
 
+    def _knobs(self) -> set[str]:
+        return {*self.reweighting.masks, "capacity"}
+
+    def _attrs_at(self, position: int, batch_end: int) -> dict:
+        """``batch_end``: the position after the last of the trial's batch (a batch cut by a
+        kill is finished as it was begun: its later trials' history is the one before it)."""
+        attrs: dict = {"position": position, "batch_end": batch_end}
+        if position < len(self._seed_params()):
+            attrs.update(seed="proxy front", seed_index=position)
+        return attrs
+
+    def _next_position(self) -> int:
+        return 1 + max((t.user_attrs.get("position", -1)
+                        for t in self.study.get_trials(deepcopy=False)), default=-1)
+
+    def _ask(self, position: int, batch_end: int, enqueue: bool = True) -> optuna.Trial:
+        """The trial at ``position``, its place in an uninterrupted run (the seeds first).
+        Optuna's samplers read the history in trial-number order (TPE's mixture, its weights
+        and its tie-breaks all depend on it), so a resumed study must give every trial a
+        number in the order of its position, as the uninterrupted one does: a trial is
+        enqueued just before it is asked (never the seeds all at once, where a seed run again
+        came after the others), and its sampler is made afresh, seeded by the seed and the
+        position (Optuna's samplers keep only their RNG outside the storage). ``enqueue``
+        False: the trial is the copy of an interrupted one, already enqueued."""
+        if enqueue:
+            seeds = self._seed_params()
+            params = seeds[position] if position < len(seeds) else {}
+            self.study.enqueue_trial(params, user_attrs=self._attrs_at(position, batch_end))
+        self.study.sampler = make_sampler(self.settings.sampler,
+                                          self.settings.seed * 100_003 + position)
+        return self.study.ask()
+
     def _requeue_interrupted(self) -> None:
-        """Trials left RUNNING by a killed or interrupted process: failed, and run again. A
-        seed runs again with its parameters; a sampled trial is sampled again, which asks the
-        same parameters (the sampler is seeded by the trial's index, and failed trials are not
-        in its history), even if the kill came half-way through its suggestions. The copy is
-        enqueued before the trial is marked failed, and not twice: a kill between the two
-        steps (while resuming) loses no seed and doubles none."""
-        queued = {t.user_attrs.get("requeued_from")
-                  for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.number not in queued:
-                attrs, params = {"requeued_from": trial.number}, {}
-                if "seed_index" in trial.user_attrs:
-                    index = trial.user_attrs["seed_index"]
-                    attrs.update(seed="proxy front", seed_index=index)
-                    params = self._seed_params()[index]
-                self.study.enqueue_trial(params, user_attrs=attrs)
-            self.study.tell(trial.number, state=TrialState.FAIL)
-            self.log(f"trial {trial.number} was interrupted: run again")
+        """Trials a killed or interrupted process left RUNNING (or enqueued and not yet
+        asked): failed, and enqueued again, one copy per position, in the order of their
+        positions. A copy keeps the parameters if all were suggested (the sampler asked them
+        from the history an uninterrupted run had); otherwise it is sampled again at its
+        position, whose history is the same (no trial of a batch is told before all of it is
+        proposed). Kill-safe: the copy is enqueued before the originals are failed, a copy
+        left from a killed resume is itself taken as interrupted, and ``requeued_from`` names
+        each failed trial once."""
+        for _ in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            self.study.ask()  # enqueued, never asked: asked now, to be failed with the rest
+        trials = self.study.get_trials(deepcopy=False)
+        claimed = {n for t in trials for n in t.user_attrs.get("requeued_from", [])}
+        groups: dict[int, list] = {}
+        for trial in trials:
+            if trial.state != TrialState.RUNNING:
+                continue
+            if "position" not in trial.user_attrs:  # not asked by this module: not re-run
+                self.study.tell(trial.number, state=TrialState.FAIL)
+                continue
+            groups.setdefault(trial.user_attrs["position"], []).append(trial)
+        for position in sorted(groups):
+            group = groups[position]
+            params = next((dict(t.params) for t in reversed(group)
+                           if set(t.params) == self._knobs()), None)
+            if params is None and position < len(self._seed_params()):
+                params = self._seed_params()[position]
+            attrs = {**self._attrs_at(position, group[-1].user_attrs["batch_end"]),
+                     "requeued_from": [t.number for t in group if t.number not in claimed]}
+            self.study.enqueue_trial(params or {}, user_attrs=attrs)
+            for trial in group:
+                self.study.tell(trial.number, state=TrialState.FAIL)
+                self.log(f"trial {trial.number} was interrupted: run again")
 
     # -- trials --------------------------------------------------------------------------------
     def propose(self, trial: optuna.Trial) -> tuple[dict[str, LayerConfig], list[int]]:
@@ -297,17 +334,14 @@ class Level2:
         for signature, kl in zip(new, self.measure_many(list(new.values()))):
             self._cache[signature] = kl
 
-    def _batch(self, index: int, size: int) -> None:
-        """``size`` asks, their plans measured together, then the tells in order. Each trial's
-        sampler is made afresh, seeded by the seed, the number of complete trials and its place
-        in the batch, so a resumed study asks what an uninterrupted one would have asked
-        (Optuna's samplers keep only their RNG outside the storage). An interrupt leaves the
-        batch RUNNING in the storage, as a kill does; --resume runs it again."""
+    def _batch(self, copies: list[int], new: list[int], batch_end: int) -> None:
+        """The copies of interrupted trials (enqueued again, at positions ``copies``) and new
+        trials at positions ``new`` asked, their plans measured together, then the tells in
+        order. An interrupt leaves the batch RUNNING in the storage, as a kill does; --resume
+        runs it again."""
         asked = []
-        for offset in range(size):
-            self.study.sampler = make_sampler(self.settings.sampler,
-                                              self.settings.seed * 100_003 + index + offset)
-            trial = self.study.ask()
+        for position in copies + new:
+            trial = self._ask(position, batch_end, enqueue=position not in copies)
             try:
                 asked.append((trial, *self.propose(trial)))
             except AutocompressError as exc:
@@ -340,7 +374,15 @@ class Level2:
                   disable=not self.progress, leave=False) as bar:
             attempts = 0
             while done < target:
-                self._batch(done, min(self.settings.batch, target - done))
+                waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                start = self._next_position()
+                if waiting:  # the interrupted trials first, in the batch they were in
+                    end = max(t.user_attrs["batch_end"] for t in waiting)
+                    self._batch([t.user_attrs["position"] for t in waiting],
+                                list(range(start, end)), end)
+                else:
+                    end = start + min(self.settings.batch, target - done)
+                    self._batch([], list(range(start, end)), end)
                 attempts += 1
                 now = len(self.complete_trials())
                 bar.update(now - done)

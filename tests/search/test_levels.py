@@ -114,24 +114,55 @@ def test_level2_refuses_an_existing_study_without_resume(problem, tmp_path):
         _level2(problem, tmp_path, 2)
 
 
-def test_level2_resume_requeues_interrupted_trials(problem, tmp_path):
-    level, _ = _level2(problem, tmp_path, 4)
-    level.run()
-    # a trial left RUNNING, as a killed process leaves it
-    orphan = level.study.ask()
-    orphan_params = {"capacity": 0.9, **{k: 2.0 for k in level.reweighting.masks}}
-    for name, value in orphan_params.items():
-        orphan.suggest_float(name, *(level.lo, 1.0) if name == "capacity" else (0.2, 5.0),
-                             log=name != "capacity")
-    resumed, _ = _level2(problem, tmp_path, 8, resume=True)
-    trials = resumed.study.get_trials(deepcopy=False)
-    assert trials[orphan.number].state == TrialState.FAIL
+class _Killed(BaseException):
+    """A stand-in for SIGKILL: nothing catches it, so the trials in flight stay RUNNING."""
+
+
+def _kill_at(count: int, inner):
+    """``inner``, raising _Killed on its ``count``-th call."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == count:
+            raise _Killed
+        return inner(*args, **kwargs)
+    return wrapped
+
+
+def _history(level) -> list[dict]:
+    """What the sampler sees: the complete trials' parameters in trial-number order (TPE's
+    mixture, weights and tie-breaks depend on the order, not only on the set)."""
+    return [t.params for t in level.complete_trials()]
+
+
+@pytest.mark.parametrize("batch, where, count", [
+    (1, "measure_many", 1),  # the first seed: a seed run again must not come after the others
+    (1, "measure_many", 10),  # a sampled trial
+    (1, "propose", 11),  # half-way through a sampled trial's suggestions
+    (3, "record", 8),    # between two tells of one batch
+    (3, "propose", 11),  # half-way through a batch's asks
+])
+def test_a_killed_and_resumed_study_asks_what_an_uninterrupted_one_asks(
+        problem, tmp_path, batch, where, count):
+    n = 14  # TPE's own suggestions start after 8 complete trials
+    reference, _ = _level2(problem, tmp_path / "reference", n, batch=batch)
+    reference.run()
+    killed, _ = _level2(problem, tmp_path / "run", n, batch=batch)
+    setattr(killed, where, _kill_at(count, getattr(killed, where)))
+    with pytest.raises(_Killed):
+        killed.run()
+    running = [t.number for t in killed.study.get_trials(states=(TrialState.RUNNING,))]
+    assert running  # the kill left trials in flight
+    resumed, _ = _level2(problem, tmp_path / "run", n, resume=True, batch=batch)
     done = resumed.run()
-    assert len(done) == 8
-    requeued = [t for t in done if t.user_attrs.get("requeued_from") == orphan.number]
-    assert len(requeued) == 1 and requeued[0].params == trials[orphan.number].params
-    numbers = [t.number for t in done]
-    assert len(numbers) == len(set(numbers))
+    assert len(done) == n
+    assert _history(resumed) == _history(reference)
+    assert [t.user_attrs["position"] for t in done] == list(range(n))
+    trials = resumed.study.get_trials(deepcopy=False)
+    copies = {n: t for t in trials for n in t.user_attrs.get("requeued_from", [])}
+    assert sorted(copies) == sorted(t.number for t in trials if t.state == TrialState.FAIL)
+    assert set(running) <= set(copies)
 
 
 def test_rdb_storage_url_is_used_as_given(tmp_path):
@@ -240,21 +271,32 @@ def test_level2_uses_only_optunas_public_api():
         assert private not in source, private
 
 
-def test_a_kill_while_requeueing_loses_no_seed_and_doubles_none(problem, tmp_path):
-    """Resuming enqueues a copy of each interrupted trial, then marks it failed; a process killed
-    between the two leaves both the RUNNING trial and its copy, and the next resume must not
-    enqueue a second copy (nor, the other way round, could it lose the seed)."""
-    level, _ = _level2(problem, tmp_path, 1)
-    level.run()
-    seed = level.study.ask()  # the second seed, asked and then killed while measuring
-    assert seed.user_attrs.get("seed_index") == 1
-    level.study.enqueue_trial(level._seed_params()[1], user_attrs={
-        "requeued_from": seed.number, "seed": "proxy front", "seed_index": 1})
-    # ... and killed here, before the original was marked failed
-    resumed, _ = _level2(problem, tmp_path, 8, resume=True)
-    trials = resumed.study.get_trials(deepcopy=False)
-    assert trials[seed.number].state == TrialState.FAIL
-    copies = [t for t in trials if t.user_attrs.get("requeued_from") == seed.number]
-    assert len(copies) == 1
+def test_a_kill_while_requeueing_loses_no_trial_and_doubles_none(problem, tmp_path):
+    """Resuming enqueues a copy of each interrupted trial, then marks it failed; a process
+    killed between the two leaves both the RUNNING trial and its copy, and the next resume
+    runs that position once (and, the other way round, could not lose it)."""
+    n = 10
+    reference, _ = _level2(problem, tmp_path / "reference", n)
+    reference.run()
+    killed, _ = _level2(problem, tmp_path / "run", n)
+    killed.measure_many = _kill_at(2, killed.measure_many)  # the second seed, while measured
+    with pytest.raises(_Killed):
+        killed.run()
+    tell = optuna.Study.tell
+    try:  # the resume killed as it marks the original failed, after enqueueing the copy
+        optuna.Study.tell = _kill_at(1, tell)
+        with pytest.raises(_Killed):
+            _level2(problem, tmp_path / "run", n, resume=True)
+    finally:
+        optuna.Study.tell = tell
+    study = optuna.load_study(study_name="autocompress", storage=open_storage(None, tmp_path / "run"))
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states.count(TrialState.RUNNING) == 1 and states.count(TrialState.WAITING) == 1
+    resumed, _ = _level2(problem, tmp_path / "run", n, resume=True)
     done = resumed.run()
+    assert _history(resumed) == _history(reference)
     assert [t.user_attrs.get("seed_index") for t in done].count(1) == 1
+    trials = resumed.study.get_trials(deepcopy=False)
+    claims = [n for t in trials for n in t.user_attrs.get("requeued_from", [])]
+    assert sorted(claims) == sorted(t.number for t in trials if t.state == TrialState.FAIL)
+    assert len(claims) == len(set(claims))  # each failed trial run again once
