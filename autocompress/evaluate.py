@@ -30,21 +30,41 @@ class EvalResult:
                 "windows": self.windows}
 
 
+# rows of a window's [positions, vocabulary] arrays taken at once where temporaries are made:
+# the vocabulary is large (49,152 on SmolLM2, 151,936 on Qwen2.5), a whole window's
+# temporary 100-300 MB each
+KL_ROWS = 64
+
+
+def log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """``F.log_softmax(logits, -1)`` written over ``logits`` (the same kernel, bit for bit; one
+    [positions, vocabulary] array instead of two)."""
+    if logits.dtype != torch.float32:
+        return F.log_softmax(logits.float(), dim=-1)
+    return torch.log_softmax(logits, -1, out=logits)
+
+
 def log_probs(model, window: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities [L-1, V] of a torch model or any ``engines.base.Engine``."""
     if hasattr(model, "window_logits"):  # an Engine (llama.cpp, ...)
         logits = model.window_logits(window)[:-1]
     else:
-        logits = model(window.unsqueeze(0)).logits[0, :-1].float()
-    return F.log_softmax(logits, dim=-1)
+        logits = model(window.unsqueeze(0)).logits[0, :-1]
+    return log_softmax_(logits)
 
 
 def window_sums(logp: torch.Tensor, window: torch.Tensor, ref: torch.Tensor | None
                 ) -> tuple[float, float, int]:
-    """(summed next-token loss, summed KL(ref || model), predicted tokens) of one window."""
+    """(summed next-token loss, summed KL(ref || model), predicted tokens) of one window. The
+    KL is summed ``KL_ROWS`` positions at a time (its temporaries are the size of those rows,
+    not of the window's vocabulary array three times over)."""
     targets = window[1:]
     nll = -logp.gather(1, targets.unsqueeze(1)).sum().item()
-    kl = (ref.exp() * (ref - logp)).sum().item() if ref is not None else 0.0
+    kl = 0.0
+    if ref is not None:
+        for start in range(0, logp.shape[0], KL_ROWS):
+            r, lp = ref[start:start + KL_ROWS], logp[start:start + KL_ROWS]
+            kl += (r.exp() * (r - lp)).sum().item()
     return nll, kl, targets.numel()
 
 
@@ -95,7 +115,7 @@ class ReferenceCache:
         if weight._version != version:
             raise RuntimeError("the reference model's head changed after its ReferenceCache was "
                                "made: the cache recomputes log-probabilities through it")
-        return F.log_softmax(F.linear(hidden, weight, bias)[0, :-1].float(), dim=-1)
+        return log_softmax_(F.linear(hidden, weight, bias)[0, :-1])
 
     def fill(self, progress: bool = False, desc: str = "reference") -> "ReferenceCache":
         """Compute every window now, while the model is the reference (before a plan is

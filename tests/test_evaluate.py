@@ -82,3 +82,24 @@ def test_a_reference_whose_head_changed_is_refused(tiny_loaded):
         model.lm_head.weight.mul_(0.5)
     with pytest.raises(RuntimeError, match="head changed"):
         cache.get(0)
+
+
+def test_log_probs_in_place_are_the_kernels_own_and_kl_sums_every_row():
+    """The log-softmax written over the logits is F.log_softmax bit for bit, and the KL summed
+    KL_ROWS positions at a time covers every position (511: not a multiple of the rows)."""
+    import torch.nn.functional as F
+
+    from autocompress.evaluate import KL_ROWS, log_softmax_, window_sums
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(511, 3000, generator=g) * 4
+    expected = F.log_softmax(logits, dim=-1)
+    assert torch.equal(log_softmax_(logits.clone()), expected)
+    ref = F.log_softmax(logits + torch.randn(511, 3000, generator=g), dim=-1)
+    window = torch.randint(0, 3000, (512,), generator=g)
+    nll, kl, tokens = window_sums(expected, window, ref)
+    exact = (ref.double().exp() * (ref.double() - expected.double())).sum().item()
+    assert 511 % KL_ROWS and tokens == 511
+    assert math.isclose(kl, exact, rel_tol=1e-5)
+    assert math.isclose(nll, -expected.double()[torch.arange(511), window[1:]].sum().item(),
+                        rel_tol=1e-6)
