@@ -96,6 +96,33 @@ def _add_build(p: argparse.ArgumentParser) -> None:
                         "from the uncompressed model (parallel); default: the plan's")
 
 
+def _add_placement(p: argparse.ArgumentParser, from_plan: bool = False) -> None:
+    from .placement import DTYPE_CHOICES
+
+    p.add_argument("--compute-device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where every stage computes (default: auto, the first GPU torch sees, "
+                        "else the CPU)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="the dtype the model is loaded and computed in (default: auto, "
+                        + ("the one the plan records" if from_plan else
+                           "float32 on a CPU, the model's own on a GPU") + ")")
+
+
+def _load(args, dtype: str | None = None):
+    """The model on --compute-device in --dtype (or ``dtype``), said on the terminal."""
+    from .model import load_model
+
+    loaded = load_model(args.model, dtype=dtype or args.dtype, device=args.compute_device)
+    _say_placement(loaded)
+    return loaded
+
+
+def _say_placement(loaded) -> None:
+    """Where the work runs, said when it is not this tool's long-standing CPU float32."""
+    if loaded.placement.describe() != "cpu, float32":
+        _log(f"computing on {loaded.placement.describe()}")
+
+
 def _add_force(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--force", action="store_true",
                    help=f"write {what} even where --out holds files autocompress did not write "
@@ -152,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="output directory (an earlier apply output there is replaced whole)")
     _add_force(p, "the model")
+    _add_placement(p, from_plan=True)
     p.add_argument("--packed", action="store_true",
                    help="write bit-packed low-bit storage (runtime format) instead of float16")
     _add_build(p)
@@ -164,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write (e.g. model.gguf)")
     _add_force(p, "the file")
     _add_build(p)
+    _add_placement(p, from_plan=True)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     p = sub.add_parser("eval", help="perplexity and KL of a plan on evaluation text")
@@ -189,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p, required=False)
     _add_build(p)
     _add_memory(p)
+    _add_placement(p, from_plan=True)
 
     p = sub.add_parser("sensitivity", help="build a sensitivity table (layers x options) and a heat map")
     _add_model(p)
@@ -198,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="table JSON to write (the PNG goes beside it)")
     _add_force(p, "the table")
     _add_calib(p, 8)
+    _add_placement(p)
 
     p = sub.add_parser("search", help="search a per-layer plan under a memory budget")
     _add_model(p)
@@ -262,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the Optuna sampler's seed")
     _add_calib(p, 8)
     _add_memory(p)
+    _add_placement(p)
     p = sub.add_parser("devices", help="list the device profiles with memory and bandwidth")
 
     p = sub.add_parser("profile", help="measure this machine and write a device profile")
@@ -513,7 +545,12 @@ def _load_for_plan(args):
     from .plan import Plan
 
     plan = Plan.load(args.plan)
-    loaded = load_model(args.model or plan.model.source or plan.model.name)
+    # --dtype auto reproduces the plan: the dtype its weights and figures were computed in
+    recorded = plan.provenance.compute_dtype if plan.provenance else "float32"
+    loaded = load_model(args.model or plan.model.source or plan.model.name,
+                        dtype=recorded if args.dtype == "auto" else args.dtype,
+                        device=args.compute_device)
+    _say_placement(loaded)
     plan.check_model(loaded.identity)
     plan.check_override_names((layer.name for layer in loaded.layers),
                               (table.name for table in loaded.tables))
@@ -526,7 +563,8 @@ def _build_recipe(args, loaded, plan):
     from .provenance import BuildOverrides
 
     recipe = build_recipe(loaded, plan, BuildOverrides(
-        calib_text=args.calib_text, calib_windows=args.calib_windows, mode=args.mode))
+        calib_text=args.calib_text, calib_windows=args.calib_windows, mode=args.mode,
+        compute_dtype=loaded.placement.dtype_name))
     for note in recipe.notes:
         _log(note)
     if recipe.calib is not None:
@@ -670,7 +708,7 @@ def cmd_eval(args) -> int:
               "layer_weight_bytes": fp.layer_weights, "eval_text": source,
               "window_len": window_len, "engine": args.engine,
               "provenance": recipe.provenance.to_dict() if recipe else None,
-              "peak_rss_bytes": peak_rss_bytes()}
+              "compute": loaded.placement.describe(), "peak_rss_bytes": peak_rss_bytes()}
     if args.engine == "llamacpp":
         record["gguf"] = str(Path(args.gguf).resolve())
         record["gguf_bytes"] = Path(args.gguf).stat().st_size
@@ -723,7 +761,6 @@ def _device_and_latency(args):
 
 
 def cmd_search(args) -> int:
-    from .model import load_model
     from .report import (
         candidates_table,
         decode_table,
@@ -760,7 +797,7 @@ def cmd_search(args) -> int:
         from .engines.llamacpp import library
 
         library()  # llama.cpp missing or mismatched: said before any work
-    loaded = load_model(args.model)
+    loaded = _load(args)
     if export == "gguf":
         from .export.gguf import source_gguf
 
@@ -811,7 +848,6 @@ def cmd_search(args) -> int:
 
 def cmd_sensitivity(args) -> int:
     from .data import calibration_data
-    from .model import load_model
     from .search.space import SearchSpace
     from .sensitivity.build import build_table, make_proxy
     from .sensitivity.heatmap import save_heatmap
@@ -819,7 +855,7 @@ def cmd_sensitivity(args) -> int:
     out, png = _sensitivity_outputs(args)
     space = SearchSpace.load(args.space)
     proxy = make_proxy(args.proxy)
-    loaded = load_model(args.model)
+    loaded = _load(args)
     calib = calibration_data(loaded.tokenizer, args.calib_text, args.calib_windows, 0,
                              args.window_len)
     table = build_table(loaded, space, proxy, calib.calib, calib.digest,

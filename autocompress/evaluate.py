@@ -49,7 +49,9 @@ def log_probs(model, window: torch.Tensor) -> torch.Tensor:
     if hasattr(model, "window_logits"):  # an Engine (llama.cpp, ...)
         logits = model.window_logits(window)[:-1]
     else:
-        logits = model(window.unsqueeze(0)).logits[0, :-1]
+        from .placement import on_device_of
+
+        logits = model(on_device_of(model, window).unsqueeze(0)).logits[0, :-1]
     return log_softmax_(logits)
 
 
@@ -58,10 +60,11 @@ def window_sums(logp: torch.Tensor, window: torch.Tensor, ref: torch.Tensor | No
     """(summed next-token loss, summed KL(ref || model), predicted tokens) of one window. The
     KL is summed ``KL_ROWS`` positions at a time (its temporaries are the size of those rows,
     not of the window's vocabulary array three times over)."""
-    targets = window[1:]
+    targets = window[1:].to(logp.device)
     nll = -logp.gather(1, targets.unsqueeze(1)).sum().item()
     kl = 0.0
     if ref is not None:
+        ref = ref.to(logp.device)  # an engine's CPU logits against a model's on a GPU
         for start in range(0, logp.shape[0], KL_ROWS):
             r, lp = ref[start:start + KL_ROWS], logp[start:start + KL_ROWS]
             kl += (r.exp() * (r - lp)).sum().item()
@@ -142,7 +145,10 @@ class ReferenceCache:
                    saved: list[dict[str, torch.Tensor]]) -> "ReferenceCache":
         """A cache from ``saved`` entries, with ``model`` the same uncompressed model (loaded
         again elsewhere: a Ray worker), whose head the hidden states go through."""
-        cache = cls(model, windows)
+        from .placement import model_device
+
+        cache, device = cls(model, windows), model_device(model)
+        saved = [{k: v.to(device) for k, v in entry.items()} for entry in saved]
         for index, entry in enumerate(saved):
             if "hidden" in entry:
                 if cache._head is None:

@@ -87,6 +87,13 @@ class LoadedModel:
     def config(self) -> Any:
         return self.model.config
 
+    @property
+    def placement(self):
+        """Where the model's weights are and their dtype (placement.Placement)."""
+        from .placement import Placement, model_device
+
+        return Placement(model_device(self.model), next(self.model.parameters()).dtype)
+
     def module(self, layer_name: str) -> nn.Module:
         return self.model.get_submodule(layer_name)
 
@@ -247,12 +254,18 @@ def _load_checked(hf_dir: Path, dtype: torch.dtype):
     return tokenizer, model
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM for compression work (eval mode, no grad by default, offline)."""
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a causal LM for compression work (eval mode, no grad by default, offline), in
+    ``dtype`` on ``device`` (either may be ``auto``: placement.resolve_placement)."""
     from transformers.utils import logging as hf_logging
+
+    from .placement import resolve_placement, stored_dtype
 
     hf_logging.disable_progress_bar()  # our own progress bars are enough
     name, hf_dir = resolve_model_path(spec)
+    placement = resolve_placement(device, dtype, stored_dtype(hf_dir))
+    dtype = placement.dtype
     try:
         tokenizer, model = _load_checked(hf_dir, dtype)
     except AutocompressError as exc:
@@ -264,6 +277,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
         shutil.rmtree(hf_dir)
         name, hf_dir = resolve_model_path(spec)
         tokenizer, model = _load_checked(hf_dir, dtype)
+    if placement.device.type != "cpu":
+        model.to(placement.device)
     model.eval()
     model.requires_grad_(False)  # inference by default; sensitivity proxies enable what they need
     layers, head = discover_layers(model)
@@ -305,7 +320,8 @@ def weights_fingerprint(loaded: LoadedModel) -> str:
     the same shapes but different weights (a fine-tune, another seed) get different keys."""
     digest = hashlib.sha256()
     for layer in loaded.layers:
-        sample = loaded.module(layer.name).weight.detach().reshape(-1)[::997].float()
+        # float32 on the CPU whatever the placement: the same weights give the same key
+        sample = loaded.module(layer.name).weight.detach().reshape(-1)[::997].float().cpu()
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
 

@@ -85,7 +85,12 @@ def read_marker(directory: Path) -> dict | None:
 
 
 def _is_tool_temp(entry: str, names: set[str]) -> bool:
-    """Leftovers of an interrupted atomic write of one of ``names`` (.NAME.XXXX.tmp)."""
+    """Leftovers of an interrupted atomic write of one of ``names`` (.NAME.XXXX.tmp), or of
+    Optuna releasing a journal's lock file (it renames NAME.lock to NAME.lock<uuid>.rename,
+    then unlinks that: a kill in between leaves it)."""
+    if entry.endswith(".rename") and any(entry.startswith(name) for name in names
+                                         if name.endswith(".lock")):
+        return True
     return entry.startswith(".") and (entry.endswith(".tmp") or TMP_TAG in entry) and any(
         entry.startswith(f".{name}.") for name in names)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from . import __version__
 from .errors import AutocompressError
+from .placement import DTYPES
 
 MODES = ("sequential", "parallel")
 IMPORTANCE = ("E[x xᵀ] of each layer's input over the calibration windows (GPTQ's Hessian, "
@@ -45,6 +46,9 @@ class Provenance:
     # a layer whose GGUF type is the one the source GGUF stores it in keeps the stored bytes,
     # as llama-quantize does (gguf_source.py); plans that predate the field requantized them
     gguf_source_copy: bool = True
+    # the dtype the model was loaded and computed in (statistics, GPTQ, the measured KLs);
+    # plans that predate the field were all computed in float32
+    compute_dtype: str = "float32"
     tool_version: str = __version__
     made_by: str = "plan"
 
@@ -63,6 +67,9 @@ class Provenance:
         if not isinstance(self.gguf_source_copy, bool):
             raise AutocompressError(f"provenance gguf_source_copy must be true or false, got "
                                     f"{self.gguf_source_copy!r}")
+        if self.compute_dtype not in DTYPES:
+            raise AutocompressError(f"provenance compute_dtype must be one of "
+                                    f"{', '.join(DTYPES)}, got {self.compute_dtype!r}")
         if not self.gptq_static_groups:
             raise AutocompressError("provenance gptq_static_groups must be true: this version "
                                     "only makes static groups")
@@ -75,8 +82,9 @@ class Provenance:
     def describe(self) -> str:
         """One line for the terminal: what apply/eval are about to reproduce."""
         gptq = (f"GPTQ damp {self.gptq_damp:g}, {'act-order' if self.gptq_act_order else 'in order'}")
+        dtype = "" if self.compute_dtype == "float32" else f"; computed in {self.compute_dtype}"
         return (f"{self.mode} calibration on {self.calib_windows} windows of {self.window_len} "
-                f"tokens of {self.calib_label}; {gptq}")
+                f"tokens of {self.calib_label}; {gptq}{dtype}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +123,7 @@ class BuildOverrides:
     calib_windows: int | None = None
     window_len: int | None = None
     mode: str | None = None
+    compute_dtype: str | None = None
 
 
 def resolve(recorded: Provenance | None, overrides: BuildOverrides | None = None
@@ -139,6 +148,11 @@ def resolve(recorded: Provenance | None, overrides: BuildOverrides | None = None
             value = getattr(overrides, name)
             if value is not None and value != getattr(base, name):
                 changes[name] = value
+    if overrides is not None and overrides.compute_dtype not in (None, base.compute_dtype):
+        notes.append(dtype_note(base, overrides.compute_dtype))
+        base = dataclasses.replace(base, compute_dtype=overrides.compute_dtype)
+        if not changes:
+            return base, notes
     if changes:
         same_windows = not {"calib_text", "calib_windows", "window_len"} & set(changes)
         built = dataclasses.replace(base, **changes,
@@ -151,6 +165,11 @@ def resolve(recorded: Provenance | None, overrides: BuildOverrides | None = None
     if recorded is not None:
         notes.append(f"reproducing the plan's provenance: {base.describe()}")
     return base, notes
+
+
+def dtype_note(recorded: Provenance, compute_dtype: str) -> str:
+    return (f"computing in {compute_dtype}, not the plan's {recorded.compute_dtype}: the figures "
+            "will differ from those the search measured")
 
 
 def calibration_windows(tokenizer: Any, provenance: Provenance):

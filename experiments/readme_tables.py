@@ -475,6 +475,20 @@ def level2_workers(store: Store) -> str:
                               f"experiments/level2_workers.py --trials 16 --batch 2`.")
 
 
+def dtype(store: Store) -> str:
+    data = store.get("dtype.json")
+    p, entries = data.protocol, data.entries
+    rows = ["| computed in | plan | perplexity | KL to float32 uncompressed | forward | "
+            "weights in memory | measured |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for e in entries.values():
+        rows.append(f"| {e.dtype} | {e.plan} | {e.ppl:.3f} | {e.kl:.2e} | "
+                    f"{e.tokens_per_s:.0f} tok/s | {e.param_bytes / 1e6:.0f} MB | "
+                    f"{e.measured_at} |")
+    return "\n".join(rows) + (f"\n\nProtocol: {p.model}; {p.eval}; {p.plans}; {p.reference}; "
+                              f"machine {p.machine}. Command: `.venv/bin/python "
+                              f"experiments/dtype_bench.py --windows 40`.")
+
+
 def gguf(store: Store, name: str = "gguf.json") -> str:
     data = store.get(name)
     p, entries = data.protocol, data.entries
@@ -610,7 +624,8 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "latency-model": latency_model, "kernels": kernels, "proxy-fidelity": proxy_fidelity,
             "joint-vs-bits": joint_vs_bits, "baselines": baselines,
             "search-candidates": search_candidates, "gptq-study": gptq_study,
-            "peak-memory": peak_memory, "level2-workers": level2_workers}
+            "peak-memory": peak_memory, "level2-workers": level2_workers,
+            "dtype": dtype}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

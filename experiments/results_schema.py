@@ -323,6 +323,31 @@ class PeakMemory(_Model):
     measured_at: str
 
 
+# ---------------------------------------------------------------- dtype.json
+
+
+class DtypeProtocol(_Model):
+    model: str
+    eval: str
+    plans: str
+    reference: str
+    machine: str
+
+
+class DtypeRun(_Model):
+    """One plan evaluated with the model loaded and computed in ``dtype``."""
+    dtype: str
+    plan: str
+    ppl: float
+    kl: float
+    tokens: int
+    build_s: float
+    eval_s: float
+    tokens_per_s: float
+    param_bytes: int
+    measured_at: str
+
+
 # ---------------------------------------------------------------- level2_workers.json
 
 
@@ -454,6 +479,8 @@ SPECS: dict[str, FileSpec] = {
                           else GgufRecipe, keys=r"(?:search@)?[A-Z0-9_]+(?: imatrix)?"),
     "peak_memory.json": FileSpec(PeakMemoryProtocol, _by_key({}, PeakMemory)),
     "level2_workers.json": FileSpec(Level2WorkersProtocol, _by_key({}, Level2Workers)),
+    "dtype.json": FileSpec(DtypeProtocol, _by_key({}, DtypeRun),
+                           keys=r"(?:float32|bfloat16|float16)/[\w-]+"),
     "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),
                                      required=("fisher",)),
 }

@@ -256,3 +256,50 @@ def test_plan_recipe_writes_llama_cpps_types_as_a_plan(tiny_model_dir, tmp_path)
     assert plan.resolve_model(loaded) == recipe_configs(loaded, "Q4_K_M", imatrix=True)
     assert plan.figures["label"] == "llama.cpp Q4_K_M imatrix"
     assert plan.provenance.calib_digest is not None
+
+
+def test_dtype_is_chosen_recorded_and_reproduced(tiny_model_dir, tmp_path, capsys):
+    """`--dtype bfloat16` computes in bfloat16 (another perplexity than float32's, close to
+    it); a plan that records bfloat16 is evaluated in bfloat16 again with `--dtype auto`, and
+    the table a bfloat16 sensitivity run writes is not reused for float32."""
+    from autocompress.plan import Plan
+
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(tiny_model_dir), "--bits", "4", "--out",
+                 str(plan_path)]) == 0
+    common = ["--windows", "2", "--window-len", "64", "--json", "--no-kl"]
+    capsys.readouterr()
+    results = {}
+    for dtype in ("auto", "bfloat16"):
+        assert main(["eval", str(plan_path), "--dtype", dtype, *common]) == 0
+        captured = capsys.readouterr()
+        results[dtype] = json.loads(captured.out)
+    assert results["auto"]["compute"] == "cpu, float32"
+    assert results["bfloat16"]["compute"] == "cpu, bfloat16"
+    assert results["bfloat16"]["provenance"]["compute_dtype"] == "bfloat16"
+    assert "computing in bfloat16, not the plan's float32" in captured.err
+    ratio = results["bfloat16"]["ppl"] / results["auto"]["ppl"]
+    assert ratio != 1.0 and abs(ratio - 1) < 0.05
+
+    plan = Plan.load(plan_path)
+    import dataclasses
+
+    bf16_plan = dataclasses.replace(plan, provenance=dataclasses.replace(
+        plan.provenance, compute_dtype="bfloat16"))
+    bf16_plan.save(tmp_path / "bf16.json")
+    assert main(["eval", str(tmp_path / "bf16.json"), *common]) == 0
+    captured = capsys.readouterr()
+    again = json.loads(captured.out)
+    assert again["compute"] == "cpu, bfloat16" and again["ppl"] == results["bfloat16"]["ppl"]
+    assert "computing on cpu, bfloat16" in captured.err
+
+    table = tmp_path / "table.json"
+    args = ["sensitivity", "--model", str(tiny_model_dir), "--space", "bits",
+            "--calib-windows", "2", "--window-len", "32", "--out", str(table)]
+    assert main(args + ["--dtype", "bfloat16"]) == 0
+    bf16_key = json.loads(table.read_text())["meta"]["key"]
+    assert bf16_key["dtype"] == "bfloat16"
+    assert main(args) == 0
+    f32_key = json.loads(table.read_text())["meta"]["key"]
+    assert "dtype" not in f32_key  # caches written before the option stay valid
+    assert f32_key["weights"] != bf16_key["weights"]  # bfloat16 weights are other weights

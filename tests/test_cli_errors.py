@@ -175,6 +175,15 @@ ROWS = [
     ("layers --model {gguf_empty}", 2, "truncated or corrupt"),
     ("layers --model {text}", 2, "unknown model"),
     ("layers --colour red", 2, "unrecognized arguments"),
+    # -- where and in what precision (every command that computes) -----------------------------
+    ("sensitivity --model {model} --compute-device gpu --out {tmp}/t.json", 2,
+     "unknown compute device 'gpu'"),
+    ("search --model {model} --budget 1MB --compute-device cuda:7 --out {tmp}/s", 2,
+     "--compute-device cuda:7"),
+    ("apply {plan} --compute-device tpu --out {tmp}/m", 2, "unknown compute device 'tpu'"),
+    ("eval {plan} --dtype float8", 2, "invalid choice: 'float8'"),
+    ("export {plan_gguf} --format gguf --compute-device cuda:7 --out {tmp}/m.gguf", 2,
+     "--compute-device cuda:7"),
     ("nosuchcommand", 2, "invalid choice"),
     # -- plan --------------------------------------------------------------------------------
     ("plan --model {model} --bits 7 --out {tmp}/p.json", 2, "bits must be one of"),

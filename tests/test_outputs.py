@@ -196,3 +196,20 @@ def test_a_search_that_stopped_before_writing_anything_is_not_an_earlier_search(
     argv[argv.index("--budget") + 1] = "1KB"  # no plan fits: stops after the marker
     assert main(argv) == 2
     assert main(_search(tiny_model_dir, out)) == 0
+
+
+def test_optunas_lock_release_leftover_is_the_searchs_own_and_is_cleared(tiny_model_dir,
+                                                                         tmp_path):
+    """Optuna releases the journal's lock by renaming study.journal.lock to
+    study.journal.lock<uuid>.rename and unlinking that; a kill between the two (seen once in
+    the fault drill) must not make the search directory a user's on --resume. A user's file
+    of a like name (not after the lock's name) still is."""
+    out = tmp_path / "run"
+    assert main(_search(tiny_model_dir, out)) == 0
+    leftover = out / "study.journal.lock3f2a9c1e-5b7d-4e21-a073-a57118b7ac73.rename"
+    leftover.write_text("")
+    assert dir_state(out).kind == "ours"
+    assert main(_search(tiny_model_dir, out, "--resume")) == 0
+    assert not leftover.exists()
+    (out / "notes.rename").write_text("mine")
+    assert dir_state(out).kind == "foreign"

@@ -57,3 +57,21 @@ def test_plans_recorded_before_gguf_source_copy_are_built_without_it():
     assert LEGACY.gguf_source_copy is False
     with pytest.raises(AutocompressError, match="gguf_source_copy must be true or false"):
         Provenance.from_dict({**older, "gguf_source_copy": "yes"})
+
+
+def test_the_compute_dtype_is_recorded_and_older_plans_were_float32():
+    """A plan computed in bfloat16 says so, and one written before the field was float32 (the
+    only precision the tool had); asking for another dtype is an override, said as one."""
+    older = {k: v for k, v in Provenance().to_dict().items() if k != "compute_dtype"}
+    assert Provenance.from_dict(older).compute_dtype == "float32"
+    recorded = Provenance(compute_dtype="bfloat16")
+    assert "computed in bfloat16" in recorded.describe()
+    assert "computed in" not in Provenance().describe()
+    used, notes = resolve(recorded, BuildOverrides(compute_dtype="float32"))
+    assert used.compute_dtype == "float32" and notes == [
+        "computing in float32, not the plan's bfloat16: the figures will differ from those the "
+        "search measured"]
+    used, notes = resolve(recorded, BuildOverrides(compute_dtype="bfloat16"))
+    assert used == recorded and "reproducing" in notes[0]
+    with pytest.raises(AutocompressError, match="compute_dtype must be one of"):
+        Provenance(compute_dtype="float8")

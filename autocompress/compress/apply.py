@@ -35,8 +35,9 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, dtype):
         super().__init__()
-        self.down = nn.Linear(b.shape[1], b.shape[0], bias=False, dtype=dtype)
-        self.up = nn.Linear(a.shape[1], a.shape[0], bias=bias is not None, dtype=dtype)
+        self.down = nn.Linear(b.shape[1], b.shape[0], bias=False, dtype=dtype, device=b.device)
+        self.up = nn.Linear(a.shape[1], a.shape[0], bias=bias is not None, dtype=dtype,
+                            device=a.device)
         with torch.no_grad():
             self.down.weight.copy_(b)
             self.up.weight.copy_(a)

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..model import LayerInfo
+from ..placement import model_device, on_device_of
 
 # Which layers read the same input tensor inside a Llama block.
 _INPUT_GROUP = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
@@ -36,10 +37,10 @@ class InputAccumulator:
     most of the calibration's time. Each batch's product is taken in float32 (a few hundred
     terms: fast, and accurate enough), the running sum in float64."""
 
-    def __init__(self, dim: int, full: bool = True):
+    def __init__(self, dim: int, full: bool = True, device: torch.device | str = "cpu"):
         self.full = full
-        self.xtx = torch.zeros(dim, dim, dtype=torch.float64) if full else None
-        self.sq = None if full else torch.zeros(dim, dtype=torch.float64)
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device) if full else None
+        self.sq = None if full else torch.zeros(dim, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -87,13 +88,14 @@ def _hook_layers(model: nn.Module, layers: Iterable[LayerInfo],
             if hessian_layers is None or layer.name in hessian_layers}
     handles = []
     seen: set[tuple] = set()
+    device = model_device(model)
     for layer in layers:
         group = input_group(layer)
         if group in seen:
             continue
         seen.add(group)
         acc = accumulators.setdefault(group, InputAccumulator(layer.in_features,
-                                                              full=group in full))
+                                                              full=group in full, device=device))
 
         def hook(_module, args, acc=acc):
             acc.add(args[0])
@@ -124,6 +126,7 @@ def collect_stats(model: nn.Module, layers: list[LayerInfo], windows: torch.Tens
     the full E[x xᵀ] only for the inputs of ``hessian_layers`` (None: all)."""
     accumulators: dict[tuple, InputAccumulator] = {}
     handles = _hook_layers(model, layers, accumulators, hessian_layers)
+    windows = on_device_of(model, windows)
     try:
         for i in tqdm(range(windows.shape[0]), desc="calibration", disable=not progress, leave=False):
             model(windows[i:i + 1], use_cache=False)
@@ -161,6 +164,7 @@ class BlockRunner:
             raise _StopForward
 
         handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+        windows = on_device_of(self.model, windows)
         try:
             for i in range(windows.shape[0]):
                 try:

@@ -29,7 +29,8 @@ class GPTQ:
         if weight.dim() != 2:
             raise ValueError(f"expected a [out, in] weight matrix, got shape {tuple(weight.shape)}")
         self.weight = weight.detach().float()
-        self.H = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32)
+        self.H = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float32,
+                             device=weight.device)
         self.n_samples = 0
         self.last_error: float | None = None
 
@@ -88,16 +89,20 @@ class GPTQ:
             # up-to-date weights when its first column comes up
             block_size = math.ceil(block_size / group_size) * group_size
 
-        order = torch.arange(W.shape[1])
+        order = torch.arange(W.shape[1], device=W.device)
+        columns = range(W.shape[1])
         if act_order:
             order = torch.argsort(H.diagonal(), descending=True)
             W, H = W[:, order], H[order][:, order]
             keep = None if keep is None else keep[:, order]
+            columns = order.tolist()  # the sweep's Python loop indexes groups by column
         width = W.shape[1] if group_size == -1 else group_size
-        group_of_column = (order // width).tolist()
+        group_of_column = [c // width for c in columns]
 
         U = _upper_cholesky_of_inverse(H, damp)
-        if grid.static:
+        # the numpy sweep is the CPU's fast path (per-operation overhead bounds it there); on
+        # any other device the torch sweep runs where the weights are
+        if grid.static and W.device.type == "cpu":
             codes, loss = _sweep_static(W, U, keep, grid, group_of_column, block_size)
         else:
             codes, loss = _sweep(W, U, keep, grid, group_of_column, block_size)
@@ -135,7 +140,7 @@ class _Grid:
         if static:
             scale, zero = group_params(_pruned(W, keep), bits, group_size, sym)
         else:
-            scale = torch.empty(W.shape[0], n_groups(W.shape[1], group_size))
+            scale = torch.empty(W.shape[0], n_groups(W.shape[1], group_size), device=W.device)
             zero = torch.empty_like(scale)
         return cls(scale, zero, bits, group_size, sym, static)
 

@@ -92,7 +92,7 @@ def quant_error_many(w: Tensor, options: Sequence[QuantOption], H: Tensor | None
     w = _as_matrix(w)
     H = None if H is None else H.float()
     ranges: dict[int, tuple[Tensor, Tensor]] = {}
-    errors = torch.empty(len(options), dtype=torch.float32)
+    errors = torch.empty(len(options), dtype=torch.float32, device=w.device)
     for k, (bits, group_size, sym) in enumerate(options):
         _check_grid(bits, group_size)
         if group_size not in ranges:

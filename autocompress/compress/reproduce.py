@@ -13,7 +13,14 @@ from torch import nn
 
 from ..model import LoadedModel
 from ..plan import Plan
-from ..provenance import BuildOverrides, Provenance, calibration_windows, resolve
+from ..provenance import (
+    LEGACY,
+    BuildOverrides,
+    Provenance,
+    calibration_windows,
+    dtype_note,
+    resolve,
+)
 from .apply import compress_model, compressed_in_place, uses_calibration
 
 
@@ -40,8 +47,12 @@ def build_recipe(loaded: LoadedModel, plan: Plan,
     provenance, notes = resolve(plan.provenance, overrides)
     configs = plan.resolve(layer.name for layer in loaded.layers)
     if not uses_calibration(configs.values()):
-        # RTN and magnitude pruning: the calibration record does not change the weights
-        return BuildRecipe(provenance, None, [])
+        # RTN and magnitude pruning: the calibration record does not change the weights, the
+        # precision they are computed in does
+        recorded = plan.provenance or LEGACY
+        return BuildRecipe(provenance, None, [] if provenance.compute_dtype ==
+                           recorded.compute_dtype else [dtype_note(recorded,
+                                                                   provenance.compute_dtype)])
     return BuildRecipe(provenance, calibration_windows(loaded.tokenizer, provenance), notes)
 
 

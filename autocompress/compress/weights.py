@@ -82,7 +82,7 @@ def compress_weight(w: Tensor, cfg: LayerConfig, stats: LayerStats | None = None
     as ``w`` is still exactly what they decode to."""
     w = w.detach().float()
     if source is not None and keeps_source(cfg, source, w.shape):
-        decoded = source.dequantize()
+        decoded = source.dequantize().to(w.device)
         if torch.equal(decoded, w):
             return _layer([CompressedMatrix(decoded, None, source)])
     if not cfg.is_low_rank:
@@ -104,8 +104,9 @@ def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
                     gptq: GPTQSettings = GPTQSettings()) -> CompressedMatrix:
     """Prune then quantize one matrix (float32 [out, in]) whose input has ``stats``."""
     if cfg.is_gguf:
+        # llama.cpp's quantizers run on the CPU; the decoded weight goes back where w is
         gguf = quantize_gguf(w, cfg.gguf, _imatrix(cfg, stats))
-        return CompressedMatrix(gguf.dequantize(), None, gguf)
+        return CompressedMatrix(gguf.dequantize().to(w.device), None, gguf)
     mask = _prune_mask(w, cfg, stats) if cfg.is_pruned else None
     kept = w if mask is None else prune(w, mask)
     if cfg.bits == 16:

@@ -122,7 +122,7 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
         if isinstance(stored, GGUFWeight):
             data, type_name = stored.data, stored.type.name
         else:  # float16, as the torch build rounded it
-            data = compressed.factors[0].numpy().astype(np.float16).view(np.uint8)
+            data = compressed.factors[0].cpu().numpy().astype(np.float16).view(np.uint8)
             type_name = "f16"
         hf = f"{info.name}.weight"
         written[gguf_name(hf)] = (data if heads is None else to_gguf_rows(hf, data, *heads),
@@ -136,7 +136,7 @@ def export_gguf(loaded: LoadedModel, plan: Plan, out: str | Path, recipe=None,
     for table in loaded.tables:  # float16 entries are not built: the model's weights as they are
         name = gguf_name(f"{table.name}.weight")
         if name not in written:
-            weight = model.get_submodule(table.name).weight.detach().float().numpy()
+            weight = model.get_submodule(table.name).weight.detach().float().cpu().numpy()
             written[name] = (weight.astype(np.float16).view(np.uint8), "f16")
 
     missing = sorted(set(written) - {name for name, _, _ in carried.tensors}

@@ -148,6 +148,6 @@ def hf_tensors(loaded: LoadedModel) -> list[tuple[str, np.ndarray | None]]:
         if name in planned:
             out.append((gguf, None))
         else:  # a q/k bias is reordered like its weight's rows
-            values = tensor.detach().float().numpy().astype(np.float32)
+            values = tensor.detach().float().cpu().numpy().astype(np.float32)
             out.append((gguf, np.ascontiguousarray(to_gguf_rows(name, values, *heads))))
     return out

@@ -32,7 +32,7 @@ def dense_state_dict(model: nn.Module, loaded: LoadedModel) -> dict[str, torch.T
             state[f"{name}.bias"] = module.up.bias
     if getattr(loaded.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+    return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in state.items()}
 
 
 def save_compressed(model: nn.Module, loaded: LoadedModel, plan: Plan, out: str | Path,

@@ -235,7 +235,8 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
 
             meter = MeterPool(loaded.spec or loaded.source, fast, calib.calib, settings.gptq,
                               tables, full, workers=settings.level2_workers,
-                              num_cpus=settings.num_cpus, address=settings.address)
+                              num_cpus=settings.num_cpus, address=settings.address,
+                              placement=loaded.placement.worker_spec())
             measure_many = meter.measure_many
         else:
             meter = PlanMeter(loaded, fast, calib.calib, progress=False, gptq=settings.gptq,
@@ -300,7 +301,8 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                             window_len=settings.window_len, calib_digest=calib.digest,
                             mode=settings.mode, gptq_damp=settings.gptq.damp,
                             gptq_act_order=settings.gptq.act_order,
-                            gptq_block_size=settings.gptq.block_size, made_by="search")
+                            gptq_block_size=settings.gptq.block_size,
+                            compute_dtype=loaded.placement.dtype_name, made_by="search")
     overrides = {**compact_overrides(chosen.configs, default),
                  **compact_overrides(tables, LayerConfig())}
     plan = Plan(model=loaded.identity, default=default, overrides=overrides,
@@ -347,7 +349,7 @@ def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, pro
     calibrated = any(uses_calibration({**c.configs, **meter.fixed}.values()) for c in candidates)
     write_job(job, loaded.spec or loaded.source, windows, ReferenceCache(loaded.model, windows),
               threads=settings.num_cpus or 2, calib=calib.calib if calibrated else None,
-              mode=meter.mode, gptq=meter.gptq)
+              mode=meter.mode, gptq=meter.gptq, placement=loaded.placement.worker_spec())
     names = {}
     for cand in candidates:
         names[cand.signature] = cand

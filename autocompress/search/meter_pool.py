@@ -18,13 +18,13 @@ from ..plan import LayerConfig
 class _MeterWorker:
     def __init__(self, spec: str, holdout: torch.Tensor, calib: torch.Tensor | None,
                  gptq: dict, fixed: dict[str, dict], hessian_layers: list[str] | None,
-                 threads: int):
+                 threads: int, placement: dict[str, str]):
         torch.set_num_threads(threads)
         from ..compress.weights import GPTQSettings
         from ..model import load_model
         from .measure import PlanMeter
 
-        self.meter = PlanMeter(load_model(spec), holdout, calib, progress=False,
+        self.meter = PlanMeter(load_model(spec, **placement), holdout, calib, progress=False,
                                gptq=GPTQSettings(**gptq),
                                fixed={n: LayerConfig.from_dict(c) for n, c in fixed.items()},
                                hessian_layers=None if hessian_layers is None
@@ -41,7 +41,9 @@ class MeterPool:
     def __init__(self, spec: str, holdout: torch.Tensor, calib: torch.Tensor | None,
                  gptq, fixed: dict[str, LayerConfig], hessian_layers: set[str] | None,
                  workers: int, threads: int = 1, num_cpus: int | None = None,
-                 address: str | None = None):
+                 address: str | None = None, placement: dict[str, str] | None = None):
+        """``placement``: the driver's ``Placement.worker_spec()`` (each worker loads its model
+        there; a GPU worker asks Ray for one GPU)."""
         import dataclasses
 
         import ray
@@ -49,10 +51,12 @@ class MeterPool:
         from .tune_level import start_ray
 
         start_ray(num_cpus, address)
-        actor = ray.remote(num_cpus=threads)(_MeterWorker)
+        placement = placement or {"device": "cpu", "dtype": "float32"}
+        actor = ray.remote(num_cpus=threads,
+                           num_gpus=1 if placement["device"] == "cuda" else 0)(_MeterWorker)
         args = (spec, holdout, calib, dataclasses.asdict(gptq),
                 {n: c.to_dict() for n, c in fixed.items()},
-                None if hessian_layers is None else sorted(hessian_layers), threads)
+                None if hessian_layers is None else sorted(hessian_layers), threads, placement)
         self._workers = [actor.remote(*args) for _ in range(workers)]
         self._seen: list[set] = [set() for _ in range(workers)]  # memo keys sent to each
 

@@ -53,22 +53,26 @@ class Level3Settings:
 
 def write_job(directory: Path, model_spec: str, windows: torch.Tensor, reference,
               threads: int, calib: torch.Tensor | None = None, mode: str = "sequential",
-              gptq: GPTQSettings = GPTQSettings()) -> None:
+              gptq: GPTQSettings = GPTQSettings(),
+              placement: dict[str, str] | None = None) -> None:
     """Windows, the reference per window (what its ReferenceCache keeps: the head's input,
     a few MB), the calibration windows and how candidates are built (``mode``, ``gptq``)."""
     directory.mkdir(parents=True, exist_ok=True)
     described = directory / "job.json"
     if not described.is_file() or "mode" not in json.loads(described.read_text()):
         # (no "mode": a job of an earlier version, whose candidates were weight files)
-        save_file({"windows": windows.contiguous()}, str(directory / "windows.safetensors"))
+        save_file({"windows": windows.cpu().contiguous()}, str(directory / "windows.safetensors"))
         if calib is not None:
-            save_file({"calib": calib.contiguous()}, str(directory / "calib.safetensors"))
+            save_file({"calib": calib.cpu().contiguous()}, str(directory / "calib.safetensors"))
         for i in range(windows.shape[0]):
-            save_file({k: v.contiguous() for k, v in reference.saved(i).items()},
+            save_file({k: v.cpu().contiguous() for k, v in reference.saved(i).items()},
                       str(directory / f"reference_{i}.safetensors"))
-        atomic_write_text(directory / "job.json", json.dumps(
-            {"model": model_spec, "windows": int(windows.shape[0]), "threads": threads,
-             "mode": mode, "gptq": dataclasses.asdict(gptq)}))
+    # rewritten every time (the rest is reused): a resumed run's workers load the model where
+    # this run computes
+    atomic_write_text(directory / "job.json", json.dumps(
+        {"model": model_spec, "windows": int(windows.shape[0]), "threads": threads,
+         "mode": mode, "gptq": dataclasses.asdict(gptq),
+         "placement": placement or {"device": "cpu", "dtype": "float32"}}))
 
 
 def write_candidate(directory: Path, name: str, configs: dict[str, LayerConfig]) -> None:
@@ -92,12 +96,14 @@ def _worker_state(job_dir: Path, job: dict, threads: int):
     from ..evaluate import ReferenceCache
 
     stale = "loaded" in _WORKER and getattr(_WORKER["loaded"].model, IN_PLACE, False)
-    if _WORKER.get("spec") != job["model"] or stale:  # stale: a trial stopped mid-build
+    placement = job.get("placement", {"device": "cpu", "dtype": "float32"})
+    spec = (job["model"], placement["device"], placement["dtype"])
+    if _WORKER.get("spec") != spec or stale:  # stale: a trial stopped mid-build
         from ..model import load_model
 
         _WORKER.clear()
         torch.set_num_threads(threads)
-        _WORKER.update(spec=job["model"], loaded=load_model(job["model"]))
+        _WORKER.update(spec=spec, loaded=load_model(job["model"], **placement))
     if _WORKER.get("job") != (str(job_dir), job):
         windows = load_file(str(job_dir / "windows.safetensors"))["windows"]
         saved = [load_file(str(job_dir / f"reference_{i}.safetensors"))
@@ -247,7 +253,8 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
         cpus = settings.cpus_per_trial or settings.num_cpus or os.cpu_count()
         slots = (settings.num_cpus or os.cpu_count()) // cpus
     job = json.loads((job_dir / "job.json").read_text())
-    trainable = tune.with_resources(evaluate_candidate, {"cpu": cpus})
+    on_gpu = job.get("placement", {}).get("device") == "cuda"
+    trainable = tune.with_resources(evaluate_candidate, {"cpu": cpus, "gpu": 1 if on_gpu else 0})
     callbacks = [_progress_bar(len(candidates), job["windows"])] if progress else []
     storage = str(job_dir.resolve())
     experiment = Path(storage) / EXPERIMENT

@@ -28,6 +28,7 @@ from ..gguf_source import source_tensors
 from ..io_utils import atomic_write_text
 from .. import faults
 from ..model import LoadedModel, cache_dir, weights_fingerprint
+from ..placement import dtype_name
 from ..plan import LayerConfig
 from .base import PROXIES, SensitivityProxy
 from .table import SensitivityTable
@@ -52,9 +53,15 @@ def table_key(loaded: LoadedModel, calib_digest: str, options: list[list[LayerCo
 
     from ..compress.weights import GPTQSettings
 
-    return {"model": loaded.identity.content_hash, "weights": weights_fingerprint(loaded),
-            "calib": calib_digest, "options": option_digest,
-            "gptq": asdict(GPTQSettings()), "gguf_source_copy": True, **proxy.describe()}
+    key = {"model": loaded.identity.content_hash, "weights": weights_fingerprint(loaded),
+           "calib": calib_digest, "options": option_digest,
+           "gptq": asdict(GPTQSettings()), "gguf_source_copy": True, **proxy.describe()}
+    # A table computed in another precision is another table; float32 adds no key so that
+    # caches written before the dtype option stay valid.
+    compute_dtype = dtype_name(loaded.placement.dtype)
+    if compute_dtype != "float32":
+        key["dtype"] = compute_dtype
+    return key
 
 
 class TableCache:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
+from ..placement import on_device_of
 from .base import SensitivityProxy, register
 
 
@@ -36,6 +37,7 @@ def fisher_diagonal(model: nn.Module, layers: list[LayerInfo], windows: torch.Te
             param.grad = None
         return hook
 
+    windows = on_device_of(model, windows)
     with gradients_for(model, params.values()):
         for p in params.values():
             p.grad = None  # a gradient left from elsewhere would be counted in the first sum

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..compress.calibration import collect_stats
 from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
+from ..placement import model_device, on_device_of
 from .base import SensitivityProxy, register
 from .fisher import gradients_for
 
@@ -31,7 +32,9 @@ def output_fisher(loaded: LoadedModel, layers: list[LayerInfo], windows: torch.T
                   progress: bool = True) -> dict[str, torch.Tensor]:
     """s_i = E_w[Σ_t (∂L_w/∂y_{t,i})²] per output channel of every layer, from backward hooks."""
     model = loaded.model
-    sums = {layer.name: torch.zeros(layer.out_features) for layer in layers}
+    device = model_device(model)
+    windows = on_device_of(model, windows)
+    sums = {layer.name: torch.zeros(layer.out_features, device=device) for layer in layers}
     handles = []
     for layer in layers:
         def hook(_module, _grad_input, grad_output, name=layer.name):

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
+from ..placement import model_device, on_device_of
 from .base import SensitivityProxy, register
 from .fisher import gradients_for
 
@@ -26,6 +27,10 @@ def hutchinson_traces(loaded: LoadedModel, layers: list[LayerInfo], windows: tor
     model = loaded.model
     params = [model.get_submodule(layer.name).weight for layer in layers]
     sums = [0.0] * len(layers)
+    device = model_device(model)
+    windows = on_device_of(model, windows)
+    # the probes' signs are drawn on the CPU (as int8) and sent to the model's device: the same
+    # seed gives the same probes (and traces, up to rounding) on every device
     generator = torch.Generator().manual_seed(seed)
     # double backward needs SDPA's math backend: the fused kernels (flash attention on CPU,
     # flash / memory-efficient on CUDA) have no derivative of their backward
@@ -35,7 +40,9 @@ def hutchinson_traces(loaded: LoadedModel, layers: list[LayerInfo], windows: tor
             window = windows[i:i + 1]
             loss = model(window, labels=window, use_cache=False).loss
             grads = torch.autograd.grad(loss, params, create_graph=True)
-            vs = [torch.randint(0, 2, p.shape, generator=generator).float() * 2 - 1 for p in params]
+            vs = [torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8).to(device)
+                  .float() * 2 - 1
+                  for p in params]
             hvs = torch.autograd.grad(grads, params, grad_outputs=vs)
             for k, (v, hv) in enumerate(zip(vs, hvs)):
                 sums[k] += float((v * hv).sum())

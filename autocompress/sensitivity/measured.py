@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..placement import on_device_of
 from ..errors import AutocompressError
 from ..model import LayerInfo, LoadedModel
 from .base import SensitivityProxy, register
@@ -109,7 +110,7 @@ class PrefixCache:
 
             handles.append(block.register_forward_pre_hook(grab, with_kwargs=True))
         try:
-            logits = self.model(batch, use_cache=False).logits
+            logits = self.model(on_device_of(self.model, batch), use_cache=False).logits
         finally:
             for h in handles:
                 h.remove()
