@@ -1,7 +1,8 @@
 """Level 2 with 1 and 2 Ray workers on SmolLM2-135M: the same study (same batch of trials
 asked at once, so the same trials), one CPU and one torch thread per worker in both runs; the
-wall time of level 2 and whether the trials agree. Writes
-experiments/results/level2_workers.json (entry "workers=N").
+wall time of level 2, how much of it each worker spent measuring, and whether the trials
+agree. Writes experiments/results/level2_workers.json (entry "workers=N" for batches of 2,
+"workers=N,batch=B" otherwise; the same trials are compared within one batch size).
 
 The search is the demo's (`make demo`: joint space, 183MB on the jetson profile, fisher
 proxy), with --eval-top 0; the sensitivity table is built once and reused by the other run.
@@ -26,7 +27,8 @@ RUNS = Path(__file__).resolve().parent / "runs" / "level2-workers"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2,
+                        help="trials asked at once (the same in every run: the same trials)")
     parser.add_argument("--workers", default="1,2")
     args = parser.parse_args()
 
@@ -41,8 +43,8 @@ def main() -> None:
     results = ResultFile("level2_workers.json", {
         "model": "smollm2-135m (Q4_1 GGUF dequantized to float32)",
         "search": f"joint space, 183MB on jetson, fisher proxy on 8 windows of 512 of the "
-                  f"default corpus; level 2: {args.trials} trials (TPE), batches of "
-                  f"{args.batch}, 2 held-out windows each, parallel calibration",
+                  f"default corpus; level 2: {args.trials} trials (TPE), 2 held-out windows "
+                  f"each, parallel calibration",
         "workers": "Ray actors, one CPU and one torch thread each",
         "machine": machine()})
     loaded = load_model("smollm2-135m")
@@ -51,7 +53,7 @@ def main() -> None:
     table_cache = RUNS / "sensitivity.cache.json"
     trials_of = {}
     for workers in [int(w) for w in args.workers.split(",")]:
-        key = f"workers={workers}"
+        key = f"workers={workers}" + ("" if args.batch == 2 else f",batch={args.batch}")
         out = RUNS / key
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -71,7 +73,8 @@ def main() -> None:
         record = {"workers": workers, "batch": args.batch, "trials": len(trials),
                   "level2_s": round(result.timings["level2_s"], 1), "search_s": round(wall, 1),
                   "signatures": [s for s, _ in trials_of[workers]],
-                  "kl_fast": [k for _, k in trials_of[workers]]}
+                  "kl_fast": [k for _, k in trials_of[workers]],
+                  "worker_use": result.level2_workers}
         first = next(iter(trials_of.values()))
         record["same_trials_as_first"] = trials_of[workers] == first
         results.put(key, record)

@@ -464,15 +464,23 @@ def level2_workers(store: Store) -> str:
     data = store.get("level2_workers.json")
     p, entries = data.protocol, data.entries
     rows = ["| Ray workers | trials (batch) | level 2 wall | speed-up | same trials as 1 worker "
-            "| measured |", "| ---: | ---: | ---: | ---: | --- | --- |"]
-    base = next((e.level2_s for e in entries.values() if e.workers == 1), None)
+            "| workers measuring | workers loaded after | measured |",
+            "| ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    base = {e.batch: e.level2_s for e in entries.values() if e.workers == 1}
     for e in entries.values():
-        speedup = f"{base / e.level2_s:.2f}×" if base else "n/a"
+        speedup = f"{base[e.batch] / e.level2_s:.2f}×" if e.batch in base else "n/a"
+        busy = ready = "not recorded"
+        if e.worker_use:
+            busy = f"{sum(w.measuring_s for w in e.worker_use) / (e.workers * e.level2_s):.0%}"
+            ready = f"{max(w.ready_s for w in e.worker_use):.0f} s"
         rows.append(f"| {e.workers} | {e.trials} ({e.batch}) | {e.level2_s:.0f} s | {speedup} | "
-                    f"{'yes' if e.same_trials_as_first else '**no**'} | {e.measured_at} |")
+                    f"{'yes' if e.same_trials_as_first else '**no**'} | {busy} | {ready} | "
+                    f"{e.measured_at} |")
     return "\n".join(rows) + (f"\n\nProtocol: {p.model}; {p.search}; workers: {p.workers}; "
                               f"machine {p.machine}. Command: `.venv/bin/python "
-                              f"experiments/level2_workers.py --trials 16 --batch 2`.")
+                              f"experiments/level2_workers.py --trials 16 --batch B`. Workers measuring: "
+                              "the share of the workers' time in level 2 spent measuring plans; "
+                              "workers loaded after: when the last worker had loaded its model.")
 
 
 def dtype(store: Store) -> str:

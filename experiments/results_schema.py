@@ -358,8 +358,18 @@ class Level2WorkersProtocol(_Model):
     machine: str
 
 
+class WorkerUse(_Model):
+    """One worker's level 2: model loaded after ``ready_s``, ``measuring_s`` spent on
+    ``plans`` plans (search.engine's summarize_timelines)."""
+    ready_s: float
+    measuring_s: float
+    plans: int
+    last_done_s: float
+
+
 class Level2Workers(_Model):
     """One run of level 2 with ``workers`` Ray workers."""
+    worker_use: list[WorkerUse] | None = None  # recorded from the dynamic dispatch on
     workers: int
     batch: int
     trials: int

@@ -142,12 +142,15 @@ class SearchResult:
     front: list[Candidate] = field(default_factory=list)  # level 1's proxy Pareto front
     trials: list = field(default_factory=list)  # level 2's complete Optuna trials
     memory: dict = field(default_factory=dict)  # peak resident bytes (peak_memory.py)
+    # level 2 on Ray workers: each worker's readiness, time measuring and plans
+    level2_workers: list = field(default_factory=list)
 
 
 def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings,
                out_dir: str | Path | None = None, progress: bool = True,
                log=print) -> SearchResult:
     timings: dict[str, float] = {}
+    worker_use: list[dict] = []
     out = Path(out_dir) if out_dir else None
     device = settings.device
     budget = settings.effective_budget()
@@ -227,11 +230,11 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                             progress=False, mode=settings.mode, gptq=settings.gptq, fixed=tables)
     study_trials: list = []
     if settings.trials:
-        t0 = time.perf_counter()
+        t0, t0_wall = time.perf_counter(), time.time()
         full = hessian_layers(loaded.layers, space.for_layer)  # the rest keep only diag E[x xᵀ]
         fast = calib.holdout[:settings.fast_windows]
         if settings.level2_workers:  # side by side on Ray workers, each with its own meter
-            from .meter_pool import MeterPool
+            from .meter_pool import MeterPool, summarize_timelines
 
             meter = MeterPool(loaded.spec or loaded.source, fast, calib.calib, settings.gptq,
                               tables, full, workers=settings.level2_workers,
@@ -260,6 +263,8 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                       "mode": settings.mode, "gptq": dataclasses.asdict(settings.gptq)})
         try:
             study_trials = level2.run()
+            if settings.level2_workers:
+                worker_timelines = meter.timings()
         finally:
             if settings.level2_workers:
                 meter.close()
@@ -276,6 +281,8 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         del level2, meter, measure_many  # statistics and memo: level 3 starts beside this
         return_freed_memory()
         timings["level2_s"] = time.perf_counter() - t0
+        if settings.level2_workers:
+            worker_use = summarize_timelines(worker_timelines, t0_wall)
     if speed is not None:
         for cand in candidates + front:
             cand.decode = speed.estimate(cand.configs)
@@ -330,10 +337,12 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                                       "proxy_front": [c.summary() for c in front],
                                       "trials": len(study_trials),
                                       "chosen": chosen.label, "timings_s": timings,
-                                      "memory": memory}, indent=2))
+                                      "level2_workers": worker_use, "memory": memory},
+                                     indent=2))
         _write_front(out, candidates, front, study_trials, chosen, loaded, settings)
     return SearchResult(plan=plan, chosen=chosen, candidates=candidates, table=table,
-                        timings=timings, front=front, trials=study_trials, memory=memory)
+                        timings=timings, front=front, trials=study_trials, memory=memory,
+                        level2_workers=worker_use)
 
 
 def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, progress

@@ -19,6 +19,9 @@ class _MeterWorker:
     def __init__(self, spec: str, holdout: torch.Tensor, calib: torch.Tensor | None,
                  gptq: dict, fixed: dict[str, dict], hessian_layers: list[str] | None,
                  threads: int, placement: dict[str, str]):
+        import time
+
+        start = time.time()
         torch.set_num_threads(threads)
         from ..compress.weights import GPTQSettings
         from ..model import load_model
@@ -29,10 +32,21 @@ class _MeterWorker:
                                fixed={n: LayerConfig.from_dict(c) for n, c in fixed.items()},
                                hessian_layers=None if hessian_layers is None
                                else set(hessian_layers))
+        # what each worker spent its time on (wall clock, seconds since the epoch): where a
+        # run with more workers loses its speed-up
+        self.timeline: list[tuple[str, float, float]] = [("load", start, time.time())]
 
     def measure(self, configs: dict[str, dict]) -> float:
+        import time
+
+        start = time.time()
         plan = {n: LayerConfig.from_dict(c) for n, c in configs.items()}
-        return self.meter.measure(plan)["kl"]
+        kl = self.meter.measure(plan)["kl"]
+        self.timeline.append(("measure", start, time.time()))
+        return kl
+
+    def timings(self) -> list[tuple[str, float, float]]:
+        return self.timeline
 
 
 class MeterPool:
@@ -65,27 +79,45 @@ class MeterPool:
         return len(self._workers)
 
     def measure_many(self, plans: list[dict[str, LayerConfig]]) -> list[float]:
-        """KLs of ``plans``, in order: up to one plan per worker at a time, each sent to the
-        free worker whose memo already holds most of its expensive layers (GPTQ, low rank,
-        GGUF: what the memo keeps), so that a layer-config computed by one worker is rarely
-        computed again by another. Where a plan goes changes its speed, never its KL."""
+        """KLs of ``plans``, in order. Each plan goes, in order, to a free worker as soon as
+        one is free (a slow plan keeps one worker, not the batch, waiting): to the free worker
+        whose memo already holds most of its expensive layers (GPTQ, low rank, GGUF: what the
+        memo keeps), so that a layer-config computed by one worker is rarely computed again by
+        another. Where a plan goes changes its speed, never its KL."""
+
+        kls: list[float | None] = [None] * len(plans)
+        free = list(range(len(self._workers)))
+        running: dict = {}  # future -> (plan index, worker)
+        for index, plan in enumerate(plans):
+            if not free:
+                self._collect(running, kls, free)
+            keys = {(name, cfg) for name, cfg in plan.items()
+                    if cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf}
+            worker = max(free, key=lambda w: (len(keys & self._seen[w]), -w))
+            free.remove(worker)
+            self._seen[worker] |= keys
+            running[self._workers[worker].measure.remote(
+                {n: c.to_dict() for n, c in plan.items()})] = (index, worker)
+        while running:
+            self._collect(running, kls, free)
+        return kls
+
+    @staticmethod
+    def _collect(running: dict, kls: list, free: list[int]) -> None:
+        """Wait for the next plan to finish; its worker is free again."""
         import ray
 
-        kls: list[float] = []
-        for start in range(0, len(plans), len(self._workers)):
-            batch = plans[start:start + len(self._workers)]
-            free = list(range(len(self._workers)))
-            futures = []
-            for plan in batch:
-                keys = {(name, cfg) for name, cfg in plan.items()
-                        if cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf}
-                worker = max(free, key=lambda w: (len(keys & self._seen[w]), -w))
-                free.remove(worker)
-                self._seen[worker] |= keys
-                futures.append(self._workers[worker].measure.remote(
-                    {n: c.to_dict() for n, c in plan.items()}))
-            kls += ray.get(futures)
-        return kls
+        done, _ = ray.wait(list(running), num_returns=1)
+        for future in done:
+            index, worker = running.pop(future)
+            kls[index] = ray.get(future)
+            free.append(worker)
+
+    def timings(self) -> list[list[tuple[str, float, float]]]:
+        """Each worker's timeline: (what, start, end) of its model load and each plan."""
+        import ray
+
+        return ray.get([worker.timings.remote() for worker in self._workers])
 
     def close(self) -> None:
         import ray
@@ -93,3 +125,21 @@ class MeterPool:
         for worker in self._workers:
             ray.kill(worker)
         self._workers = []
+
+
+def summarize_timelines(timelines: list[list[tuple[str, float, float]]], start: float
+                        ) -> list[dict[str, float]]:
+    """Per worker, seconds from ``start`` (level 2's start, wall clock) to its model being
+    loaded, seconds spent measuring and plans measured: with the level's wall time, where a
+    run with more workers loses its speed-up (a worker idle while the driver asks or another
+    worker finishes)."""
+    out = []
+    for timeline in timelines:
+        loaded = next(end for what, _, end in timeline if what == "load")
+        measures = [(s, e) for what, s, e in timeline if what == "measure"]
+        out.append({"ready_s": round(loaded - start, 2),
+                    "measuring_s": round(sum(e - s for s, e in measures), 2),
+                    "plans": len(measures),
+                    "last_done_s": round(max((e for _, e in measures), default=loaded)
+                                         - start, 2)})
+    return out

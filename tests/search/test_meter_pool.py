@@ -1,6 +1,8 @@
 """Level 2 on Ray workers: the same trials with one worker as with two, each plan's KL the
 in-process meter's."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -68,3 +70,35 @@ def test_a_worker_measures_a_plan_as_the_meter_in_this_process_does(tiny_loaded,
         assert pool.measure_many([plan, plan]) == pytest.approx([here, here], rel=1e-6)
     finally:
         pool.close()
+
+
+def test_workers_load_their_model_where_the_driver_computes(tiny_loaded, tmp_path):
+    """A level-2 worker and a level-3 trial load the model with the driver's placement (its
+    device type and dtype), not the default float32: their KLs are then the driver's."""
+    import json
+
+    from autocompress.compress.weights import GPTQSettings
+    from autocompress.evaluate import ReferenceCache
+    from autocompress.search.meter_pool import _MeterWorker
+    from autocompress.search.tune_level import _WORKER, _worker_state, write_job
+
+    placement = {"device": "cpu", "dtype": "bfloat16"}
+    calib = calibration_data(tiny_loaded.tokenizer, None, 2, 1, 64)
+    worker = _MeterWorker(str(tiny_loaded.source), calib.holdout, None,
+                          dataclasses.asdict(GPTQSettings()), {}, None, 1, placement)
+    assert worker.meter.loaded.placement.dtype == torch.bfloat16
+    torch.set_num_threads(2)
+
+    write_job(tmp_path, str(tiny_loaded.source), calib.holdout,
+              ReferenceCache(tiny_loaded.model, calib.holdout), threads=1, placement=placement)
+    job = json.loads((tmp_path / "job.json").read_text())
+    assert job["placement"] == placement
+    _WORKER.clear()
+    try:
+        loaded, _, _ = _worker_state(tmp_path, job, threads=2)
+        assert loaded.placement.dtype == torch.bfloat16
+        del job["placement"]  # a job written before placements: float32 on the CPU
+        loaded, _, _ = _worker_state(tmp_path, job, threads=2)
+        assert loaded.placement.dtype == torch.float32
+    finally:
+        _WORKER.clear()
