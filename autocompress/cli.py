@@ -700,7 +700,7 @@ def cmd_eval(args) -> int:
         recipe = _build_recipe(args, loaded, plan)
         # the reference first: the plan is then built into the model itself, not a copy
         reference = None if args.no_kl else ReferenceCache(loaded.model, windows).fill(True)
-        with built_in_place(loaded, plan, recipe) as model:
+        with built_in_place(loaded, plan, recipe, codes=True) as model:
             result = evaluate(model, windows, reference)
     configs = plan.resolve_model(loaded)
     fp = model_footprint(loaded, configs, args.context, args.batch)

@@ -175,11 +175,22 @@ class ReferenceCache:
             logp = log_probs(self.model, window)
         finally:
             handle.remove()
+            # the reference is taken once: its blocks' weights leave memory with it (pages
+            # of the model's file are read in again when a plan needs them; residency.py)
+            _release_blocks(self.model)
         if len(seen) == 1 and torch.equal(self._through_head(seen[0]), logp):
             self._hidden[index] = seen[0]
         else:
             self._log_probs[index] = logp
         return logp
+
+
+def _release_blocks(model: nn.Module) -> None:
+    from .residency import release_module
+
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(blocks, nn.ModuleList):
+        release_module(blocks)
 
 
 @torch.no_grad()

@@ -318,11 +318,15 @@ def model_identity(name: str, layers: list[LayerInfo]) -> ModelIdentity:
 def weights_fingerprint(loaded: LoadedModel) -> str:
     """A cheap hash of the block linears' values (every 997th weight of each): two models with
     the same shapes but different weights (a fine-tune, another seed) get different keys."""
+    from .residency import release
+
     digest = hashlib.sha256()
     for layer in loaded.layers:
         # float32 on the CPU whatever the placement: the same weights give the same key
-        sample = loaded.module(layer.name).weight.detach().reshape(-1)[::997].float().cpu()
+        weight = loaded.module(layer.name).weight.detach()
+        sample = weight.reshape(-1)[::997].float().cpu()
         digest.update(sample.numpy().tobytes())
+        release([weight])  # every page was read for the sample; the mapped file keeps them
     return digest.hexdigest()[:16]
 
 

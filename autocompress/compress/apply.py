@@ -23,7 +23,11 @@ from tqdm.auto import tqdm
 from ..errors import AutocompressError
 from ..model import LayerInfo, LoadedModel
 from ..plan import LayerConfig, Plan, check_table
+from ..residency import release
 from .calibration import InputStats, collect_stats, sequential
+from .codes_linear import CodesLinear
+from .memo import for_memo, from_memo
+from .quant import QuantizedWeight
 from .weights import CompressedLayer, GPTQSettings, LayerStats, compress_weight
 
 if TYPE_CHECKING:
@@ -93,77 +97,32 @@ def _swap_in(param: nn.Parameter, value: torch.Tensor) -> None:
     param.data = value.to(param.dtype, copy=True)
 
 
-def _install(model: nn.Module, name: str, compressed: CompressedLayer) -> None:
+def _holds_codes(compressed: CompressedLayer) -> bool:
+    """A dense layer quantized to RTN/GPTQ codes, which ``CodesLinear`` can compute from."""
+    return len(compressed.quantized) == 1 and isinstance(compressed.quantized[0],
+                                                         QuantizedWeight)
+
+
+def _install(model: nn.Module, name: str, compressed: CompressedLayer,
+             codes: bool = False) -> None:
+    """Put ``compressed`` in the place of layer ``name``; ``codes``: a quantized dense layer
+    is held as its codes (``CodesLinear``) instead of its decoded float weight. The weight it
+    replaces is released (residency.py) where it is a view of the model's file, so that a
+    plan in place holds its own weights, not the originals beside them."""
     module = model.get_submodule(name)
     dtype = module.weight.dtype
+    release([module.weight.data])
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if codes and _holds_codes(compressed):
+        setattr(parent, child, CodesLinear(compressed.quantized[0], module.bias, dtype))
+        return
+    compressed = from_memo(compressed)  # decoded where a memo kept only the codes
     if len(compressed.factors) == 1:
         _swap_in(module.weight, compressed.factors[0])
         return
     a, b = compressed.factors
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, LowRankLinear(a, b, module.bias, dtype))
-
-
-def _for_memo(compressed: CompressedLayer) -> CompressedLayer:
-    """What a memo keeps of a layer: the stored codes, not their float32 decoding (4 bytes a
-    weight, against 1 for codes or less for GGUF blocks); a memo holds many configs per layer."""
-    return CompressedLayer([f if q is None else None
-                            for f, q in zip(compressed.factors, compressed.quantized)],
-                           compressed.masks, compressed.quantized)
-
-
-def _from_memo(kept: CompressedLayer) -> CompressedLayer:
-    """The layer again: every factor was its codes' dequantization, so this is exact."""
-    return CompressedLayer([q.dequantize() if f is None else f
-                            for f, q in zip(kept.factors, kept.quantized)],
-                           kept.masks, kept.quantized)
-
-
-class LayerMemo:
-    """Expensive per-(layer, config) results kept across plans, at most ``max_bytes`` of
-    them: the least recently used go first. Level 2's trials reach many configs per layer,
-    and an unbounded memo grew with every new one."""
-
-    def __init__(self, max_bytes: int):
-        from collections import OrderedDict
-
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._entries: "OrderedDict[tuple, tuple[CompressedLayer, int]]" = OrderedDict()
-
-    def __contains__(self, key) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __getitem__(self, key) -> CompressedLayer:
-        self._entries.move_to_end(key)
-        return self._entries[key][0]
-
-    def __setitem__(self, key, kept: CompressedLayer) -> None:
-        size = _kept_bytes(kept)
-        if key in self._entries:
-            self.nbytes -= self._entries.pop(key)[1]
-        self._entries[key] = (kept, size)
-        self.nbytes += size
-        while self.nbytes > self.max_bytes and len(self._entries) > 1:
-            _, (_, freed) = self._entries.popitem(last=False)
-            self.nbytes -= freed
-
-    def values(self):
-        return [kept for kept, _ in self._entries.values()]
-
-
-def _kept_bytes(kept: CompressedLayer) -> int:
-    tensors = [f for f in kept.factors if f is not None]
-    for q in kept.quantized:
-        if q is not None:
-            tensors += [getattr(q, name) for name in ("q", "scale", "zero") if hasattr(q, name)]
-            if hasattr(q, "data"):  # GGUF blocks (numpy)
-                tensors.append(torch.from_numpy(q.data))
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 OnLayer = Callable[[LayerInfo, LayerConfig, CompressedLayer], None]
@@ -172,24 +131,28 @@ OnLayer = Callable[[LayerInfo, LayerConfig, CompressedLayer], None]
 def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[str, LayerConfig],
                      stats: dict[str, InputStats] | None, gptq: GPTQSettings,
                      on_layer: OnLayer | None, memo: dict | None = None,
-                     source: SourceTensors | None = None) -> None:
+                     source: SourceTensors | None = None, codes: bool = False) -> None:
     for layer in layers:
         cfg = configs[layer.name]
         key = (layer.name, cfg)
         if memo is not None and key in memo:
-            compressed = _from_memo(memo[key])
+            compressed = memo[key]
+            if on_layer is not None or not (codes and _holds_codes(compressed)):
+                compressed = from_memo(compressed)
         else:
             weight = model.get_submodule(layer.name).weight.detach().float()
-            weight_stats = layer_stats(stats.get(layer.name)) if stats else None
+            # only the operators that read statistics fetch them (a StatsStore reads a file)
+            weight_stats = layer_stats(stats.get(layer.name)) \
+                if stats is not None and uses_calibration([cfg]) else None
             # identity configs come back rounded to float16, as deployment stores them
             compressed = compress_weight(weight, cfg, weight_stats, gptq,
                                          _stored(source, layer.name, cfg))
             if memo is not None and (cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf):
                 # the expensive ones only (SVD, GPTQ, llama.cpp's k-quant search)
-                memo[key] = _for_memo(compressed)
+                memo[key] = for_memo(compressed)
         if on_layer is not None:
             on_layer(layer, cfg, compressed)
-        _install(model, layer.name, compressed)
+        _install(model, layer.name, compressed, codes)
 
 
 def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
@@ -198,12 +161,14 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
                          stats: dict[str, InputStats] | None = None, progress: bool = True,
                          gptq: GPTQSettings = GPTQSettings(),
                          on_layer: OnLayer | None = None, memo: dict | None = None,
-                         source: SourceTensors | None = None) -> None:
+                         source: SourceTensors | None = None, codes: bool = False) -> None:
     """Compress ``layers`` of ``model`` in place; ``on_layer`` sees every compressed layer
     (the packed runtime builds its storage from it). ``memo`` (parallel mode with fixed
     ``stats`` only) keeps expensive per-(layer, config) results across calls, for callers that
     measure many plans. ``source``: the GGUF the weights were loaded from, whose tensors are
-    kept where a layer's GGUF type is the one they are stored in (gguf_source.py)."""
+    kept where a layer's GGUF type is the one they are stored in (gguf_source.py).
+    ``codes``: RTN/GPTQ layers are held as their codes (``CodesLinear``: the same outputs,
+    a quarter of the memory), for callers that only run the model."""
     if memo is not None and (stats is None or mode != "parallel"):
         raise ValueError("memo needs fixed stats and parallel mode: results must not depend on "
                          "the rest of the plan")
@@ -227,15 +192,16 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
             stats = collect_stats(model, active, calib_windows, progress=progress,
                                   hessian_layers=full)
         for layer in tqdm(layers, desc="compress", disable=not progress, leave=False):
-            _compress_layers(model, [layer], configs, stats, gptq, on_layer, memo, source)
+            _compress_layers(model, [layer], configs, stats, gptq, on_layer, memo, source,
+                             codes)
         return
     # sequential: float16 layers first, then block by block through the compressed prefix
-    _compress_layers(model, identity, configs, None, gptq, on_layer)
+    _compress_layers(model, identity, configs, None, gptq, on_layer, codes=codes)
 
     def compress_block(_index: int, block_stats: dict[str, InputStats]) -> None:
         block_layers = [l for l in active if l.name in block_stats]
         _compress_layers(model, block_layers, configs, block_stats, gptq, on_layer,
-                         source=source)
+                         source=source, codes=codes)
 
     sequential(model, active, calib_windows, compress_block, progress=progress,
                hessian_layers=full)
@@ -253,7 +219,7 @@ def compress_model(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig],
     ``gguf_source_copy`` were built)."""
     model = copy.deepcopy(loaded.model)
     _compress_all(model, loaded, plan, calib_windows, mode, stats, progress, gptq, on_layer,
-                  memo, copy_source)
+                  memo, copy_source, codes=False)
     return model
 
 
@@ -265,14 +231,17 @@ def compressed_in_place(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig]
                         calib_windows: torch.Tensor | None = None, mode: str = "sequential",
                         stats: dict[str, InputStats] | None = None, progress: bool = True,
                         gptq: GPTQSettings = GPTQSettings(), on_layer: OnLayer | None = None,
-                        memo: dict | None = None, copy_source: bool = True
-                        ) -> Iterator[nn.Module]:
+                        memo: dict | None = None, copy_source: bool = True,
+                        codes: bool = False) -> Iterator[nn.Module]:
     """``loaded.model`` itself, compressed as ``compress_model`` would build its copy, for the
     duration of the block; restored exactly when it ends, however it ends. A candidate then
     costs the memory of its new weights only, not of a copy of the whole model (the embedding
     is a fifth of SmolLM2 and a sixth of Qwen2.5-1.5B). Nothing is copied to restore: layers
     get new tensors (``_swap_in``), the original ones are kept and put back, and a layer that
-    became low rank gets its original module back. Not reentrant: one plan at a time."""
+    became low rank gets its original module back. Not reentrant: one plan at a time.
+    ``codes``: quantized layers held as codes (``CodesLinear``), for meters that only run the
+    model; the weights they replace are released from memory where they are views of the
+    model's file, and read in again when next used (residency.py)."""
     model = loaded.model
     if getattr(model, IN_PLACE, False):
         raise RuntimeError("the model is already compressed in place: one plan at a time")
@@ -281,7 +250,7 @@ def compressed_in_place(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig]
     setattr(model, IN_PLACE, True)
     try:
         _compress_all(model, loaded, plan, calib_windows, mode, stats, progress, gptq, on_layer,
-                      memo, copy_source)
+                      memo, copy_source, codes)
         yield model
     finally:
         for name, module in modules.items():
@@ -293,13 +262,13 @@ def compressed_in_place(loaded: LoadedModel, plan: Plan | dict[str, LayerConfig]
 
 
 def _compress_all(model: nn.Module, loaded: LoadedModel, plan, calib_windows, mode, stats,
-                  progress, gptq, on_layer, memo, copy_source) -> None:
+                  progress, gptq, on_layer, memo, copy_source, codes) -> None:
     from ..gguf_source import source_tensors
 
     configs = plan.resolve_model(loaded) if isinstance(plan, Plan) else plan
     source = source_tensors(loaded) if copy_source else None
     compress_layers_into(model, loaded.layers, configs, calib_windows, mode, stats, progress,
-                         gptq, on_layer, memo, source)
+                         gptq, on_layer, memo, source, codes)
     compress_tables_into(model, loaded.tables, configs, on_layer, source)
 
 

@@ -66,12 +66,13 @@ def build_model(loaded: LoadedModel, plan: Plan, recipe: BuildRecipe | None = No
 
 @contextmanager
 def built_in_place(loaded: LoadedModel, plan: Plan, recipe: BuildRecipe | None = None,
-                   progress: bool = True) -> Iterator[nn.Module]:
+                   progress: bool = True, codes: bool = False) -> Iterator[nn.Module]:
     """``build_model``'s weights, made in ``loaded.model`` itself for the duration of the block
     and undone after: no second copy of the model (6 GB in float32 for a 1.5B model). What
-    needs the uncompressed model (a ReferenceCache) is computed before."""
+    needs the uncompressed model (a ReferenceCache) is computed before. ``codes``: quantized
+    layers held as their codes, for callers that only run the model (apply.py)."""
     recipe = recipe or build_recipe(loaded, plan)
     with compressed_in_place(loaded, plan, recipe.calib, mode=recipe.mode, gptq=recipe.gptq,
-                             progress=progress,
+                             progress=progress, codes=codes,
                              copy_source=recipe.provenance.gguf_source_copy) as model:
         yield model

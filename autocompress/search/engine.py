@@ -41,10 +41,12 @@ from ..hardware.memory import held_layer_bytes
 from ..hardware.profile import DeviceProfile
 from .. import faults
 from ..io_utils import atomic_write_text
-from ..compress.apply import hessian_layers, needs_calibration
+from ..compress.apply import hessian_layers, needs_calibration, uses_calibration
+from ..compress.stats_store import StatsStore, stats_key
 from ..compress.weights import GPTQSettings
 from ..model import LoadedModel
 from ..peak_memory import peak_rss_bytes, return_freed_memory
+from ..residency import release_module
 from ..plan import LayerConfig, Plan, compact_overrides
 from ..provenance import Provenance
 from ..sensitivity.build import build_table, make_proxy
@@ -198,10 +200,16 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     calib = calibration_data(loaded.tokenizer, settings.calib_text, settings.n_calib,
                              settings.holdout_windows, settings.window_len)
     cache = out / "sensitivity.cache.json" if out else None
+    # calibration statistics on disk, taken once (by the table where it needs them) and read
+    # by every plan the levels build
+    full = hessian_layers(loaded.layers, space.for_layer)  # the rest keep only diag E[x xᵀ]
+    stats = StatsStore(out / "statistics" if out else None, loaded.layers,
+                       stats_key(loaded, calib.digest), full, loaded.placement.device) \
+        if uses_calibration(c for layer in loaded.layers for c in space.for_layer(layer)) else None
     # the proxy is not kept past the table: a Fisher proxy holds one float32 per weight (5 GB
     # on a 1.5B model) that the measured levels' model copies need more
     table = build_table(loaded, space, make_proxy(settings.proxy), calib.calib, calib.digest,
-                        cache=cache, progress=progress, log=log)
+                        cache=cache, progress=progress, log=log, stats_store=stats)
     if out:
         table.save(out / "sensitivity.json")
     return_freed_memory()  # the proxy's diagonal and the statistics are gone
@@ -227,23 +235,27 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     # level 2 calibrates in parallel (statistics and GPTQ results shared by all trials); the
     # final measurement builds each candidate as apply will (``settings.mode``)
     final_meter = PlanMeter(loaded, calib.holdout[:settings.final_windows], calib.calib,
-                            progress=False, mode=settings.mode, gptq=settings.gptq, fixed=tables)
+                            progress=False, mode=settings.mode, gptq=settings.gptq, fixed=tables,
+                            hessian_layers=full, stats=stats)
     study_trials: list = []
     if settings.trials:
         t0, t0_wall = time.perf_counter(), time.time()
-        full = hessian_layers(loaded.layers, space.for_layer)  # the rest keep only diag E[x xᵀ]
         fast = calib.holdout[:settings.fast_windows]
         if settings.level2_workers:  # side by side on Ray workers, each with its own meter
             from .meter_pool import MeterPool, summarize_timelines
 
+            if stats is not None:  # complete before the workers start: they read it
+                stats.fill(loaded.model, calib.calib, progress=progress)
             meter = MeterPool(loaded.spec or loaded.source, fast, calib.calib, settings.gptq,
                               tables, full, workers=settings.level2_workers,
                               num_cpus=settings.num_cpus, address=settings.address,
-                              placement=loaded.placement.worker_spec())
+                              placement=loaded.placement.worker_spec(),
+                              stats_dir=None if stats is None or out is None
+                              else str(stats.directory.resolve()))
             measure_many = meter.measure_many
         else:
             meter = PlanMeter(loaded, fast, calib.calib, progress=False, gptq=settings.gptq,
-                              fixed=tables, hessian_layers=full)
+                              fixed=tables, hessian_layers=full, stats=stats)
             measure_many = lambda plans: [meter.measure(c)["kl"] for c in plans]  # noqa: E731
         level2 = Level2(
             problem, Level2Settings(n_trials=settings.trials, sampler=settings.sampler,
@@ -356,7 +368,12 @@ def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, pro
     job = out / "level3"
     windows = calib.holdout[:settings.eval_windows]
     calibrated = any(uses_calibration({**c.configs, **meter.fixed}.values()) for c in candidates)
-    write_job(job, loaded.spec or loaded.source, windows, ReferenceCache(loaded.model, windows),
+    reference = ReferenceCache(loaded.model, windows).fill()
+    # the driver computes nothing more while the workers build: its weights leave memory
+    # (pages of the model's file, read in again if needed) and so do freed heap pages
+    release_module(loaded.model)
+    return_freed_memory()
+    write_job(job, loaded.spec or loaded.source, windows, reference,
               threads=settings.num_cpus or 2, calib=calib.calib if calibrated else None,
               mode=meter.mode, gptq=meter.gptq, placement=loaded.placement.worker_spec())
     names = {}

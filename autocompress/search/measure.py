@@ -6,7 +6,8 @@ model, and expensive per-layer results are shared across plans. In ``sequential`
 is calibrated block by block through its own compressed prefix, exactly as ``apply`` builds it
 from the plan's provenance: that is how the chosen plan's figures are measured. Plans are
 compressed into the model in place and it is restored after each (compress/apply.py's
-``compressed_in_place``)."""
+``compressed_in_place``), quantized layers held as their codes (a quarter of their float32
+bytes; the same outputs)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typing import Iterator
 
 from torch import nn
 
-from ..compress.apply import (LayerMemo, compressed_in_place, needs_hessian,
-                              uses_calibration)
-from ..compress.calibration import InputStats, collect_stats
+from ..compress.apply import compressed_in_place, needs_hessian, uses_calibration
+from ..compress.memo import LayerMemo
+from ..compress.stats_store import StatsStore
 from ..compress.weights import GPTQSettings
 from ..evaluate import ReferenceCache, evaluate
 from ..model import LoadedModel
@@ -31,35 +32,45 @@ class PlanMeter:
                  progress: bool = False, mode: str = "parallel",
                  gptq: GPTQSettings = GPTQSettings(),
                  fixed: dict[str, LayerConfig] | None = None,
-                 hessian_layers: set[str] | None = None):
+                 hessian_layers: set[str] | None = None, stats: StatsStore | None = None):
         """``fixed``: configs every measured plan shares (the search space's embedding);
         ``hessian_layers``: the layers whose configs may need the full E[x xᵀ] (GPTQ, low
-        rank; None: all), the others' statistics keep only its diagonal."""
+        rank; None: all), the others' statistics keep only its diagonal. ``stats``: where the
+        calibration statistics are (or go; default: a temporary directory), read a layer at a
+        time."""
         if mode not in ("parallel", "sequential"):
             raise ValueError(f"unknown calibration mode {mode!r}")
         self.loaded, self.holdout, self.calib, self.progress = loaded, holdout, calib, progress
         self.mode, self.gptq = mode, gptq
         self.fixed = dict(fixed or {})
         self.reference = ReferenceCache(loaded.model, holdout)
-        self.hessian_layers = hessian_layers
-        self._stats: dict[str, InputStats] | None = None
-        # SVD / GPTQ / GGUF results per (layer, config), shared by all plans; bounded by the
-        # float32 bytes of the block linears (one copy of the model's weights)
-        self._memo = LayerMemo(max_bytes=4 * sum(l.out_features * l.in_features
-                                                 for l in loaded.layers))
+        self.hessian_layers = hessian_layers if stats is None else stats.hessian_layers
+        if stats is None and calib is not None:  # taken when a plan first needs them
+            stats = StatsStore(None, loaded.layers, {}, self.hessian_layers,
+                               loaded.placement.device)
+        self._stats = stats
+        # SVD / GPTQ / GGUF results per (layer, config), shared by all plans: on disk beside
+        # the statistics they were computed from (where other workers find them too), and in
+        # memory up to an eighth of a byte per weight of the block linears (a read from the
+        # page cache costs milliseconds; a 1.5B model's codes are 1.3 GB)
+        weights = sum(l.out_features * l.in_features for l in loaded.layers)
+        self._memo = LayerMemo(max_bytes=weights if stats is None else weights // 8,
+                               directory=None if stats is None else
+                               stats.directory / "memo" / _settings_digest(gptq))
 
-    def stats_for(self, configs: dict[str, LayerConfig]) -> dict[str, InputStats] | None:
-        if self.calib is None or not uses_calibration(configs.values()):
+    def stats_for(self, configs: dict[str, LayerConfig]) -> StatsStore | None:
+        if self.calib is None and self._stats is None or not uses_calibration(configs.values()):
             return None
         if self.hessian_layers is not None:
             beyond = [n for n, cfg in configs.items()
                       if needs_hessian(cfg) and n not in self.hessian_layers]
             if beyond:
                 raise ValueError(f"{beyond[0]} needs E[x xᵀ], which this meter does not keep")
-        if self._stats is None:
-            self._stats = collect_stats(self.loaded.model, self.loaded.layers, self.calib,
-                                        progress=self.progress,
-                                        hessian_layers=self.hessian_layers)
+        if not self._stats.complete:
+            if self.calib is None:
+                raise ValueError("the statistics store is incomplete and this meter has no "
+                                 "calibration windows to complete it")
+            self._stats.fill(self.loaded.model, self.calib, progress=self.progress)
         return self._stats
 
     @contextmanager
@@ -72,12 +83,13 @@ class PlanMeter:
         if self.mode == "sequential":
             calib = self.calib if uses_calibration(configs.values()) else None
             context = compressed_in_place(self.loaded, configs, calib, mode="sequential",
-                                          progress=False, gptq=self.gptq)
+                                          progress=False, gptq=self.gptq, codes=True)
         else:
             stats = self.stats_for(configs)
             context = compressed_in_place(self.loaded, configs, stats=stats, mode="parallel",
                                           progress=False, gptq=self.gptq,
-                                          memo=self._memo if stats is not None else None)
+                                          memo=self._memo if stats is not None else None,
+                                          codes=True)
         with context as model:
             yield model
 
@@ -87,3 +99,15 @@ class PlanMeter:
                               desc=desc)
         return {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens,
                 "windows": result.windows}
+
+
+def _settings_digest(gptq: GPTQSettings) -> str:
+    """The memo's results depend on GPTQ's settings as well as on the statistics, and on the
+    torch threads that computed them (a sum's order, hence its last bit)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps({**dataclasses.asdict(gptq),
+                                      "threads": torch.get_num_threads()}, sort_keys=True)
+                          .encode()).hexdigest()[:12]

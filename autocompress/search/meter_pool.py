@@ -1,8 +1,9 @@
 """Level 2's trials measured side by side on Ray workers.
 
 Each worker (a Ray actor, one CPU and ``threads`` torch threads) loads the model once and
-holds its own PlanMeter: the same held-out windows, calibration statistics and settings as the
-in-process meter, its own memo. ``measure_many`` sends one batch of plans, a plan per free
+holds its own PlanMeter: the same held-out windows, calibration statistics (read from the
+driver's StatsStore where the worker sees its directory) and settings as the in-process
+meter, its own memo. ``measure_many`` sends one batch of plans, a plan per free
 worker, and returns their KLs in order. A plan's KL does not depend on which worker measured
 it, nor on how many there are (every worker computes with the same thread count), so a study
 run with 1 worker and with 2 asks and measures the same trials; only the wall time differs.
@@ -18,20 +19,30 @@ from ..plan import LayerConfig
 class _MeterWorker:
     def __init__(self, spec: str, holdout: torch.Tensor, calib: torch.Tensor | None,
                  gptq: dict, fixed: dict[str, dict], hessian_layers: list[str] | None,
-                 threads: int, placement: dict[str, str]):
+                 threads: int, placement: dict[str, str], stats_dir: str | None = None):
         import time
+        from pathlib import Path
 
         start = time.time()
         torch.set_num_threads(threads)
+        from ..compress.stats_store import KEY_FILE, StatsStore
         from ..compress.weights import GPTQSettings
         from ..model import load_model
         from .measure import PlanMeter
 
-        self.meter = PlanMeter(load_model(spec, **placement), holdout, calib, progress=False,
+        loaded = load_model(spec, **placement)
+        stats = None
+        if stats_dir and (Path(stats_dir) / KEY_FILE).is_file():
+            # the driver's statistics (same model, windows and dtype), read where they are;
+            # a node that cannot see the directory takes its own
+            stats = StatsStore.reader(stats_dir, loaded.layers, loaded.placement.device)
+            if not stats.complete:
+                stats = None
+        self.meter = PlanMeter(loaded, holdout, calib, progress=False,
                                gptq=GPTQSettings(**gptq),
                                fixed={n: LayerConfig.from_dict(c) for n, c in fixed.items()},
                                hessian_layers=None if hessian_layers is None
-                               else set(hessian_layers))
+                               else set(hessian_layers), stats=stats)
         # what each worker spent its time on (wall clock, seconds since the epoch): where a
         # run with more workers loses its speed-up
         self.timeline: list[tuple[str, float, float]] = [("load", start, time.time())]
@@ -55,9 +66,11 @@ class MeterPool:
     def __init__(self, spec: str, holdout: torch.Tensor, calib: torch.Tensor | None,
                  gptq, fixed: dict[str, LayerConfig], hessian_layers: set[str] | None,
                  workers: int, threads: int = 1, num_cpus: int | None = None,
-                 address: str | None = None, placement: dict[str, str] | None = None):
+                 address: str | None = None, placement: dict[str, str] | None = None,
+                 stats_dir: str | None = None):
         """``placement``: the driver's ``Placement.worker_spec()`` (each worker loads its model
-        there; a GPU worker asks Ray for one GPU)."""
+        there; a GPU worker asks Ray for one GPU). ``stats_dir``: the driver's complete
+        StatsStore, which the workers read instead of taking statistics of their own."""
         import dataclasses
 
         import ray
@@ -70,7 +83,8 @@ class MeterPool:
                            num_gpus=1 if placement["device"] == "cuda" else 0)(_MeterWorker)
         args = (spec, holdout, calib, dataclasses.asdict(gptq),
                 {n: c.to_dict() for n, c in fixed.items()},
-                None if hessian_layers is None else sorted(hessian_layers), threads, placement)
+                None if hessian_layers is None else sorted(hessian_layers), threads, placement,
+                stats_dir)
         self._workers = [actor.remote(*args) for _ in range(workers)]
         self._seen: list[set] = [set() for _ in range(workers)]  # memo keys sent to each
 

@@ -121,7 +121,7 @@ def evaluate_candidate(config: dict) -> None:
 
     from ..compress.apply import compressed_in_place, uses_calibration
     from ..evaluate import log_probs, window_sums
-    from ..peak_memory import peak_rss_bytes
+    from ..peak_memory import peak_rss_bytes, return_freed_memory
 
     job_dir = Path(config["job_dir"])
     job = json.loads((job_dir / "job.json").read_text())
@@ -138,8 +138,9 @@ def evaluate_candidate(config: dict) -> None:
     if checkpoint is not None:  # restored after an interruption: continue where it stopped
         with checkpoint.as_directory() as path:
             state = json.loads((Path(path) / "state.json").read_text())
+    return_freed_memory()  # the previous candidate's temporaries, before this one's
     with compressed_in_place(loaded, configs, calib, mode=job["mode"], progress=False,
-                             gptq=GPTQSettings(**job["gptq"])) as model:
+                             gptq=GPTQSettings(**job["gptq"]), codes=True) as model:
         for i in range(state["next"], job["windows"]):
             with torch.no_grad():
                 nll, kl, tokens = window_sums(log_probs(model, windows[i]), windows[i],

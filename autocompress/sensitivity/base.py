@@ -12,7 +12,12 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from typing import Callable, Mapping
+
 from ..model import LayerInfo, LoadedModel
+
+#: a block's layers and their calibration statistics (layer name -> compress.InputStats)
+OnBlockReady = Callable[[list[LayerInfo], Mapping], None]
 
 
 class SensitivityProxy(ABC):
@@ -31,6 +36,18 @@ class SensitivityProxy(ABC):
     def layer_costs(self, layer: LayerInfo, weight: torch.Tensor,
                     deltas: list[torch.Tensor]) -> list[float]:
         """Predicted loss increase of each ΔW in ``deltas`` (same shape as ``weight``)."""
+
+    #: True when the proxy implements ``prepare_blocks``
+    blockwise: bool = False
+
+    def prepare_blocks(self, loaded: LoadedModel, windows: torch.Tensor,
+                       layers: list[LayerInfo], on_block: OnBlockReady,
+                       hessian_layers: set[str], progress: bool = True) -> None:
+        """``prepare`` one block at a time: for each block holding some of ``layers``,
+        gather its statistics, call ``on_block(its layers, their input statistics)`` (full
+        E[x xᵀ] for ``hessian_layers``) while ``layer_costs`` can score them, then drop them.
+        A model bigger than memory is scored this way (sequential onloading)."""
+        raise NotImplementedError(f"the {self.name} proxy has no block-by-block preparation")
 
     def rtn_costs(self, layer: LayerInfo, weight: torch.Tensor,
                   options: list[tuple[int, int, bool]]) -> list[float] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -21,13 +22,14 @@ from tqdm.auto import tqdm
 
 from ..accounting import layer_bytes
 from ..compress.apply import hessian_layers, layer_stats, uses_calibration
-from ..compress.calibration import collect_stats
+from ..compress.calibration import InputStats, collect_stats
+from ..compress.stats_store import StatsStore
 from ..compress.gguf import GGUFWeight
 from ..compress.weights import LayerStats, compress_weight
 from ..gguf_source import source_tensors
 from ..io_utils import atomic_write_text
 from .. import faults
-from ..model import LoadedModel, cache_dir, weights_fingerprint
+from ..model import LayerInfo, LoadedModel, cache_dir, weights_fingerprint
 from ..placement import dtype_name
 from ..plan import LayerConfig
 from .base import PROXIES, SensitivityProxy
@@ -141,34 +143,53 @@ def layer_costs(proxy: SensitivityProxy, layer, weight: torch.Tensor,
 
 def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: torch.Tensor,
                 calib_digest: str, cache: TableCache | Path | None = None,
-                progress: bool = True, log: Callable[[str], None] = print) -> SensitivityTable:
+                progress: bool = True, log: Callable[[str], None] = print,
+                stats_store: StatsStore | None = None) -> SensitivityTable:
+    """The table of ``proxy``'s costs for every layer × option of ``space``, from the rows in
+    ``cache`` and the rest computed. A proxy that can (``prepare_blocks``) runs block by
+    block: one block's gradients, statistics and rows at a time. ``stats_store``: where the
+    calibration statistics taken here are written, for the plans built after."""
     layers = loaded.layers
     options = [space.for_layer(layer) for layer in layers]
     key = table_key(loaded, calib_digest, options, proxy)
     if not isinstance(cache, TableCache):
         cache = TableCache(cache or TableCache.default_path(key), key, log)
     cache.drop_malformed({layer.name: len(opts) for layer, opts in zip(layers, options)})
-    todo = [i for i, layer in enumerate(layers) if layer.name not in cache.rows]
+    todo = [layer for layer in layers if layer.name not in cache.rows]
     if todo:
-        todo_layers = [layers[i] for i in todo]
-        proxy.prepare(loaded, windows, todo_layers, progress=progress)
-        stats = None
         options_of = {layer.name: opts for layer, opts in zip(layers, options)}
-        if uses_calibration(o for i in todo for o in options[i]):
-            stats = collect_stats(loaded.model, todo_layers, windows, progress=progress,
-                                  hessian_layers=hessian_layers(
-                                      todo_layers, lambda layer: options_of[layer.name]))
+        calibrated = uses_calibration(o for layer in todo for o in options_of[layer.name])
+        full = hessian_layers(todo, lambda layer: options_of[layer.name])
         source = source_tensors(loaded)
-        for i in tqdm(todo, desc=f"{proxy.name} table", disable=not progress, leave=False):
-            layer = layers[i]
-            weight = loaded.module(layer.name).weight.detach().float()
-            cost = layer_costs(proxy, layer, weight, options[i],
-                               layer_stats(stats[layer.name]) if stats is not None else None,
-                               source.stored(layer.name) if source is not None and any(
-                                   cfg.is_gguf for cfg in options[i]) else None)
-            size = [layer_bytes(layer.out_features, layer.in_features, cfg) for cfg in options[i]]
-            cache.put(layer.name, cost, size)
-            faults.point("sensitivity_row")
+        bar = tqdm(total=len(todo), desc=f"{proxy.name} table", disable=not progress,
+                   leave=False)
+
+        def rows(some: list[LayerInfo], stats: Mapping[str, InputStats] | None) -> None:
+            if stats and stats_store is not None:
+                stats_store.put(dict(stats))
+            for layer in some:
+                weight = loaded.module(layer.name).weight.detach().float()
+                cost = layer_costs(proxy, layer, weight, options_of[layer.name],
+                                   layer_stats(stats[layer.name]) if stats else None,
+                                   source.stored(layer.name) if source is not None and any(
+                                       cfg.is_gguf for cfg in options_of[layer.name]) else None)
+                size = [layer_bytes(layer.out_features, layer.in_features, cfg)
+                        for cfg in options_of[layer.name]]
+                cache.put(layer.name, cost, size)
+                bar.update()
+                faults.point("sensitivity_row")
+
+        if proxy.blockwise:
+            proxy.prepare_blocks(loaded, windows, todo,
+                                 lambda block_layers, stats: rows(block_layers,
+                                                                  stats if calibrated else None),
+                                 hessian_layers=full if calibrated else set(), progress=progress)
+        else:
+            proxy.prepare(loaded, windows, todo, progress=progress)
+            stats = collect_stats(loaded.model, todo, windows, progress=progress,
+                                  hessian_layers=full) if calibrated else None
+            rows(todo, stats)
+        bar.close()
     return SensitivityTable(
         layers=[layer.name for layer in layers], options=options,
         cost=[cache.rows[layer.name]["cost"] for layer in layers],

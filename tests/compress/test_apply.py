@@ -189,3 +189,41 @@ def test_a_reference_cache_is_unchanged_by_a_plan_in_place_and_refuses_to_comput
         with pytest.raises(RuntimeError, match="fill"):
             cache.get(1)
     assert torch.equal(cache.fill().get(1), expected[1])
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_a_plan_held_as_codes_computes_what_its_dense_weights_compute(tiny_loaded, mode):
+    """The meters hold quantized layers as codes (CodesLinear): the model's outputs must be
+    the dense build's bit for bit, and the model restored exactly after."""
+    from autocompress.compress.apply import compressed_in_place
+    from autocompress.compress.codes_linear import CodesLinear
+
+    configs, calib = _mixed_configs(tiny_loaded), _calib(tiny_loaded)
+    configs[tiny_loaded.layers[2].name] = LayerConfig(bits=4, group_size=-1, sym=True)
+    x = _calib(tiny_loaded, n=2, length=24)
+    original = _snapshot(tiny_loaded.model)
+    with compressed_in_place(tiny_loaded, configs, calib, mode=mode, progress=False) as model:
+        dense = model(x).logits
+        dense_weights = {l.name: model.get_submodule(l.name).weight.clone()
+                         for l in tiny_loaded.layers[2:]}
+    with compressed_in_place(tiny_loaded, configs, calib, mode=mode, progress=False,
+                             codes=True) as model:
+        held = [l.name for l in tiny_loaded.layers
+                if isinstance(model.get_submodule(l.name), CodesLinear)]
+        assert held == [l.name for l in tiny_loaded.layers if l.name != tiny_loaded.layers[1].name]
+        assert torch.equal(model(x).logits, dense)
+        for name, weight in dense_weights.items():
+            assert torch.equal(model.get_submodule(name).weight, weight), name
+    after = tiny_loaded.model.state_dict()
+    assert [k for k in original if not torch.equal(after[k], original[k])] == []
+    assert not any(isinstance(tiny_loaded.module(l.name), CodesLinear) for l in tiny_loaded.layers)
+
+
+def test_decoding_codes_in_groups_equals_dequantize():
+    from autocompress.compress.codes_linear import decode
+    from autocompress.compress.quant import quantize_rtn
+
+    w = torch.randn(48, 96)
+    for bits, group, sym in [(4, 32, False), (3, -1, True), (2, 64, False), (8, 96, True)]:
+        q = quantize_rtn(w, bits, group, sym)
+        assert torch.equal(decode(q), q.dequantize()), (bits, group, sym)

@@ -15,7 +15,8 @@ def test_meter_reuses_expensive_layers_without_changing_results(tiny_loaded):
     low_rank = {n: LayerConfig(bits=8, rank_ratio=0.5) for n in names}
     mixed = {**low_rank, names[0]: LayerConfig(bits=4)}
     first = meter.measure(low_rank)
-    assert len(meter._memo) == len(names)
+    assert all((n, cfg) in meter._memo for n, cfg in low_rank.items())
+    assert len(list(meter._memo.directory.glob("*.safetensors"))) == len(names)  # on disk
     second = meter.measure(mixed)
     fresh = PlanMeter(tiny_loaded, holdout, calib).measure(mixed)
     assert second["kl"] == pytest.approx(fresh["kl"], rel=1e-6)
@@ -32,13 +33,26 @@ def test_the_memo_keeps_codes_only_and_rebuilds_the_same_weights(tiny_loaded):
     configs = {l.name: LayerConfig(bits=3, group_size=32, method="gptq") for l in tiny_loaded.layers}
     configs[tiny_loaded.layers[1].name] = LayerConfig(bits=4, rank_ratio=0.5)
     with meter.compressed(configs) as model:
-        built = {k: v.clone() for k, v in model.state_dict().items()}
+        built = _layer_weights(model, tiny_loaded)
     with meter.compressed(configs) as model:
-        rebuilt = {k: v.clone() for k, v in model.state_dict().items()}
-    assert built.keys() == rebuilt.keys()
+        rebuilt = _layer_weights(model, tiny_loaded)
+    assert len(built) == len(tiny_loaded.layers) + 1 and built.keys() == rebuilt.keys()
     assert [k for k in built if not torch.equal(built[k], rebuilt[k])] == []
-    assert len(meter._memo) == len(tiny_loaded.layers)
+    assert all((name, cfg) in meter._memo for name, cfg in configs.items())
     assert all(f is None for kept in meter._memo.values() for f in kept.factors)
+
+
+def _layer_weights(model, loaded) -> dict[str, torch.Tensor]:
+    """Every block linear's effective weight (a CodesLinear decodes its codes), a low-rank
+    layer's two factors."""
+    out = {}
+    for layer in loaded.layers:
+        module = model.get_submodule(layer.name)
+        parts = [(".up", module.up), (".down", module.down)] if hasattr(module, "up") \
+            else [("", module)]
+        for suffix, sub in parts:
+            out[layer.name + suffix] = sub.weight.detach().clone()
+    return out
 
 
 def test_memo_refuses_sequential_mode(tiny_loaded):
@@ -64,9 +78,10 @@ def test_a_meter_keeping_only_diagonals_measures_imatrix_plans_and_refuses_gptq(
 
 
 def test_the_memo_holds_at_most_its_bytes_dropping_the_least_recently_used(tiny_loaded):
-    """A meter's memo is bounded (level 2 reaches many configs per layer); what it drops is
-    built again, to the same weights, so the KL of a plan does not depend on the bound."""
-    from autocompress.compress.apply import LayerMemo
+    """A meter's memo is bounded in memory (level 2 reaches many configs per layer); what it
+    drops is built again (no directory) or read back from disk, to the same weights, so the
+    KL of a plan does not depend on the bound."""
+    from autocompress.compress.memo import LayerMemo
 
     g = torch.Generator().manual_seed(2)
     vocab = tiny_loaded.model.config.vocab_size
@@ -80,6 +95,28 @@ def test_the_memo_holds_at_most_its_bytes_dropping_the_least_recently_used(tiny_
     for plan in plans + plans:
         assert capped.measure(plan)["kl"] == free.measure(plan)["kl"]
         assert capped._memo.nbytes <= 3 * one_layer or len(capped._memo) == 1
-    assert len(free._memo) == 2 * len(names) and len(capped._memo) < len(names)
+    assert all((n, plan[n]) in free._memo for plan in plans for n in names)  # memory or disk
+    assert len(capped._memo) < len(names)
     last = (names[-1], plans[1][names[-1]])
     assert last in capped._memo  # the most recent entry is kept
+
+
+def test_a_memo_on_disk_gives_back_every_kind_of_entry_exactly(tiny_loaded, tmp_path):
+    """What one worker's memo writes, another's reads: RTN/GPTQ codes, low-rank factors with
+    masks, llama.cpp blocks, decoded to the same weights."""
+    from autocompress.compress.memo import LayerMemo, for_memo, from_memo
+    from autocompress.compress.weights import compress_weight
+
+    weight = tiny_loaded.module(tiny_loaded.layers[4].name).weight.detach().float()
+    configs = [LayerConfig(bits=3, group_size=32), LayerConfig(bits=4, rank_ratio=0.5),
+               LayerConfig(bits=8, sparsity=0.5, prune_method="magnitude"),
+               LayerConfig(gguf="q8_0")]
+    writer, reader = LayerMemo(1 << 30, tmp_path), LayerMemo(1 << 30, tmp_path)
+    for cfg in configs:
+        built = compress_weight(weight, cfg)
+        writer[("w", cfg)] = for_memo(built)
+        assert ("w", cfg) in reader
+        again = from_memo(reader[("w", cfg)])
+        assert torch.equal(again.weight(), built.weight()), cfg
+        assert [m is None for m in again.masks] == [m is None for m in built.masks]
+    assert ("w", LayerConfig(bits=2)) not in reader
