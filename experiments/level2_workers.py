@@ -8,6 +8,12 @@ The search is the demo's (`make demo`: joint space, 183MB on the jetson profile,
 proxy), with --eval-top 0; the sensitivity table is built once and reused by the other run.
 
     .venv/bin/python experiments/level2_workers.py --trials 16 --batch 2
+    .venv/bin/python experiments/level2_workers.py --ceiling   # entry "ceiling"
+
+The ceiling: what two workers can gain at most on this machine. One process doing 6 forward
+passes of SmolLM2 over a 512-token window at one torch thread, timed alone and then two such
+processes at once: two workers measure plans at most 2 × (time alone) / (time together) as fast
+as one, whatever level 2 does.
 """
 
 from __future__ import annotations
@@ -24,13 +30,53 @@ from common import ResultFile, machine  # noqa: E402
 RUNS = Path(__file__).resolve().parent / "runs" / "level2-workers"
 
 
+def _forwards(n: int) -> None:
+    """n forward passes over one 512-token window at one torch thread; prints the seconds."""
+    import torch
+
+    from autocompress.model import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model("smollm2-135m")
+    window = torch.randint(0, loaded.model.config.vocab_size, (1, 512),
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loaded.model(window)  # weights paged in, allocator warm
+        start = time.perf_counter()
+        for _ in range(n):
+            loaded.model(window)
+    print(time.perf_counter() - start, flush=True)
+
+
+def ceiling(results, n: int = 6) -> None:
+    import subprocess
+
+    def together(k: int) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, __file__, "--forwards", str(n)],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(k)]
+        return [float(p.communicate()[0].split()[-1]) for p in procs]
+
+    alone = together(1)[0]
+    pair = together(2)
+    record = {"forwards": n, "alone_s": round(alone, 2), "together_s": [round(t, 2) for t in pair],
+              "throughput_ratio": round(2 * alone / max(pair), 3)}
+    results.put("ceiling", record)
+    print(f"ceiling: one process {alone:.1f} s, two at once {pair}: two workers at most "
+          f"{record['throughput_ratio']:.2f}x one")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--forwards", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling", action="store_true",
+                        help="measure only what two processes gain over one on this machine")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--batch", type=int, default=2,
                         help="trials asked at once (the same in every run: the same trials)")
     parser.add_argument("--workers", default="1,2")
     args = parser.parse_args()
+    if args.forwards:
+        return _forwards(args.forwards)
 
     import ray
 
@@ -47,10 +93,14 @@ def main() -> None:
                   f"each, parallel calibration",
         "workers": "Ray actors, one CPU and one torch thread each",
         "machine": machine()})
+    if args.ceiling:
+        return ceiling(results)
     loaded = load_model("smollm2-135m")
     device, _ = load_device("jetson")
     space = SearchSpace.load("joint")
-    table_cache = RUNS / "sensitivity.cache.json"
+    # the table and the statistics it took are the same for every run (a search takes them
+    # in its table stage, before level 2): taken once, copied to each run; not the memo
+    table_cache, stats_cache = RUNS / "sensitivity.cache.json", RUNS / "statistics"
     trials_of = {}
     for workers in [int(w) for w in args.workers.split(",")]:
         key = f"workers={workers}" + ("" if args.batch == 2 else f",batch={args.batch}")
@@ -59,6 +109,8 @@ def main() -> None:
         out.mkdir(parents=True)
         if table_cache.is_file():
             shutil.copy(table_cache, out / "sensitivity.cache.json")
+        if stats_cache.is_dir():
+            shutil.copytree(stats_cache, out / "statistics", ignore=shutil.ignore_patterns("memo"))
         settings = SearchSettings(budget=parse_size("183MB"), device=device,
                                   trials=args.trials, eval_top=0, num_cpus=max(2, workers),
                                   level2_workers=workers, level2_batch=args.batch)
@@ -67,6 +119,8 @@ def main() -> None:
         wall = time.perf_counter() - start
         ray.shutdown()
         shutil.copy(out / "sensitivity.cache.json", table_cache)
+        if not stats_cache.is_dir():
+            shutil.copytree(out / "statistics", stats_cache, ignore=shutil.ignore_patterns("memo"))
         trials = sorted(result.trials, key=lambda t: t.number)
         trials_of[workers] = [(t.user_attrs["signature"], t.user_attrs["kl_fast"])
                               for t in trials]

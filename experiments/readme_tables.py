@@ -460,14 +460,40 @@ def peak_memory(store: Store) -> str:
                               f"machine {data.protocol.machine}.")
 
 
+def scale(store: Store) -> str:
+    data = store.get("scale.json")
+    p = data.protocol
+    rows = ["| model @ uniform bits | budget | search wall (table / level 2 / level 3) | "
+            "peak memory | 2 × bf16 weights | test ppl: searched | uniform RTN | uniform GPTQ "
+            "| windows | measured |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for key, e in data.entries.items():
+        t = e.timings_s
+        stages = " / ".join(f"{t[k] / 60:.1f}" if k in t else "–"
+                            for k in ("sensitivity_s", "level2_s", "level3_s"))
+        rows.append(f"| {key} | {e.budget_bytes / 1e6:,.0f} MB | {e.wall_s / 60:.1f} min "
+                    f"({stages} min) | {e.peak_pss_bytes / 2**30:.2f} GiB | "
+                    f"{e.bf16_weight_bytes * 2 / 2**30:.2f} GiB | {e.searched.ppl:.2f} | "
+                    f"{e.uniform_rtn.ppl:.2f} | {e.uniform_gptq.ppl:.2f} | {e.eval_windows} | "
+                    f"{e.measured_at} |")
+    models = "; ".join(dict.fromkeys(f"{k.split('@')[0]}: {e.model}"
+                                     for k, e in data.entries.items()))
+    commands = "; ".join(f"{k}: `{e.command}`" for k, e in data.entries.items())
+    return "\n".join(rows) + (f"\n\nModels: {models}. Search: {p.search}. Budget: {p.budget}. "
+                              f"Memory: {p.memory}. Test: {p.eval}. Machine: {p.machine}. "
+                              f"Commands: {commands}. Reproduce: `.venv/bin/python "
+                              "experiments/scale.py`.")
+
+
 def level2_workers(store: Store) -> str:
     data = store.get("level2_workers.json")
     p, entries = data.protocol, data.entries
     rows = ["| Ray workers | trials (batch) | level 2 wall | speed-up | same trials as 1 worker "
             "| workers measuring | workers loaded after | measured |",
             "| ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
-    base = {e.batch: e.level2_s for e in entries.values() if e.workers == 1}
-    for e in entries.values():
+    runs = {k: e for k, e in entries.items() if k != "ceiling"}
+    base = {e.batch: e.level2_s for e in runs.values() if e.workers == 1}
+    for e in runs.values():
         speedup = f"{base[e.batch] / e.level2_s:.2f}×" if e.batch in base else "n/a"
         busy = ready = "not recorded"
         if e.worker_use:
@@ -476,6 +502,13 @@ def level2_workers(store: Store) -> str:
         rows.append(f"| {e.workers} | {e.trials} ({e.batch}) | {e.level2_s:.0f} s | {speedup} | "
                     f"{'yes' if e.same_trials_as_first else '**no**'} | {busy} | {ready} | "
                     f"{e.measured_at} |")
+    limit = entries.get("ceiling")
+    if limit is not None:
+        rows.append(f"\nCeiling on this machine: one process ran {limit.forwards} single-thread "
+                    f"forward passes of a 512-token window in {limit.alone_s:.1f} s, two at "
+                    f"once in {' and '.join(f'{t:.1f}' for t in limit.together_s)} s: two "
+                    f"workers can be at most {limit.throughput_ratio:.2f}× as fast as one "
+                    f"({limit.measured_at}; `experiments/level2_workers.py --ceiling`).")
     return "\n".join(rows) + (f"\n\nProtocol: {p.model}; {p.search}; workers: {p.workers}; "
                               f"machine {p.machine}. Command: `.venv/bin/python "
                               f"experiments/level2_workers.py --trials 16 --batch B`. Workers measuring: "
@@ -633,7 +666,7 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "joint-vs-bits": joint_vs_bits, "baselines": baselines,
             "search-candidates": search_candidates, "gptq-study": gptq_study,
             "peak-memory": peak_memory, "level2-workers": level2_workers,
-            "dtype": dtype}
+            "dtype": dtype, "scale": scale}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

@@ -348,6 +348,42 @@ class DtypeRun(_Model):
     measured_at: str
 
 
+# ---------------------------------------------------------------- scale.json
+
+
+class ScaleProtocol(_Model):
+    search: str
+    budget: str
+    memory: str
+    eval: str
+    machine: str
+
+
+class ScaleEval(_Model):
+    ppl: float
+    kl: float
+    total_bytes: int
+
+
+class ScaleRun(_Model):
+    """One search (MODEL@BITS): its stages' wall time, its process tree's peak memory, the
+    searched plan's test perplexity against the uniform plans at the same bytes."""
+    model: str
+    command: str
+    params: int
+    bf16_weight_bytes: int
+    budget_bytes: int
+    wall_s: float
+    timings_s: dict[str, float]
+    peak_pss_bytes: int
+    chosen: str
+    eval_windows: int
+    searched: ScaleEval
+    uniform_rtn: ScaleEval
+    uniform_gptq: ScaleEval
+    measured_at: str
+
+
 # ---------------------------------------------------------------- level2_workers.json
 
 
@@ -365,6 +401,15 @@ class WorkerUse(_Model):
     measuring_s: float
     plans: int
     last_done_s: float
+
+
+class Level2Ceiling(_Model):
+    """What two processes gain over one on this machine (level2_workers.py --ceiling)."""
+    forwards: int
+    alone_s: float
+    together_s: list[float]
+    throughput_ratio: float
+    measured_at: str
 
 
 class Level2Workers(_Model):
@@ -488,7 +533,9 @@ SPECS: dict[str, FileSpec] = {
     "gguf_*.json": FileSpec(GgufProtocol, lambda key: GgufSearch if key.startswith("search@")
                           else GgufRecipe, keys=r"(?:search@)?[A-Z0-9_]+(?: imatrix)?"),
     "peak_memory.json": FileSpec(PeakMemoryProtocol, _by_key({}, PeakMemory)),
-    "level2_workers.json": FileSpec(Level2WorkersProtocol, _by_key({}, Level2Workers)),
+    "level2_workers.json": FileSpec(Level2WorkersProtocol,
+                                    _by_key({"ceiling": Level2Ceiling}, Level2Workers)),
+    "scale.json": FileSpec(ScaleProtocol, _by_key({}, ScaleRun), keys=r"[\w.-]+@\d+"),
     "dtype.json": FileSpec(DtypeProtocol, _by_key({}, DtypeRun),
                            keys=r"(?:float32|bfloat16|float16)/[\w-]+"),
     "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),

@@ -1,0 +1,148 @@
+"""The same search on SmolLM2-135M and on Qwen2.5-Coder-1.5B-Instruct, at the bytes of uniform
+3-bit and 4-bit: wall time per stage, peak memory of the whole process tree, and the searched
+plan's test perplexity against uniform RTN and GPTQ at the same bytes. Writes
+experiments/results/scale.json (entry MODEL@BITS; a rerun skips finished entries).
+
+The search is the command line's, with its defaults (joint space, Fisher proxy on 8
+calibration windows of wiki.valid.tokens, 40 level-2 trials on 2 held-out windows, level 3 on
+the best 4 and level 1's candidates on 8 held-out windows), run as a user runs it:
+
+    autocompress search --model M --budget B --calib-text wiki.valid.tokens --out DIR
+
+its memory sampled over its process tree, Ray's processes included (peak_memory.py's
+TreeSampler: PSS summed, every 0.25 s). B is the footprint of uniform RTN b-bit (group 64,
+asymmetric) at the command line's context (2048) and batch (1). The baselines are
+`autocompress plan --bits b [--method gptq]` plans at those bytes, and every plan's test
+perplexity is `autocompress eval PLAN --eval-text wiki.test.raw --windows N --json` (the plan
+built from its provenance, as a user would build it).
+
+The 1.5B model is the Q4_K_M GGUF assembled by experiments/assemble_qwen.py (--qwen PATH). Its
+dequantization to a float32 checkpoint is cached once, before the search, and timed apart.
+
+    .venv/bin/python experiments/scale.py [--models smollm2,qwen1.5b] [--bits 3,4]
+        [--qwen PATH] [--windows smollm2=40,qwen1.5b=10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CALIB_TEXT, EVAL_TEXT, REPO, ResultFile, check_data, machine  # noqa: E402
+from joint_vs_bits import uniform_total  # noqa: E402
+from peak_memory import INTERVAL_S, TreeSampler  # noqa: E402
+
+from autocompress.model import load_model, non_layer_params  # noqa: E402
+
+RUNS = Path(__file__).resolve().parent / "runs" / "scale"
+# the package of this checkout (a frozen worktree runs its own code, whatever is installed),
+# run as the `autocompress` command; Ray's workers inherit PYTHONPATH
+CLI = [sys.executable, "-m", "autocompress.cli"]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+MODELS = {
+    "smollm2": ("smollm2-135m", "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)"),
+    "qwen1.5b": (None, "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF dequantized to float32)"),
+}
+
+
+def _run(args: list[str]) -> str:
+    done = subprocess.run(CLI + args, check=True, capture_output=True, text=True, env=ENV)
+    return done.stdout
+
+
+def _eval(plan: Path, windows: int) -> dict:
+    return json.loads(_run(["eval", str(plan), "--eval-text", str(EVAL_TEXT),
+                            "--windows", str(windows), "--json"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="smollm2,qwen1.5b")
+    parser.add_argument("--bits", default="3,4")
+    parser.add_argument("--qwen", type=Path, default=Path("/work/qwen/qwen2.5-coder-1.5b-q4_k_m.gguf"),
+                        help="the assembled Qwen2.5-Coder-1.5B GGUF")
+    parser.add_argument("--windows", default="smollm2=40,qwen1.5b=10",
+                        help="test windows of 512 per model")
+    args = parser.parse_args()
+    check_data()
+    windows = dict((k, int(v)) for k, v in (item.split("=") for item in args.windows.split(",")))
+    results = ResultFile("scale.json", {
+        "search": "autocompress search with the command line's defaults: joint space, fisher "
+                  "proxy on 8 windows of 512 of wiki.valid.tokens, 40 level-2 trials (TPE) on "
+                  "2 held-out windows, level 3 (Ray Tune, ASHA) on the best 4 and level 1's "
+                  "candidates on 8 held-out windows, sequential calibration; context 2048, "
+                  "batch 1",
+        "budget": "the footprint of uniform RTN b-bit, group 64, asymmetric (weights, KV "
+                  "cache at 2048 tokens, workspace)",
+        "memory": f"PSS summed over the search and its descendants (Ray) every {INTERVAL_S} s, "
+                  "peak of the sum",
+        "eval": "wiki.test.raw, first N non-overlapping windows of 512 (N per entry); plans "
+                "built from their provenance by `autocompress eval`",
+        "machine": machine()})
+    for model_key in args.models.split(","):
+        spec, label = MODELS[model_key]
+        spec = spec or str(args.qwen)
+        t = time.perf_counter()
+        loaded = load_model(spec)  # converts a GGUF once (cached); not part of the search
+        convert_s = time.perf_counter() - t
+        n_params = sum(l.n_params for l in loaded.layers) + non_layer_params(loaded)
+        budgets = {bits: uniform_total(loaded, int(bits)) for bits in args.bits.split(",")}
+        del loaded
+        for bits, budget in budgets.items():
+            key = f"{model_key}@{bits}"
+            if results.has(key):
+                continue
+            out = RUNS / key
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            command = ["search", "--model", spec, "--budget", str(budget),
+                       "--calib-text", str(CALIB_TEXT), "--out", str(out / "search")]
+            start = time.time()
+            proc = subprocess.Popen(CLI + command, stdout=(out / "search.log").open("w"),
+                                    stderr=subprocess.STDOUT, env=ENV)
+            with TreeSampler(proc.pid) as sampler:
+                code = proc.wait()
+            wall = time.time() - start
+            if code != 0:
+                raise SystemExit(f"{key}: the search exited {code}; see {out / 'search.log'}")
+            found = json.loads((out / "search" / "search.json").read_text())
+            n = windows[model_key]
+            searched = _eval(out / "search" / "plan.json", n)
+            baselines = {}
+            for method in ("rtn", "gptq"):
+                plan = out / f"{method}{bits}.json"
+                _run(["plan", "--model", spec, "--bits", bits, "--method", method,
+                      "--calib-text", str(CALIB_TEXT), "--out", str(plan)])
+                baselines[method] = _eval(plan, n)
+            chosen = next(c for c in found["candidates"] if c["label"] == found["chosen"])
+            record = {
+                "model": label,
+                "command": "autocompress " + " ".join(command).replace(str(REPO) + "/", "")
+                .replace(str(REPO.parent), ".."),
+                "params": n_params, "bf16_weight_bytes": 2 * n_params,
+                "budget_bytes": budget, "convert_s": round(convert_s, 1),
+                "wall_s": round(wall, 1), "timings_s": found["timings_s"],
+                "peak_pss_bytes": sampler.peak_pss, "peak_rss_sum_bytes": sampler.peak_rss_sum,
+                "largest_process_rss_bytes": sampler.largest_process,
+                "processes": sampler.most_processes,
+                "chosen": found["chosen"], "chosen_total_bytes": chosen["total_bytes"],
+                "eval_windows": n,
+                "searched": {k: searched[k] for k in ("ppl", "kl", "total_bytes")},
+                "uniform_rtn": {k: baselines["rtn"][k] for k in ("ppl", "kl", "total_bytes")},
+                "uniform_gptq": {k: baselines["gptq"][k] for k in ("ppl", "kl", "total_bytes")},
+            }
+            results.put(key, record)
+            print(f"{key}: {wall / 60:.1f} min, peak {sampler.peak_pss / 2**30:.2f} GiB; ppl "
+                  f"searched {searched['ppl']:.2f}, RTN {baselines['rtn']['ppl']:.2f}, GPTQ "
+                  f"{baselines['gptq']['ppl']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
