@@ -29,6 +29,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -44,7 +45,7 @@ from ..io_utils import atomic_write_text
 from ..compress.apply import hessian_layers, needs_calibration, uses_calibration
 from ..compress.stats_store import StatsStore, stats_key
 from ..compress.weights import GPTQSettings
-from ..model import LoadedModel
+from ..model import LayerInfo, LoadedModel
 from ..peak_memory import peak_rss_bytes, return_freed_memory
 from ..residency import release_module
 from ..plan import LayerConfig, Plan, compact_overrides
@@ -52,7 +53,7 @@ from ..provenance import Provenance
 from ..sensitivity.build import build_table, make_proxy
 from ..sensitivity.table import SensitivityTable
 from ..units import format_size
-from .exact import InfeasibleBudget, InfeasibleLimit, Limit
+from .exact import InfeasibleBudget, InfeasibleLimit
 from .holdout import holdout_record
 from .measure import PlanMeter
 from .optuna_level import Level2, Level2Settings, plan_signature
@@ -148,12 +149,111 @@ class SearchResult:
     level2_workers: list = field(default_factory=list)
 
 
+@dataclass
+class _Setup:
+    """What every level of one search reads: the model, space and settings, the budget and
+    what it leaves the searched layers, how a plan's bytes and speed are counted."""
+
+    loaded: LoadedModel
+    space: SearchSpace
+    settings: SearchSettings
+    out: Path | None
+    budget: int
+    capacity: int  # bytes the searched layers may use
+    tables: dict[str, LayerConfig]  # the space's fixed formats (the embedding), in every plan
+    footprint_of: Callable[[dict[str, LayerConfig]], Footprint]
+    bytes_of: Callable[[LayerInfo, LayerConfig], int]
+    speed: DeviceDecode | LlamaCppDecode | None
+    full: set[str]  # layers whose options may need the full E[x xᵀ]
+
+
 def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings,
                out_dir: str | Path | None = None, progress: bool = True,
                log=print) -> SearchResult:
     timings: dict[str, float] = {}
+    setup = _prepare(loaded, space, settings, Path(out_dir) if out_dir else None, log)
+    out = setup.out
+
+    # -- level 0: the sensitivity table --------------------------------------------------------
+    t0 = time.perf_counter()
+    calib = calibration_data(loaded.tokenizer, settings.calib_text, settings.n_calib,
+                             settings.holdout_windows, settings.window_len)
+    # calibration statistics on disk, taken once (by the table where it needs them) and read
+    # by every plan the levels build
+    stats = StatsStore(out / "statistics" if out else None, loaded.layers,
+                       stats_key(loaded, calib.digest), setup.full, loaded.placement.device) \
+        if uses_calibration(c for layer in loaded.layers for c in space.for_layer(layer)) else None
+    # the proxy is not kept past the table: a Fisher proxy holds one float32 per weight (5 GB
+    # on a 1.5B model) that the measured levels' model copies need more
+    table = build_table(loaded, space, make_proxy(settings.proxy), calib.calib, calib.digest,
+                        cache=out / "sensitivity.cache.json" if out else None,
+                        progress=progress, log=log, stats_store=stats)
+    if out:
+        table.save(out / "sensitivity.json")
+    return_freed_memory()  # the proxy's diagonal and the statistics are gone
+    timings["sensitivity_s"] = time.perf_counter() - t0
+
+    # -- level 1: exact proxy optima -----------------------------------------------------------
+    t0 = time.perf_counter()
+    problem = _problem(setup, table)
+    candidates = _candidates(problem, space, setup.footprint_of)
+    front = [Candidate(f"proxy front {fraction:.0%} of capacity", problem.configs(choice),
+                       setup.footprint_of(problem.configs(choice)), problem.predicted(choice))
+             for fraction, choice in problem.front()]
+    timings["level1_s"] = time.perf_counter() - t0
+
+    # -- level 2: Optuna, each trial measured at low fidelity ----------------------------------
+    study_trials: list = []
     worker_use: list[dict] = []
-    out = Path(out_dir) if out_dir else None
+    if settings.trials:
+        t0 = time.perf_counter()
+        study_trials, worker_use = _level2(setup, problem, table, calib, stats, candidates,
+                                           front, progress, log)
+        return_freed_memory()  # statistics and memo: level 3 starts beside this
+        timings["level2_s"] = time.perf_counter() - t0
+    if setup.speed is not None:
+        for cand in candidates + front:
+            cand.decode = setup.speed.estimate(cand.configs)
+
+    # -- level 3: measured for real, each candidate built as apply will build it -----------------
+    t0 = time.perf_counter()
+    final_meter = PlanMeter(loaded, calib.holdout[:settings.final_windows], calib.calib,
+                            progress=False, mode=settings.mode, gptq=settings.gptq,
+                            fixed=setup.tables, hessian_layers=setup.full, stats=stats)
+    worker_peak = None
+    if settings.eval_top:
+        worker_peak = _measure_with_tune(loaded, candidates, final_meter, calib, settings, out,
+                                         log, progress)
+        complete = [c for c in candidates if not c.measured["stopped_early"]]
+    else:
+        for cand in candidates:
+            cand.measured = final_meter.measure(cand.configs)
+            faults.point("final_measure")
+        complete = candidates
+    timings["level3_s" if settings.eval_top else "measure_s"] = time.perf_counter() - t0
+    chosen = min(complete, key=lambda c: c.measured["kl"])
+
+    plan = _plan_of(setup, chosen, candidates, calib, timings)
+    memory = {"peak_rss_bytes": peak_rss_bytes(), "worker_peak_rss_bytes": worker_peak}
+    if out:
+        plan.save(out / "plan.json")
+        atomic_write_text(out / "search.json",
+                          json.dumps({"candidates": [c.summary() for c in candidates],
+                                      "proxy_front": [c.summary() for c in front],
+                                      "trials": len(study_trials),
+                                      "chosen": chosen.label, "timings_s": timings,
+                                      "level2_workers": worker_use, "memory": memory},
+                                     indent=2))
+        _write_front(out, candidates, front, study_trials, chosen, loaded, settings)
+    return SearchResult(plan=plan, chosen=chosen, candidates=candidates, table=table,
+                        timings=timings, front=front, trials=study_trials, memory=memory,
+                        level2_workers=worker_use)
+
+
+def _prepare(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings,
+             out: Path | None, log) -> _Setup:
+    """The budget (capped by the device), what it leaves the searched layers once the fixed
+    bytes are taken off, and how plans are counted; the inputs checked before any work."""
     device = settings.device
     budget = settings.effective_budget()
     if device is not None and settings.budget and budget < settings.budget:
@@ -189,131 +289,98 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     speed = (LlamaCppDecode(loaded, settings.speed_profile, tables, settings.context)
              if settings.speed_profile else
              DeviceDecode(loaded, device, settings.context) if device else None)
-
     if settings.calib_text is None and needs_calibration(
             cfg for layer in loaded.layers for cfg in space.for_layer(layer)):
         log("note: GPTQ/Wanda options calibrate on the embedded pydoc corpus; prose close to "
             "your use gives better plans: pass --calib-text FILE")
+    return _Setup(loaded, space, settings, out, budget, capacity, tables, footprint_of, bytes_of,
+                  speed, hessian_layers(loaded.layers, space.for_layer))
 
-    # -- level 0: the sensitivity table --------------------------------------------------------
-    t0 = time.perf_counter()
-    calib = calibration_data(loaded.tokenizer, settings.calib_text, settings.n_calib,
-                             settings.holdout_windows, settings.window_len)
-    cache = out / "sensitivity.cache.json" if out else None
-    # calibration statistics on disk, taken once (by the table where it needs them) and read
-    # by every plan the levels build
-    full = hessian_layers(loaded.layers, space.for_layer)  # the rest keep only diag E[x xᵀ]
-    stats = StatsStore(out / "statistics" if out else None, loaded.layers,
-                       stats_key(loaded, calib.digest), full, loaded.placement.device) \
-        if uses_calibration(c for layer in loaded.layers for c in space.for_layer(layer)) else None
-    # the proxy is not kept past the table: a Fisher proxy holds one float32 per weight (5 GB
-    # on a 1.5B model) that the measured levels' model copies need more
-    table = build_table(loaded, space, make_proxy(settings.proxy), calib.calib, calib.digest,
-                        cache=cache, progress=progress, log=log, stats_store=stats)
-    if out:
-        table.save(out / "sensitivity.json")
-    return_freed_memory()  # the proxy's diagonal and the statistics are gone
-    timings["sensitivity_s"] = time.perf_counter() - t0
 
-    # -- level 1: exact proxy optima -----------------------------------------------------------
-    t0 = time.perf_counter()
-    groups = space.decision_groups(loaded.layers)
+def _problem(setup: _Setup, table: SensitivityTable) -> Problem:
+    """Level 1's knapsack: the table's options per decision group, the capacity, the latency
+    row where the search has a limit, bytes as the device holds them."""
+    settings, speed = setup.settings, setup.speed
+    groups = setup.space.decision_groups(setup.loaded.layers)
     limits = () if speed is None or settings.max_latency_s is None else \
         (speed.limit(table, groups, settings.max_latency_s),)
     width = max(len(options) for options in table.options)
-    held = None if device is None else np.array(
-        [[bytes_of(layer, cfg) for cfg in options] + [0] * (width - len(options))
-         for layer, options in zip(loaded.layers, table.options)], dtype=np.int64)
-    problem = Problem(table, groups, capacity, limits, size=held)
-    candidates = _candidates(problem, space, footprint_of)
-    front = [Candidate(f"proxy front {fraction:.0%} of capacity", problem.configs(choice),
-                       footprint_of(problem.configs(choice)), problem.predicted(choice))
-             for fraction, choice in problem.front()]
-    timings["level1_s"] = time.perf_counter() - t0
+    held = None if settings.device is None else np.array(
+        [[setup.bytes_of(layer, cfg) for cfg in options] + [0] * (width - len(options))
+         for layer, options in zip(setup.loaded.layers, table.options)], dtype=np.int64)
+    return Problem(table, groups, setup.capacity, limits, size=held)
 
-    # -- level 2: Optuna, each trial measured at low fidelity ----------------------------------
-    # level 2 calibrates in parallel (statistics and GPTQ results shared by all trials); the
-    # final measurement builds each candidate as apply will (``settings.mode``)
-    final_meter = PlanMeter(loaded, calib.holdout[:settings.final_windows], calib.calib,
-                            progress=False, mode=settings.mode, gptq=settings.gptq, fixed=tables,
-                            hessian_layers=full, stats=stats)
-    study_trials: list = []
-    if settings.trials:
-        t0, t0_wall = time.perf_counter(), time.time()
-        fast = calib.holdout[:settings.fast_windows]
-        if settings.level2_workers:  # side by side on Ray workers, each with its own meter
-            from .meter_pool import MeterPool, summarize_timelines
 
-            if stats is not None:  # complete before the workers start: they read it
-                stats.fill(loaded.model, calib.calib, progress=progress)
-            meter = MeterPool(loaded.spec or loaded.source, fast, calib.calib, settings.gptq,
-                              tables, full, workers=settings.level2_workers,
-                              num_cpus=settings.num_cpus, address=settings.address,
-                              placement=loaded.placement.worker_spec(),
-                              stats_dir=None if stats is None or out is None
-                              else str(stats.directory.resolve()))
-            measure_many = meter.measure_many
-        else:
-            meter = PlanMeter(loaded, fast, calib.calib, progress=False, gptq=settings.gptq,
-                              fixed=tables, hessian_layers=full, stats=stats)
-            measure_many = lambda plans: [meter.measure(c)["kl"] for c in plans]  # noqa: E731
-        level2 = Level2(
-            problem, Level2Settings(n_trials=settings.trials, sampler=settings.sampler,
-                                    seed=settings.seed, storage=settings.storage,
-                                    batch=settings.level2_batch or
-                                    max(1, settings.level2_workers)),
-            measure=lambda configs: measure_many([configs])[0], measure_many=measure_many,
-            describe=lambda configs: (footprint_of(configs).total,
-                                      speed.estimate(configs).seconds_per_token if speed else None),
-            budget=budget, max_latency_s=settings.max_latency_s, with_latency=speed is not None,
-            out_dir=out, resume=settings.resume, log=log, progress=progress,
-            identity={"budget": budget, "space": space.name, "proxy": settings.proxy,
-                      "device": device.name if device else None,
-                      **({"speed": speed.name} if isinstance(speed, LlamaCppDecode) else {}),
-                      "max_latency_s": settings.max_latency_s,
-                      "fast_windows": settings.fast_windows, "table": table.digest(),
-                      "mode": settings.mode, "gptq": dataclasses.asdict(settings.gptq)})
-        try:
-            study_trials = level2.run()
-            if settings.level2_workers:
-                worker_timelines = meter.timings()
-        finally:
-            if settings.level2_workers:
-                meter.close()
-        known = {c.signature: c for c in candidates}
-        for rank, (signature, choice, kl) in enumerate(level2.best(settings.eval_top or 3)):
-            if signature in known:
-                continue
-            configs = problem.configs(choice)
-            candidates.append(Candidate(f"optuna #{rank + 1}", configs, footprint_of(configs),
-                                        problem.predicted(choice), source="optuna"))
-        by_signature = {t.user_attrs["signature"]: t.user_attrs["kl_fast"] for t in study_trials}
-        for cand in candidates + front:
-            cand.kl_fast = by_signature.get(cand.signature, cand.kl_fast)
-        del level2, meter, measure_many  # statistics and memo: level 3 starts beside this
-        return_freed_memory()
-        timings["level2_s"] = time.perf_counter() - t0
-        if settings.level2_workers:
-            worker_use = summarize_timelines(worker_timelines, t0_wall)
-    if speed is not None:
-        for cand in candidates + front:
-            cand.decode = speed.estimate(cand.configs)
+def _level2(setup: _Setup, problem: Problem, table: SensitivityTable, calib, stats,
+            candidates: list[Candidate], front: list[Candidate], progress: bool, log
+            ) -> tuple[list, list[dict]]:
+    """The Optuna study, its trials measured at low fidelity: in this process or on Ray
+    workers (``level2_workers``), every plan calibrated in parallel (statistics and the memo
+    shared by all trials). Adds its best plans to ``candidates`` and every trial's KL to the
+    candidates it measured; returns the complete trials and the workers' timelines."""
+    loaded, settings, speed = setup.loaded, setup.settings, setup.speed
+    start_wall = time.time()
+    fast = calib.holdout[:settings.fast_windows]
+    if settings.level2_workers:  # side by side on Ray workers, each with its own meter
+        from .meter_pool import MeterPool
 
-    # -- level 3: measured for real ------------------------------------------------------------
-    t0 = time.perf_counter()
-    worker_peak = None
-    if settings.eval_top:
-        worker_peak = _measure_with_tune(loaded, candidates, final_meter, calib, settings, out,
-                                         log, progress)
-        full = [c for c in candidates if not c.measured["stopped_early"]]
+        if stats is not None:  # complete before the workers start: they read it
+            stats.fill(loaded.model, calib.calib, progress=progress)
+        meter = MeterPool(loaded.spec or loaded.source, fast, calib.calib, settings.gptq,
+                          setup.tables, setup.full, workers=settings.level2_workers,
+                          num_cpus=settings.num_cpus, address=settings.address,
+                          placement=loaded.placement.worker_spec(),
+                          stats_dir=None if stats is None or setup.out is None
+                          else str(stats.directory.resolve()))
+        measure_many = meter.measure_many
     else:
-        for cand in candidates:
-            cand.measured = final_meter.measure(cand.configs)
-            faults.point("final_measure")
-        full = candidates
-    timings["level3_s" if settings.eval_top else "measure_s"] = time.perf_counter() - t0
-    chosen = min(full, key=lambda c: c.measured["kl"])
+        meter = PlanMeter(loaded, fast, calib.calib, progress=False, gptq=settings.gptq,
+                          fixed=setup.tables, hessian_layers=setup.full, stats=stats)
+        measure_many = lambda plans: [meter.measure(c)["kl"] for c in plans]  # noqa: E731
+    level2 = Level2(
+        problem, Level2Settings(n_trials=settings.trials, sampler=settings.sampler,
+                                seed=settings.seed, storage=settings.storage,
+                                batch=settings.level2_batch or max(1, settings.level2_workers)),
+        measure=lambda configs: measure_many([configs])[0], measure_many=measure_many,
+        describe=lambda configs: (setup.footprint_of(configs).total,
+                                  speed.estimate(configs).seconds_per_token if speed else None),
+        budget=setup.budget, max_latency_s=settings.max_latency_s,
+        with_latency=speed is not None, out_dir=setup.out, resume=settings.resume, log=log,
+        progress=progress,
+        identity={"budget": setup.budget, "space": setup.space.name, "proxy": settings.proxy,
+                  "device": settings.device.name if settings.device else None,
+                  **({"speed": speed.name} if isinstance(speed, LlamaCppDecode) else {}),
+                  "max_latency_s": settings.max_latency_s,
+                  "fast_windows": settings.fast_windows, "table": table.digest(),
+                  "mode": settings.mode, "gptq": dataclasses.asdict(settings.gptq)})
+    worker_use: list[dict] = []
+    try:
+        trials = level2.run()
+        if settings.level2_workers:
+            from .meter_pool import summarize_timelines
 
+            worker_use = summarize_timelines(meter.timings(), start_wall)
+    finally:
+        if settings.level2_workers:
+            meter.close()
+    known = {c.signature: c for c in candidates}
+    for rank, (signature, choice, kl) in enumerate(level2.best(settings.eval_top or 3)):
+        if signature in known:
+            continue
+        configs = problem.configs(choice)
+        candidates.append(Candidate(f"optuna #{rank + 1}", configs, setup.footprint_of(configs),
+                                    problem.predicted(choice), source="optuna"))
+    by_signature = {t.user_attrs["signature"]: t.user_attrs["kl_fast"] for t in trials}
+    for cand in candidates + front:
+        cand.kl_fast = by_signature.get(cand.signature, cand.kl_fast)
+    return trials, worker_use
+
+
+def _plan_of(setup: _Setup, chosen: Candidate, candidates: list[Candidate], calib,
+             timings: dict[str, float]) -> Plan:
+    """The chosen candidate as a plan: its formats, how its weights are made (provenance:
+    what apply and eval reproduce) and the figures the search measured for it."""
+    loaded, settings = setup.loaded, setup.settings
     default = _most_common(chosen.configs)
     calib_text = str(Path(settings.calib_text).resolve()) if settings.calib_text else None
     provenance = Provenance(calib_text=calib_text, calib_windows=settings.n_calib,
@@ -323,13 +390,13 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                             gptq_block_size=settings.gptq.block_size,
                             compute_dtype=loaded.placement.dtype_name, made_by="search")
     overrides = {**compact_overrides(chosen.configs, default),
-                 **compact_overrides(tables, LayerConfig())}
+                 **compact_overrides(setup.tables, LayerConfig())}
     plan = Plan(model=loaded.identity, default=default, overrides=overrides,
                 provenance=provenance)
     plan.figures = {
         "chosen": chosen.label,
-        "budget_bytes": budget,
-        "device": device.name if device else None,
+        "budget_bytes": setup.budget,
+        "device": settings.device.name if settings.device else None,
         "max_latency_s": settings.max_latency_s,
         "decode": None if chosen.decode is None else chosen.decode.as_dict(),
         "context": settings.context,
@@ -341,20 +408,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         "candidates": [c.summary() for c in candidates],
         "timings_s": timings,
     }
-    memory = {"peak_rss_bytes": peak_rss_bytes(), "worker_peak_rss_bytes": worker_peak}
-    if out:
-        plan.save(out / "plan.json")
-        atomic_write_text(out / "search.json",
-                          json.dumps({"candidates": [c.summary() for c in candidates],
-                                      "proxy_front": [c.summary() for c in front],
-                                      "trials": len(study_trials),
-                                      "chosen": chosen.label, "timings_s": timings,
-                                      "level2_workers": worker_use, "memory": memory},
-                                     indent=2))
-        _write_front(out, candidates, front, study_trials, chosen, loaded, settings)
-    return SearchResult(plan=plan, chosen=chosen, candidates=candidates, table=table,
-                        timings=timings, front=front, trials=study_trials, memory=memory,
-                        level2_workers=worker_use)
+    return plan
 
 
 def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, progress

