@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # a usage error (one line, said by _Parser) or --help
         return exc.code if isinstance(exc.code, int) else 2
+    from .peak_memory import bound_heap
+
+    bound_heap()
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:  # restored on the way out: main() is also called in-process (tests)
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}

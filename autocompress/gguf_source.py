@@ -54,12 +54,16 @@ class SourceTensors:
     Face row order (GGUF blocks run along rows, so reordering rows keeps every block)."""
 
     def __init__(self, path: Path, n_head: int, n_head_kv: int):
-        reader = read_gguf(path)
         self.path = path
-        self._arch = reader.fields["general.architecture"].contents()
         self._heads = (n_head, n_head_kv)
+        self._arch: str | None = None
+        self._tensors: dict | None = None  # read on the first ``stored``: most plans have
+        self._stored: dict[str, GGUFWeight | None] = {}  # no GGUF layer (~150 MB, 3 s)
+
+    def _open(self) -> None:
+        reader = read_gguf(self.path)
+        self._arch = reader.fields["general.architecture"].contents()
         self._tensors = {t.name: t for t in reader.tensors}
-        self._stored: dict[str, GGUFWeight | None] = {}  # a meter asks once per plan built
 
     def stored(self, layer_name: str) -> GGUFWeight | None:
         """The GGUF weight ``layer_name`` (``model.layers.3.mlp.down_proj``) was loaded from;
@@ -71,6 +75,8 @@ class SourceTensors:
     def _read(self, layer_name: str) -> GGUFWeight | None:
         from .export.gguf_layout import from_gguf_rows, gguf_name
 
+        if self._tensors is None:
+            self._open()
         hf = f"{layer_name}.weight"
         try:
             tensor = self._tensors.get(gguf_name(hf))
@@ -99,11 +105,13 @@ def source_tensors(loaded: LoadedModel) -> SourceTensors | None:
         return None
     config = loaded.config
     heads = config.num_attention_heads
-    return _tensors_of(read_gguf(path), path, heads,
+    stat = path.stat()
+    return _tensors_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns, heads,
                        getattr(config, "num_key_value_heads", None) or heads)
 
 
 @functools.lru_cache(maxsize=2)
-def _tensors_of(_reader, path: Path, n_head: int, n_head_kv: int) -> SourceTensors:
-    # keyed by the (cached) reader, so a file replaced on disk gets new tensors
-    return SourceTensors(path, n_head, n_head_kv)
+def _tensors_of(path: str, _size: int, _mtime_ns: int, n_head: int, n_head_kv: int
+                ) -> SourceTensors:
+    # keyed by size and modification time too, so a file replaced on disk gets new tensors
+    return SourceTensors(Path(path), n_head, n_head_kv)

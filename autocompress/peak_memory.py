@@ -49,3 +49,27 @@ def return_freed_memory() -> None:
         ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError):  # musl and others have no malloc_trim
         pass
+
+
+# Blocks of this size and larger come straight from the operating system (mmap) and go back to
+# it when freed; glibc's default raises its threshold with every large block freed, up to 32
+# MB, and a process that built and dropped a candidate's layers kept hundreds of MB of freed
+# heap (a level-3 worker on SmolLM2: 1.23 GB peak resident against 1.10 GB with 4 MB, at the
+# same speed; 1 MB cost 40% more time in page faults).
+MMAP_THRESHOLD = 4 << 20
+
+
+def bound_heap() -> None:
+    """Fix malloc's mmap threshold at ``MMAP_THRESHOLD`` for this process (glibc's mallopt;
+    a no-op elsewhere). Called where a computing process starts: the command line, and Ray's
+    level-2 and level-3 workers."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass

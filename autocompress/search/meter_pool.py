@@ -26,6 +26,9 @@ class _MeterWorker:
         start = time.time()
         torch.set_num_threads(threads)
         from ..compress.stats_store import KEY_FILE, StatsStore
+        from ..peak_memory import bound_heap
+
+        bound_heap()
         from ..compress.weights import GPTQSettings
         from ..model import load_model
         from .measure import PlanMeter

@@ -100,7 +100,9 @@ def _worker_state(job_dir: Path, job: dict, threads: int):
     spec = (job["model"], placement["device"], placement["dtype"])
     if _WORKER.get("spec") != spec or stale:  # stale: a trial stopped mid-build
         from ..model import load_model
+        from ..peak_memory import bound_heap
 
+        bound_heap()
         _WORKER.clear()
         torch.set_num_threads(threads)
         _WORKER.update(spec=spec, loaded=load_model(job["model"], **placement))
