@@ -5,7 +5,9 @@ agree. Writes experiments/results/level2_workers.json (entry "workers=N" for bat
 "workers=N,batch=B" otherwise; the same trials are compared within one batch size).
 
 The search is the demo's (`make demo`: joint space, 183MB on the jetson profile, fisher
-proxy), with --eval-top 0; the sensitivity table is built once and reused by the other run.
+proxy), with --eval-top 0. What its table stage leaves level 2 (the table, the calibration
+statistics, the GPTQ and low-rank results it built) is made once and copied to every run, as
+a search has it when level 2 starts.
 
     .venv/bin/python experiments/level2_workers.py --trials 16 --batch 2
     .venv/bin/python experiments/level2_workers.py --ceiling   # entry "ceiling"
@@ -90,7 +92,8 @@ def main() -> None:
         "model": "smollm2-135m (Q4_1 GGUF dequantized to float32)",
         "search": f"joint space, 183MB on jetson, fisher proxy on 8 windows of 512 of the "
                   f"default corpus; level 2: {args.trials} trials (TPE), 2 held-out windows "
-                  f"each, parallel calibration",
+                  f"each, parallel calibration; the table stage's statistics and GPTQ / "
+                  f"low-rank results on disk when level 2 starts",
         "workers": "Ray actors, one CPU and one torch thread each",
         "machine": machine()})
     if args.ceiling:
@@ -98,19 +101,22 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     device, _ = load_device("jetson")
     space = SearchSpace.load("joint")
-    # the table and the statistics it took are the same for every run (a search takes them
-    # in its table stage, before level 2): taken once, copied to each run; not the memo
-    table_cache, stats_cache = RUNS / "sensitivity.cache.json", RUNS / "statistics"
+    # what a search's table stage leaves level 2 (the table, the statistics it took and the
+    # GPTQ / low-rank results it built) is the same for every run: made once by a search
+    # without levels 2 and 3, copied to each run
+    shared = RUNS / "table-stage"
+    if not (shared / "statistics").is_dir():
+        shutil.rmtree(shared, ignore_errors=True)
+        run_search(loaded, space, SearchSettings(budget=parse_size("183MB"), device=device,
+                                                 n_holdout=1), out_dir=shared, progress=True)
     trials_of = {}
     for workers in [int(w) for w in args.workers.split(",")]:
         key = f"workers={workers}" + ("" if args.batch == 2 else f",batch={args.batch}")
         out = RUNS / key
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        if table_cache.is_file():
-            shutil.copy(table_cache, out / "sensitivity.cache.json")
-        if stats_cache.is_dir():
-            shutil.copytree(stats_cache, out / "statistics", ignore=shutil.ignore_patterns("memo"))
+        shutil.copy(shared / "sensitivity.cache.json", out / "sensitivity.cache.json")
+        shutil.copytree(shared / "statistics", out / "statistics")
         settings = SearchSettings(budget=parse_size("183MB"), device=device,
                                   trials=args.trials, eval_top=0, num_cpus=max(2, workers),
                                   level2_workers=workers, level2_batch=args.batch)
@@ -118,9 +124,6 @@ def main() -> None:
         result = run_search(loaded, space, settings, out_dir=out, progress=True)
         wall = time.perf_counter() - start
         ray.shutdown()
-        shutil.copy(out / "sensitivity.cache.json", table_cache)
-        if not stats_cache.is_dir():
-            shutil.copytree(out / "statistics", stats_cache, ignore=shutil.ignore_patterns("memo"))
         trials = sorted(result.trials, key=lambda t: t.number)
         trials_of[workers] = [(t.user_attrs["signature"], t.user_attrs["kl_fast"])
                               for t in trials]

@@ -26,7 +26,7 @@ from ..plan import LayerConfig, Plan, check_table
 from ..residency import release
 from .calibration import InputStats, collect_stats, sequential
 from .codes_linear import CodesLinear
-from .memo import for_memo, from_memo
+from .memo import for_memo, from_memo, worth_keeping
 from .quant import QuantizedWeight
 from .weights import CompressedLayer, GPTQSettings, LayerStats, compress_weight
 
@@ -147,8 +147,7 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
             # identity configs come back rounded to float16, as deployment stores them
             compressed = compress_weight(weight, cfg, weight_stats, gptq,
                                          _stored(source, layer.name, cfg))
-            if memo is not None and (cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf):
-                # the expensive ones only (SVD, GPTQ, llama.cpp's k-quant search)
+            if memo is not None and worth_keeping(cfg):
                 memo[key] = for_memo(compressed)
         if on_layer is not None:
             on_layer(layer, cfg, compressed)

@@ -28,6 +28,26 @@ from .quant import QuantizedWeight
 from .weights import CompressedLayer
 
 
+def worth_keeping(cfg) -> bool:
+    """The configs whose results a memo keeps: the expensive ones (SVD, GPTQ, llama.cpp's
+    k-quant search); plain rounding is cheaper to redo than to read back."""
+    return cfg.is_low_rank or cfg.method == "gptq" or cfg.is_gguf
+
+
+def memo_dir(stats_dir: Path, gptq) -> Path:
+    """Where the memo of plans built from the statistics in ``stats_dir`` with GPTQ settings
+    ``gptq`` lives: beside the statistics (emptied with them when their key changes). Each
+    entry is computed once per search, by whoever needs it first (the sensitivity table, which
+    computes every expensive option's real error anyway, or a level-2 meter), and read by
+    every plan after: a study's trials do not depend on which process or thread count
+    computed it."""
+    import dataclasses
+
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(gptq), sort_keys=True)
+                            .encode()).hexdigest()[:12]
+    return Path(stats_dir) / "memo" / digest
+
+
 def for_memo(compressed: CompressedLayer) -> CompressedLayer:
     """What a memo keeps of a layer: the stored codes, not their float32 decoding (4 bytes a
     weight, against 1 for codes or less for GGUF blocks); a memo holds many configs per layer."""

@@ -19,7 +19,7 @@ from typing import Iterator
 from torch import nn
 
 from ..compress.apply import compressed_in_place, needs_hessian, uses_calibration
-from ..compress.memo import LayerMemo
+from ..compress.memo import LayerMemo, memo_dir
 from ..compress.stats_store import StatsStore
 from ..compress.weights import GPTQSettings
 from ..evaluate import ReferenceCache, evaluate
@@ -56,7 +56,7 @@ class PlanMeter:
         weights = sum(l.out_features * l.in_features for l in loaded.layers)
         self._memo = LayerMemo(max_bytes=weights if stats is None else weights // 8,
                                directory=None if stats is None else
-                               stats.directory / "memo" / _settings_digest(gptq))
+                               memo_dir(stats.directory, gptq))
 
     def stats_for(self, configs: dict[str, LayerConfig]) -> StatsStore | None:
         if self.calib is None and self._stats is None or not uses_calibration(configs.values()):
@@ -100,14 +100,3 @@ class PlanMeter:
         return {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens,
                 "windows": result.windows}
 
-
-def _settings_digest(gptq: GPTQSettings) -> str:
-    """The memo's results depend on GPTQ's settings as well as on the statistics, and on the
-    torch threads that computed them (a sum's order, hence its last bit)."""
-    import dataclasses
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps({**dataclasses.asdict(gptq),
-                                      "threads": torch.get_num_threads()}, sort_keys=True)
-                          .encode()).hexdigest()[:12]

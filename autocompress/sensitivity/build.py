@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from ..accounting import layer_bytes
 from ..compress.apply import hessian_layers, layer_stats, uses_calibration
 from ..compress.calibration import InputStats, collect_stats
+from ..compress.memo import LayerMemo, for_memo, memo_dir, worth_keeping
 from ..compress.stats_store import StatsStore
 from ..compress.gguf import GGUFWeight
-from ..compress.weights import LayerStats, compress_weight
+from ..compress.weights import GPTQSettings, LayerStats, compress_weight
 from ..gguf_source import source_tensors
 from ..io_utils import atomic_write_text
 from .. import faults
@@ -126,17 +127,23 @@ def is_plain_rtn(cfg: LayerConfig) -> bool:
 
 def layer_costs(proxy: SensitivityProxy, layer, weight: torch.Tensor,
                 options: list[LayerConfig], stats: LayerStats | None,
-                source: GGUFWeight | None = None) -> list[float]:
+                source: GGUFWeight | None = None, memo: LayerMemo | None = None) -> list[float]:
     """The proxy's cost of every option of one layer: plain RTN options in one pass where the
     proxy can (``rtn_costs``), the others from the ΔW their operators really produce (an option
-    of the type the source GGUF stores the layer in keeps its bytes: ΔW = 0)."""
+    of the type the source GGUF stores the layer in keeps its bytes: ΔW = 0). ``memo``: where
+    the expensive ones' results go, for the plans the search builds from the same
+    statistics."""
     plain = [k for k, cfg in enumerate(options) if is_plain_rtn(cfg)]
     fast = proxy.rtn_costs(layer, weight, [(options[k].bits, options[k].group_size,
                                             options[k].sym) for k in plain]) if plain else None
     done = dict(zip(plain, fast)) if fast is not None else {}
     rest = [k for k in range(len(options)) if k not in done]
-    deltas = [compress_weight(weight, options[k], stats, source=source).weight() - weight
-              for k in rest]
+    deltas = []
+    for k in rest:
+        built = compress_weight(weight, options[k], stats, source=source)
+        if memo is not None and worth_keeping(options[k]):
+            memo[(layer.name, options[k])] = for_memo(built)
+        deltas.append(built.weight() - weight)
     done.update(zip(rest, proxy.layer_costs(layer, weight, deltas) if rest else []))
     return [done[k] for k in range(len(options))]
 
@@ -148,7 +155,9 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
     """The table of ``proxy``'s costs for every layer × option of ``space``, from the rows in
     ``cache`` and the rest computed. A proxy that can (``prepare_blocks``) runs block by
     block: one block's gradients, statistics and rows at a time. ``stats_store``: where the
-    calibration statistics taken here are written, for the plans built after."""
+    calibration statistics taken here are written, for the plans built after, and beside
+    them the memo of the expensive options' results (GPTQ, low rank, GGUF types), which the
+    table computes anyway."""
     layers = loaded.layers
     options = [space.for_layer(layer) for layer in layers]
     key = table_key(loaded, calib_digest, options, proxy)
@@ -161,6 +170,8 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
         calibrated = uses_calibration(o for layer in todo for o in options_of[layer.name])
         full = hessian_layers(todo, lambda layer: options_of[layer.name])
         source = source_tensors(loaded)
+        memo = None if stats_store is None or not calibrated else LayerMemo(
+            0, memo_dir(stats_store.directory, GPTQSettings()))  # on disk only
         bar = tqdm(total=len(todo), desc=f"{proxy.name} table", disable=not progress,
                    leave=False)
 
@@ -172,7 +183,8 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
                 cost = layer_costs(proxy, layer, weight, options_of[layer.name],
                                    layer_stats(stats[layer.name]) if stats else None,
                                    source.stored(layer.name) if source is not None and any(
-                                       cfg.is_gguf for cfg in options_of[layer.name]) else None)
+                                       cfg.is_gguf for cfg in options_of[layer.name]) else None,
+                                   memo)
                 size = [layer_bytes(layer.out_features, layer.in_features, cfg)
                         for cfg in options_of[layer.name]]
                 cache.put(layer.name, cost, size)

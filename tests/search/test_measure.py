@@ -120,3 +120,37 @@ def test_a_memo_on_disk_gives_back_every_kind_of_entry_exactly(tiny_loaded, tmp_
         assert torch.equal(again.weight(), built.weight()), cfg
         assert [m is None for m in again.masks] == [m is None for m in built.masks]
     assert ("w", LayerConfig(bits=2)) not in reader
+
+
+def test_plans_built_after_the_table_read_its_gptq_and_low_rank_results(tiny_loaded, tmp_path,
+                                                                        monkeypatch):
+    """The table computes every expensive option's real error; what it built goes to the memo
+    beside the statistics, and a meter on those statistics never runs GPTQ or the SVD again
+    (level 2's trials are then a rounding and a forward pass each)."""
+    from autocompress.compress import gptq, lowrank
+    from autocompress.compress.apply import hessian_layers
+    from autocompress.compress.stats_store import StatsStore
+    from autocompress.search.space import SearchSpace
+    from autocompress.sensitivity.build import build_table
+    from autocompress.sensitivity.fisher import FisherProxy
+
+    space = SearchSpace([LayerConfig(bits=3, method="gptq"), LayerConfig(bits=4, rank_ratio=0.5),
+                         LayerConfig(bits=4)])
+    g = torch.Generator().manual_seed(4)
+    vocab = tiny_loaded.model.config.vocab_size
+    calib, holdout = torch.randint(0, vocab, (2, 32), generator=g), torch.randint(0, vocab, (1, 32), generator=g)
+    store = StatsStore(tmp_path / "stats", tiny_loaded.layers, {"k": 1},
+                       hessian_layers(tiny_loaded.layers, space.for_layer))
+    build_table(tiny_loaded, space, FisherProxy(), calib, "d", cache=tmp_path / "t.json",
+                progress=False, stats_store=store)
+    names = [l.name for l in tiny_loaded.layers]
+    plan = {n: space.options[i % 2] for i, n in enumerate(names)}
+    expected = PlanMeter(tiny_loaded, holdout, calib).measure(plan)["kl"]  # its own statistics
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(gptq.GPTQ, "quantize", not_again)
+    monkeypatch.setattr(lowrank, "low_rank_factors", not_again)
+    monkeypatch.setattr("autocompress.compress.weights.low_rank_factors", not_again)
+    assert PlanMeter(tiny_loaded, holdout, None, stats=store).measure(plan)["kl"] == expected
