@@ -12,6 +12,7 @@ The reported loss is Σ (w_i − q_i)² / (2 U_ii²) = ½ tr(ΔW H ΔWᵀ) for t
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,8 +223,36 @@ def _pruned(w: Tensor, keep: Tensor | None) -> Tensor:
     return w if keep is None else torch.where(keep, w, 0.0)
 
 
+_SHARED: list | None = None  # inside ``sharing_factors``: [(H, damp, U)] of the last one
+
+
+@contextmanager
+def sharing_factors():
+    """Inside the block, GPTQ runs on the same Hessian reuse its factor U instead of
+    computing it again: the sensitivity table quantizes one weight to several options (3-bit,
+    4-bit, two group sizes) with one H, and for a 1.5B model's ffn_down (8960 inputs) the
+    factorization is most of GPTQ's time. The same U, so the same codes; one kept at a time."""
+    global _SHARED
+    previous, _SHARED = _SHARED, []
+    try:
+        yield
+    finally:
+        _SHARED = previous
+
+
 def _upper_cholesky_of_inverse(H: Tensor, damp: float) -> Tensor:
     """U with UᵀU = (H + λI)⁻¹, λ = damp · mean(diag H)."""
+    if _SHARED is not None:
+        for held, held_damp, U in _SHARED:
+            if held_damp == damp and held.shape == H.shape and torch.equal(held, H):
+                return U
+        U = _factor(H, damp)
+        _SHARED[:] = [(H.clone(), damp, U)]
+        return U
+    return _factor(H, damp)
+
+
+def _factor(H: Tensor, damp: float) -> Tensor:
     H = H.clone()
     H.diagonal().add_(damp * H.diagonal().mean())
     L, info = torch.linalg.cholesky_ex(H)

@@ -25,6 +25,7 @@ from ..compress.apply import hessian_layers, layer_stats, uses_calibration
 from ..compress.calibration import InputStats, collect_stats
 from ..compress.memo import LayerMemo, for_memo, memo_dir, worth_keeping
 from ..compress.stats_store import StatsStore
+from ..compress import gptq, lowrank
 from ..compress.gguf import GGUFWeight
 from ..compress.weights import GPTQSettings, LayerStats, compress_weight
 from ..gguf_source import source_tensors
@@ -139,11 +140,13 @@ def layer_costs(proxy: SensitivityProxy, layer, weight: torch.Tensor,
     done = dict(zip(plain, fast)) if fast is not None else {}
     rest = [k for k in range(len(options)) if k not in done]
     deltas = []
-    for k in rest:
-        built = compress_weight(weight, options[k], stats, source=source)
-        if memo is not None and worth_keeping(options[k]):
-            memo[(layer.name, options[k])] = for_memo(built)
-        deltas.append(built.weight() - weight)
+    # the options of one weight share its GPTQ factor and its low-rank factorization
+    with gptq.sharing_factors(), lowrank.sharing_factors():
+        for k in rest:
+            built = compress_weight(weight, options[k], stats, source=source)
+            if memo is not None and worth_keeping(options[k]):
+                memo[(layer.name, options[k])] = for_memo(built)
+            deltas.append(built.weight() - weight)
     done.update(zip(rest, proxy.layer_costs(layer, weight, deltas) if rest else []))
     return [done[k] for k in range(len(options))]
 

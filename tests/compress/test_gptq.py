@@ -208,3 +208,29 @@ def test_indefinite_hessian_is_reported():
     H = -torch.eye(8)
     with pytest.raises(AutocompressError, match="positive definite"):
         GPTQ.from_hessian(torch.randn(4, 8), H, 10).quantize(4, -1, False)
+
+
+def test_quantizations_sharing_one_hessian_factor_it_once_and_give_the_same_codes(monkeypatch):
+    """The sensitivity table runs GPTQ at several options on one weight and H: inside
+    ``sharing_factors`` the factor U is computed once and every option's codes are those of a
+    run of its own."""
+    from autocompress.compress import gptq as gptq_module
+    from autocompress.compress.gptq import GPTQ, sharing_factors
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(32, 96, generator=g)
+    X = torch.randn(256, 96, generator=g)
+    H = 2 * X.T @ X / 256
+    options = [(3, 32, False), (4, 32, False), (3, -1, True)]
+    alone = [GPTQ.from_hessian(W, H, 256).quantize(*o, act_order=True) for o in options]
+    calls = []
+    real = gptq_module._factor
+    monkeypatch.setattr(gptq_module, "_factor", lambda *a: calls.append(1) or real(*a))
+    with sharing_factors():
+        shared = [GPTQ.from_hessian(W, H.clone(), 256).quantize(*o, act_order=True)
+                  for o in options]
+    assert len(calls) == 1
+    assert all(torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
+               for a, b in zip(alone, shared))
+    GPTQ.from_hessian(W, H, 256).quantize(3, 32, False)  # outside the block: computed again
+    assert len(calls) == 2

@@ -105,3 +105,22 @@ def test_bad_rank_and_indefinite_h():
         truncated_factors(random_weight(), 25)
     with pytest.raises(AutocompressError, match="positive definite"):
         low_rank_factors(random_weight(), 0.5, H=-torch.eye(40))
+
+
+def test_a_factorization_asked_twice_inside_sharing_factors_is_computed_once(monkeypatch):
+    from autocompress.compress import lowrank
+
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(40, 64, generator=g), torch.randn(200, 64, generator=g)
+    H = x.T @ x / 200
+    alone = lowrank.low_rank_factors(w, 0.5, H)
+    calls = []
+    real = lowrank._factors
+    monkeypatch.setattr(lowrank, "_factors", lambda *a: calls.append(1) or real(*a))
+    with lowrank.sharing_factors():
+        first = lowrank.low_rank_factors(w, 0.5, H)
+        second = lowrank.low_rank_factors(w.clone(), 0.5, H.clone())
+        other = lowrank.low_rank_factors(w, 0.25, H)  # another rank: computed
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(alone, first)) and first is second
+    assert other[0].shape[1] < first[0].shape[1]
