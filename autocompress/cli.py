@@ -795,6 +795,10 @@ def cmd_search(args) -> int:
     inputs = [args.model, args.calib_text, args.space, args.device, args.speed_profile]
     state = check_search_dir(args.out, resume=args.resume, force=args.force, inputs=inputs)
     check_storage(args.storage, args.out)
+    if args.address:
+        from .search.tune_level import check_cluster_address
+
+        check_cluster_address(args.address)  # said now, not after the sensitivity table
     export = args.export or ("gguf" if space.all_gguf else "none")
     if export == "gguf":
         from .engines.llamacpp import library

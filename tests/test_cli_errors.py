@@ -303,6 +303,12 @@ ROWS = [
     ("search --model {model} --budget 1KB --space gguf --out {tmp}/s", 2,
      "model.embed_tokens q8_0, fixed by the space"),
     ("search --model {model} --budget 4GB --device jetsn --out {tmp}/s", 2, "unknown device"),
+    # a cluster nothing answers on: said in seconds, before the table (Ray would retry for
+    # many minutes)
+    ("search --model {model} --budget 4GB --address 127.0.0.1:9 --out {tmp}/s", 2,
+     "nothing answers at 127.0.0.1:9"),
+    ("search --model {model} --budget 4GB --address headnode --out {tmp}/s", 2,
+     "is not HOST:PORT"),
     ("search --model {model} --budget 4GB --device {profile_binary} --out {tmp}/s", 2,
      "not a text"),
     ("search --model {model} --budget 4GB --min-tps 20 --out {tmp}/s", 2, "need --device"),

@@ -47,6 +47,8 @@ class Level3Settings:
     num_cpus: int | None = None  # local Ray: default all cores; a cluster: CPUs per trial
     cpus_per_trial: int | None = None  # default: all of num_cpus (one trial at a time)
     address: str | None = None
+    # how long a run on a cluster waits for a free trial slot before saying why it cannot go on
+    cluster_wait_s: float = 300.0
 
 
 # -- job directory (driver side) ---------------------------------------------------------------
@@ -217,6 +219,26 @@ def _keeping_sigterm_handler():
             signal.signal(signal.SIGTERM, previous)
 
 
+def check_cluster_address(address: str, timeout_s: float = 10.0) -> None:
+    """A cluster address nothing answers on is an error within seconds: ray.init retries an
+    unreachable head for many minutes without a word. Checked when a search starts (before
+    hours of sensitivity table) and again when Ray joins. ``auto`` is Ray's own lookup."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise AutocompressError(f"--address {address!r} is not HOST:PORT (the head's GCS "
+                                "address, as `ray start --head` prints it)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise AutocompressError(
+            f"nothing answers at {address} ({err.strerror or err}); start the cluster's head "
+            "(`ray start --head --port PORT`) or give its address") from err
+
+
 def start_ray(num_cpus: int | None, address: str | None) -> None:
     """Ray for levels 2 and 3: the cluster at ``address``, or a local one in process with
     ``num_cpus`` (default: all cores); nothing when this process already has one."""
@@ -226,10 +248,42 @@ def start_ray(num_cpus: int | None, address: str | None) -> None:
         return
     with _keeping_sigterm_handler():
         if address:
-            ray.init(address=address, log_to_driver=False)
+            check_cluster_address(address)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+                # Ray's own message runs to a traceback; its last line says why
+                reason = str(err).strip().splitlines()[-1][:300]
+                raise AutocompressError(
+                    f"cannot join the Ray cluster at {address} ({reason}); check it with "
+                    f"`ray status --address {address}`, and that this shell's RAY_AUTH_MODE "
+                    "and token match the cluster's") from err
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
+
+
+def wait_for_cpus(cpus: int, address: str, timeout_s: float, log=print) -> None:
+    """Block until the cluster has ``cpus`` free CPUs for a trial. A driver that was killed
+    leaves its trials running on the cluster until Ray has cleaned up its job; Tune would wait
+    for them without a word (forever, if they never go). Raises after ``timeout_s``."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while ray.available_resources().get("CPU", 0) < cpus:
+        if not said:
+            log(f"level 3: waiting for {cpus} free CPU(s) on the cluster at {address} (a "
+                "stopped search's trials may still hold them)")
+            said = True
+        if time.monotonic() > deadline:
+            raise AutocompressError(
+                f"the cluster at {address} has had fewer than {cpus} free CPU(s) for "
+                f"{timeout_s:.0f} s; see `ray status --address {address}` for what holds them, "
+                "stop it, and run again with --resume")
+        time.sleep(0.5)
 
 
 def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
@@ -252,6 +306,7 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
     if settings.address:  # a cluster: as many trials at once as its CPUs hold
         cpus = settings.cpus_per_trial or settings.num_cpus or 1
         slots = int(ray.cluster_resources().get("CPU", cpus)) // cpus
+        wait_for_cpus(cpus, settings.address, settings.cluster_wait_s, log)
     else:
         cpus = settings.cpus_per_trial or settings.num_cpus or os.cpu_count()
         slots = (settings.num_cpus or os.cpu_count()) // cpus
