@@ -485,6 +485,51 @@ def scale(store: Store) -> str:
                               "experiments/scale.py`.")
 
 
+def projection_8b(store: Store) -> str:
+    data = store.get("projection_8b.json")
+    names = {"sensitivity_s": "sensitivity table", "level2_s": "level 2 (Optuna)",
+             "level3_s": "level 3 (Ray Tune)"}
+
+    def span(pair, unit=60.0, suffix="min") -> str:
+        lo, hi = (v / unit for v in pair)
+        return f"{lo:.1f}–{hi:.1f} {suffix}" if hi >= 0.05 else f"< 0.1 {suffix}"
+
+    out = []
+    for key, e in data.entries.items():
+        a = e.assumed
+        rows = [f"| stage | measured, 1.5B on this CPU | 8B on this CPU | 8B on one {a['gpu']} "
+                f"(compute floor) | 8B on {a['gpus']} of them |",
+                "| --- | ---: | ---: | ---: | ---: |"]
+        for stage, label in names.items():
+            if stage not in e.measured_s:
+                continue
+            rows.append(f"| {label} | {e.measured_s[stage] / 60:.1f} min | "
+                        f"{span(e.cpu_s[stage], 3600, 'h')} | {span(e.one_gpu_s[stage])} | "
+                        f"{span(e.eight_gpus_s[stage])} |")
+        total = [sum(v[i] for v in e.cpu_s.values()) for i in (0, 1)]
+        rows.append(f"| **all** | {sum(e.measured_s.values()) / 60:.1f} min | "
+                    f"**{span(total, 3600, 'h')}** | "
+                    f"{span([sum(v[i] for v in e.one_gpu_s.values()) for i in (0, 1)])} | "
+                    f"{span([sum(v[i] for v in e.eight_gpus_s.values()) for i in (0, 1)])} |")
+        out.append("\n".join(rows) + (
+            f"\n\n{key} ({e.measured_at}), {data.protocol.what}. Work ratios 8B / 1.5B: "
+            f"{e.forward_ratio:.2f}× on forwards, {e.factorization_ratio:.2f}× on "
+            f"factorizations ({e.params_8b / 1e9:.2f}B parameters). Memory: on this CPU about "
+            f"{e.cpu_peak_bytes / 2**30:.1f} GiB peak (the 1.5B's peak × the parameter ratio; "
+            f"2 × bf16 weights = {e.cpu_bf16_weights_x2_bytes / 2**30:.1f} GiB); on one GPU "
+            f"{e.gpu_memory_bytes / 2**30:.1f} GiB ({e.gpu_weights_bytes / 2**30:.1f} GiB of "
+            f"bf16 weights and the largest block's working set) of 24. GPU rates: this CPU "
+            f"{e.cpu_rate_gflops:.0f} GFLOP/s measured on forwards (both cores); assumed, not "
+            f"measured: {a['gpu']} at {a['forward_efficiency']:.0%} of {a['bf16_peak_tflops']:g} "
+            f"TFLOP/s bf16 ({e.gpu_speedup_forward:.0f}× this CPU) and "
+            f"{a['factorization_efficiency']:.0%} of {a['fp32_peak_tflops']:g} TFLOP/s fp32 "
+            f"for the table ({e.gpu_speedup_table:.0f}×); {a['gpus']} GPUs at the parallel "
+            f"efficiency measured for two level-2 workers here ({e.parallel_efficiency:.0%}). "
+            f"Method: {data.protocol.method}. Reproduce: `.venv/bin/python "
+            f"experiments/project_8b.py`."))
+    return "\n\n".join(out)
+
+
 def level2_workers(store: Store) -> str:
     data = store.get("level2_workers.json")
     p, entries = data.protocol, data.entries
@@ -666,7 +711,7 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "joint-vs-bits": joint_vs_bits, "baselines": baselines,
             "search-candidates": search_candidates, "gptq-study": gptq_study,
             "peak-memory": peak_memory, "level2-workers": level2_workers,
-            "dtype": dtype, "scale": scale}
+            "dtype": dtype, "scale": scale, "projection-8b": projection_8b}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

@@ -384,6 +384,37 @@ class ScaleRun(_Model):
     measured_at: str
 
 
+# ---------------------------------------------------------------- projection_8b.json
+
+
+class ProjectionProtocol(_Model):
+    what: str
+    method: str
+
+
+class Projection(_Model):
+    """An 8B search projected from a measured scale.json entry (project_8b.py): per stage
+    [low, high] seconds."""
+    source: str
+    params_8b: int
+    forward_ratio: float
+    factorization_ratio: float
+    measured_s: dict[str, float]
+    cpu_s: dict[str, list[float]]
+    one_gpu_s: dict[str, list[float]]
+    eight_gpus_s: dict[str, list[float]]
+    cpu_peak_bytes: int
+    cpu_bf16_weights_x2_bytes: int
+    gpu_memory_bytes: int
+    gpu_weights_bytes: int
+    cpu_rate_gflops: float
+    gpu_speedup_forward: float
+    gpu_speedup_table: float
+    parallel_efficiency: float
+    assumed: dict[str, Any]
+    measured_at: str
+
+
 # ---------------------------------------------------------------- level2_workers.json
 
 
@@ -536,6 +567,8 @@ SPECS: dict[str, FileSpec] = {
     "level2_workers.json": FileSpec(Level2WorkersProtocol,
                                     _by_key({"ceiling": Level2Ceiling}, Level2Workers)),
     "scale.json": FileSpec(ScaleProtocol, _by_key({}, ScaleRun), keys=r"[\w.-]+@\d+"),
+    "projection_8b.json": FileSpec(ProjectionProtocol, _by_key({}, Projection),
+                                   keys=r"[\w.-]+ from [\w.-]+@\d+"),
     "dtype.json": FileSpec(DtypeProtocol, _by_key({}, DtypeRun),
                            keys=r"(?:float32|bfloat16|float16)/[\w-]+"),
     "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),
