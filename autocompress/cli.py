@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", choices=["unstructured", "2:4"], default="unstructured")
     p.add_argument("--prune-method", choices=["magnitude", "wanda"], default="wanda")
     p.add_argument("--rank-ratio", type=float, default=1.0)
+    p.add_argument("--clip", action="store_true",
+                   help="clipped grids: each group's range shrunk to the least error weighted "
+                        "by the input's mean x² (--bits formats; same bytes)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     _add_force(p, "the plan")
     p.add_argument("--mode", choices=["sequential", "parallel"], default="sequential",
@@ -471,7 +474,8 @@ def _recipe_plan(args) -> int:
     given = [flag for flag, value in (("--bits", args.bits), ("--gguf", args.gguf),
                                       ("--config", args.config),
                                       ("--token-embedding-type", args.token_embedding_type),
-                                      ("--output-tensor-type", args.output_tensor_type))
+                                      ("--output-tensor-type", args.output_tensor_type),
+                                      ("--clip", args.clip or None))
              if value is not None]
     if given:
         raise AutocompressError(f"--recipe sets every tensor's type itself: leave out "
@@ -507,9 +511,10 @@ def _plan_config(args):
     if (args.bits is None) == (args.gguf is None):
         raise AutocompressError("give the format: --bits N (native) or --gguf TYPE (llama.cpp)")
     if args.gguf is not None:
-        if args.method != "rtn" or args.sym or args.group_size != 64:
-            raise AutocompressError("--gguf types carry their own grid: --method, --sym and "
-                                    "--group-size apply to --bits formats (use --imatrix)")
+        if args.method != "rtn" or args.sym or args.group_size != 64 or args.clip:
+            raise AutocompressError("--gguf types carry their own grid: --method, --sym, "
+                                    "--group-size and --clip apply to --bits formats (use "
+                                    "--imatrix)")
         return LayerConfig(gguf=args.gguf, method="imatrix" if args.imatrix else "rtn",
                            sparsity=args.sparsity, pattern=args.pattern,
                            prune_method=args.prune_method, rank_ratio=args.rank_ratio)
@@ -518,7 +523,8 @@ def _plan_config(args):
                                 "or --recipe (llama.cpp's quantizer)")
     return LayerConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
                        method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-                       prune_method=args.prune_method, rank_ratio=args.rank_ratio)
+                       prune_method=args.prune_method, rank_ratio=args.rank_ratio,
+                       clip=args.clip)
 
 
 def _plan_provenance(args, config, tokenizer):
@@ -539,8 +545,9 @@ def _plan_provenance(args, config, tokenizer):
 
 def _warn_embedded_corpus(calib_text) -> None:
     if calib_text is None:
-        console.print("note: GPTQ/Wanda calibrate on the embedded pydoc corpus; prose close to "
-                      "your use gives better plans: pass --calib-text FILE", highlight=False)
+        console.print("note: calibration runs on the embedded pydoc corpus (GPTQ, Wanda, low "
+                      "rank, clipped grids); prose close to your use gives better plans: pass "
+                      "--calib-text FILE", highlight=False)
 
 
 def _load_for_plan(args):

@@ -58,6 +58,9 @@ class LayerConfig:
       (each weight's error weighted by the mean x² of its input column over the calibration
       windows, as ``llama-imatrix`` computes it). A row that is not a multiple of the type's
       block gets llama.cpp's fallback type.
+    - ``clip``: each group's grid range shrunk to the one with the least importance-weighted
+      error (compress/quant.py; importance = the input's mean x² where calibration statistics
+      exist, as GPTQ always has them). Same format and bytes as the min/max grid; RTN and GPTQ.
     """
 
     bits: int = 16
@@ -69,10 +72,15 @@ class LayerConfig:
     prune_method: str = "wanda"
     rank_ratio: float = 1.0
     gguf: str | None = None
+    clip: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.clip, bool):
+            raise AutocompressError(f"clip must be true or false, got {self.clip!r}")
         if self.gguf is not None:
             self._check_gguf()
+        elif self.clip and self.bits == 16:
+            object.__setattr__(self, "clip", False)  # nothing to clip: one spelling per format
         if self.bits not in VALID_BITS:
             raise AutocompressError(f"bits must be one of {VALID_BITS}, got {self.bits!r}")
         if self.group_size not in VALID_GROUP_SIZES:
@@ -112,6 +120,9 @@ class LayerConfig:
         # the type as llama.cpp's enum spells it, and the native fields that do not apply at
         # their defaults
         object.__setattr__(self, "gguf", self.gguf.lower())
+        if self.clip:
+            raise AutocompressError("clip applies to the native integer grids; llama.cpp's "
+                                    "quantizer chooses a gguf type's scales itself")
         for name in ("bits", "group_size", "sym"):
             object.__setattr__(self, name, _NATIVE_DEFAULTS[name])
         if self.method not in GGUF_METHODS:
@@ -153,6 +164,8 @@ class LayerConfig:
         else:
             g = "ch" if self.group_size == -1 else str(self.group_size)
             parts = [f"{self.bits}b", f"g{g}", "sym" if self.sym else "asym", self.method]
+            if self.clip:
+                parts.append("clip")
         if self.is_pruned:
             if self.pattern == "2:4":
                 parts.append(f"2:4-{self.prune_method}")
@@ -163,7 +176,12 @@ class LayerConfig:
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not data["clip"]:
+            # written only when set: plans, signatures and cache keys from before clipping
+            # existed stay what they were
+            del data["clip"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: "LayerConfig | None" = None) -> "LayerConfig":
@@ -370,9 +388,11 @@ def table_configs(plan: "Plan", tables: Iterable[str]) -> dict[str, LayerConfig]
 def compact_overrides(configs: dict[str, LayerConfig], default: LayerConfig) -> dict[str, dict]:
     """Per-layer configs -> minimal overrides: only the fields that differ from ``default``."""
     out: dict[str, dict] = {}
-    base = default.to_dict()
+    # every field compared (to_dict leaves clip out when false, which a default with clip
+    # set must still be told)
+    base = dataclasses.asdict(default)
     for name, cfg in configs.items():
-        diff = {k: v for k, v in cfg.to_dict().items() if base[k] != v}
+        diff = {k: v for k, v in dataclasses.asdict(cfg).items() if base[k] != v}
         if diff:
             out[name] = diff
     return out

@@ -210,6 +210,8 @@ ROWS = [
     ("plan --model {model} --bits 4 --gguf q4_k --out {tmp}/p.json", 2, "--bits N (native)"),
     ("plan --model {model} --gguf q7_k --out {tmp}/p.json", 2, "gguf must be one of"),
     ("plan --model {model} --gguf q4_k --method gptq --out {tmp}/p.json", 2, "own grid"),
+    ("plan --model {model} --gguf q4_k --clip --out {tmp}/p.json", 2, "--clip apply to --bits"),
+    ("plan --model {model} --recipe Q4_K_M --clip --out {tmp}/p.json", 2, "leave out"),
     ("plan --model {model} --gguf q4_k --sparsity 0.5 --out {tmp}/p.json", 2, "dense, full-rank"),
     ("plan --model {model} --bits 4 --imatrix --out {tmp}/p.json", 2, "--imatrix goes with"),
     ("plan --model {model} --bits 4 --token-embedding-type q9 --out {tmp}/p.json", 2,

@@ -124,6 +124,39 @@ def test_short_labels():
         "3b gch sym gptq r0.50"
 
 
+# -- clipped grids ---------------------------------------------------------------------------
+
+def test_clip_is_written_only_when_set_so_older_plans_and_keys_stay_the_same():
+    assert "clip" not in LayerConfig(bits=3).to_dict()
+    assert LayerConfig(bits=3, clip=True).to_dict()["clip"] is True
+    assert LayerConfig(bits=3, clip=True).short() == "3b g64 asym rtn clip"
+    assert LayerConfig.from_dict({"bits": 3}) == LayerConfig(bits=3, clip=False)
+    assert LayerConfig(bits=16, clip=True) == LayerConfig(bits=16)  # nothing to clip
+
+
+def test_a_layer_without_clip_under_a_clipped_default_says_so(tmp_path):
+    default = LayerConfig(bits=3, clip=True)
+    configs = {"model.layers.0.self_attn.q_proj": LayerConfig(bits=3, clip=True),
+               "model.layers.0.mlp.down_proj": LayerConfig(bits=3),
+               "model.layers.1.mlp.down_proj": LayerConfig(bits=4, clip=True)}
+    overrides = compact_overrides(configs, default)
+    assert overrides == {"model.layers.0.mlp.down_proj": {"clip": False},
+                         "model.layers.1.mlp.down_proj": {"bits": 4}}
+    plan = Plan(IDENTITY, default, overrides)
+    plan.save(tmp_path / "p.json")
+    back = Plan.load(tmp_path / "p.json")
+    assert {name: back.config_for(name) for name in LAYERS} == configs
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"gguf": "q4_k", "clip": True}, "clip applies to the native integer grids"),
+    ({"bits": 3, "clip": "yes"}, "clip must be true or false"),
+])
+def test_bad_clip_settings_are_refused(fields, words):
+    with pytest.raises(AutocompressError, match=words):
+        LayerConfig(**fields)
+
+
 # -- GGUF types and the entries outside the blocks -----------------------------------------------
 
 def test_a_gguf_type_is_one_format_however_it_was_written():

@@ -60,9 +60,11 @@ def needs_calibration(configs: Iterable[LayerConfig]) -> bool:
 
 
 def uses_calibration(configs: Iterable[LayerConfig]) -> bool:
-    """Also true for low rank, which whitens by the input statistics when it has them."""
+    """Also true for low rank, which whitens by the input statistics when it has them, and for
+    clipped grids, which weigh each column's error by its input's mean x²."""
     configs = list(configs)
-    return needs_calibration(configs) or any(cfg.is_low_rank for cfg in configs)
+    return needs_calibration(configs) or any(cfg.is_low_rank or (cfg.clip and cfg.bits < 16)
+                                             for cfg in configs)
 
 
 def needs_hessian(cfg: LayerConfig) -> bool:

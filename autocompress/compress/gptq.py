@@ -64,6 +64,7 @@ class GPTQ:
         act_order: bool = False,
         mask: Tensor | None = None,
         static_groups: bool = False,
+        clip: bool = False,
     ) -> QuantizedWeight:
         """Quantize the weight; codes, scales and zeros come back in the original column order.
 
@@ -77,6 +78,8 @@ class GPTQ:
         - ``mask`` (bool [out, in], True = keep): pruned weights become exactly 0 and their error
           (w − 0) is propagated like a quantization error. Group parameters are computed with the
           pruned weights at 0, so every partly pruned group's grid contains 0 (code = zero).
+        - ``clip``: each group's grid is the clipped one (quant.py), its columns' errors weighted
+          by diag(H), the mean x² of their inputs.
         """
         if self.n_samples == 0:
             raise ValueError("GPTQ needs calibration inputs: call add_batch() or from_hessian()")
@@ -84,7 +87,8 @@ class GPTQ:
             raise ValueError(f"mask must be {tuple(self.weight.shape)}, got {tuple(mask.shape)}")
         W, H = self._without_dead_inputs()
         keep = None if mask is None else mask.bool()
-        grid = _Grid.start(W, keep, bits, group_size, sym, static_groups or act_order)
+        grid = _Grid.start(W, keep, bits, group_size, sym, static_groups or act_order,
+                           importance=H.diagonal().clone() if clip else None)
         if not grid.static:
             # a group must not straddle two blocks: its parameters are read from the block's
             # up-to-date weights when its first column comes up
@@ -133,23 +137,28 @@ class _Grid:
     group_size: int
     sym: bool
     static: bool
+    importance: Tensor | None = None  # [in] in the original column order: clipped grids
 
     @classmethod
     def start(cls, W: Tensor, keep: Tensor | None, bits: int, group_size: int, sym: bool,
-              static: bool) -> "_Grid":
+              static: bool, importance: Tensor | None = None) -> "_Grid":
         static = static or group_size == -1
         if static:
-            scale, zero = group_params(_pruned(W, keep), bits, group_size, sym)
+            scale, zero = group_params(_pruned(W, keep), bits, group_size, sym,
+                                       clip=importance is not None, importance=importance)
         else:
             scale = torch.empty(W.shape[0], n_groups(W.shape[1], group_size), device=W.device)
             zero = torch.empty_like(scale)
-        return cls(scale, zero, bits, group_size, sym, static)
+        return cls(scale, zero, bits, group_size, sym, static, importance)
 
     def starts_group(self, col: int) -> bool:
         return not self.static and col % self.group_size == 0
 
     def set_group(self, group: int, weights: Tensor) -> None:
-        scale, zero = group_params(weights, self.bits, -1, self.sym)
+        importance = None if self.importance is None else \
+            self.importance[group * self.group_size:][:weights.shape[1]]
+        scale, zero = group_params(weights, self.bits, -1, self.sym,
+                                   clip=importance is not None, importance=importance)
         self.scale[:, group], self.zero[:, group] = scale[:, 0], zero[:, 0]
 
     def quantize(self, w: Tensor, group: int) -> tuple[Tensor, Tensor]:

@@ -117,8 +117,19 @@ def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
         quantized = _gptq(w, cfg, stats, mask, gptq)
     else:
         # the pruned zeros stay exactly 0: a group holding a 0 has 0 on its grid (code = zero)
-        quantized = quantize_rtn(kept, cfg.bits, cfg.group_size, cfg.sym)
+        quantized = quantize_rtn(kept, cfg.bits, cfg.group_size, cfg.sym, clip=cfg.clip,
+                                 importance=_input_mean_square(stats) if cfg.clip else None)
     return CompressedMatrix(quantized.dequantize(), mask, quantized)
+
+
+def _input_mean_square(stats: LayerStats | None) -> Tensor | None:
+    """E[x_j²] of the input's columns: what a clipped grid weighs each column's error by
+    (None without calibration: every column alike)."""
+    if stats is None:
+        return None
+    if stats.mean_square is not None:
+        return stats.mean_square.float()
+    return None if stats.H is None else stats.H.diagonal().float()
 
 
 def _imatrix(cfg: LayerConfig, stats: LayerStats | None) -> Tensor | None:
@@ -160,7 +171,8 @@ def _gptq(w: Tensor, cfg: LayerConfig, stats: LayerStats | None, mask: Tensor | 
     # GPTQ's convention is H = 2·E[x xᵀ]
     gptq = GPTQ.from_hessian(w, 2 * stats.H, stats.n_samples)
     return gptq.quantize(cfg.bits, cfg.group_size, cfg.sym, damp=settings.damp,
-                         block_size=settings.block_size, act_order=settings.act_order, mask=mask)
+                         block_size=settings.block_size, act_order=settings.act_order, mask=mask,
+                         clip=cfg.clip)
 
 
 def _stats_after(B: Tensor, stats: LayerStats | None) -> LayerStats | None:
