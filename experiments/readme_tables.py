@@ -471,8 +471,9 @@ def scale(store: Store) -> str:
         t = e.timings_s
         stages = " / ".join(f"{t[k] / 60:.1f}" if k in t else "–"
                             for k in ("sensitivity_s", "level2_s", "level3_s"))
+        resumed = f", {e.attempts} attempts" if e.attempts > 1 else ""
         rows.append(f"| {key} | {e.budget_bytes / 1e6:,.0f} MB | {e.wall_s / 60:.1f} min "
-                    f"({stages} min) | {e.peak_pss_bytes / 2**30:.2f} GiB | "
+                    f"({stages} min{resumed}) | {e.peak_pss_bytes / 2**30:.2f} GiB | "
                     f"{e.bf16_weight_bytes * 2 / 2**30:.2f} GiB | {e.searched.ppl:.2f} | "
                     f"{e.uniform_rtn.ppl:.2f} | {e.uniform_gptq.ppl:.2f} | {e.eval_windows} | "
                     f"{e.measured_at} |")

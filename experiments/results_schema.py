@@ -374,6 +374,7 @@ class ScaleRun(_Model):
     bf16_weight_bytes: int
     budget_bytes: int
     wall_s: float
+    attempts: int = 1  # the search interrupted and resumed attempts - 1 times
     timings_s: dict[str, float]
     peak_pss_bytes: int
     chosen: str

@@ -62,6 +62,52 @@ def _eval(plan: Path, windows: int) -> dict:
                             "--windows", str(windows), "--json"]))
 
 
+def _attempts(out: Path) -> list[dict]:
+    """The attempts of an unfinished search in ``out`` (none: start afresh)."""
+    path = out / "attempts.json"
+    if not path.is_file() or not (out / "search").is_dir():
+        return []
+    return json.loads(path.read_text())
+
+
+def _attempt(key: str, out: Path, command: list[str], number: int) -> dict:
+    """Run the search once (to its end or an interrupt), its process tree sampled; the
+    attempt is written to attempts.json whatever its end, so a rerun resumes with the time and
+    memory it took counted."""
+    log = out / ("search.log" if number == 0 else f"search.{number + 1}.log")
+    start = time.time()
+    proc = subprocess.Popen(CLI + command, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=ENV)
+    code = None
+    try:
+        with TreeSampler(proc.pid) as sampler:
+            code = proc.wait()
+    finally:
+        if code is None:  # this script interrupted: the search stops with it (it resumes)
+            proc.terminate()
+            code = proc.wait()
+        record = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
+                  "wall_s": round(time.time() - start, 1), "exit_code": code,
+                  "peak_pss_bytes": sampler.peak_pss, "peak_rss_sum_bytes": sampler.peak_rss_sum,
+                  "largest_process_rss_bytes": sampler.largest_process,
+                  "processes": sampler.most_processes, "log": log.name}
+        attempts = _attempts(out) if number else []
+        from autocompress.io_utils import atomic_write_text
+
+        atomic_write_text(out / "attempts.json", json.dumps(attempts + [record], indent=1))
+    return record
+
+
+class _Peaks:
+    """The peaks over all attempts, read like a TreeSampler."""
+
+    def __init__(self, attempts: list[dict]):
+        self.peak_pss = max(a["peak_pss_bytes"] for a in attempts)
+        self.peak_rss_sum = max(a["peak_rss_sum_bytes"] for a in attempts)
+        self.largest_process = max(a["largest_process_rss_bytes"] for a in attempts)
+        self.most_processes = max(a["processes"] for a in attempts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="smollm2,qwen1.5b")
@@ -100,18 +146,21 @@ def main() -> None:
             if results.has(key):
                 continue
             out = RUNS / key
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir(parents=True)
             command = ["search", "--model", spec, "--budget", str(budget),
                        "--calib-text", str(CALIB_TEXT), "--out", str(out / "search")]
-            start = time.time()
-            proc = subprocess.Popen(CLI + command, stdout=(out / "search.log").open("w"),
-                                    stderr=subprocess.STDOUT, env=ENV)
-            with TreeSampler(proc.pid) as sampler:
-                code = proc.wait()
-            wall = time.time() - start
-            if code != 0:
-                raise SystemExit(f"{key}: the search exited {code}; see {out / 'search.log'}")
+            attempts = _attempts(out)
+            if attempts:  # an interrupted search of this entry: continued, as a user would
+                print(f"{key}: resuming after {len(attempts)} attempt(s)", flush=True)
+                command.append("--resume")
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+            attempts.append(_attempt(key, out, command, len(attempts)))
+            if attempts[-1]["exit_code"] != 0:
+                raise SystemExit(f"{key}: the search exited {attempts[-1]['exit_code']}; see "
+                                 f"{out / 'search.log'} (rerun to resume it)")
+            wall = sum(a["wall_s"] for a in attempts)
+            sampler = _Peaks(attempts)
             found = json.loads((out / "search" / "search.json").read_text())
             n = windows[model_key]
             searched = _eval(out / "search" / "plan.json", n)
@@ -128,7 +177,8 @@ def main() -> None:
                 .replace(str(REPO.parent), ".."),
                 "params": n_params, "bf16_weight_bytes": 2 * n_params,
                 "budget_bytes": budget, "convert_s": round(convert_s, 1),
-                "wall_s": round(wall, 1), "timings_s": found["timings_s"],
+                "wall_s": round(wall, 1), "attempts": len(attempts),
+                "timings_s": found["timings_s"],
                 "peak_pss_bytes": sampler.peak_pss, "peak_rss_sum_bytes": sampler.peak_rss_sum,
                 "largest_process_rss_bytes": sampler.largest_process,
                 "processes": sampler.most_processes,

@@ -55,6 +55,7 @@ from ..sensitivity.table import SensitivityTable
 from ..units import format_size
 from .exact import InfeasibleBudget, InfeasibleLimit
 from .holdout import holdout_record
+from .stage_times import StageTimes
 from .measure import PlanMeter
 from .optuna_level import Level2, Level2Settings, plan_signature
 from .problem import Problem
@@ -170,9 +171,9 @@ class _Setup:
 def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings,
                out_dir: str | Path | None = None, progress: bool = True,
                log=print) -> SearchResult:
-    timings: dict[str, float] = {}
     setup = _prepare(loaded, space, settings, Path(out_dir) if out_dir else None, log)
     out = setup.out
+    times = StageTimes(out, settings.resume, log)
 
     # -- level 0: the sensitivity table --------------------------------------------------------
     t0 = time.perf_counter()
@@ -191,7 +192,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     if out:
         table.save(out / "sensitivity.json")
     return_freed_memory()  # the proxy's diagonal and the statistics are gone
-    timings["sensitivity_s"] = time.perf_counter() - t0
+    times.record("sensitivity_s", time.perf_counter() - t0)
 
     # -- level 1: exact proxy optima -----------------------------------------------------------
     t0 = time.perf_counter()
@@ -200,7 +201,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     front = [Candidate(f"proxy front {fraction:.0%} of capacity", problem.configs(choice),
                        setup.footprint_of(problem.configs(choice)), problem.predicted(choice))
              for fraction, choice in problem.front()]
-    timings["level1_s"] = time.perf_counter() - t0
+    times.record("level1_s", time.perf_counter() - t0)
 
     # -- level 2: Optuna, each trial measured at low fidelity ----------------------------------
     study_trials: list = []
@@ -210,7 +211,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
         study_trials, worker_use = _level2(setup, problem, table, calib, stats, candidates,
                                            front, progress, log)
         return_freed_memory()  # statistics and memo: level 3 starts beside this
-        timings["level2_s"] = time.perf_counter() - t0
+        times.record("level2_s", time.perf_counter() - t0)
     if setup.speed is not None:
         for cand in candidates + front:
             cand.decode = setup.speed.estimate(cand.configs)
@@ -230,7 +231,8 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
             cand.measured = final_meter.measure(cand.configs)
             faults.point("final_measure")
         complete = candidates
-    timings["level3_s" if settings.eval_top else "measure_s"] = time.perf_counter() - t0
+    times.record("level3_s" if settings.eval_top else "measure_s", time.perf_counter() - t0)
+    timings = times.totals()
     chosen = min(complete, key=lambda c: c.measured["kl"])
 
     plan = _plan_of(setup, chosen, candidates, calib, timings)

@@ -231,11 +231,18 @@ def test_sigkill_in_level3_then_resume(tiny_loaded, tiny_model_dir, tmp_path):
 
     _kill_when(proc, some_trial_reported)
     before = {p.name for p in experiment.iterdir() if p.is_dir()}
+    stages_before = json.loads((out / "timings.json").read_text())
     try:
         assert main(argv + ["--resume"]) == 0
     finally:
         ray.shutdown()
     assert len(_complete(out)) == 6  # level 2 was not repeated
+    # the stages the killed attempt finished keep their time (the resumed table is a cache
+    # read): search.json's figures are what the stages cost in all
+    timings = json.loads((out / "search.json").read_text())["timings_s"]
+    assert set(stages_before) == {"sensitivity_s", "level1_s", "level2_s"}
+    assert all(timings[k] >= v for k, v in stages_before.items())
+    assert timings["level3_s"] > 0
     after = {p.name for p in experiment.iterdir() if p.is_dir()}
     assert before <= after  # the interrupted trials were continued, not replaced
     search = json.loads((out / "search.json").read_text())
