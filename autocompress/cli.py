@@ -297,6 +297,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib(p, 8)
     _add_memory(p)
     _add_placement(p)
+    p = sub.add_parser("study", help="a research study, one command: fronts (quality x memory "
+                                     "x predicted speed on several devices)")
+    p.add_argument("name", choices=["fronts"], help="the study")
+    _add_model(p)
+    p.add_argument("--devices", required=True,
+                   help="device profiles to compare, comma-separated (at least two), e.g. "
+                        "jetson-orin-nano-8gb,raspberry-pi-5-8gb,rtx-4090")
+    p.add_argument("--space", default="joint",
+                   help="search space: a bundled name (joint, bits, gguf) or a YAML path")
+    p.add_argument("--points", type=_positive_int, default=6, help="plans per device front")
+    p.add_argument("--eval-windows", type=_positive_int, default=4,
+                   help="held-out windows each plan is measured on")
+    p.add_argument("--context", type=_positive_int, default=2048,
+                   help="context of the memory and speed predictions")
+    p.add_argument("--proxy", default="fisher", help="fisher | hessian | hutchinson | measured")
+    p.add_argument("--out", required=True, help="directory for the study's results and figures")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study left in --out (plans measured are kept)")
+    _add_force(p, "the study (an earlier study in --out is replaced)")
+    _add_calib(p, 8)
+    _add_placement(p)
+
     p = sub.add_parser("devices", help="list the device profiles with memory and bandwidth")
 
     p = sub.add_parser("profile", help="measure this machine and write a device profile")
@@ -1058,7 +1080,50 @@ def cmd_estimate(args) -> int:
     return 0
 
 
-COMMANDS = {"layers": cmd_layers, "sensitivity": cmd_sensitivity, "plan": cmd_plan, "apply": cmd_apply, "export": cmd_export, "eval": cmd_eval,
+def cmd_study(args) -> int:
+    from .outputs import check_search_dir, prepare_search_dir
+    from .units import format_size
+    from .studies.fronts import ENTRIES, FrontsSettings, run_fronts
+
+    devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
+    settings = FrontsSettings(devices=devices, space=args.space, points=args.points,
+                              eval_windows=args.eval_windows, calib_windows=args.calib_windows,
+                              window_len=args.window_len, context=args.context,
+                              calib_text=args.calib_text, proxy=args.proxy)
+    if len(set(devices)) < 2:
+        raise AutocompressError("--devices: a fronts study compares devices: give at least two")
+    from .hardware.profile import load_profile
+
+    for device in devices:
+        load_profile(device)  # an unknown device: said before any work
+    command = f"study {args.name}"
+    state = check_search_dir(args.out, resume=args.resume, force=args.force,
+                             inputs=[args.model, args.calib_text], command=command,
+                             finished_file="fronts.csv")
+    loaded = _load(args)
+    prepare_search_dir(args.out, state, resume=args.resume, log=_log, command=command,
+                       entries=ENTRIES)
+    data = run_fronts(loaded, settings, Path(args.out), resume=args.resume, log=_log)
+    from rich.table import Table
+
+    table = Table(title=f"{args.name}: {data['protocol']['model']}")
+    for column in ("device", "memory", "predicted tok/s", "KL", "ppl"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+    for device, front in data["devices"].items():
+        for p in front:
+            table.add_row(device, format_size(p["total_bytes"]), f"{p['tokens_per_s']:.1f}",
+                          f"{p['kl']:.4f}", f"{p['ppl']:.2f}")
+    console.print(table)
+    equal = data["equal_memory"]
+    if equal.get("capacity_bytes"):
+        _log(f"at {format_size(equal['capacity_bytes'])} of layers the devices' plans differ in "
+             f"{len(equal['layers_that_differ'])} of {len(loaded.layers)} layers "
+             f"(figures/formats.png)")
+    _log(f"wrote {args.out}/fronts.json, fronts.csv and figures/")
+    return 0
+
+
+COMMANDS = {"study": cmd_study, "layers": cmd_layers, "sensitivity": cmd_sensitivity, "plan": cmd_plan, "apply": cmd_apply, "export": cmd_export, "eval": cmd_eval,
             "search": cmd_search, "devices": cmd_devices, "profile": cmd_profile,
             "estimate": cmd_estimate}
 

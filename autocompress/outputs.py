@@ -244,46 +244,50 @@ SEARCH_ENTRIES = ("sensitivity.cache.json", "sensitivity.json", "sensitivity.png
 
 
 def check_search_dir(out: str | Path, *, resume: bool, force: bool,
-                     inputs: Iterable[str | Path | None] = ()) -> DirState:
-    """A search works in ``--out`` (its study, cache and Ray experiment are what ``--resume``
-    continues): an earlier search is continued with ``--resume`` or replaced with ``--force``,
-    never silently reused or overwritten. Checks only; ``prepare_search_dir`` acts."""
+                     inputs: Iterable[str | Path | None] = (), command: str = "search",
+                     finished_file: str = "plan.json") -> DirState:
+    """A search (or a study: ``command``) works in ``--out`` (its study, cache and Ray
+    experiment are what ``--resume`` continues): an earlier run is continued with
+    ``--resume`` or replaced with ``--force``, never silently reused or overwritten. Checks
+    only; ``prepare_search_dir`` acts."""
     out = Path(out)
-    state = check_out_dir(out, "search", force=force, inputs=inputs)
+    state = check_out_dir(out, command, force=force, inputs=inputs)
     if state.kind == "ours" and not resume and not force:
-        finished = (out / "plan.json").is_file()
+        finished = (out / finished_file).is_file()
         raise AutocompressError(
             f"--out {str(out)!r} holds an earlier {'finished' if finished else 'unfinished'} "
-            "search; pass --resume to continue it, --force to replace it, or choose a new "
+            f"{command}; pass --resume to continue it, --force to replace it, or choose a new "
             "directory")
     return state
 
 
 def prepare_search_dir(out: str | Path, state: DirState, *, resume: bool,
-                       log: Callable[[str], None] = print) -> None:
+                       log: Callable[[str], None] = print, command: str = "search",
+                       entries: Iterable[str] = SEARCH_ENTRIES) -> None:
     out = Path(out)
+    entries = tuple(entries)
     earlier = read_marker(out) if out.is_dir() else None
     if state.kind in ("ours", "foreign") and not resume and earlier is not None:
         # --force (check_search_dir refused otherwise): the entries the marker lists go, the
         # user's own files beside them stay
-        remove_search_files(out)
-        log(f"--force: removed the earlier search's files from {out}; starting a new search")
+        remove_search_files(out, entries)
+        log(f"--force: removed the earlier {command}'s files from {out}; starting a new one")
     elif state.kind in ("new", "empty") and resume:
-        log(f"nothing to resume in {out}; starting a new search")
+        log(f"nothing to resume in {out}; starting a new {command}")
     out.mkdir(parents=True, exist_ok=True)
     for entry in out.iterdir():  # a killed run's half-made temporaries of its own files
-        if _is_tool_temp(entry.name, set(SEARCH_ENTRIES) | {MARKER}):
+        if _is_tool_temp(entry.name, set(entries) | {MARKER}):
             _remove(entry)
-    _write_marker(out, "search", SEARCH_ENTRIES)
+    _write_marker(out, command, entries)
 
 
 def _remove(entry: Path) -> None:
     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
-def remove_search_files(out: Path) -> None:
+def remove_search_files(out: Path, entries: Iterable[str] = SEARCH_ENTRIES) -> None:
     marker = read_marker(out)
-    names = set(marker["entries"]) if marker else set(SEARCH_ENTRIES)
+    names = set(marker["entries"]) if marker else set(entries)
     for entry in out.iterdir():
         if entry.name in names or _is_tool_temp(entry.name, names):
             _remove(entry)

@@ -305,6 +305,9 @@ ROWS = [
     ("search --model {model} --budget 1KB --space gguf --out {tmp}/s", 2,
      "model.embed_tokens q8_0, fixed by the space"),
     ("search --model {model} --budget 4GB --device jetsn --out {tmp}/s", 2, "unknown device"),
+    ("study fronts --model {model} --devices jetson-orin-nano-8gb,jetsn --out {tmp}/s", 2,
+     "unknown device"),
+    ("study fronts --model {model} --devices rtx-4090 --out {tmp}/s", 2, "at least two"),
     # a cluster nothing answers on: said in seconds, before the table (Ray would retry for
     # many minutes)
     ("search --model {model} --budget 4GB --address 127.0.0.1:9 --out {tmp}/s", 2,
