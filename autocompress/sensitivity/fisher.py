@@ -97,9 +97,12 @@ def fisher_by_block(model: nn.Module, layers: list[LayerInfo], windows: torch.Te
                 runner.advance(index)
                 release_module(blocks[index])  # read in again when it is run backward
                 bar.update()
+        release_module(model.get_input_embeddings())  # its rows were read once, above
         grads = [_head_gradient(model, hidden, window)
                  for hidden, window in zip(runner.hidden, windows)]
         runner.hidden = []
+        # the head (a 1.5B model's untied one is 0.9 GB in float32) is done with too
+        release_module(model.get_output_embeddings())
         for index in reversed(range(lowest, len(blocks))):
             block_layers = by_block.get(index, [])
             hidden = torch.load(inputs / f"{index}.pt")
@@ -127,6 +130,9 @@ def fisher_by_block(model: nn.Module, layers: list[LayerInfo], windows: torch.Te
             for total in sums.values():
                 total.div_(windows.shape[0])
             stats = _stats_by_layer(block_layers, accumulators) if block_layers else {}
+            # the float64 running sums go before the rows are built: a 1.5B model's ffn_down
+            # input holds 640 MB of them, beside its float32 statistics and GPTQ's factors
+            accumulators.clear()
             on_block(index, sums, stats)
             del sums, stats
             release_module(blocks[index])
