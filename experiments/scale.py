@@ -42,6 +42,7 @@ from peak_memory import INTERVAL_S, TreeSampler  # noqa: E402
 from autocompress.model import load_model, non_layer_params  # noqa: E402
 
 RUNS = Path(__file__).resolve().parent / "runs" / "scale"
+CHECKPOINT_S = 30  # how often a running attempt's time and peaks are written
 # the package of this checkout (a frozen worktree runs its own code, whatever is installed),
 # run as the `autocompress` command; Ray's workers inherit PYTHONPATH
 CLI = [sys.executable, "-m", "autocompress.cli"]
@@ -71,30 +72,41 @@ def _attempts(out: Path) -> list[dict]:
 
 
 def _attempt(key: str, out: Path, command: list[str], number: int) -> dict:
-    """Run the search once (to its end or an interrupt), its process tree sampled; the
-    attempt is written to attempts.json whatever its end, so a rerun resumes with the time and
-    memory it took counted."""
+    """Run the search once (to its end or an interrupt), its process tree sampled. The
+    attempt is written to attempts.json at its start, every CHECKPOINT_S while it runs and at
+    its end, so a rerun resumes with the time and memory it took counted even when this script
+    was killed with it (a record without an exit code: killed)."""
+    from autocompress.io_utils import atomic_write_text
+
     log = out / ("search.log" if number == 0 else f"search.{number + 1}.log")
+    earlier = _attempts(out) if number else []
     start = time.time()
     proc = subprocess.Popen(CLI + command, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env=ENV)
-    code = None
-    try:
-        with TreeSampler(proc.pid) as sampler:
-            code = proc.wait()
-    finally:
-        if code is None:  # this script interrupted: the search stops with it (it resumes)
-            proc.terminate()
-            code = proc.wait()
+
+    def write(sampler, code) -> dict:
         record = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)),
                   "wall_s": round(time.time() - start, 1), "exit_code": code,
                   "peak_pss_bytes": sampler.peak_pss, "peak_rss_sum_bytes": sampler.peak_rss_sum,
                   "largest_process_rss_bytes": sampler.largest_process,
                   "processes": sampler.most_processes, "log": log.name}
-        attempts = _attempts(out) if number else []
-        from autocompress.io_utils import atomic_write_text
+        atomic_write_text(out / "attempts.json", json.dumps(earlier + [record], indent=1))
+        return record
 
-        atomic_write_text(out / "attempts.json", json.dumps(attempts + [record], indent=1))
+    code = None
+    with TreeSampler(proc.pid) as sampler:
+        try:
+            while code is None:
+                write(sampler, None)
+                try:
+                    code = proc.wait(timeout=CHECKPOINT_S)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            if code is None:  # this script interrupted: the search stops with it (it resumes)
+                proc.terminate()
+                code = proc.wait()
+            record = write(sampler, code)
     return record
 
 
