@@ -298,12 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory(p)
     _add_placement(p)
     p = sub.add_parser("study", help="a research study, one command: fronts (quality x memory "
-                                     "x predicted speed on several devices)")
-    p.add_argument("name", choices=["fronts"], help="the study")
+                                     "x predicted speed on several devices), families "
+                                     "(quantization, pruning, low rank, joint at equal bytes)")
+    p.add_argument("name", choices=["fronts", "families"], help="the study")
     _add_model(p)
-    p.add_argument("--devices", required=True,
-                   help="device profiles to compare, comma-separated (at least two), e.g. "
-                        "jetson-orin-nano-8gb,raspberry-pi-5-8gb,rtx-4090")
+    p.add_argument("--devices", default=None,
+                   help="fronts: device profiles to compare, comma-separated (at least two), "
+                        "e.g. jetson-orin-nano-8gb,raspberry-pi-5-8gb,rtx-4090")
+    p.add_argument("--bits", default="2.5,3,3.5,4",
+                   help="families: budgets as the bytes of uniform b-bit (default: %(default)s)")
+    p.add_argument("--families", default=None,
+                   help="families: which, comma-separated (default: quantization, "
+                        "'pruning, 16-bit', 'pruning, 8-bit', 'low rank, 16-bit', joint)")
     p.add_argument("--space", default="joint",
                    help="search space: a bundled name (joint, bits, gguf) or a YAML path")
     p.add_argument("--points", type=_positive_int, default=6, help="plans per device front")
@@ -1082,31 +1088,79 @@ def cmd_estimate(args) -> int:
 
 def cmd_study(args) -> int:
     from .outputs import check_search_dir, prepare_search_dir
-    from .units import format_size
-    from .studies.fronts import ENTRIES, FrontsSettings, run_fronts
 
-    devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
-    settings = FrontsSettings(devices=devices, space=args.space, points=args.points,
-                              eval_windows=args.eval_windows, calib_windows=args.calib_windows,
-                              window_len=args.window_len, context=args.context,
-                              calib_text=args.calib_text, proxy=args.proxy)
-    if len(set(devices)) < 2:
-        raise AutocompressError("--devices: a fronts study compares devices: give at least two")
-    from .hardware.profile import load_profile
+    if args.name == "fronts":
+        from .studies.fronts import ENTRIES, run_fronts
 
-    for device in devices:
-        load_profile(device)  # an unknown device: said before any work
+        settings, report = _fronts_settings(args), _report_fronts
+        run, finished = run_fronts, "fronts.csv"
+    else:
+        from .studies.families import ENTRIES, run_families
+
+        settings, report = _families_settings(args), _report_families
+        run, finished = run_families, "families.csv"
     command = f"study {args.name}"
     state = check_search_dir(args.out, resume=args.resume, force=args.force,
                              inputs=[args.model, args.calib_text], command=command,
-                             finished_file="fronts.csv")
+                             finished_file=finished)
     loaded = _load(args)
     prepare_search_dir(args.out, state, resume=args.resume, log=_log, command=command,
                        entries=ENTRIES)
-    data = run_fronts(loaded, settings, Path(args.out), resume=args.resume, log=_log)
+    data = run(loaded, settings, Path(args.out), resume=args.resume, log=_log)
+    report(args, loaded, data)
+    return 0
+
+
+def _fronts_settings(args):
+    from .hardware.profile import load_profile
+    from .studies.fronts import FrontsSettings
+
+    devices = tuple(d.strip() for d in (args.devices or "").split(",") if d.strip())
+    if len(set(devices)) < 2:
+        raise AutocompressError("--devices: a fronts study compares devices: give at least two")
+    for device in devices:
+        load_profile(device)  # an unknown device: said before any work
+    return FrontsSettings(devices=devices, space=args.space, points=args.points,
+                          eval_windows=args.eval_windows, calib_windows=args.calib_windows,
+                          window_len=args.window_len, context=args.context,
+                          calib_text=args.calib_text, proxy=args.proxy)
+
+
+def _families_settings(args):
+    from .studies.families import FamiliesSettings, family_spaces
+
+    try:
+        bits = tuple(float(b) for b in args.bits.split(","))
+    except ValueError:
+        raise AutocompressError(f"--bits {args.bits!r}: give bits per weight, e.g. "
+                                "2.5,3,3.5,4") from None
+    if not all(2 <= b <= 8 for b in bits):
+        raise AutocompressError(f"--bits {args.bits!r}: budgets between 2 and 8 bits")
+    families = FamiliesSettings.families
+    if args.families:
+        families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        # "pruning, 16-bit" holds a comma: rejoin what splitting cut
+        known, joined, pending = set(family_spaces()), [], ""
+        for part in families:
+            pending = f"{pending}, {part}" if pending else part
+            if pending in known:
+                joined.append(pending)
+                pending = ""
+        if pending or not joined:
+            raise AutocompressError(f"--families {args.families!r}: choose from "
+                                    f"{'; '.join(family_spaces())}")
+        families = tuple(joined)
+    return FamiliesSettings(bits=bits, families=families, holdout_windows=args.eval_windows,
+                            calib_windows=args.calib_windows, window_len=args.window_len,
+                            context=args.context, calib_text=args.calib_text, proxy=args.proxy)
+
+
+def _report_fronts(args, loaded, data) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{args.name}: {data['protocol']['model']}")
+    from .units import format_size
+
+    table = Table(title=f"fronts: {data['protocol']['model']}")
     for column in ("device", "memory", "predicted tok/s", "KL", "ppl"):
         table.add_column(column, justify="left" if column == "device" else "right")
     for device, front in data["devices"].items():
@@ -1120,7 +1174,27 @@ def cmd_study(args) -> int:
              f"{len(equal['layers_that_differ'])} of {len(loaded.layers)} layers "
              f"(figures/formats.png)")
     _log(f"wrote {args.out}/fronts.json, fronts.csv and figures/")
-    return 0
+
+
+def _report_families(args, loaded, data) -> None:
+    from rich.table import Table
+
+    from .units import format_size
+
+    table = Table(title=f"families: {data['protocol']['model']} (KL on held-out windows)")
+    table.add_column("family")
+    bits = list(dict.fromkeys(c["bits"] for c in data["cells"].values()))
+    for b in bits:
+        table.add_column(f"{b:g}-bit bytes", justify="right")
+    for family in dict.fromkeys(c["family"] for c in data["cells"].values()):
+        row = [family]
+        for b in bits:
+            cell = data["cells"].get(f"{family}@{b:g}")
+            row.append("" if cell is None else "does not fit" if not cell["feasible"]
+                       else f"{cell['kl']:.4f} ({format_size(cell['total_bytes'])})")
+        table.add_row(*row)
+    console.print(table)
+    _log(f"wrote {args.out}/families.json, families.csv and figures/families.png")
 
 
 COMMANDS = {"study": cmd_study, "layers": cmd_layers, "sensitivity": cmd_sensitivity, "plan": cmd_plan, "apply": cmd_apply, "export": cmd_export, "eval": cmd_eval,

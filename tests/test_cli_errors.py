@@ -308,6 +308,9 @@ ROWS = [
     ("study fronts --model {model} --devices jetson-orin-nano-8gb,jetsn --out {tmp}/s", 2,
      "unknown device"),
     ("study fronts --model {model} --devices rtx-4090 --out {tmp}/s", 2, "at least two"),
+    ("study fronts --model {model} --out {tmp}/s", 2, "at least two"),
+    ("study families --model {model} --bits 3,four --out {tmp}/s", 2, "bits per weight"),
+    ("study families --model {model} --families quantisation --out {tmp}/s", 2, "choose from"),
     # a cluster nothing answers on: said in seconds, before the table (Ray would retry for
     # many minutes)
     ("search --model {model} --budget 4GB --address 127.0.0.1:9 --out {tmp}/s", 2,
