@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from ..plan import LayerConfig
 from ..search.engine import SearchSettings, run_search
 from ..search.exact import InfeasibleBudget
 from ..search.space import SearchSpace
+from .store import StudyFile
 
 ENTRIES = ("families.json", "families.csv", "figures", "cells")
 TIED = [["q", "k", "v"], ["gate", "up"]]  # as the joint space ties them
@@ -98,23 +98,22 @@ def run_families(loaded: LoadedModel, settings: FamiliesSettings, out: Path,
                 "measure": f"KL to the uncompressed model and perplexity on "
                            f"{settings.holdout_windows} held-out windows of "
                            f"{settings.window_len} tokens at the calibration text's end"}
-    protocol = json.loads(json.dumps(protocol))  # as stored: tuples become lists
-    results = _Results(out / "families.json", protocol, resume)
+    results = StudyFile(out / "families.json", protocol, "cells", resume)
     cells_dir = out / "cells"
     for bits in settings.bits:
         budget = uniform_footprint(loaded, bits, settings.context)
         for family in settings.families:
             key = f"{family}@{bits:g}"
-            if key in results.cells:
+            if key in results.done:
                 continue
             log(f"families: {key} at {budget:,} bytes")
             cell = cells_dir / _dirname(key)
             _reuse_table(cells_dir, family, cell)
-            results.cells[key] = _cell(loaded, spaces[family], settings, budget, cell,
+            results.done[key] = _cell(loaded, spaces[family], settings, budget, cell,
                                        progress, log) | {"family": family, "bits": bits,
                                                          "budget_bytes": budget}
             results.save()
-    atomic_write_text(out / "families.csv", _csv(results.cells))
+    atomic_write_text(out / "families.csv", _csv(results.done))
     _figure(results.data, out / "figures" / "families.png")
     return results.data
 
@@ -150,33 +149,6 @@ def _cell(loaded, space, settings, budget, cell: Path, progress, log) -> dict:
     return {"feasible": True, "total_bytes": chosen.footprint.total,
             "kl": chosen.measured["kl"], "ppl": chosen.measured["ppl"],
             "chosen": chosen.label, "formats": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
-
-
-class _Results:
-    def __init__(self, path: Path, protocol: dict, resume: bool):
-        self.path = path
-        self.data = {"protocol": protocol, "cells": {}}
-        if resume and path.is_file():
-            try:
-                old = json.loads(path.read_text())
-                stored, cells = old["protocol"], old["cells"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise AutocompressError(f"{path} cannot be resumed ({type(exc).__name__}: "
-                                        f"{exc}); run again with --force to start afresh") from None
-            if stored != protocol:
-                differs = sorted(k for k in {*stored, *protocol}
-                                 if stored.get(k) != protocol.get(k))
-                raise AutocompressError(f"{path} was made with other settings "
-                                        f"({', '.join(differs)}); resume with the same ones, "
-                                        "or --force to start afresh")
-            self.data["cells"] = cells
-
-    @property
-    def cells(self) -> dict:
-        return self.data["cells"]
-
-    def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=1) + "\n")
 
 
 def _csv(cells: dict) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from ..search.problem import Problem
 from ..search.space import SearchSpace
 from ..search.speed import DeviceDecode
 from ..sensitivity.build import build_table, make_proxy
+from .store import StudyFile
 
 ENTRIES = ("fronts.json", "fronts.csv", "figures", "sensitivity.cache.json")
 
@@ -74,7 +74,7 @@ def run_fronts(loaded: LoadedModel, settings: FrontsSettings, out: Path, resume:
                            f"held-out windows of {settings.window_len} tokens of the calibration "
                            "text; plans built with parallel calibration",
                 "speed": "each device profile's latency model: batch-1 decode at the context"}
-    results = _Results(out / "fronts.json", protocol, resume)
+    results = StudyFile(out / "fronts.json", protocol, "measured", resume)
     table = build_table(loaded, space, make_proxy(settings.proxy), calib.calib, calib.digest,
                         cache=out / "sensitivity.cache.json", progress=progress, log=log)
     tables = space.table_configs(loaded)
@@ -89,17 +89,17 @@ def run_fronts(loaded: LoadedModel, settings: FrontsSettings, out: Path, resume:
                                profiles[name])
                         for fraction, choice in problem.front(settings.points)]
     plans = {p["signature"]: p["configs"] for front in fronts.values() for p in front}
-    todo = [s for s in plans if s not in results.measured]
+    todo = [s for s in plans if s not in results.done]
     if todo:
         meter = PlanMeter(loaded, calib.holdout[:settings.eval_windows], calib.calib,
                           fixed=tables, hessian_layers=hessian_layers(loaded.layers,
                                                                       space.for_layer))
         for signature in tqdm(todo, desc="fronts: measuring plans", disable=not progress):
-            results.measured[signature] = meter.measure(plans[signature])
+            results.done[signature] = meter.measure(plans[signature])
             results.save()  # each plan kept as it is measured: a rerun resumes after it
     for front in fronts.values():
         for p in front:
-            p.update({k: results.measured[p["signature"]][k] for k in ("kl", "ppl")})
+            p.update({k: results.done[p["signature"]][k] for k in ("kl", "ppl")})
             del p["configs"]
     results.data["devices"] = fronts
     results.data["equal_memory"] = _equal_memory(loaded, problems)
@@ -107,33 +107,6 @@ def run_fronts(loaded: LoadedModel, settings: FrontsSettings, out: Path, resume:
     atomic_write_text(out / "fronts.csv", _csv(fronts))
     _figures(results.data, out / "figures")
     return results.data
-
-
-class _Results:
-    """fronts.json: written after every measured plan; resumed only under the same protocol."""
-
-    def __init__(self, path: Path, protocol: dict, resume: bool):
-        self.path = path
-        self.data = {"protocol": protocol, "measured": {}}
-        if resume and path.is_file():
-            try:
-                old = json.loads(path.read_text())
-                stored, measured = old["protocol"], old["measured"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise AutocompressError(f"{path} cannot be resumed ({type(exc).__name__}: "
-                                        f"{exc}); run again with --force to start afresh") from None
-            if stored != protocol:
-                differs = sorted(k for k in {*stored, *protocol} if stored.get(k) != protocol.get(k))
-                raise AutocompressError(f"{path} was made with other settings ({', '.join(differs)});"
-                                        " resume with the same ones, or --force to start afresh")
-            self.data["measured"] = measured
-
-    @property
-    def measured(self) -> dict:
-        return self.data["measured"]
-
-    def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=1) + "\n")
 
 
 def _device_problem(loaded, table, groups, profile) -> Problem:

@@ -1,0 +1,25 @@
+"""A study's results file: kept after every step, resumed only under the same protocol."""
+
+import pytest
+
+from autocompress.errors import AutocompressError
+from autocompress.studies.store import StudyFile
+
+
+def test_resumed_under_the_same_protocol_only(tmp_path):
+    path = tmp_path / "s.json"
+    first = StudyFile(path, {"bits": (3.0, 4.0)}, "cells", resume=False)
+    first.done["a"] = {"kl": 0.5}
+    first.save()
+    assert StudyFile(path, {"bits": (3.0, 4.0)}, "cells", resume=True).done == {"a": {"kl": 0.5}}
+    assert StudyFile(path, {"bits": (3.0, 4.0)}, "cells", resume=False).done == {}
+    with pytest.raises(AutocompressError, match=r"other settings \(bits\)"):
+        StudyFile(path, {"bits": [3.0]}, "cells", resume=True)
+
+
+@pytest.mark.parametrize("text", ["{ not json", '{"protocol": {}}', '{"protocol": [], "cells": {}}'])
+def test_a_corrupt_file_is_one_clear_error(tmp_path, text):
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    with pytest.raises(AutocompressError, match="cannot be resumed.*--force"):
+        StudyFile(path, {}, "cells", resume=True)
