@@ -12,7 +12,6 @@ The reported loss is Σ (w_i − q_i)² / (2 U_ii²) = ½ tr(ΔW H ΔWᵀ) for t
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AutocompressError
+from .last_result import LastResult
 from .quant import QuantizedWeight, dequantize_codes, group_params, n_groups, quantize_with_params
 
 
@@ -232,33 +232,20 @@ def _pruned(w: Tensor, keep: Tensor | None) -> Tensor:
     return w if keep is None else torch.where(keep, w, 0.0)
 
 
-_SHARED: list | None = None  # inside ``sharing_factors``: [(H, damp, U)] of the last one
+_FACTORS = LastResult()
 
 
-@contextmanager
 def sharing_factors():
     """Inside the block, GPTQ runs on the same Hessian reuse its factor U instead of
     computing it again: the sensitivity table quantizes one weight to several options (3-bit,
     4-bit, two group sizes) with one H, and for a 1.5B model's ffn_down (8960 inputs) the
     factorization is most of GPTQ's time. The same U, so the same codes; one kept at a time."""
-    global _SHARED
-    previous, _SHARED = _SHARED, []
-    try:
-        yield
-    finally:
-        _SHARED = previous
+    return _FACTORS.sharing()
 
 
 def _upper_cholesky_of_inverse(H: Tensor, damp: float) -> Tensor:
     """U with UᵀU = (H + λI)⁻¹, λ = damp · mean(diag H)."""
-    if _SHARED is not None:
-        for held, held_damp, U in _SHARED:
-            if held_damp == damp and held.shape == H.shape and torch.equal(held, H):
-                return U
-        U = _factor(H, damp)
-        _SHARED[:] = [(H.clone(), damp, U)]
-        return U
-    return _factor(H, damp)
+    return _FACTORS.get((H, damp), lambda: _factor(H, damp))
 
 
 def _factor(H: Tensor, damp: float) -> Tensor:

@@ -11,13 +11,12 @@ The decomposition runs in float64; the factors come back as float32.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor
 
 from ..accounting import rank_for
 from ..errors import AutocompressError
+from .last_result import LastResult
 
 
 def low_rank_factors(
@@ -27,38 +26,22 @@ def low_rank_factors(
     return truncated_factors(w, rank_for(*w.shape, rank_ratio), H, damp)
 
 
-_SHARED: list | None = None  # inside ``sharing_factors``: [(w, rank, H, damp, (A, B))]
+_FACTORS = LastResult()
 
 
-@contextmanager
 def sharing_factors():
     """Inside the block, the same factorization asked again (the sensitivity table's low-rank
     options of one weight differ only in how the factors are quantized) is computed once:
     for a 1.5B model's 8960-wide layers the whitened SVD takes seconds. The last one is
     kept."""
-    global _SHARED
-    previous, _SHARED = _SHARED, []
-    try:
-        yield
-    finally:
-        _SHARED = previous
+    return _FACTORS.sharing()
 
 
 def truncated_factors(
     w: Tensor, rank: int, H: Tensor | None = None, damp: float = 0.01
 ) -> tuple[Tensor, Tensor]:
     """(A [out, rank], B [rank, in]) with A @ B the best rank-``rank`` approximation of ``w``."""
-    if _SHARED is None:
-        return _factors(w, rank, H, damp)
-    for held_w, held_rank, held_h, held_damp, factors in _SHARED:
-        if (held_rank, held_damp) == (rank, damp) and held_w.shape == w.shape \
-                and torch.equal(held_w, w) and (held_h is None) == (H is None) \
-                and (H is None or torch.equal(held_h, H)):
-            return factors
-    factors = _factors(w, rank, H, damp)
-    _SHARED[:] = [(w.detach().clone(), rank, None if H is None else H.detach().clone(), damp,
-                   factors)]
-    return factors
+    return _FACTORS.get((w, rank, H, damp), lambda: _factors(w, rank, H, damp))
 
 
 def _factors(w: Tensor, rank: int, H: Tensor | None, damp: float) -> tuple[Tensor, Tensor]:

@@ -79,8 +79,9 @@ def run_fronts(loaded: LoadedModel, settings: FrontsSettings, out: Path, resume:
                         cache=out / "sensitivity.cache.json", progress=progress, log=log)
     tables = space.table_configs(loaded)
     groups = space.decision_groups(loaded.layers)
-    problems = {name: _device_problem(loaded, table, groups, profile)
-                for name, profile in profiles.items()}
+    held = {name: _held_bytes(loaded, table, profile) for name, profile in profiles.items()}
+    problems = {name: Problem(table, groups, int(h.max(axis=1).sum()), size=h)
+                for name, h in held.items()}  # capacity: the largest plan's (the whole front)
 
     fronts = {}
     for name, problem in problems.items():
@@ -102,24 +103,20 @@ def run_fronts(loaded: LoadedModel, settings: FrontsSettings, out: Path, resume:
             p.update({k: results.done[p["signature"]][k] for k in ("kl", "ppl")})
             del p["configs"]
     results.data["devices"] = fronts
-    results.data["equal_memory"] = _equal_memory(loaded, problems)
+    results.data["equal_memory"] = _equal_memory(loaded, problems, held)
     results.save()
     atomic_write_text(out / "fronts.csv", _csv(fronts))
     _figures(results.data, out / "figures")
     return results.data
 
 
-def _device_problem(loaded, table, groups, profile) -> Problem:
-    """Level 1's knapsack with the bytes ``profile``'s engine holds each option in; its
-    capacity is the largest plan's, so its front spans every plan size."""
+def _held_bytes(loaded, table, profile) -> np.ndarray:
+    """[layers, options]: the bytes ``profile``'s engine holds each option in (level 1's
+    byte row on that device; padding 0)."""
     width = max(len(options) for options in table.options)
-    held = np.array([[held_layer_bytes(layer.out_features, layer.in_features, cfg, profile)
+    return np.array([[held_layer_bytes(layer.out_features, layer.in_features, cfg, profile)
                       for cfg in options] + [0] * (width - len(options))
                      for layer, options in zip(loaded.layers, table.options)], dtype=np.int64)
-    largest = int(held.max(axis=1).sum())
-    problem = Problem(table, groups, largest, size=held)
-    problem.layer_size = held  # per layer (the problem's own is per decision group)
-    return problem
 
 
 def _point(loaded, problem, choice, fraction, tables, decode, settings, profile) -> dict:
@@ -142,7 +139,7 @@ def _format_counts(configs) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def _equal_memory(loaded, problems: dict[str, Problem]) -> dict:
+def _equal_memory(loaded, problems: dict[str, Problem], held: dict[str, np.ndarray]) -> dict:
     """Every device's optimum at one layer-byte level inside all their ranges: bits per weight
     per layer as each device holds them, and the layers whose formats differ."""
     low = max(p.min_bytes for p in problems.values())
@@ -153,7 +150,7 @@ def _equal_memory(loaded, problems: dict[str, Problem]) -> dict:
     per_device = {}
     for name, problem in problems.items():
         choice = problem.per_layer(problem.solve(capacity=capacity))
-        sizes = problem.layer_size[np.arange(len(choice)), choice]
+        sizes = held[name][np.arange(len(choice)), choice]
         per_device[name] = {
             "formats": {layer.name: problem.table.options[i][choice[i]].short()
                         for i, layer in enumerate(loaded.layers)},
