@@ -50,8 +50,10 @@ def log_probs(model, window: torch.Tensor) -> torch.Tensor:
         logits = model.window_logits(window)[:-1]
     else:
         from .placement import on_device_of
+        from .residency import streamed
 
-        logits = model(on_device_of(model, window).unsqueeze(0)).logits[0, :-1]
+        with streamed(model):  # one block's weights in memory at a time (residency.py)
+            logits = model(on_device_of(model, window).unsqueeze(0)).logits[0, :-1]
     return log_softmax_(logits)
 
 
@@ -118,7 +120,11 @@ class ReferenceCache:
         if weight._version != version:
             raise RuntimeError("the reference model's head changed after its ReferenceCache was "
                                "made: the cache recomputes log-probabilities through it")
-        return log_softmax_(F.linear(hidden, weight, bias)[0, :-1])
+        from .residency import release
+
+        logits = F.linear(hidden, weight, bias)
+        release([weight])  # read whole for this window: a file view goes back (residency.py)
+        return log_softmax_(logits[0, :-1])
 
     def fill(self, progress: bool = False, desc: str = "reference") -> "ReferenceCache":
         """Compute every window now, while the model is the reference (before a plan is
@@ -175,22 +181,11 @@ class ReferenceCache:
             logp = log_probs(self.model, window)
         finally:
             handle.remove()
-            # the reference is taken once: its blocks' weights leave memory with it (pages
-            # of the model's file are read in again when a plan needs them; residency.py)
-            _release_blocks(self.model)
         if len(seen) == 1 and torch.equal(self._through_head(seen[0]), logp):
             self._hidden[index] = seen[0]
         else:
             self._log_probs[index] = logp
         return logp
-
-
-def _release_blocks(model: nn.Module) -> None:
-    from .residency import release_module
-
-    blocks = getattr(getattr(model, "model", None), "layers", None)
-    if isinstance(blocks, nn.ModuleList):
-        release_module(blocks)
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import mmap
 import sys
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -89,6 +90,57 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
 def release_module(module: torch.nn.Module) -> int:
     """``release`` every parameter and buffer of ``module``."""
     return release([*module.parameters(), *module.buffers()])
+
+
+def resident_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors``' whole pages that are in the process's memory now (Linux; 0
+    elsewhere): what a forward pass left behind."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    total = 0
+    for tensor in tensors:
+        pages = _whole_pages(tensor)
+        if pages is None:
+            continue
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(pages[0] // PAGE * 8)
+            entries = np.frombuffer(pagemap.read((pages[1] - pages[0]) // PAGE * 8),
+                                    dtype=np.uint64)
+        total += int(((entries & _PRESENT) != 0).sum()) * PAGE
+    return total
+
+
+def _streamed_parts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The parts of a causal LM a forward pass reads one after the other: its decoder blocks,
+    input embedding and head (the final norm is a few KB)."""
+    parts = []
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    if isinstance(blocks, torch.nn.ModuleList):
+        parts.extend(blocks)
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        part = getattr(model, getter, lambda: None)()
+        if isinstance(part, torch.nn.Module):
+            parts.append(part)
+    return parts
+
+
+@contextmanager
+def streamed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """While active, each block (and the embedding and head) of ``model`` hands its file pages
+    back as soon as its forward is done: a forward pass holds one block's weights, not the
+    whole model's, and ends holding none (a 1.5B model in float32 read whole is 7 GB of
+    resident pages). Weights that are not file views (a plan compressed in place, a GPU's) are
+    left as they are."""
+    def hand_back(module, _inputs, _output) -> None:  # None: the output is left as it is
+        release_module(module)
+
+    parts = _streamed_parts(model) if sys.platform.startswith("linux") else []
+    handles = [part.register_forward_hook(hand_back) for part in parts]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def file_backed(tensor: torch.Tensor) -> bool:

@@ -72,3 +72,48 @@ def test_a_loaded_model_s_weights_are_views_of_its_file(tiny_loaded):
     """What the meters rely on to hold a plan's weights instead of the originals beside
     them: load_model gives weights that are unwritten views of the checkpoint."""
     assert all(file_backed(tiny_loaded.module(layer.name).weight) for layer in tiny_loaded.layers)
+
+
+# the kernel maps up to 64 KB of a file's cached pages around each page a read faults in
+# ("fault-around"): a released tensor's pages next to ones being read come back that way, a few
+# such windows at each end of a tensor (a tenth of this test's blocks, nothing of a real one's)
+FAULT_AROUND = 4 * 64 * 1024
+
+
+def test_a_forward_pass_holds_one_block_s_weights_at_a_time(tmp_path):
+    """Sequential onloading on the CPU: while block i runs, the blocks before it have handed
+    their pages back, and after the pass no block, embedding or head is resident (the 1.5B
+    model's reference pass held all 7 GB of its float32 file at once before this)."""
+    from autocompress.evaluate import log_probs
+    from autocompress.model import load_model
+    from autocompress.residency import resident_bytes
+    from tests.conftest import make_tiny_model_dir
+
+    directory = make_tiny_model_dir(tmp_path / "model", n_layers=3, hidden_size=256,
+                                    intermediate_size=512)  # 2.4 MB per block
+    model = load_model(str(directory)).model
+    blocks = list(model.model.layers)
+    per_block = [list(b.parameters()) for b in blocks]
+    parts = per_block + [[model.get_input_embeddings().weight]]  # the head is tied to it
+    held_before: list[int] = []
+    handles = [block.register_forward_pre_hook(
+        lambda _m, _i, index=index: held_before.append(
+            sum(resident_bytes(per_block[j]) for j in range(index))))
+        for index, block in enumerate(blocks)]
+    window = torch.arange(16)
+    try:
+        expected = log_probs(model, window)
+        held_before.clear()
+        for part in parts:
+            sum(p.sum() for p in part)  # every weight read in: resident before the pass
+        assert min(resident_bytes(part) for part in per_block) > 2 * 2**20
+        again = log_probs(model, window)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(held_before) == 3
+    assert all(held <= FAULT_AROUND * index for index, held in enumerate(held_before)), \
+        held_before
+    assert all(resident_bytes(part) <= FAULT_AROUND for part in parts), \
+        [resident_bytes(part) for part in parts]
+    assert torch.equal(again, expected)  # read back from the file: the same weights
