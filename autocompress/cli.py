@@ -186,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packed", action="store_true",
                    help="write bit-packed low-bit storage (runtime format) instead of float16")
     _add_build(p)
+    p.add_argument("--recover", choices=["kd"], default=None,
+                   help="kd: train the quantized layers' scales and the norms towards the "
+                        "uncompressed model's next-token distributions on the calibration "
+                        "windows (same format and bytes); written beside the plan")
+    p.add_argument("--kd-steps", type=_positive_int, default=200,
+                   help="recovery steps, one calibration window each (default 200)")
+    p.add_argument("--kd-lr", type=float, default=1e-3,
+                   help="Adam's learning rate: relative on scales, absolute on norms")
+    p.add_argument("--kd-val-windows", type=_positive_int, default=4,
+                   help="calibration-text windows after the training ones, for early stopping")
 
     p = sub.add_parser("export", help="write the plan's model as a file an engine runs (GGUF)")
     p.add_argument("plan")
@@ -583,6 +593,7 @@ def _load_for_plan(args):
     from .plan import Plan
 
     plan = Plan.load(args.plan)
+    plan.recovered_tensors()  # a missing or altered file is said before the model loads
     # --dtype auto reproduces the plan: the dtype its weights and figures were computed in
     recorded = plan.provenance.compute_dtype if plan.provenance else "float32"
     loaded = load_model(args.model or plan.model.source or plan.model.name,
@@ -603,6 +614,10 @@ def _build_recipe(args, loaded, plan):
     recipe = build_recipe(loaded, plan, BuildOverrides(
         calib_text=args.calib_text, calib_windows=args.calib_windows, mode=args.mode,
         compute_dtype=loaded.placement.dtype_name))
+    if plan.recovery is not None and recipe.provenance != plan.provenance:
+        raise AutocompressError("this plan's recovered tensors were trained on the build its "
+                                "provenance records: build it as recorded (no --calib-text, "
+                                "--calib-windows, --mode or --dtype), or recover again")
     for note in recipe.notes:
         _log(note)
     if recipe.calib is not None:
@@ -622,6 +637,8 @@ def cmd_apply(args) -> int:
     recipe = _build_recipe(args, loaded, plan)
     built = plan if recipe.provenance == plan.provenance else \
         dataclasses.replace(plan, provenance=recipe.provenance)  # the output says how it was made
+    if args.recover:
+        return _apply_recovered(args, loaded, built, recipe)
     if args.packed:
         from .runtime.convert import apply_packed
         from .units import format_size
@@ -636,6 +653,38 @@ def cmd_apply(args) -> int:
     with built_in_place(loaded, built, recipe) as model:
         save_compressed(model, loaded, built, args.out, force=args.force, log=_log)
     console.print(f"wrote compressed model to {args.out}")
+    _log(describe_peak({"peak_rss_bytes": peak_rss_bytes()}))
+    return 0
+
+
+def _apply_recovered(args, loaded, plan, recipe) -> int:
+    """apply --recover kd: recover the plan in place (resumable from a checkpoint beside
+    --out), then write the model with the recovered tensors and the plan that names them."""
+    import tempfile
+
+    from .compress.recover import KDSettings, recovered_in_place
+    from .export.safetensors import save_compressed
+
+    settings = KDSettings(steps=args.kd_steps, lr=args.kd_lr)
+    checkpoint = Path(f"{Path(args.out).resolve()}.kd-checkpoint.pt")
+    if checkpoint.exists():
+        _log(f"resuming recovery from {checkpoint}")
+    with recovered_in_place(loaded, plan, recipe, settings, args.kd_val_windows, checkpoint,
+                            progress=True) as (model, recovered, data):
+        console.print(recovered.recovery.describe(), highlight=False)
+        if not args.packed:
+            save_compressed(model, loaded, recovered, args.out, force=args.force, log=_log,
+                            extra={recovered.recovery.tensors: data})
+    if args.packed:  # packed from the restored model, as any apply --packed, scales put in
+        from .runtime.convert import apply_packed
+
+        with tempfile.TemporaryDirectory(prefix="autocompress-recovered-") as tmp:
+            (Path(tmp) / recovered.recovery.tensors).write_bytes(data)
+            recovered.directory = Path(tmp)
+            apply_packed(loaded, recovered, args.out, recipe.calib, mode=recipe.mode,
+                         gptq=recipe.gptq, force=args.force, log=_log)
+    checkpoint.unlink(missing_ok=True)
+    console.print(f"wrote {'packed ' if args.packed else ''}compressed model to {args.out}")
     _log(describe_peak({"peak_rss_bytes": peak_rss_bytes()}))
     return 0
 

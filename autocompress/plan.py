@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .recovery import RecoveryRecord
 from .errors import AutocompressError
 from .gguf_types import GGUF_TYPES
 from .io_utils import atomic_write_text
@@ -21,7 +22,8 @@ from .provenance import Provenance
 
 SCHEMA_VERSION = 2  # 2: provenance (how the weights are made); 1 still loads
 READABLE_VERSIONS = (1, 2)
-TOP_LEVEL_KEYS = {"schema_version", "model", "default", "overrides", "figures", "provenance"}
+TOP_LEVEL_KEYS = {"schema_version", "model", "default", "overrides", "figures", "provenance",
+                  "recovery"}
 
 VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
 VALID_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel (whole input row)
@@ -220,6 +222,10 @@ class Plan:
     figures: dict[str, Any] = field(default_factory=dict)  # predicted / measured, free-form
     # how the weights are made (calibration, GPTQ settings); None only for v1 plans
     provenance: Provenance | None = field(default_factory=Provenance)
+    # tensors trained after the build (recovery.py), in a file beside the plan
+    recovery: RecoveryRecord | None = None
+    # where the plan was loaded from (its recovered tensors are there); not saved
+    directory: Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for key, partial in self.overrides.items():
@@ -314,6 +320,8 @@ class Plan:
         }
         if self.provenance is not None:
             out["provenance"] = self.provenance.to_dict()
+        if self.recovery is not None:
+            out["recovery"] = self.recovery.to_dict()
         out["figures"] = self.figures
         return out
 
@@ -337,6 +345,7 @@ class Plan:
             raise AutocompressError("a schema_version 2 plan needs its provenance (how its "
                                     "weights are made); make the plan again")
         provenance = Provenance.from_dict(data["provenance"]) if version >= 2 else None
+        recovery = RecoveryRecord.from_dict(data["recovery"]) if "recovery" in data else None
         try:
             model = ModelIdentity(**data["model"])
             try:
@@ -348,7 +357,8 @@ class Plan:
                                         "re:REGEX) to LayerConfig fields")
             # a v1 plan is read as it was written; saving it again writes schema 2
             return cls(model=model, default=default, overrides=dict(data.get("overrides", {})),
-                       figures=dict(data.get("figures", {})), provenance=provenance)
+                       figures=dict(data.get("figures", {})), provenance=provenance,
+                       recovery=recovery)
         except (KeyError, TypeError, ValueError) as exc:
             raise AutocompressError(f"plan is missing or has malformed fields ({exc})") from None
 
@@ -364,7 +374,17 @@ class Plan:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AutocompressError(f"plan file {str(path)!r} is not valid JSON ({exc})") from None
-        return cls.from_dict(data)
+        plan = cls.from_dict(data)
+        plan.directory = path.resolve().parent
+        return plan
+
+    def recovered_tensors(self) -> dict | None:
+        """The recovered tensors (checked against the record), or None without recovery."""
+        if self.recovery is None:
+            return None
+        from .recovery import load_tensors
+
+        return load_tensors(self.recovery, self.directory)
 
 
 def check_table(cfg: LayerConfig) -> None:

@@ -21,7 +21,9 @@ from ..provenance import (
     dtype_note,
     resolve,
 )
+from ..errors import AutocompressError
 from .apply import compress_model, compressed_in_place, uses_calibration
+from .recover import apply_recovered
 
 
 @dataclass
@@ -59,6 +61,9 @@ def build_recipe(loaded: LoadedModel, plan: Plan,
 def build_model(loaded: LoadedModel, plan: Plan, recipe: BuildRecipe | None = None,
                 progress: bool = True) -> nn.Module:
     """The plan's compressed (fake-quant) model, built as its provenance records."""
+    if plan.recovery is not None:
+        raise AutocompressError("a plan with recovered tensors is built in place "
+                                "(built_in_place), where its scales are put into its codes")
     recipe = recipe or build_recipe(loaded, plan)
     return compress_model(loaded, plan, recipe.calib, mode=recipe.mode, gptq=recipe.gptq,
                           progress=progress, copy_source=recipe.provenance.gguf_source_copy)
@@ -70,9 +75,14 @@ def built_in_place(loaded: LoadedModel, plan: Plan, recipe: BuildRecipe | None =
     """``build_model``'s weights, made in ``loaded.model`` itself for the duration of the block
     and undone after: no second copy of the model (6 GB in float32 for a 1.5B model). What
     needs the uncompressed model (a ReferenceCache) is computed before. ``codes``: quantized
-    layers held as their codes, for callers that only run the model (apply.py)."""
+    layers held as their codes, for callers that only run the model (apply.py). A plan with
+    recovered tensors is always built as codes, and its tensors put in after the whole build
+    (they were trained on that build: sequential calibration saw the codes' original scales)."""
     recipe = recipe or build_recipe(loaded, plan)
+    recovered = plan.recovered_tensors()  # a missing or altered file fails before the build
     with compressed_in_place(loaded, plan, recipe.calib, mode=recipe.mode, gptq=recipe.gptq,
-                             progress=progress, codes=codes,
+                             progress=progress, codes=codes or recovered is not None,
                              copy_source=recipe.provenance.gguf_source_copy) as model:
+        if recovered is not None:
+            apply_recovered(model, recovered)
         yield model

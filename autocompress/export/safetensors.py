@@ -21,7 +21,10 @@ from ..plan import Plan
 
 
 def dense_state_dict(model: nn.Module, loaded: LoadedModel) -> dict[str, torch.Tensor]:
-    """Float16 state dict in the original layout: low-rank layers folded back to one weight."""
+    """Float16 state dict in the original layout: low-rank layers folded back to one weight,
+    layers held as codes decoded."""
+    from ..compress.codes_linear import CodesLinear
+
     low_rank = {layer.name: model.get_submodule(layer.name) for layer in loaded.layers
                 if isinstance(model.get_submodule(layer.name), LowRankLinear)}
     state = {k: v for k, v in model.state_dict().items()
@@ -30,15 +33,23 @@ def dense_state_dict(model: nn.Module, loaded: LoadedModel) -> dict[str, torch.T
         state[f"{name}.weight"] = module.up.weight @ module.down.weight
         if module.up.bias is not None:
             state[f"{name}.bias"] = module.up.bias
+    for layer in loaded.layers:
+        module = model.get_submodule(layer.name)
+        if isinstance(module, CodesLinear):
+            state[f"{layer.name}.weight"] = module.weight
     if getattr(loaded.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in state.items()}
 
 
 def save_compressed(model: nn.Module, loaded: LoadedModel, plan: Plan, out: str | Path,
-                    force: bool = False, log=None) -> Path:
-    """The HF directory at ``out``, by the output policy of ``outputs.publish_dir``."""
+                    force: bool = False, log=None, extra: dict[str, bytes] | None = None
+                    ) -> Path:
+    """The HF directory at ``out``, by the output policy of ``outputs.publish_dir``;
+    ``extra``: more files to put in it (a plan's recovered tensors, beside its plan.json)."""
     def fill(tmp: Path) -> None:
+        for name, data in (extra or {}).items():
+            (tmp / name).write_bytes(data)
         config = loaded.config.to_dict()
         config["dtype"] = "float16"
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -42,7 +42,7 @@ from .cpu_kernels import (
     ort_ready,
 )
 from .modules import QuantLinear
-from .packed import PackedLinear, PackedMatrix
+from .packed import FP16_MAX, PackedLinear, PackedMatrix
 
 FORMAT_VERSION = 1
 PACKED_FILE = _PACKED_FILE  # one name, shared with model.py (which refuses such a directory)
@@ -92,10 +92,41 @@ def pack_model(model_or_loaded: nn.Module | LoadedModel, plan: Plan | dict[str, 
     else:
         source, (layers, _) = model_or_loaded, discover_layers(model_or_loaded)
     configs = plan.resolve(layer.name for layer in layers) if isinstance(plan, Plan) else plan
+    recovered = plan.recovered_tensors() if isinstance(plan, Plan) else None
     model = copy.deepcopy(source)
     packed = pack_layers(model, layers, configs, calib_windows, mode, stats, progress, gptq)
+    if recovered is not None:
+        put_recovered(model, packed, recovered)
     install_packed(model, packed, backend, keep_packed)
     return model
+
+
+def put_recovered(model: nn.Module, packed: dict[str, PackedLinear],
+                  recovered: dict[str, torch.Tensor]) -> None:
+    """A plan's recovered tensors (compress/recover.py) in its packed layers and the model:
+    each scale is float16 already (the stored format); the norms get their trained weights.
+    A group whose zero point float16 could not hold keeps the stretched scale it was packed
+    with (_float16_grid; near-constant groups, where no scale matters)."""
+    from ..compress.recover import trainable_parts
+
+    scales = {k[:-len(".scale")]: v for k, v in recovered.items() if k.endswith(".scale")}
+    for name, tensor in scales.items():
+        layer = packed.get(name)
+        if layer is None or len(layer.matrices) != 1 or layer.matrices[0].scale is None:
+            raise AutocompressError(f"the plan's recovered scale of {name} has no quantized "
+                                    "layer to go into: recover again for this plan")
+        matrix = layer.matrices[0]
+        if tuple(tensor.shape) != tuple(matrix.scale.shape):
+            raise AutocompressError(f"the recovered scale of {name} has shape "
+                                    f"{tuple(tensor.shape)}, the layer {tuple(matrix.scale.shape)}")
+        if matrix.zero is None:
+            matrix.scale = tensor.to(matrix.scale)
+        else:
+            clamped = matrix.zero.float().abs() >= FP16_MAX
+            matrix.scale = torch.where(clamped, matrix.scale, tensor.to(matrix.scale))
+    _, norms = trainable_parts(model)
+    for name, module in norms.items():
+        module.weight.data = recovered[f"{name}.weight"].to(module.weight, copy=True)
 
 
 def install_packed(model: nn.Module, packed: dict[str, PackedLinear], backend: str = "auto",
@@ -200,6 +231,10 @@ def save_packed(model: nn.Module, out: str | Path, plan: Plan | None = None,
             tokenizer.save_pretrained(tmp)
         if plan is not None:
             (tmp / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+            if plan.recovery is not None:  # the plan beside it names them
+                plan.recovered_tensors()  # checked against the record first
+                name = plan.recovery.tensors
+                (tmp / name).write_bytes((plan.directory / name).read_bytes())
 
     return publish_dir(out, "apply", fill, force=force, log=log)
 

@@ -1,0 +1,94 @@
+"""A plan's recovered tensors: what distillation recovery (compress/recover.py) trained, kept in
+a safetensors file beside the plan and named in it, so that every build of the plan (apply,
+eval, the packed runtime) puts the same trained scales and norms into the model it builds.
+
+The plan records the file's name and SHA-256, and how the tensors were trained; a build
+refuses a missing or altered file with one line rather than building the plan without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import AutocompressError
+
+if TYPE_CHECKING:
+    import torch
+
+TENSORS_FILE = "recovered.safetensors"
+METHODS = ("kd",)
+
+
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """How a plan's recovered tensors were made, and what they did on held-out windows."""
+
+    method: str
+    sha256: str
+    steps: int  # steps run (early stopping may end before the requested number)
+    best_step: int
+    lr: float
+    seed: int
+    train_windows: int  # the plan's calibration windows
+    val_windows: int  # the calibration text's windows right after them (early stopping)
+    kl_before: float  # on the validation windows, as built
+    kl_after: float  # with the recovered tensors, float16 scales
+    tensors: str = TENSORS_FILE
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise AutocompressError(f"plan recovery method must be one of {METHODS}, got "
+                                    f"{self.method!r}")
+        if "/" in self.tensors or "\\" in self.tensors or self.tensors in ("", ".", ".."):
+            raise AutocompressError(f"plan recovery tensors must be a file name beside the "
+                                    f"plan, got {self.tensors!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "RecoveryRecord":
+        if not isinstance(data, dict):
+            raise AutocompressError("plan recovery must be an object")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise AutocompressError(f"plan recovery is malformed ({exc})") from None
+
+    def describe(self) -> str:
+        return (f"{self.method} recovery ({self.steps} steps): held-out KL {self.kl_before:.4f}"
+                f" -> {self.kl_after:.4f}")
+
+
+def tensors_bytes(tensors: "dict[str, torch.Tensor]") -> bytes:
+    from safetensors.torch import save
+
+    return save({name: t.detach().cpu().contiguous() for name, t in sorted(tensors.items())})
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_tensors(record: RecoveryRecord, directory: Path | None) -> "dict[str, torch.Tensor]":
+    """The recovered tensors of a plan loaded from ``directory``, checked against the record."""
+    from safetensors.torch import load
+
+    if directory is None:
+        raise AutocompressError("this plan has recovered tensors, which live in a file beside "
+                                "its plan.json: load the plan from its file")
+    path = Path(directory) / record.tensors
+    if not path.is_file():
+        raise AutocompressError(f"the plan's recovered tensors {path} are missing: copy "
+                                f"{record.tensors} beside the plan, or recover again")
+    data = path.read_bytes()
+    if digest(data) != record.sha256:
+        raise AutocompressError(f"{path} is not the file the plan recorded (SHA-256 differs): "
+                                "restore it, or recover again")
+    try:
+        return load(data)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file is one line
+        raise AutocompressError(f"{path} cannot be read ({exc}); recover again") from None

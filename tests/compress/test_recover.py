@@ -1,0 +1,207 @@
+"""Distillation recovery: only the format's free parameters move, held-out KL goes down, the
+model is restored after, and a checkpoint resumes."""
+
+import pytest
+import torch
+
+from autocompress.compress.apply import compressed_in_place
+from autocompress.compress.codes_linear import CodesLinear
+from autocompress.compress.recover import KDRecovery, KDSettings, apply_recovered
+from autocompress.errors import AutocompressError
+from autocompress.evaluate import ReferenceCache, evaluate
+from autocompress.plan import LayerConfig
+
+
+def _windows(loaded, n, length=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, loaded.model.config.vocab_size, (n, length), generator=g)
+
+
+def _references(loaded):
+    teacher = ReferenceCache(loaded.model, _windows(loaded, 6)).fill()
+    holdout = ReferenceCache(loaded.model, _windows(loaded, 3, seed=1)).fill()
+    return teacher, holdout
+
+
+def _plan(loaded, bits=2):
+    return {layer.name: LayerConfig(bits=bits, group_size=32) for layer in loaded.layers}
+
+
+def _codes_state(model):
+    return {n: (m.quantized.q.clone(), m.quantized.zero.clone(), m.quantized.scale.clone())
+            for n, m in model.named_modules() if isinstance(m, CodesLinear)}
+
+
+def test_kd_lowers_held_out_kl_moving_only_scales_and_norms(tiny_loaded):
+    teacher, holdout = _references(tiny_loaded)
+    original = {k: v.clone() for k, v in tiny_loaded.model.state_dict().items()}
+    flags = [p.requires_grad for p in tiny_loaded.model.parameters()]
+    settings = KDSettings(steps=30, lr=2e-2, eval_every=10, patience=3)
+    with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+        before = _codes_state(model)
+        kl_built = evaluate(model, holdout.windows, holdout, progress=False).kl
+        result = KDRecovery(settings, progress=False).run(model, teacher, holdout)
+        after = _codes_state(model)
+        assert result.kl_before == pytest.approx(kl_built, rel=1e-6)
+        assert result.kl_after < 0.8 * kl_built  # measured as stored: float16 scales
+        assert result.kl_after == pytest.approx(
+            evaluate(model, holdout.windows, holdout, progress=False).kl, rel=1e-6)
+        for name, (q, zero, scale) in before.items():
+            q2, zero2, scale2 = after[name]
+            assert torch.equal(q, q2) and torch.equal(zero, zero2), name  # codes, zeros: same
+            assert scale2.shape == scale.shape and scale2.dtype == scale.dtype  # same bytes
+            assert torch.equal(scale2, scale2.half().float())  # what float16 stores
+        assert any(not torch.equal(s, after[n][2]) for n, (_, _, s) in before.items())
+        norms = [k for k in result.tensors if k.endswith("norm.weight")]
+        assert norms and set(result.tensors) == {f"{n}.scale" for n in before} | set(norms)
+    restored = tiny_loaded.model.state_dict()
+    assert [k for k in original if not torch.equal(restored[k], original[k])] == []
+    assert [p.requires_grad for p in tiny_loaded.model.parameters()] == flags
+
+
+def test_recovered_tensors_rebuild_the_same_model_and_refuse_another_plan(tiny_loaded):
+    teacher, holdout = _references(tiny_loaded)
+    settings = KDSettings(steps=10, lr=2e-2, eval_every=5)
+    with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+        result = KDRecovery(settings, progress=False).run(model, teacher, holdout)
+        logits = model(holdout.windows[:1]).logits
+    with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+        apply_recovered(model, result.tensors)
+        assert torch.equal(model(holdout.windows[:1]).logits, logits)
+    other = _plan(tiny_loaded)
+    other[tiny_loaded.layers[0].name] = LayerConfig(bits=16)
+    with compressed_in_place(tiny_loaded, other, codes=True) as model:
+        with pytest.raises(AutocompressError, match="do not fit this plan"):
+            apply_recovered(model, result.tensors)
+
+
+def test_an_interrupted_recovery_resumes_from_its_checkpoint_to_the_same_result(
+        tiny_loaded, tmp_path):
+    teacher, holdout = _references(tiny_loaded)
+    full = KDSettings(steps=12, lr=2e-2, eval_every=4, checkpoint_every=4, patience=10)
+    with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+        straight = KDRecovery(full, progress=False).run(model, teacher, holdout)
+    checkpoint = tmp_path / "kd.pt"
+    first = KDSettings(steps=8, lr=2e-2, eval_every=4, checkpoint_every=4, patience=10)
+    with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+        KDRecovery(first, checkpoint, progress=False).run(model, teacher, holdout)  # "stopped"
+    with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+        resumed = KDRecovery(full, checkpoint, progress=False).run(model, teacher, holdout)
+    assert [s for s, _ in resumed.history] == [s for s, _ in straight.history] == [0, 4, 8, 12]
+    assert [kl for _, kl in resumed.history] == pytest.approx([kl for _, kl in straight.history],
+                                                              rel=1e-5)
+    assert all(torch.allclose(resumed.tensors[k], straight.tensors[k]) for k in straight.tensors)
+    checkpoint.write_bytes(b"not a checkpoint")
+    with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+        with pytest.raises(AutocompressError, match="cannot be resumed"):
+            KDRecovery(full, checkpoint, progress=False).run(model, teacher, holdout)
+
+
+def test_a_plan_without_codes_has_nothing_to_recover(tiny_loaded):
+    teacher, holdout = _references(tiny_loaded)
+    with compressed_in_place(tiny_loaded, _plan(tiny_loaded, bits=16), codes=True) as model:
+        with pytest.raises(AutocompressError, match="nothing to recover"):
+            KDRecovery(KDSettings(steps=2), progress=False).run(model, teacher, holdout)
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 0.0}, {"lr": 3}, {"patience": True}])
+def test_kd_settings_refuse_nonsense(bad):
+    with pytest.raises(AutocompressError):
+        KDSettings(**bad)
+
+
+# -- apply --recover kd: the plan names its tensors, and every build of it uses them -----------
+
+def _recovered_apply(tiny_model_dir, tmp_path, bits="2", extra=()):
+    from autocompress.cli import main
+
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(tiny_model_dir), "--bits", bits, "--group-size", "32",
+                 "--calib-windows", "4", "--window-len", "64", "--out", str(plan)]) == 0
+    out = tmp_path / "recovered"
+    assert main(["apply", str(plan), "--out", str(out), "--recover", "kd", "--kd-steps", "6",
+                 "--kd-lr", "0.02", "--kd-val-windows", "2", *extra]) == 0
+    return plan, out
+
+
+def test_apply_recover_writes_a_plan_whose_every_build_has_the_recovered_scales(
+        tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from autocompress.cli import main
+    from autocompress.plan import Plan
+
+    plan, out = _recovered_apply(tiny_model_dir, tmp_path)
+    recovered = Plan.load(out / "plan.json")
+    assert recovered.recovery.method == "kd" and recovered.recovery.steps == 6
+    assert recovered.recovery.kl_after < recovered.recovery.kl_before
+    assert (out / "recovered.safetensors").is_file()
+    assert not list(tmp_path.glob("*.kd-checkpoint.pt"))  # removed once written
+
+    windows = ["--windows", "2", "--window-len", "64", "--json"]
+    capsys.readouterr()
+    assert main(["eval", str(out / "plan.json"), *windows]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(plan), *windows]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert after["weight_bytes"] == before["weight_bytes"]  # same format, same bytes
+    assert after["kl"] != before["kl"]
+
+    # the written float16 model is the eval's build (the same weights, in float16)
+    from autocompress.compress.reproduce import built_in_place
+    from autocompress.model import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    written = AutoModelForCausalLM.from_pretrained(out)
+    with built_in_place(loaded, recovered, progress=False) as model:
+        for layer in loaded.layers[:3]:
+            assert torch.allclose(written.get_submodule(layer.name).weight.float(),
+                                  model.get_submodule(layer.name).weight, atol=1e-3), layer.name
+        norm = written.model.layers[0].input_layernorm.weight.float()
+        assert torch.allclose(norm, model.model.layers[0].input_layernorm.weight, atol=1e-3)
+    assert not torch.equal(norm, loaded.model.model.layers[0].input_layernorm.weight.half().float())
+
+
+def test_a_recovered_plan_packs_to_the_same_bytes_and_computes_its_build(
+        tiny_model_dir, tmp_path, capsys):
+    from autocompress.compress.reproduce import built_in_place
+    from autocompress.model import load_model
+    from autocompress.plan import Plan
+    from autocompress.runtime.convert import load_packed
+
+    from autocompress.cli import main
+
+    plan, out = _recovered_apply(tiny_model_dir, tmp_path, bits="3", extra=["--packed"])
+    assert main(["apply", str(plan), "--packed", "--out", str(tmp_path / "plain")]) == 0
+    err = capsys.readouterr().err
+    sizes = [line for line in err.splitlines() if "plan accounting" in line]
+    packed, plain = load_packed(out), load_packed(tmp_path / "plain")
+    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.state_dict().values())  # noqa
+    assert nbytes(packed.model) == nbytes(plain.model)
+    assert (out / "recovered.safetensors").is_file()
+    loaded = load_model(str(tiny_model_dir))
+    x = torch.randint(0, 300, (1, 12))
+    with torch.no_grad(), built_in_place(loaded, Plan.load(out / "plan.json"),
+                                         progress=False) as model:
+        assert torch.allclose(packed.model(x).logits, model(x).logits, atol=2e-2, rtol=1e-2)
+        assert not torch.allclose(plain.model(x).logits, model(x).logits, atol=2e-3)
+    del sizes
+
+
+def test_a_recovered_plan_with_its_tensors_missing_or_altered_is_one_line(
+        tiny_model_dir, tmp_path, capsys):
+    from autocompress.cli import main
+
+    _, out = _recovered_apply(tiny_model_dir, tmp_path)
+    tensors = out / "recovered.safetensors"
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[:-8] + b"\0" * 8)
+    capsys.readouterr()
+    assert main(["eval", str(out / "plan.json"), "--windows", "1", "--window-len", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "SHA-256 differs" in err and len(err.splitlines()) == 1
+    tensors.unlink()
+    assert main(["eval", str(out / "plan.json"), "--windows", "1", "--window-len", "32"]) == 2
+    assert "are missing" in capsys.readouterr().err
