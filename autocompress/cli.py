@@ -309,9 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement(p)
     p = sub.add_parser("study", help="a research study, one command: fronts (quality x memory "
                                      "x predicted speed on several devices), families "
-                                     "(quantization, pruning, low rank, joint at equal bytes)")
-    p.add_argument("name", choices=["fronts", "families"], help="the study")
+                                     "(quantization, pruning, low rank, joint at equal bytes), "
+                                     "layers (which layers tolerate a format, across models)")
+    p.add_argument("name", choices=["fronts", "families", "layers"], help="the study")
     _add_model(p)
+    p.add_argument("--models", default=None,
+                   help="layers: the models to compare, comma-separated (default: --model)")
+    p.add_argument("--tables", default=None,
+                   help="layers: a sensitivity table per model (e.g. a search's "
+                        "sensitivity.json), comma-separated, '-' to build one")
+    p.add_argument("--layer-bits", type=int, default=3,
+                   help="layers: the RTN format profiled, bits (default: %(default)s)")
+    p.add_argument("--layer-group", type=int, default=64,
+                   help="layers: the RTN format profiled, group size (default: %(default)s)")
+    p.add_argument("--measure-windows", type=int, default=2,
+                   help="layers: held-out windows each layer alone is measured on (0: proxy "
+                        "only; default: %(default)s)")
+    p.add_argument("--measure-every", type=_positive_int, default=1,
+                   help="layers: measure the layers of every k-th block (default: all)")
     p.add_argument("--devices", default=None,
                    help="fronts: device profiles to compare, comma-separated (at least two), "
                         "e.g. jetson-orin-nano-8gb,raspberry-pi-5-8gb,rtx-4090")
@@ -1138,6 +1153,8 @@ def cmd_estimate(args) -> int:
 def cmd_study(args) -> int:
     from .outputs import check_search_dir, prepare_search_dir
 
+    if args.name == "layers":
+        return _study_layers(args)
     if args.name == "fronts":
         from .studies.fronts import ENTRIES, run_fronts
 
@@ -1158,6 +1175,75 @@ def cmd_study(args) -> int:
     data = run(loaded, settings, Path(args.out), resume=args.resume, log=_log)
     report(args, loaded, data)
     return 0
+
+
+def _study_layers(args) -> int:
+    from .model import load_model
+    from .outputs import check_search_dir, prepare_search_dir
+    from .plan import LayerConfig
+    from .studies.layers import ENTRIES, LayersSettings, ModelInput, run_layers
+
+    specs = [m.strip() for m in (args.models or args.model).split(",") if m.strip()]
+    tables = [t.strip() for t in args.tables.split(",")] if args.tables else ["-"] * len(specs)
+    if len(tables) != len(specs):
+        raise AutocompressError(f"--tables: give one per model ({len(specs)}), '-' to build one")
+    for table in tables:
+        if table != "-" and not Path(table).is_file():
+            raise AutocompressError(f"--tables: {table!r} not found")
+    if args.measure_windows < 0:
+        raise AutocompressError("--measure-windows: 0 or more")
+    settings = LayersSettings(option=LayerConfig(bits=args.layer_bits,
+                                                 group_size=args.layer_group),
+                              measure_windows=args.measure_windows,
+                              measure_every=args.measure_every,
+                              calib_windows=args.calib_windows, window_len=args.window_len,
+                              calib_text=args.calib_text, proxy=args.proxy)
+    models = [ModelInput(spec, None if table == "-" else table)
+              for spec, table in zip(specs, tables)]
+    command = "study layers"
+    state = check_search_dir(args.out, resume=args.resume, force=args.force,
+                             inputs=[args.calib_text, *[t for t in tables if t != "-"]],
+                             command=command, finished_file="layers.csv")
+
+    def load(spec: str):
+        loaded = load_model(spec, dtype=args.dtype, device=args.compute_device)
+        _say_placement(loaded)
+        return loaded
+
+    prepare_search_dir(args.out, state, resume=args.resume, log=_log, command=command,
+                       entries=ENTRIES)
+    data = run_layers(models, settings, Path(args.out), resume=args.resume, log=_log, load=load)
+    _report_layers(args, data)
+    return 0
+
+
+def _report_layers(args, data) -> None:
+    from rich.table import Table
+
+    from .studies.layers import KINDS
+
+    table = Table(title="layers: share of the model's cost by kind (proxy / measured)")
+    table.add_column("model")
+    for kind in KINDS:
+        table.add_column(kind, justify="right")
+    table.add_column("proxy ~ measured", justify="right")
+    for entry in data["models"].values():
+        profiles = entry["profiles"]
+        row = [entry["name"]]
+        for kind in KINDS:
+            parts = [f"{profiles[s]['kind'][kind]:.2f}" for s in ("proxy", "measured")
+                     if s in profiles and kind in profiles[s]["kind"]]
+            row.append(" / ".join(parts))
+        rho = entry.get("proxy_vs_measured")
+        row.append("" if rho is None else f"ρ {rho:.2f}")
+        table.add_row(*row)
+    console.print(table)
+    for pair, row in data.get("correlations", {}).items():
+        parts = [f"{source} by kind ρ {v['kind']:.2f}, by depth ρ {v['depth']:.2f}"
+                 for source, v in row.items() if v["kind"] is not None and v["depth"] is not None]
+        if parts:
+            console.print(f"{pair}: " + "; ".join(parts), highlight=False)
+    _log(f"wrote {args.out}/layers.json, layers.csv and figures/layers.png, profiles.png")
 
 
 def _fronts_settings(args):
