@@ -77,8 +77,13 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--window-len", type=int, default=512)
     parser.add_argument("--only", default=None, help="comma-separated row names")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (1 beside another job: two would oversubscribe)")
     args = parser.parse_args()
     check_data()
+    import torch
+
+    torch.set_num_threads(args.threads)
     protocol = {
         "model": MODEL_LABEL,
         "eval": eval_protocol(args.windows, args.window_len),

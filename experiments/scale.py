@@ -47,6 +47,7 @@ CHECKPOINT_S = 30  # how often a running attempt's time and peaks are written
 # run as the `autocompress` command; Ray's workers inherit PYTHONPATH
 CLI = [sys.executable, "-m", "autocompress.cli"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+QWEN_GGUF = Path("/work/qwen/qwen2.5-coder-1.5b-q4_k_m.gguf")  # experiments/assemble_qwen.py
 MODELS = {
     "smollm2": ("smollm2-135m", "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)"),
     "qwen1.5b": (None, "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF dequantized to float32)"),
@@ -124,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="smollm2,qwen1.5b")
     parser.add_argument("--bits", default="3,4")
-    parser.add_argument("--qwen", type=Path, default=Path("/work/qwen/qwen2.5-coder-1.5b-q4_k_m.gguf"),
+    parser.add_argument("--qwen", type=Path, default=QWEN_GGUF,
                         help="the assembled Qwen2.5-Coder-1.5B GGUF")
     parser.add_argument("--windows", default="smollm2=40,qwen1.5b=10",
                         help="test windows of 512 per model")
