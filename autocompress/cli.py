@@ -96,6 +96,27 @@ def _add_build(p: argparse.ArgumentParser) -> None:
                         "from the uncompressed model (parallel); default: the plan's")
 
 
+def _add_recover(p: argparse.ArgumentParser) -> None:
+    """apply/search: distillation recovery of the (chosen) plan."""
+    p.add_argument("--recover", choices=["kd"], default=None,
+                   help="kd: train the quantized layers' scales and the norms towards the "
+                        "uncompressed model's next-token distributions on the calibration "
+                        "windows (same format and bytes); written beside the plan")
+    p.add_argument("--kd-steps", type=_positive_int, default=200,
+                   help="recovery steps, one calibration window each (default 200)")
+    p.add_argument("--kd-lr", type=float, default=1e-3,
+                   help="Adam's learning rate: relative on scales, absolute on norms")
+    p.add_argument("--kd-val-windows", type=_positive_int, default=4,
+                   help="calibration-text windows after the training ones, for early stopping")
+
+
+def _kd_settings(args):
+    from .compress.recover import KDSettings
+
+    return KDSettings(steps=args.kd_steps, lr=args.kd_lr, val_windows=args.kd_val_windows) \
+        if args.recover else None
+
+
 def _add_placement(p: argparse.ArgumentParser, from_plan: bool = False) -> None:
     from .placement import DTYPE_CHOICES
 
@@ -186,16 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packed", action="store_true",
                    help="write bit-packed low-bit storage (runtime format) instead of float16")
     _add_build(p)
-    p.add_argument("--recover", choices=["kd"], default=None,
-                   help="kd: train the quantized layers' scales and the norms towards the "
-                        "uncompressed model's next-token distributions on the calibration "
-                        "windows (same format and bytes); written beside the plan")
-    p.add_argument("--kd-steps", type=_positive_int, default=200,
-                   help="recovery steps, one calibration window each (default 200)")
-    p.add_argument("--kd-lr", type=float, default=1e-3,
-                   help="Adam's learning rate: relative on scales, absolute on norms")
-    p.add_argument("--kd-val-windows", type=_positive_int, default=4,
-                   help="calibration-text windows after the training ones, for early stopping")
+    _add_recover(p)
 
     p = sub.add_parser("export", help="write the plan's model as a file an engine runs (GGUF)")
     p.add_argument("plan")
@@ -304,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level-2 trials asked at once (default: --level2-workers, at least 1); "
                         "the same batch asks the same trials with any number of workers")
     p.add_argument("--seed", type=int, default=0, help="the Optuna sampler's seed")
+    _add_recover(p)
     _add_calib(p, 8)
     _add_memory(p)
     _add_placement(p)
@@ -677,14 +690,14 @@ def _apply_recovered(args, loaded, plan, recipe) -> int:
     --out), then write the model with the recovered tensors and the plan that names them."""
     import tempfile
 
-    from .compress.recover import KDSettings, recovered_in_place
+    from .compress.recover import recovered_in_place
     from .export.safetensors import save_compressed
 
-    settings = KDSettings(steps=args.kd_steps, lr=args.kd_lr)
+    settings = _kd_settings(args)
     checkpoint = Path(f"{Path(args.out).resolve()}.kd-checkpoint.pt")
     if checkpoint.exists():
         _log(f"resuming recovery from {checkpoint}")
-    with recovered_in_place(loaded, plan, recipe, settings, args.kd_val_windows, checkpoint,
+    with recovered_in_place(loaded, plan, recipe, settings, checkpoint=checkpoint,
                             progress=True) as (model, recovered, data):
         console.print(recovered.recovery.describe(), highlight=False)
         if not args.packed:
@@ -899,6 +912,10 @@ def cmd_search(args) -> int:
 
         check_cluster_address(args.address)  # said now, not after the sensitivity table
     export = args.export or ("gguf" if space.all_gguf else "none")
+    recover = _kd_settings(args)
+    if recover is not None and space.all_gguf:
+        raise AutocompressError("--recover kd trains the scales of RTN/GPTQ layers; a GGUF "
+                                "space has none (llama.cpp's types keep their own scales)")
     if export == "gguf":
         from .engines.llamacpp import library
 
@@ -920,7 +937,7 @@ def cmd_search(args) -> int:
                               sampler=args.sampler, storage=args.storage, seed=args.seed,
                               resume=args.resume, num_cpus=args.num_cpus, address=args.address,
                               level2_workers=args.level2_workers,
-                              level2_batch=args.level2_batch)
+                              level2_batch=args.level2_batch, recover=recover)
     result = run_search(loaded, space, settings, out_dir=args.out,
                         log=_log)
     chosen = result.chosen

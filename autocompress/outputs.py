@@ -240,7 +240,7 @@ def publish_dir(out: str | Path, command: str, fill: Callable[[Path], None], *,
 SEARCH_ENTRIES = ("sensitivity.cache.json", "sensitivity.json", "sensitivity.png",
                   "study.journal", "study.journal.lock", "level3", "plan.json", "search.json",
                   "pareto.json", "pareto.csv", "pareto.png", "model.gguf", "statistics",
-                  "timings.json")
+                  "timings.json", "recovered.safetensors", "recover.checkpoint.pt")
 
 
 def check_search_dir(out: str | Path, *, resume: bool, force: bool,

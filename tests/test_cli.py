@@ -25,6 +25,8 @@ def _error_line(capsys) -> str:
     (["search", "--budget", "4GB", "--min-tps", "20"], "need --device"),
     (["search", "--device", "jetson", "--latency", "fast"], "cannot read duration 'fast'"),
     (["search"], "give --budget"),
+    (["search", "--budget", "4GB", "--space", "gguf", "--recover", "kd"], "a GGUF space has none"),
+    (["search", "--budget", "4GB", "--recover", "kd", "--kd-lr", "2"], "learning rate"),
 ])
 def test_search_bad_input(tiny_model_dir, tmp_path, capsys, argv, expected):
     argv = argv + ["--out", str(tmp_path / "out")]

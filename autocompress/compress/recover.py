@@ -41,9 +41,10 @@ class KDSettings:
     patience: int = 3
     checkpoint_every: int = 20
     seed: int = 0
+    val_windows: int = 4  # the calibration text's windows after the training ones
 
     def __post_init__(self) -> None:
-        for name in ("steps", "eval_every", "patience", "checkpoint_every"):
+        for name in ("steps", "eval_every", "patience", "checkpoint_every", "val_windows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise AutocompressError(f"KD {name} must be a positive integer, got {value!r}")
@@ -286,11 +287,12 @@ def validation_windows(tokenizer, provenance, n_train: int, n_val: int) -> torch
 
 @contextmanager
 def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings(),
-                       val_windows: int = 4, checkpoint: Path | None = None,
+                       checkpoint: Path | None = None,
                        progress: bool = True) -> Iterator[tuple[nn.Module, object, bytes]]:
     """Build ``plan`` in place (as codes), recover it, and yield (model, the plan with its
     recovery record, the recovered tensors' file bytes) for the duration of the block. Trains
-    on the plan's calibration windows (its provenance's), stops early on ``val_windows``."""
+    on the plan's calibration windows (its provenance's), stops early on the
+    ``settings.val_windows`` after them."""
     from dataclasses import replace as replace_field
 
     from ..provenance import calibration_windows
@@ -303,7 +305,7 @@ def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings()
     provenance = recipe.provenance
     train = recipe.calib if recipe.calib is not None else \
         calibration_windows(loaded.tokenizer, provenance)
-    val = validation_windows(loaded.tokenizer, provenance, train.shape[0], val_windows)
+    val = validation_windows(loaded.tokenizer, provenance, train.shape[0], settings.val_windows)
     # the teacher is the model before the plan is built into it
     teacher = ReferenceCache(loaded.model, train).fill(progress, desc="teacher")
     held_out = ReferenceCache(loaded.model, val).fill(progress, desc="validation")

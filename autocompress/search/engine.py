@@ -44,6 +44,7 @@ from .. import faults
 from ..io_utils import atomic_write_text
 from ..compress.apply import hessian_layers, needs_calibration, uses_calibration
 from ..compress.stats_store import StatsStore, stats_key
+from ..compress.recover import KDSettings
 from ..compress.weights import GPTQSettings
 from ..model import LayerInfo, LoadedModel
 from ..peak_memory import peak_rss_bytes, return_freed_memory
@@ -61,6 +62,7 @@ from .optuna_level import Level2, Level2Settings, plan_signature
 from .problem import Problem
 from .speed import DeviceDecode, LlamaCppDecode
 from .space import SearchSpace
+from .recover_stage import recover_chosen
 from .tune_level import Level3Settings, run_level3, write_candidate, write_job
 
 
@@ -93,6 +95,7 @@ class SearchSettings:
     address: str | None = None
     level2_workers: int = 0  # Ray workers measuring level 2's trials (0: in this process)
     level2_batch: int | None = None  # trials asked at once (default: the workers, at least 1)
+    recover: KDSettings | None = None  # the chosen plan recovered by distillation (kd)
 
     def effective_budget(self) -> int:
         """The byte budget after the device's usable memory caps it."""
@@ -236,6 +239,12 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     chosen = min(complete, key=lambda c: c.measured["kl"])
 
     plan = _plan_of(setup, chosen, candidates, calib, timings)
+    if settings.recover is not None:
+        t0 = time.perf_counter()
+        plan = recover_chosen(loaded, plan, calib.holdout[:settings.final_windows],
+                              settings.recover, out, progress, log)
+        times.record("recover_s", time.perf_counter() - t0)
+        plan.figures["timings_s"] = timings = times.totals()
     memory = {"peak_rss_bytes": peak_rss_bytes(), "worker_peak_rss_bytes": worker_peak}
     if out:
         plan.save(out / "plan.json")

@@ -330,3 +330,27 @@ def test_a_search_table_built_block_by_block_chooses_what_the_in_memory_one_does
         runs[blockwise] = (result.table.cost, [t.params for t in result.trials],
                            result.chosen.configs, result.chosen.measured["kl"])
     assert runs[True] == runs[False]
+
+
+def test_a_search_that_recovers_its_plan_reports_what_eval_of_it_measures(
+        tiny_loaded, tiny_model_dir, tmp_path, capsys):
+    """search --recover kd: the chosen plan recovered, measured again on the held-out windows,
+    its tensors beside plan.json; `eval --holdout` of the plan reproduces the new figure."""
+    from autocompress.cli import main
+    from autocompress.compress.recover import KDSettings
+
+    settings = SearchSettings(budget=_uniform_total(tiny_loaded, 3),
+                              recover=KDSettings(steps=6, lr=0.02, eval_every=3,
+                                                 val_windows=2), **SMALL)
+    run_search(tiny_loaded, SearchSpace.bits_only([2, 3, 4, 8]), settings, out_dir=tmp_path,
+               progress=False, log=lambda m: None)
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.recovery is not None and (tmp_path / "recovered.safetensors").is_file()
+    assert not (tmp_path / "recover.checkpoint.pt").exists()
+    record = plan.figures["holdout"]
+    assert record["reported"]["kl"] < record["before_recovery"]["kl"]
+    assert "recover_s" in plan.figures["timings_s"]
+    assert main(["eval", str(tmp_path / "plan.json"), "--model", str(tiny_model_dir),
+                 "--holdout", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["kl"]
+    assert again == pytest.approx(record["reported"]["kl"], rel=1e-5)
