@@ -166,6 +166,39 @@ def gptq_study(store: Store) -> str:
     return "\n\n".join(out) or NOT_MEASURED
 
 
+QUALITY_OPERATORS = {"rtn": "RTN", "rtn+clip": "RTN, clipped grid", "gptq": "GPTQ",
+                     "gptq+clip": "GPTQ, clipped grid"}
+
+
+def quality(store: Store) -> str:
+    data = store.get("quality.json")
+    p, entries = data.protocol, data.entries
+    formats = list(dict.fromkeys(k.split("-")[0] for k in entries if k != "uncompressed"))
+    rows = ["| operator | " + " | ".join(f"{f.replace('g', '-bit g', 1)}" for f in formats) + " |",
+            "| --- |" + " ---: |" * len(formats)]
+    for op, label in QUALITY_OPERATORS.items():
+        for kd in (False, True):
+            keys = [f"{f}-{op}{'+kd' if kd else ''}" for f in formats]
+            if not any(k in entries for k in keys):
+                continue
+            cells = []
+            for key in keys:
+                e = entries.get(key)
+                if e is None:
+                    cells.append("")
+                elif e.kd is None:
+                    cells.append(f"{_fmt_ppl(e.ppl)} ({_secs(e.build_s)} s)")
+                else:
+                    cells.append(f"{_fmt_ppl(e.ppl)} ({_secs(e.build_s)} s; val KL "
+                                 f"{e.kd.kl_before:.3f} → {e.kd.kl_after:.3f}, "
+                                 f"{e.kd.steps} steps)")
+            rows.append(f"| {label}{' + KD recovery' if kd else ''} | " + " | ".join(cells) + " |")
+    return ("\n".join(rows) + f"\n\nTest perplexity (build time; for KD rows build + recovery, and "
+            f"the held-out KL on the validation windows before and after). Uncompressed: "
+            f"{_fmt_ppl(entries['uncompressed'].ppl)}. Protocol: {p.model}; {p.eval}; {p.format}; "
+            f"calibration {p.calibration}; recovery {p.recovery}; machine {p.machine}.")
+
+
 def _kernels_notes(e: dict) -> str:
     decode = {k: r for k, r in e.items() if k not in ("bandwidth", "kernels")}
     packed = {k: r for k, r in decode.items() if r.resident_over_plan is not None}
@@ -712,7 +745,8 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "joint-vs-bits": joint_vs_bits, "baselines": baselines,
             "search-candidates": search_candidates, "gptq-study": gptq_study,
             "peak-memory": peak_memory, "level2-workers": level2_workers,
-            "dtype": dtype, "scale": scale, "projection-8b": projection_8b}
+            "dtype": dtype, "scale": scale, "projection-8b": projection_8b,
+            "quality": quality}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

@@ -105,6 +105,36 @@ class GptqVariant(_Model):
     compress_s: float
 
 
+# ---------------------------------------------------------------- quality.json
+
+
+class QualityProtocol(_Model):
+    model: str
+    eval: str
+    format: str
+    calibration: str
+    recovery: str
+    machine: str
+
+
+class Recovered(_Model):
+    steps: int
+    best_step: int
+    kl_before: float
+    kl_after: float
+
+
+class QualityRow(_Model):
+    ppl: float
+    config: dict[str, Any]
+    build_s: float
+    kd: Recovered | None = None
+
+
+class Uncompressed(_Model):
+    ppl: float
+
+
 # ---------------------------------------------------------------- kernels[_threads<n>].json
 
 
@@ -548,6 +578,9 @@ SPECS: dict[str, FileSpec] = {
                                _by_key({"search@rtn3": SearchBaseline}, Baseline),
                                required=("base",)),
     "gptq_study_*bit.json": FileSpec(GptqStudyProtocol, _by_key({}, GptqVariant)),
+    "quality.json": FileSpec(QualityProtocol, _by_key({"uncompressed": Uncompressed},
+                                                      QualityRow),
+                             keys=r"uncompressed|\d+g\d+-[a-z+]+", required=("uncompressed",)),
     "kernels.json": _KERNELS,
     "kernels_threads*.json": _KERNELS,
     "proxy_fidelity.json": FileSpec(ProxyFidelityProtocol,
