@@ -58,6 +58,7 @@ def main() -> None:
             command.append("--resume")
         elif out.exists():
             shutil.rmtree(out)
+        RUNS.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         with (RUNS / f"{key.replace('/', '-')}.log").open("a") as log:
             env = ENV if args.threads is None else {**ENV, "OMP_NUM_THREADS": str(args.threads)}
