@@ -23,6 +23,8 @@ from common import CALIB_TEXT, REPO, ResultFile, check_data, machine  # noqa: E4
 from scale import CLI, ENV, _eval, uniform_total  # noqa: E402
 
 RUNS = REPO / "experiments" / "runs" / "seed_spread"
+# the joint space of scale.json's rows (the joint space has had clipped grids since)
+SPACE = REPO / "experiments" / "spaces" / "joint_v2.yaml"
 
 
 def main() -> None:
@@ -53,7 +55,8 @@ def main() -> None:
             continue
         out = RUNS / key.replace("/", "-")
         command = ["search", "--model", "smollm2-135m", "--budget", str(budget),
-                   "--calib-text", str(CALIB_TEXT), "--seed", str(seed), "--out", str(out)]
+                   "--calib-text", str(CALIB_TEXT), "--seed", str(seed), "--space", str(SPACE),
+                   "--out", str(out)]
         if (out / "study.journal").is_file():
             command.append("--resume")
         elif out.exists():

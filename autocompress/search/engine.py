@@ -20,6 +20,10 @@ count the bytes the device's engine holds for them (hardware/memory.py), and
 ``max_latency_s`` (per decoded token) is a second knapsack row on the predicted decode time
 (hardware/latency.py); what no layer choice changes (head, KV cache, per-block work) is taken
 off the limit first.
+
+``run_search`` runs the stages in order; their pieces live beside it: candidates.py (level 1's
+plans), optuna_level.py (level 2), level3.py and tune_level.py (level 3), recover_stage.py
+(``--recover kd``), records.py (the plan and front written at the end).
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import numpy as np
 from ..accounting import Footprint, model_footprint
 from ..data import calibration_data
 from ..errors import AutocompressError
-from ..hardware.latency import DecodeEstimate
 from ..hardware.llamacpp_speed import LlamaCppSpeed
 from ..hardware.memory import held_layer_bytes
 from ..hardware.profile import DeviceProfile
@@ -48,22 +51,21 @@ from ..compress.recover import KDSettings
 from ..compress.weights import GPTQSettings
 from ..model import LayerInfo, LoadedModel
 from ..peak_memory import peak_rss_bytes, return_freed_memory
-from ..residency import release_module
-from ..plan import LayerConfig, Plan, compact_overrides
-from ..provenance import Provenance
+from ..plan import LayerConfig, Plan
 from ..sensitivity.build import build_table, make_proxy
 from ..sensitivity.table import SensitivityTable
 from ..units import format_size
-from .exact import InfeasibleBudget, InfeasibleLimit
-from .holdout import holdout_record
+from .exact import InfeasibleBudget
 from .stage_times import StageTimes
 from .measure import PlanMeter
-from .optuna_level import Level2, Level2Settings, plan_signature
+from .optuna_level import Level2, Level2Settings
 from .problem import Problem
 from .speed import DeviceDecode, LlamaCppDecode
 from .space import SearchSpace
+from .candidates import Candidate, level1_candidates
+from .level3 import measure_with_tune
+from .records import plan_of, write_front
 from .recover_stage import recover_chosen
-from .tune_level import Level3Settings, run_level3, write_candidate, write_job
 
 
 @dataclass
@@ -115,28 +117,6 @@ class SearchSettings:
         """Held-out windows taken from the end of the calibration text: level 2's are the first
         ``fast_windows`` of them, the final measurement's the first ``final_windows``."""
         return max(self.final_windows, self.fast_windows if self.trials else 0)
-
-
-@dataclass
-class Candidate:
-    label: str
-    configs: dict[str, LayerConfig]
-    footprint: Footprint
-    predicted: float | None  # summed proxy cost (nats), None for plans not from the table
-    measured: dict | None = None  # held-out kl / ppl (level 3, or the in-process check)
-    decode: DecodeEstimate | None = None  # predicted on the device, when one is given
-    source: str = "proxy"  # proxy | uniform | optuna
-    kl_fast: float | None = None  # level 2's low-fidelity KL
-
-    def summary(self) -> dict:
-        return {"label": self.label, "source": self.source, "total_bytes": self.footprint.total,
-                "weight_bytes": self.footprint.weights, "predicted": self.predicted,
-                "kl_fast": self.kl_fast, "measured": self.measured,
-                "decode": None if self.decode is None else self.decode.as_dict()}
-
-    @property
-    def signature(self) -> str:
-        return plan_signature(self.configs)
 
 
 @dataclass
@@ -200,7 +180,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     # -- level 1: exact proxy optima -----------------------------------------------------------
     t0 = time.perf_counter()
     problem = _problem(setup, table)
-    candidates = _candidates(problem, space, setup.footprint_of)
+    candidates = level1_candidates(problem, space, setup.footprint_of)
     front = [Candidate(f"proxy front {fraction:.0%} of capacity", problem.configs(choice),
                        setup.footprint_of(problem.configs(choice)), problem.predicted(choice))
              for fraction, choice in problem.front()]
@@ -226,7 +206,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                             fixed=setup.tables, hessian_layers=setup.full, stats=stats)
     worker_peak = None
     if settings.eval_top:
-        worker_peak = _measure_with_tune(loaded, candidates, final_meter, calib, settings, out,
+        worker_peak = measure_with_tune(loaded, candidates, final_meter, calib, settings, out,
                                          log, progress)
         complete = [c for c in candidates if not c.measured["stopped_early"]]
     else:
@@ -238,7 +218,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     timings = times.totals()
     chosen = min(complete, key=lambda c: c.measured["kl"])
 
-    plan = _plan_of(setup, chosen, candidates, calib, timings)
+    plan = plan_of(setup, chosen, candidates, calib, timings)
     if settings.recover is not None:
         t0 = time.perf_counter()
         plan = recover_chosen(loaded, plan, calib.holdout[:settings.final_windows],
@@ -255,7 +235,7 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
                                       "chosen": chosen.label, "timings_s": timings,
                                       "level2_workers": worker_use, "memory": memory},
                                      indent=2))
-        _write_front(out, candidates, front, study_trials, chosen, loaded, settings)
+        write_front(out, candidates, front, study_trials, chosen, loaded, settings)
     return SearchResult(plan=plan, chosen=chosen, candidates=candidates, table=table,
                         timings=timings, front=front, trials=study_trials, memory=memory,
                         level2_workers=worker_use)
@@ -385,150 +365,6 @@ def _level2(setup: _Setup, problem: Problem, table: SensitivityTable, calib, sta
     for cand in candidates + front:
         cand.kl_fast = by_signature.get(cand.signature, cand.kl_fast)
     return trials, worker_use
-
-
-def _plan_of(setup: _Setup, chosen: Candidate, candidates: list[Candidate], calib,
-             timings: dict[str, float]) -> Plan:
-    """The chosen candidate as a plan: its formats, how its weights are made (provenance:
-    what apply and eval reproduce) and the figures the search measured for it."""
-    loaded, settings = setup.loaded, setup.settings
-    default = _most_common(chosen.configs)
-    calib_text = str(Path(settings.calib_text).resolve()) if settings.calib_text else None
-    provenance = Provenance(calib_text=calib_text, calib_windows=settings.n_calib,
-                            window_len=settings.window_len, calib_digest=calib.digest,
-                            mode=settings.mode, gptq_damp=settings.gptq.damp,
-                            gptq_act_order=settings.gptq.act_order,
-                            gptq_block_size=settings.gptq.block_size,
-                            compute_dtype=loaded.placement.dtype_name, made_by="search")
-    overrides = {**compact_overrides(chosen.configs, default),
-                 **compact_overrides(setup.tables, LayerConfig())}
-    plan = Plan(model=loaded.identity, default=default, overrides=overrides,
-                provenance=provenance)
-    plan.figures = {
-        "chosen": chosen.label,
-        "budget_bytes": setup.budget,
-        "device": settings.device.name if settings.device else None,
-        "max_latency_s": settings.max_latency_s,
-        "decode": None if chosen.decode is None else chosen.decode.as_dict(),
-        "context": settings.context,
-        "batch": settings.batch,
-        "footprint": chosen.footprint.as_dict(),
-        "predicted_loss_increase": chosen.predicted,
-        "holdout": holdout_record(calib_text, calib.source, settings.holdout_windows,
-                                  calib.holdout[:settings.final_windows], chosen.measured),
-        "candidates": [c.summary() for c in candidates],
-        "timings_s": timings,
-    }
-    return plan
-
-
-def _measure_with_tune(loaded, candidates, meter, calib, settings, out, log, progress
-                       ) -> int | None:
-    """Level 3: write the job (windows, reference, calibration windows, each candidate's plan)
-    and run Ray Tune, whose workers build and measure the candidates as ``meter`` would;
-    returns the largest peak resident memory of the workers."""
-    from ..compress.apply import uses_calibration
-    from ..evaluate import ReferenceCache
-
-    job = out / "level3"
-    windows = calib.holdout[:settings.eval_windows]
-    calibrated = any(uses_calibration({**c.configs, **meter.fixed}.values()) for c in candidates)
-    reference = ReferenceCache(loaded.model, windows).fill()
-    # the driver computes nothing more while the workers build: its weights leave memory
-    # (pages of the model's file, read in again if needed) and so do freed heap pages
-    release_module(loaded.model)
-    return_freed_memory()
-    write_job(job, loaded.spec or loaded.source, windows, reference,
-              threads=settings.num_cpus or 2, calib=calib.calib if calibrated else None,
-              mode=meter.mode, gptq=meter.gptq, placement=loaded.placement.worker_spec())
-    names = {}
-    for cand in candidates:
-        names[cand.signature] = cand
-        write_candidate(job, cand.signature, {**cand.configs, **meter.fixed})
-    results = run_level3(job, list(names), Level3Settings(
-        windows=settings.eval_windows, num_cpus=settings.num_cpus, address=settings.address),
-        tokens_per_window=settings.window_len - 1, resume=settings.resume, log=log,
-        progress=progress)
-    worker_peaks = [results[name].pop("peak_rss_bytes", None) for name in names]
-    for name, cand in names.items():
-        cand.measured = results[name]
-    return max((p for p in worker_peaks if p), default=None)
-
-
-def _write_front(out, candidates, front, trials, chosen, loaded, settings) -> None:
-    from .pareto import write_pareto
-
-    def record(c: Candidate, source: str | None = None) -> dict:
-        m = c.measured or {}
-        return {"label": c.label, "source": source or c.source,
-                "total_bytes": c.footprint.total, "predicted": c.predicted,
-                "kl_fast": c.kl_fast, "kl": m.get("kl"), "ppl": m.get("ppl"),
-                "tokens_per_s": c.decode.tokens_per_s if c.decode else None,
-                "chosen": c is chosen}
-
-    records = [record(c) for c in candidates] + [record(c, "proxy") for c in front]
-    listed = {c.signature for c in candidates}
-    for t in trials:  # every other level-2 plan, at its low-fidelity KL
-        if t.user_attrs["signature"] in listed:
-            continue
-        listed.add(t.user_attrs["signature"])
-        seconds = t.user_attrs.get("seconds_per_token")
-        records.append({"label": f"trial {t.number}", "source": "optuna",
-                        "total_bytes": t.user_attrs["total_bytes"],
-                        "predicted": t.user_attrs["predicted"], "kl_fast": t.user_attrs["kl_fast"],
-                        "kl": None, "ppl": None,
-                        "tokens_per_s": 1 / seconds if seconds else None, "chosen": False})
-    where = f" on {settings.device.name}" if settings.device else ""
-    write_pareto(out, records, title=f"{loaded.name}{where}: quality against memory")
-
-
-def _candidates(problem: Problem, space: SearchSpace, footprint_of) -> list[Candidate]:
-    """Level 1: the proxy optimum, the optimum without 2-bit options, the largest uniform
-    plans that fit."""
-    found: dict[tuple, Candidate] = {}
-
-    def add(label: str, choice: list[int], source: str = "proxy") -> None:
-        configs = problem.configs(choice)
-        signature = tuple(configs[n] for n in problem.table.layers)
-        if signature in found:  # same plan reached twice: measure once, keep both names
-            found[signature].label += f" = {label}"
-            return
-        found[signature] = Candidate(label, configs, footprint_of(configs),
-                                     problem.predicted(choice), source=source)
-
-    add("proxy optimum", problem.solve())
-    no_two_bit = problem.option_mask(lambda cfg: cfg.bits > 2)
-    if (problem.allowed & ~no_two_bit).any() and (problem.allowed & no_two_bit).any(axis=1).all():
-        try:
-            add("proxy optimum, no 2-bit", problem.solve(allowed=no_two_bit))
-        except (InfeasibleBudget, InfeasibleLimit):  # nothing without 2-bit fits the limits
-            pass
-    for cfg, choice in _largest_uniform(problem, space):
-        add(f"uniform {cfg.short()}", choice, source="uniform")
-    return list(found.values())
-
-
-def _largest_uniform(problem: Problem, space: SearchSpace) -> list[tuple[LayerConfig, list[int]]]:
-    """The largest uniform options that fit (pinned layers keep their pin) and meet the limits
-    (more bytes, more fidelity): every one of that size, since options of equal bytes differ
-    in method (RTN or GPTQ) and the proxy is least trusted in telling them apart."""
-    fitting = []
-    rows = np.arange(len(problem.groups))
-    for cfg in space.uniform_configs():
-        choice = [row.index(cfg) if cfg in row else 0 for row in problem.options]
-        size = problem.layer_bytes(choice)
-        within = all(limit.usage[rows, choice].sum() <= limit.maximum for limit in problem.limits)
-        if size <= problem.capacity and within:
-            fitting.append((size, cfg, choice))
-    largest = max((size for size, _, _ in fitting), default=None)
-    return [(cfg, choice) for size, cfg, choice in fitting if size == largest]
-
-
-def _most_common(configs: dict[str, LayerConfig]) -> LayerConfig:
-    counts: dict[LayerConfig, int] = {}
-    for cfg in configs.values():
-        counts[cfg] = counts.get(cfg, 0) + 1
-    return max(counts, key=counts.get)
 
 
 def _footprint_parts(footprint: Footprint, tables: dict[str, LayerConfig]) -> str:
