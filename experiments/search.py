@@ -10,7 +10,7 @@ and zeros); 2.5 and 3.5 are the midpoints of the neighbouring uniform totals. Un
 GPTQ at a half-bit budget are the largest uniform plans that fit (2 and 3 bits); their
 perplexities come from baselines.json (same protocol).
 
-    .venv/bin/python experiments/search.py [--budgets 3,2.5,3.5,4] [--device-run]
+    .venv/bin/python experiments/search.py [--budgets 3,2.5,3.5,4] [--device-run] [--label clip]
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--space", default="joint",
                         help="a bundled space name (autocompress/search_spaces/NAME.yaml) or a "
                              "YAML path; other than joint, keys get a prefix")
+    parser.add_argument("--label", default=None,
+                        help="the keys' prefix instead of the space's name (e.g. clip: the "
+                             "joint space since it has clipped grids, beside the older rows)")
     args = parser.parse_args()
     check_data()
     settings = dict(calib_text=str(CALIB_TEXT), trials=args.trials, eval_top=args.eval_top,
@@ -76,7 +79,8 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     eval_windows = load_stream(loaded.tokenizer, EVAL_TEXT, "eval").windows(args.windows, 512)
     space = SearchSpace.load(args.space)
-    prefix = "" if args.space in ("joint", "default") else f"{Path(args.space).stem}:"
+    prefix = f"{args.label}:" if args.label else \
+        "" if args.space in ("joint", "default") else f"{Path(args.space).stem}:"
 
     def test_ppl(plan: Plan, configs=None) -> float:
         """Test perplexity of ``configs`` built as ``plan``'s provenance says (what apply and
