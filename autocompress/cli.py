@@ -323,11 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="a research study, one command: fronts (quality x memory "
                                      "x predicted speed on several devices), families "
                                      "(quantization, pruning, low rank, joint at equal bytes), "
-                                     "layers (which layers tolerate a format, across models)")
-    p.add_argument("name", choices=["fronts", "families", "layers"], help="the study")
+                                     "layers (which layers tolerate a format, across models), "
+                                     "proxies (each proxy's fidelity per option family)")
+    p.add_argument("name", choices=["fronts", "families", "layers", "proxies"],
+                   help="the study")
     _add_model(p)
     p.add_argument("--models", default=None,
-                   help="layers: the models to compare, comma-separated (default: --model)")
+                   help="layers, proxies: the models, comma-separated (default: --model)")
+    p.add_argument("--proxies", default="fisher,hessian,hutchinson",
+                   help="proxies: the proxies compared (default: %(default)s)")
+    p.add_argument("--plans-per-family", type=_positive_int, default=8,
+                   help="proxies: random plans measured per option family (default: %(default)s)")
     p.add_argument("--tables", default=None,
                    help="layers: a sensitivity table per model (e.g. a search's "
                         "sensitivity.json), comma-separated, '-' to build one")
@@ -1172,6 +1178,8 @@ def cmd_study(args) -> int:
 
     if args.name == "layers":
         return _study_layers(args)
+    if args.name == "proxies":
+        return _study_proxies(args)
     if args.name == "fronts":
         from .studies.fronts import ENTRIES, run_fronts
 
@@ -1231,6 +1239,52 @@ def _study_layers(args) -> int:
                        entries=ENTRIES)
     data = run_layers(models, settings, Path(args.out), resume=args.resume, log=_log, load=load)
     _report_layers(args, data)
+    return 0
+
+
+def _study_proxies(args) -> int:
+    from rich.table import Table
+
+    from .model import load_model
+    from .outputs import check_search_dir, prepare_search_dir
+    from .search.space import SearchSpace
+    from .sensitivity.build import make_proxy
+    from .studies.proxies import ENTRIES, ProxiesSettings, run_proxies
+
+    specs = [m.strip() for m in (args.models or args.model).split(",") if m.strip()]
+    settings = ProxiesSettings(proxies=tuple(p.strip() for p in args.proxies.split(",")
+                                             if p.strip()),
+                               space=args.space, plans_per_family=args.plans_per_family,
+                               calib_windows=args.calib_windows,
+                               holdout_windows=args.eval_windows, window_len=args.window_len,
+                               calib_text=args.calib_text)
+    for name in settings.proxies:
+        make_proxy(name)  # a typo: said before any work
+    SearchSpace.load(args.space)
+    command = "study proxies"
+    state = check_search_dir(args.out, resume=args.resume, force=args.force,
+                             inputs=[args.calib_text, args.space], command=command,
+                             finished_file="proxies.csv")
+
+    def load(spec: str):
+        loaded = load_model(spec, dtype=args.dtype, device=args.compute_device)
+        _say_placement(loaded)
+        return loaded
+
+    prepare_search_dir(args.out, state, resume=args.resume, log=_log, command=command,
+                       entries=ENTRIES)
+    data = run_proxies(specs, settings, Path(args.out), resume=args.resume, log=_log, load=load)
+    families = [*settings.families, "all"]
+    table = Table(title="proxies: Spearman of the predicted cost against measured KL")
+    for column in ("model", "proxy", "table s", *families):
+        table.add_column(column, justify="left" if column in ("model", "proxy") else "right")
+    for spec, entry in data["models"].items():
+        for name, record in entry["proxies"].items():
+            cells = [record["families"][f]["spearman"] for f in families]
+            table.add_row(Path(spec).name, name, f"{record['table_s']:.0f}",
+                          *["" if c is None else f"{c:.2f}" for c in cells])
+    console.print(table)
+    _log(f"wrote {args.out}/proxies.json, proxies.csv and figures/proxies.png")
     return 0
 
 
