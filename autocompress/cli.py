@@ -1202,9 +1202,27 @@ def cmd_study(args) -> int:
     return 0
 
 
-def _study_layers(args) -> int:
+def _study_dir(args, name: str, inputs: list, entries):
+    """A multi-model study's --out checked and prepared (its NAME.csv marks it finished); the
+    loader that puts each model on --compute-device in --dtype."""
     from .model import load_model
     from .outputs import check_search_dir, prepare_search_dir
+
+    command = f"study {name}"
+    state = check_search_dir(args.out, resume=args.resume, force=args.force, inputs=inputs,
+                             command=command, finished_file=f"{name}.csv")
+    prepare_search_dir(args.out, state, resume=args.resume, log=_log, command=command,
+                       entries=entries)
+
+    def load(spec: str):
+        loaded = load_model(spec, dtype=args.dtype, device=args.compute_device)
+        _say_placement(loaded)
+        return loaded
+
+    return load
+
+
+def _study_layers(args) -> int:
     from .plan import LayerConfig
     from .studies.layers import ENTRIES, LayersSettings, ModelInput, run_layers
 
@@ -1225,18 +1243,8 @@ def _study_layers(args) -> int:
                               calib_text=args.calib_text, proxy=args.proxy)
     models = [ModelInput(spec, None if table == "-" else table)
               for spec, table in zip(specs, tables)]
-    command = "study layers"
-    state = check_search_dir(args.out, resume=args.resume, force=args.force,
-                             inputs=[args.calib_text, *[t for t in tables if t != "-"]],
-                             command=command, finished_file="layers.csv")
-
-    def load(spec: str):
-        loaded = load_model(spec, dtype=args.dtype, device=args.compute_device)
-        _say_placement(loaded)
-        return loaded
-
-    prepare_search_dir(args.out, state, resume=args.resume, log=_log, command=command,
-                       entries=ENTRIES)
+    load = _study_dir(args, "layers", [args.calib_text, *[t for t in tables if t != "-"]],
+                      ENTRIES)
     data = run_layers(models, settings, Path(args.out), resume=args.resume, log=_log, load=load)
     _report_layers(args, data)
     return 0
@@ -1245,8 +1253,6 @@ def _study_layers(args) -> int:
 def _study_proxies(args) -> int:
     from rich.table import Table
 
-    from .model import load_model
-    from .outputs import check_search_dir, prepare_search_dir
     from .search.space import SearchSpace
     from .sensitivity.build import make_proxy
     from .studies.proxies import ENTRIES, ProxiesSettings, run_proxies
@@ -1261,18 +1267,7 @@ def _study_proxies(args) -> int:
     for name in settings.proxies:
         make_proxy(name)  # a typo: said before any work
     SearchSpace.load(args.space)
-    command = "study proxies"
-    state = check_search_dir(args.out, resume=args.resume, force=args.force,
-                             inputs=[args.calib_text, args.space], command=command,
-                             finished_file="proxies.csv")
-
-    def load(spec: str):
-        loaded = load_model(spec, dtype=args.dtype, device=args.compute_device)
-        _say_placement(loaded)
-        return loaded
-
-    prepare_search_dir(args.out, state, resume=args.resume, log=_log, command=command,
-                       entries=ENTRIES)
+    load = _study_dir(args, "proxies", [args.calib_text, args.space], ENTRIES)
     data = run_proxies(specs, settings, Path(args.out), resume=args.resume, log=_log, load=load)
     families = [*settings.families, "all"]
     table = Table(title="proxies: Spearman of the predicted cost against measured KL")

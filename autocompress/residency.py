@@ -35,12 +35,17 @@ _PRESENT, _SWAPPED, _FILE_OR_SHARED = np.uint64(1 << 63), np.uint64(1 << 62), np
 _LIBC = None
 
 
+def _page_entries(first: int, last: int) -> np.ndarray:
+    """The kernel's page-map entries of the pages in [first, last)."""
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first // PAGE * 8)
+        return np.frombuffer(pagemap.read((last - first) // PAGE * 8), dtype=np.uint64)
+
+
 def _pages_hold_a_file(first: int, last: int) -> bool:
     """Whether every page in [first, last) that is resident is a file's (or shared memory's),
     and none is swapped out: dropping them loses nothing."""
-    with open("/proc/self/pagemap", "rb") as pagemap:
-        pagemap.seek(first // PAGE * 8)
-        entries = np.frombuffer(pagemap.read((last - first) // PAGE * 8), dtype=np.uint64)
+    entries = _page_entries(first, last)
     own = ((entries & _PRESENT) != 0) & ((entries & _FILE_OR_SHARED) == 0)
     return not (own.any() or ((entries & _SWAPPED) != 0).any())
 
@@ -102,11 +107,7 @@ def resident_bytes(tensors: Iterable[torch.Tensor]) -> int:
         pages = _whole_pages(tensor)
         if pages is None:
             continue
-        with open("/proc/self/pagemap", "rb") as pagemap:
-            pagemap.seek(pages[0] // PAGE * 8)
-            entries = np.frombuffer(pagemap.read((pages[1] - pages[0]) // PAGE * 8),
-                                    dtype=np.uint64)
-        total += int(((entries & _PRESENT) != 0).sum()) * PAGE
+        total += int(((_page_entries(*pages) & _PRESENT) != 0).sum()) * PAGE
     return total
 
 

@@ -151,6 +151,11 @@ def apply_recovered(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             raise AutocompressError(f"recovered scale of {name} has shape {tuple(scale.shape)}, "
                                     f"the layer {tuple(module.quantized.scale.shape)}")
         module.quantized = replace(module.quantized, scale=scale.to(module.quantized.scale))
+    put_norms(norms, tensors)
+
+
+def put_norms(norms: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """Each norm given its recovered weight as a new tensor (its own is left as it was)."""
     for name, module in norms.items():
         module.weight.data = tensors[f"{name}.weight"].to(module.weight, copy=True)
 

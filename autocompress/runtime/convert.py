@@ -107,7 +107,7 @@ def put_recovered(model: nn.Module, packed: dict[str, PackedLinear],
     each scale is float16 already (the stored format); the norms get their trained weights.
     A group whose zero point float16 could not hold keeps the stretched scale it was packed
     with (_float16_grid; near-constant groups, where no scale matters)."""
-    from ..compress.recover import trainable_parts
+    from ..compress.recover import put_norms, trainable_parts
 
     scales = {k[:-len(".scale")]: v for k, v in recovered.items() if k.endswith(".scale")}
     for name, tensor in scales.items():
@@ -124,9 +124,7 @@ def put_recovered(model: nn.Module, packed: dict[str, PackedLinear],
         else:
             clamped = matrix.zero.float().abs() >= FP16_MAX
             matrix.scale = torch.where(clamped, matrix.scale, tensor.to(matrix.scale))
-    _, norms = trainable_parts(model)
-    for name, module in norms.items():
-        module.weight.data = recovered[f"{name}.weight"].to(module.weight, copy=True)
+    put_norms(trainable_parts(model)[1], recovered)
 
 
 def install_packed(model: nn.Module, packed: dict[str, PackedLinear], backend: str = "auto",
