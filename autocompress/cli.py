@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .errors import AutocompressError
+from .interrupts import Terminated, ignore_further_signals, sigterm_seen, signals_unwind
 from .peak_memory import describe as describe_peak, peak_rss_bytes
 
 console = Console(stderr=True)  # tables and logs on stderr; stdout carries --json output
@@ -408,23 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so it unwinds like Ctrl-C (temporary files
-    removed, atomic writes never half done) and exits 143."""
-
-
-_SIGTERM_SEEN: list[bool] = []  # a library may swallow the exception (Ray Tune ends its loop)
-
-
-def _on_sigterm(signum, frame):
-    _SIGTERM_SEEN.append(True)
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    import threading
-
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # a usage error (one line, said by _Parser) or --help
@@ -432,32 +417,20 @@ def main(argv: list[str] | None = None) -> int:
     from .peak_memory import bound_heap
 
     bound_heap()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:  # restored on the way out: main() is also called in-process (tests)
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return COMMANDS[args.command](args)
-    except AutocompressError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        return exc.exit_code
-    except KeyboardInterrupt as exc:
-        return _interrupted(args, exc, in_main_thread)
-    finally:
-        if in_main_thread:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+    with signals_unwind():
+        try:
+            return COMMANDS[args.command](args)
+        except AutocompressError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            return exc.exit_code
+        except KeyboardInterrupt as exc:
+            return _interrupted(args, exc)
 
 
-def _interrupted(args, exc: KeyboardInterrupt, in_main_thread: bool) -> int:
+def _interrupted(args, exc: KeyboardInterrupt) -> int:
     """One line, whatever was running; a second signal while saying it is ignored."""
-    import signal
-
-    if in_main_thread:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    terminated = isinstance(exc, Terminated) or bool(_SIGTERM_SEEN)
-    _SIGTERM_SEEN.clear()
+    ignore_further_signals()
+    terminated = sigterm_seen() or isinstance(exc, Terminated)
     what = "terminated" if terminated else "interrupted"
     again = " (rerun with --resume to continue)" if args.command == "search" else ""
     # a progress bar may hold the cursor mid-line: the line is cleared (terminal) or ended
