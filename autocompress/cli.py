@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=None, help="native format's bits (or --gguf)")
     p.add_argument("--group-size", type=_group_size, default=64)
     p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
-    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    p.add_argument("--method", choices=["rtn", "gptq", "signround"], default="rtn")
     p.add_argument("--gguf", default=None, metavar="TYPE",
                    help="a GGUF type for every block linear instead of --bits (q4_k, q8_0, "
                         "iq4_xs, ...), made by llama.cpp's quantizer")

@@ -27,7 +27,7 @@ TOP_LEVEL_KEYS = {"schema_version", "model", "default", "overrides", "figures", 
 
 VALID_BITS = (2, 3, 4, 5, 6, 8, 16)
 VALID_GROUP_SIZES = (32, 64, 128, -1)  # -1 = one group per output channel (whole input row)
-VALID_METHODS = ("rtn", "gptq", "imatrix")  # imatrix: GGUF types only
+VALID_METHODS = ("rtn", "gptq", "signround", "imatrix")  # imatrix: GGUF types only
 GGUF_METHODS = ("rtn", "imatrix")
 # tensors outside the blocks that a plan may give a format, by exact name only (a regex meant
 # for the block linears must not reach them); float16 unless an override says otherwise
@@ -48,7 +48,11 @@ class LayerConfig:
       When it does not divide ``in_features`` the last group of each row is shorter
       (576 columns at 128 = 4 groups of 128 + 1 of 64); bytes count every group.
     - ``sym``: symmetric grid (zero fixed at the centre) or asymmetric (min/max).
-    - ``method``: round-to-nearest or GPTQ (needs calibration Hessians).
+    - ``method``: round-to-nearest, GPTQ (needs calibration Hessians) or ``signround``:
+      learned rounding, each block's rounding offsets and grid ranges tuned by signed gradient
+      descent to match the uncompressed block's output (compress/signround.py; sequential
+      calibration; dense layers only; RTN's format, so ``clip`` does not apply: the range is
+      learned).
     - ``sparsity``: fraction of weights set to zero; ``pattern`` unstructured or 2:4
       (2:4 forces sparsity 0.5); ``prune_method`` magnitude or Wanda (needs activations).
     - ``rank_ratio``: share of the dense parameter count kept in the low-rank factors
@@ -81,8 +85,9 @@ class LayerConfig:
             raise AutocompressError(f"clip must be true or false, got {self.clip!r}")
         if self.gguf is not None:
             self._check_gguf()
-        elif self.clip and self.bits == 16:
-            object.__setattr__(self, "clip", False)  # nothing to clip: one spelling per format
+        elif self.clip and (self.bits == 16 or self.method == "signround"):
+            # nothing to clip, or a range learned anyway: one spelling per format
+            object.__setattr__(self, "clip", False)
         if self.bits not in VALID_BITS:
             raise AutocompressError(f"bits must be one of {VALID_BITS}, got {self.bits!r}")
         if self.group_size not in VALID_GROUP_SIZES:
@@ -90,8 +95,8 @@ class LayerConfig:
                 f"group_size must be one of 32, 64, 128 or -1 (per channel), got {self.group_size!r}"
             )
         if self.method not in VALID_METHODS:
-            raise AutocompressError(f"method must be 'rtn' or 'gptq' (or 'imatrix' with a "
-                                    f"gguf type), got {self.method!r}")
+            raise AutocompressError(f"method must be 'rtn', 'gptq' or 'signround' (or 'imatrix' "
+                                    f"with a gguf type), got {self.method!r}")
         if self.method == "imatrix" and self.gguf is None:
             raise AutocompressError("method 'imatrix' is llama.cpp's quantizer: it needs a gguf "
                                     "type (e.g. gguf q4_k); native formats use rtn or gptq")
@@ -113,6 +118,9 @@ class LayerConfig:
             raise AutocompressError("pattern 2:4 means sparsity 0.5; set --sparsity 0.5 or leave it out")
         if not 0.0 < float(self.rank_ratio) <= 1.0:
             raise AutocompressError(f"rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
+        if self.method == "signround" and (self.is_pruned or self.is_low_rank):
+            raise AutocompressError("method signround learns the rounding of dense, full-rank "
+                                    "weights: set sparsity 0 and rank_ratio 1, or use rtn/gptq")
 
     def _check_gguf(self) -> None:
         if not isinstance(self.gguf, str) or self.gguf.lower() not in GGUF_TYPES:

@@ -2,7 +2,9 @@
 linear at the same bits and group, asymmetric) built by each operator and combination, test
 perplexity and the time the build took. GPTQ is the baselines' (sequential calibration, 16
 windows of wiki.valid, damp 0.01, act-order); ``+clip`` searches each group's grid range
-(LayerConfig.clip; importance from the same calibration statistics); ``+kd`` then recovers
+(LayerConfig.clip; importance from the same calibration statistics); ``signround`` learns
+each block's rounding and grid ranges on the same windows (compress/signround.py: 200 signed
+gradient steps per block, one window each); ``+kd`` then recovers
 the built plan by distillation as ``apply --recover kd`` does (compress/recover.py: scales and
 norms trained on the 16 calibration windows, early stopping on the 4 after them).
 Writes experiments/results/quality.json (resumable: a rerun skips measured rows).
@@ -33,13 +35,15 @@ from autocompress.plan import LayerConfig, uniform_plan  # noqa: E402
 CALIB_WINDOWS = 16
 # (label, method, clip): the operators, cheapest first
 OPERATORS = (("rtn", "rtn", False), ("rtn+clip", "rtn", True),
-             ("gptq", "gptq", False), ("gptq+clip", "gptq", True))
+             ("gptq", "gptq", False), ("gptq+clip", "gptq", True),
+             ("signround", "signround", False))
 # the issue's target format first (3-bit g64), then the rest
 FORMATS = ((3, 64), (3, 128), (4, 64), (4, 128))
 
 
 # recovered rows (each also costs the recovery's steps): every operator at the target format
-KD_ROWS = ("3g64-rtn", "3g64-rtn+clip", "3g64-gptq", "3g64-gptq+clip", "4g64-gptq+clip")
+KD_ROWS = ("3g64-rtn", "3g64-rtn+clip", "3g64-gptq", "3g64-gptq+clip", "3g64-signround",
+           "4g64-gptq+clip")
 KD = KDSettings()  # apply --recover kd's defaults
 
 
@@ -90,7 +94,8 @@ def main() -> None:
         "format": "uniform: all 210 block linears at the row's bits and group, asymmetric; "
                   "embedding and head as the model has them",
         "calibration": f"sequential, {CALIB_WINDOWS} windows of {args.window_len} tokens of "
-                       "wiki.valid.tokens; GPTQ damp 0.01, act-order",
+                       "wiki.valid.tokens; GPTQ damp 0.01, act-order; signround 200 steps "
+                       "per block, lr 1/200 decayed linearly, one window per step",
         "recovery": f"+kd rows: {KD.steps} steps, Adam lr {KD.lr:g}, validation every "
                     f"{KD.eval_every} steps on the 4 windows after the calibration ones, "
                     f"patience {KD.patience}",

@@ -24,10 +24,11 @@ from ..errors import AutocompressError
 from ..model import LayerInfo, LoadedModel
 from ..plan import LayerConfig, Plan, check_table
 from ..residency import release
-from .calibration import InputStats, collect_stats, sequential
+from .calibration import BlockRunner, InputStats, collect_stats, sequential
 from .codes_linear import CodesLinear
 from .memo import for_memo, from_memo, worth_keeping
 from .quant import QuantizedWeight
+from .signround import LearnedGrid, SignRound
 from .weights import CompressedLayer, GPTQSettings, LayerStats, compress_weight
 
 if TYPE_CHECKING:
@@ -54,9 +55,15 @@ class LowRankLinear(nn.Module):
 
 
 def needs_calibration(configs: Iterable[LayerConfig]) -> bool:
-    """GPTQ, Wanda and llama.cpp's imatrix cannot run without input statistics."""
-    return any(cfg.method == "gptq" and cfg.bits < 16 or cfg.method == "imatrix"
+    """GPTQ, Wanda and llama.cpp's imatrix cannot run without input statistics, nor learned
+    rounding without the blocks' inputs."""
+    return any(cfg.method in ("gptq", "signround") and cfg.bits < 16 or cfg.method == "imatrix"
                or (cfg.is_pruned and cfg.prune_method == "wanda") for cfg in configs)
+
+
+def learns_rounding(cfg: LayerConfig) -> bool:
+    """Tuned per block on the block's output (signround.py), not layer by layer."""
+    return cfg.method == "signround" and cfg.bits < 16
 
 
 def uses_calibration(configs: Iterable[LayerConfig]) -> bool:
@@ -156,6 +163,30 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
         _install(model, layer.name, compressed, codes)
 
 
+def _learn_rounding(model: nn.Module, runner: BlockRunner, index: int, layers: list[LayerInfo],
+                    configs: dict[str, LayerConfig], targets: list[torch.Tensor],
+                    on_layer: OnLayer | None, codes: bool) -> None:
+    """Learned rounding of ``layers`` (all in block ``index``), the block's other layers
+    already compressed: their output error is part of what the rounding makes up for."""
+    block = runner.blocks[index]
+    relative = {id(module): name for name, module in block.named_modules()}
+    grids = {}
+    for layer in layers:
+        cfg = configs[layer.name]
+        weight = model.get_submodule(layer.name).weight
+        grids[relative[id(model.get_submodule(layer.name))]] = LearnedGrid(
+            weight.detach(), cfg.bits, cfg.group_size, cfg.sym)
+    tuner = SignRound(block, grids)
+    tuner.tune(runner.hidden, runner.kwargs, targets)
+    quantized = tuner.quantized()
+    for layer in layers:
+        qw = quantized[relative[id(model.get_submodule(layer.name))]]
+        compressed = CompressedLayer([qw.dequantize()], [None], [qw])
+        if on_layer is not None:
+            on_layer(layer, configs[layer.name], compressed)
+        _install(model, layer.name, compressed, codes)
+
+
 def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
                          configs: dict[str, LayerConfig],
                          calib_windows: torch.Tensor | None = None, mode: str = "sequential",
@@ -187,6 +218,10 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
             "default corpus)"
         )
     calibrate = uses_calibration(active_configs) and (stats is not None or calib_windows is not None)
+    if any(map(learns_rounding, active_configs)) and (stats is not None or mode == "parallel"
+                                                     or calib_windows is None):
+        raise AutocompressError("method signround tunes each block on the block's own inputs: "
+                                "it needs sequential calibration on calibration windows")
     full = hessian_layers(active, lambda layer: [configs[layer.name]])
     if not calibrate or stats is not None or mode == "parallel":
         if calibrate and stats is None:
@@ -199,10 +234,15 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
     # sequential: float16 layers first, then block by block through the compressed prefix
     _compress_layers(model, identity, configs, None, gptq, on_layer, codes=codes)
 
-    def compress_block(_index: int, block_stats: dict[str, InputStats]) -> None:
+    def compress_block(index: int, block_stats: dict[str, InputStats],
+                       runner: BlockRunner) -> None:
         block_layers = [l for l in active if l.name in block_stats]
-        _compress_layers(model, block_layers, configs, block_stats, gptq, on_layer,
-                         source=source, codes=codes)
+        learned = [l for l in block_layers if learns_rounding(configs[l.name])]
+        targets = runner.outputs(index) if learned else None  # the block still uncompressed
+        _compress_layers(model, [l for l in block_layers if l not in learned], configs,
+                         block_stats, gptq, on_layer, source=source, codes=codes)
+        if learned:
+            _learn_rounding(model, runner, index, learned, configs, targets, on_layer, codes)
 
     sequential(model, active, calib_windows, compress_block, progress=progress,
                hessian_layers=full)

@@ -192,10 +192,16 @@ class BlockRunner:
         return _stats_by_layer(layers, accumulators)
 
     @torch.no_grad()
+    def outputs(self, index: int) -> list[torch.Tensor]:
+        """Block ``index``'s outputs on the current hidden states, its weights as they are now
+        (the targets of a block-wise objective, taken before the block is compressed)."""
+        return [_block_output(self.blocks[index](h, **kw))
+                for h, kw in zip(self.hidden, self.kwargs)]
+
+    @torch.no_grad()
     def advance(self, index: int) -> None:
         """Replace the hidden states by block ``index``'s outputs (its current weights)."""
-        self.hidden = [_block_output(self.blocks[index](h, **kw))
-                       for h, kw in zip(self.hidden, self.kwargs)]
+        self.hidden = self.outputs(index)
 
 
 def _block_output(out: Any) -> torch.Tensor:
@@ -203,10 +209,11 @@ def _block_output(out: Any) -> torch.Tensor:
 
 
 def sequential(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,
-               compress_block: Callable[[int, dict[str, InputStats]], None],
+               compress_block: Callable[[int, dict[str, InputStats], BlockRunner], None],
                progress: bool = True, hessian_layers: set[str] | None = None) -> None:
     """For each block in order: take its layers' input stats through the already-compressed
-    prefix, let ``compress_block(block, stats)`` install the compressed weights, then advance."""
+    prefix, let ``compress_block(block, stats, runner)`` install the compressed weights (the
+    runner holds the block's inputs, for block-wise objectives), then advance."""
     runner = BlockRunner(model, windows)
     by_block: dict[int, list[LayerInfo]] = {}
     for layer in layers:
@@ -216,5 +223,5 @@ def sequential(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,
         block_layers = by_block.get(index, [])
         if block_layers:
             stats = runner.run_block(index, block_layers, hessian_layers)
-            compress_block(index, stats)
+            compress_block(index, stats, runner)
         runner.advance(index)

@@ -111,6 +111,10 @@ def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
     kept = w if mask is None else prune(w, mask)
     if cfg.bits == 16:
         return CompressedMatrix(kept.half().float(), mask, None)
+    if cfg.method == "signround":
+        raise AutocompressError("method signround is tuned per block on the block's inputs "
+                                "(compress_layers_into, sequential calibration), not one "
+                                "weight at a time")
     if cfg.method == "gptq":
         # GPTQ gets the unpruned weight and the mask: it zeroes the pruned weights itself and
         # compensates for them (SparseGPT), which pre-pruning would prevent
