@@ -15,6 +15,7 @@ Writes experiments/results/quality.json (resumable: a rerun skips measured rows)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from common import CALIB_TEXT, EVAL_TEXT, MODEL_LABEL, ResultFile, check_data, e
 from autocompress.compress.apply import compress_model, uses_calibration  # noqa: E402
 from autocompress.compress.recover import KDSettings, recovered_in_place  # noqa: E402
 from autocompress.compress.reproduce import build_recipe  # noqa: E402
+from autocompress.compress.signround import SignRoundSettings  # noqa: E402
 from autocompress.data import calibration_data  # noqa: E402
 from autocompress.provenance import Provenance  # noqa: E402
 from autocompress.data import load_stream  # noqa: E402
@@ -94,8 +96,7 @@ def main() -> None:
         "format": "uniform: all 210 block linears at the row's bits and group, asymmetric; "
                   "embedding and head as the model has them",
         "calibration": f"sequential, {CALIB_WINDOWS} windows of {args.window_len} tokens of "
-                       "wiki.valid.tokens; GPTQ damp 0.01, act-order; signround 200 steps "
-                       "per block, lr 1/200 decayed linearly, one window per step",
+                       "wiki.valid.tokens; GPTQ damp 0.01, act-order",
         "recovery": f"+kd rows: {KD.steps} steps, Adam lr {KD.lr:g}, validation every "
                     f"{KD.eval_every} steps on the 4 windows after the calibration ones, "
                     f"patience {KD.patience}",
@@ -129,7 +130,10 @@ def main() -> None:
         build_s = time.perf_counter() - t
         ppl = evaluate(model, windows, progress=False).ppl
         del model
-        results.put(name, {"ppl": ppl, "config": cfg.to_dict(), "build_s": build_s})
+        record = {"ppl": ppl, "config": cfg.to_dict(), "build_s": build_s}
+        if cfg.method == "signround":  # its fixed settings, beside the number they gave
+            record["signround"] = dataclasses.asdict(SignRoundSettings())
+        results.put(name, record)
         print(f"{name:>16}: ppl {ppl:8.2f}  build {build_s:6.1f} s", flush=True)
 
 

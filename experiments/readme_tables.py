@@ -167,7 +167,7 @@ def gptq_study(store: Store) -> str:
 
 
 QUALITY_OPERATORS = {"rtn": "RTN", "rtn+clip": "RTN, clipped grid", "gptq": "GPTQ",
-                     "gptq+clip": "GPTQ, clipped grid"}
+                     "gptq+clip": "GPTQ, clipped grid", "signround": "learned rounding (signround)"}
 
 
 def quality(store: Store) -> str:
@@ -193,10 +193,15 @@ def quality(store: Store) -> str:
                                  f"{e.kd.kl_before:.3f} → {e.kd.kl_after:.3f}, "
                                  f"{e.kd.steps} steps)")
             rows.append(f"| {label}{' + KD recovery' if kd else ''} | " + " | ".join(cells) + " |")
+    learned = {(e.signround.steps, e.signround.lr, e.signround.eval_every)
+               for e in entries.values() if getattr(e, "signround", None) is not None}
+    signround = "".join(f"; signround {steps} steps per block, one calibration window each, "
+                        f"signed-gradient lr {lr:g} decayed linearly, the best state over all "
+                        f"windows checked every {every} steps kept" for steps, lr, every in learned)
     return ("\n".join(rows) + f"\n\nTest perplexity (build time; for KD rows build + recovery, and "
             f"the held-out KL on the validation windows before and after). Uncompressed: "
             f"{_fmt_ppl(entries['uncompressed'].ppl)}. Protocol: {p.model}; {p.eval}; {p.format}; "
-            f"calibration {p.calibration}; recovery {p.recovery}; machine {p.machine}.")
+            f"calibration {p.calibration}{signround}; recovery {p.recovery}; machine {p.machine}.")
 
 
 def _kernels_notes(e: dict) -> str:

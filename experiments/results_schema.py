@@ -124,11 +124,19 @@ class Recovered(_Model):
     kl_after: float
 
 
+class SignRoundRecord(_Model):
+    steps: int
+    lr: float
+    eval_every: int
+    seed: int
+
+
 class QualityRow(_Model):
     ppl: float
     config: dict[str, Any]
     build_s: float
     kd: Recovered | None = None
+    signround: SignRoundRecord | None = None  # the learned-rounding rows' fixed settings
 
 
 class Uncompressed(_Model):
