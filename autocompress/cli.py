@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level-2 trials asked at once (default: --level2-workers, at least 1); "
                         "the same batch asks the same trials with any number of workers")
     p.add_argument("--seed", type=int, default=0, help="the Optuna sampler's seed")
+    p.add_argument("--rounding", choices=["signround"], default=None,
+                   help="signround: the chosen plan's RTN/GPTQ layers get learned rounding "
+                        "(same formats and bytes), kept where it lowers the held-out KL")
     _add_recover(p)
     _add_calib(p, 8)
     _add_memory(p)
@@ -895,6 +898,9 @@ def cmd_search(args) -> int:
     if recover is not None and space.all_gguf:
         raise AutocompressError("--recover kd trains the scales of RTN/GPTQ layers; a GGUF "
                                 "space has none (llama.cpp's types keep their own scales)")
+    if args.rounding and (space.all_gguf or args.mode != "sequential"):
+        raise AutocompressError("--rounding signround learns the rounding of RTN/GPTQ layers "
+                                "block by block: it needs a native space and --mode sequential")
     if export == "gguf":
         from .engines.llamacpp import library
 
@@ -916,7 +922,8 @@ def cmd_search(args) -> int:
                               sampler=args.sampler, storage=args.storage, seed=args.seed,
                               resume=args.resume, num_cpus=args.num_cpus, address=args.address,
                               level2_workers=args.level2_workers,
-                              level2_batch=args.level2_batch, recover=recover)
+                              level2_batch=args.level2_batch, recover=recover,
+                              rounding=args.rounding)
     result = run_search(loaded, space, settings, out_dir=args.out,
                         log=_log)
     chosen = result.chosen

@@ -27,6 +27,10 @@ def _error_line(capsys) -> str:
     (["search"], "give --budget"),
     (["search", "--budget", "4GB", "--space", "gguf", "--recover", "kd"], "a GGUF space has none"),
     (["search", "--budget", "4GB", "--recover", "kd", "--kd-lr", "2"], "learning rate"),
+    (["search", "--budget", "4GB", "--space", "gguf", "--rounding", "signround"],
+     "needs a native space"),
+    (["search", "--budget", "4GB", "--mode", "parallel", "--rounding", "signround"],
+     "--mode sequential"),
 ])
 def test_search_bad_input(tiny_model_dir, tmp_path, capsys, argv, expected):
     argv = argv + ["--out", str(tmp_path / "out")]

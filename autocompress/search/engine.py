@@ -23,7 +23,7 @@ off the limit first.
 
 ``run_search`` runs the stages in order; their pieces live beside it: candidates.py (level 1's
 plans), optuna_level.py (level 2), level3.py and tune_level.py (level 3), recover_stage.py
-(``--recover kd``), records.py (the plan and front written at the end).
+(``--recover kd``), rounding_stage.py (``--rounding signround``), records.py (the plan and front written at the end).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from .candidates import Candidate, level1_candidates
 from .level3 import measure_with_tune
 from .records import plan_of, write_front
 from .recover_stage import recover_chosen
+from .rounding_stage import round_chosen
 
 
 @dataclass
@@ -98,6 +99,7 @@ class SearchSettings:
     level2_workers: int = 0  # Ray workers measuring level 2's trials (0: in this process)
     level2_batch: int | None = None  # trials asked at once (default: the workers, at least 1)
     recover: KDSettings | None = None  # the chosen plan recovered by distillation (kd)
+    rounding: str | None = None  # the chosen plan's RTN/GPTQ layers given learned rounding
 
     def effective_budget(self) -> int:
         """The byte budget after the device's usable memory caps it."""
@@ -219,6 +221,12 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     chosen = min(complete, key=lambda c: c.measured["kl"])
 
     plan = plan_of(setup, chosen, candidates, calib, timings)
+    if settings.rounding is not None:
+        t0 = time.perf_counter()
+        plan = round_chosen(loaded, plan, calib.holdout[:settings.final_windows],
+                            settings.rounding, progress, log)
+        times.record("rounding_s", time.perf_counter() - t0)
+        plan.figures["timings_s"] = timings = times.totals()
     if settings.recover is not None:
         t0 = time.perf_counter()
         plan = recover_chosen(loaded, plan, calib.holdout[:settings.final_windows],
