@@ -300,6 +300,13 @@ class Reproduced(_Model):
     relative_difference: float
 
 
+class FinalStages(_Model):
+    """What search --rounding / --recover did to the chosen plan (the plan's own records)."""
+    rounding: dict[str, Any] | None = None
+    recovery: dict[str, Any] | None = None
+    holdout: dict[str, Any]
+
+
 class SearchRun(_Model):
     budget_bytes: int
     searched_ppl: float
@@ -315,6 +322,7 @@ class SearchRun(_Model):
     device: str | None = None
     min_tps: float | None = None
     decode: DecodePrediction | None = None
+    stages: FinalStages | None = None
 
     @model_validator(mode="after")
     def _device_and_limit(self) -> SearchRun:

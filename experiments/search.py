@@ -11,6 +11,11 @@ GPTQ at a half-bit budget are the largest uniform plans that fit (2 and 3 bits);
 perplexities come from baselines.json (same protocol).
 
     .venv/bin/python experiments/search.py [--budgets 3,2.5,3.5,4] [--device-run] [--label clip]
+        [--rounding signround] [--recover kd]
+
+The rows of ``--rounding``/``--recover`` runs hold the plan's held-out KL before and after
+each final stage (``stages``); their test perplexity is the final plan's, built as apply
+builds it (recovered tensors included).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from common import CALIB_TEXT, EVAL_TEXT, MODEL_LABEL, REPO, ResultFile, check_d
 from joint_vs_bits import uniform_total  # noqa: E402
 
 from autocompress.accounting import model_footprint  # noqa: E402
-from autocompress.compress.reproduce import build_model  # noqa: E402
+from autocompress.compress.recover import KDSettings  # noqa: E402
+from autocompress.compress.reproduce import built_in_place  # noqa: E402
 from autocompress.data import load_stream  # noqa: E402
 from autocompress.evaluate import evaluate  # noqa: E402
 from autocompress.hardware.profile import load_profile  # noqa: E402
@@ -54,13 +60,21 @@ def main() -> None:
     parser.add_argument("--space", default="joint",
                         help="a bundled space name (autocompress/search_spaces/NAME.yaml) or a "
                              "YAML path; other than joint, keys get a prefix")
+    parser.add_argument("--rounding", choices=["signround"], default=None,
+                        help="search --rounding: learned rounding of the chosen plan")
+    parser.add_argument("--recover", choices=["kd"], default=None,
+                        help="search --recover kd: distillation recovery of the chosen plan "
+                             "(apply --recover kd's defaults)")
     parser.add_argument("--label", default=None,
                         help="the keys' prefix instead of the space's name (e.g. clip: the "
                              "joint space since it has clipped grids, beside the older rows)")
     args = parser.parse_args()
     check_data()
     settings = dict(calib_text=str(CALIB_TEXT), trials=args.trials, eval_top=args.eval_top,
-                    num_cpus=2)
+                    num_cpus=2, rounding=args.rounding,
+                    recover=KDSettings() if args.recover else None)
+    if (args.rounding or args.recover) and not args.label:
+        parser.error("--rounding and --recover rows need a --label (their keys' prefix)")
     protocol = {
         "model": MODEL_LABEL,
         "search": f"space joint.yaml, proxy fisher on 8 windows of 512 of wiki.valid.tokens; "
@@ -89,8 +103,8 @@ def main() -> None:
             plan = Plan(model=loaded.identity, default=LayerConfig(),
                         overrides={n: c.to_dict() for n, c in configs.items()},
                         provenance=plan.provenance)
-        return evaluate(build_model(loaded, plan, progress=False), eval_windows,
-                        progress=False).ppl
+        with built_in_place(loaded, plan, progress=False) as model:  # recovered tensors too
+            return evaluate(model, eval_windows, progress=False).ppl
 
     def eval_holdout(plan_path: Path) -> dict:
         """`autocompress eval PLAN --holdout`, as a user runs it."""
@@ -140,6 +154,12 @@ def main() -> None:
                                 "windows": again["windows"],
                                 "relative_difference": again["kl"] / reported["kl"] - 1}
         record["searched_ppl"] = test_ppl(found.plan)
+        stages = {"rounding": found.plan.figures.get("rounding"),
+                  "recovery": None if found.plan.recovery is None else
+                  found.plan.recovery.to_dict(),
+                  "holdout": found.plan.figures["holdout"]}
+        if args.rounding or args.recover:  # what each final stage did to the held-out KL
+            record["stages"] = stages
         record["proxy_optimum_ppl"] = record["searched_ppl"] if proxy is found.chosen \
             else test_ppl(found.plan, proxy.configs)
         if recipe is not None:
