@@ -62,7 +62,9 @@ def layer_bytes(out_features: int, in_features: int, cfg: LayerConfig) -> int:
         r = rank_for(out_features, in_features, cfg.rank_ratio)
         return (math.ceil(matrix_bits(out_features, r, cfg) / 8)
                 + math.ceil(matrix_bits(r, in_features, cfg) / 8))
-    return math.ceil(matrix_bits(out_features, in_features, cfg) / 8)
+    # awq: the input scale, one float16 per input column
+    scales = 2 * in_features if cfg.awq else 0
+    return math.ceil(matrix_bits(out_features, in_features, cfg) / 8) + scales
 
 
 @dataclass

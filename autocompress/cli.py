@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", action="store_true",
                    help="clipped grids: each group's range shrunk to the least error weighted "
                         "by the input's mean x² (--bits formats; same bytes)")
+    p.add_argument("--awq", action="store_true",
+                   help="activation-aware scaling: input columns scaled by their calibration "
+                        "activations before quantizing (--bits formats, rtn or gptq; 2 bytes "
+                        "per input column)")
     p.add_argument("--out", required=True, help="plan JSON to write")
     _add_force(p, "the plan")
     p.add_argument("--mode", choices=["sequential", "parallel"], default="sequential",
@@ -523,7 +527,8 @@ def _recipe_plan(args) -> int:
                                       ("--config", args.config),
                                       ("--token-embedding-type", args.token_embedding_type),
                                       ("--output-tensor-type", args.output_tensor_type),
-                                      ("--clip", args.clip or None))
+                                      ("--clip", args.clip or None),
+                                      ("--awq", args.awq or None))
              if value is not None]
     if given:
         raise AutocompressError(f"--recipe sets every tensor's type itself: leave out "
@@ -559,10 +564,10 @@ def _plan_config(args):
     if (args.bits is None) == (args.gguf is None):
         raise AutocompressError("give the format: --bits N (native) or --gguf TYPE (llama.cpp)")
     if args.gguf is not None:
-        if args.method != "rtn" or args.sym or args.group_size != 64 or args.clip:
+        if args.method != "rtn" or args.sym or args.group_size != 64 or args.clip or args.awq:
             raise AutocompressError("--gguf types carry their own grid: --method, --sym, "
-                                    "--group-size and --clip apply to --bits formats (use "
-                                    "--imatrix)")
+                                    "--group-size, --clip and --awq apply to --bits formats "
+                                    "(use --imatrix)")
         return LayerConfig(gguf=args.gguf, method="imatrix" if args.imatrix else "rtn",
                            sparsity=args.sparsity, pattern=args.pattern,
                            prune_method=args.prune_method, rank_ratio=args.rank_ratio)
@@ -572,7 +577,7 @@ def _plan_config(args):
     return LayerConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
                        method=args.method, sparsity=args.sparsity, pattern=args.pattern,
                        prune_method=args.prune_method, rank_ratio=args.rank_ratio,
-                       clip=args.clip)
+                       clip=args.clip, awq=args.awq)
 
 
 def _plan_provenance(args, config, tokenizer):

@@ -67,6 +67,11 @@ class LayerConfig:
     - ``clip``: each group's grid range shrunk to the one with the least importance-weighted
       error (compress/quant.py; importance = the input's mean x² where calibration statistics
       exist, as GPTQ always has them). Same format and bytes as the min/max grid; RTN and GPTQ.
+    - ``awq``: activation-aware scaling (AWQ): input column j of the weight is multiplied by
+      s_j = rms(x_j)^α before quantizing (α searched per layer, compress/awq.py) and the layer
+      divides its input by s, so columns that meet large inputs get finer steps. s is stored
+      per layer in float16, its bytes counted (2 per input column); RTN and GPTQ, dense and
+      full rank; needs calibration statistics.
     """
 
     bits: int = 16
@@ -79,15 +84,21 @@ class LayerConfig:
     rank_ratio: float = 1.0
     gguf: str | None = None
     clip: bool = False
+    awq: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.clip, bool):
-            raise AutocompressError(f"clip must be true or false, got {self.clip!r}")
+        for name in ("clip", "awq"):
+            if not isinstance(getattr(self, name), bool):
+                raise AutocompressError(f"{name} must be true or false, got "
+                                        f"{getattr(self, name)!r}")
         if self.gguf is not None:
             self._check_gguf()
-        elif self.clip and (self.bits == 16 or self.method == "signround"):
-            # nothing to clip, or a range learned anyway: one spelling per format
-            object.__setattr__(self, "clip", False)
+        else:
+            if self.clip and (self.bits == 16 or self.method == "signround"):
+                # nothing to clip, or a range learned anyway: one spelling per format
+                object.__setattr__(self, "clip", False)
+            if self.awq and self.bits == 16:
+                object.__setattr__(self, "awq", False)  # nothing quantized to scale
         if self.bits not in VALID_BITS:
             raise AutocompressError(f"bits must be one of {VALID_BITS}, got {self.bits!r}")
         if self.group_size not in VALID_GROUP_SIZES:
@@ -121,6 +132,10 @@ class LayerConfig:
         if self.method == "signround" and (self.is_pruned or self.is_low_rank):
             raise AutocompressError("method signround learns the rounding of dense, full-rank "
                                     "weights: set sparsity 0 and rank_ratio 1, or use rtn/gptq")
+        if self.awq and (self.method == "signround" or self.is_pruned or self.is_low_rank):
+            raise AutocompressError("awq scales the input columns of dense, full-rank RTN or "
+                                    "GPTQ weights: set sparsity 0, rank_ratio 1 and method rtn "
+                                    "or gptq with awq")
 
     def _check_gguf(self) -> None:
         if not isinstance(self.gguf, str) or self.gguf.lower() not in GGUF_TYPES:
@@ -130,8 +145,8 @@ class LayerConfig:
         # the type as llama.cpp's enum spells it, and the native fields that do not apply at
         # their defaults
         object.__setattr__(self, "gguf", self.gguf.lower())
-        if self.clip:
-            raise AutocompressError("clip applies to the native integer grids; llama.cpp's "
+        if self.clip or self.awq:
+            raise AutocompressError("clip and awq apply to the native integer grids; llama.cpp's "
                                     "quantizer chooses a gguf type's scales itself")
         for name in ("bits", "group_size", "sym"):
             object.__setattr__(self, name, _NATIVE_DEFAULTS[name])
@@ -176,6 +191,8 @@ class LayerConfig:
             parts = [f"{self.bits}b", f"g{g}", "sym" if self.sym else "asym", self.method]
             if self.clip:
                 parts.append("clip")
+            if self.awq:
+                parts.append("awq")
         if self.is_pruned:
             if self.pattern == "2:4":
                 parts.append(f"2:4-{self.prune_method}")
@@ -187,10 +204,11 @@ class LayerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if not data["clip"]:
-            # written only when set: plans, signatures and cache keys from before clipping
-            # existed stay what they were
-            del data["clip"]
+        for name in ("clip", "awq"):
+            if not data[name]:
+                # written only when set: plans, signatures and cache keys from before these
+                # options existed stay what they were
+                del data[name]
         return data
 
     @classmethod

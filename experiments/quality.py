@@ -2,7 +2,9 @@
 linear at the same bits and group, asymmetric) built by each operator and combination, test
 perplexity and the time the build took. GPTQ is the baselines' (sequential calibration, 16
 windows of wiki.valid, damp 0.01, act-order); ``+clip`` searches each group's grid range
-(LayerConfig.clip; importance from the same calibration statistics); ``signround`` learns
+(LayerConfig.clip; importance from the same calibration statistics); ``+awq`` scales input
+columns by their calibration activations first (LayerConfig.awq, compress/awq.py; its float16
+scales add 2 bytes per input column); ``signround`` learns
 each block's rounding and grid ranges on the same windows (compress/signround.py: 200 signed
 gradient steps per block, one window each); ``+kd`` then recovers
 the built plan by distillation as ``apply --recover kd`` does (compress/recover.py: scales and
@@ -35,10 +37,13 @@ from autocompress.model import load_model  # noqa: E402
 from autocompress.plan import LayerConfig, uniform_plan  # noqa: E402
 
 CALIB_WINDOWS = 16
-# (label, method, clip): the operators, cheapest first
-OPERATORS = (("rtn", "rtn", False), ("rtn+clip", "rtn", True),
-             ("gptq", "gptq", False), ("gptq+clip", "gptq", True),
-             ("signround", "signround", False))
+# (label, the operator's LayerConfig fields): the operators, cheapest first
+OPERATORS = (("rtn", {}), ("rtn+clip", {"clip": True}), ("rtn+awq", {"awq": True}),
+             ("rtn+awq+clip", {"awq": True, "clip": True}),
+             ("gptq", {"method": "gptq"}), ("gptq+clip", {"method": "gptq", "clip": True}),
+             ("gptq+awq", {"method": "gptq", "awq": True}),
+             ("gptq+awq+clip", {"method": "gptq", "awq": True, "clip": True}),
+             ("signround", {"method": "signround"}))
 # the issue's target format first (3-bit g64), then the rest
 FORMATS = ((3, 64), (3, 128), (4, 64), (4, 128))
 
@@ -50,9 +55,8 @@ KD = KDSettings()  # apply --recover kd's defaults
 
 
 def rows() -> list[tuple[str, LayerConfig, bool]]:
-    plain = [(f"{bits}g{group}-{label}",
-              LayerConfig(bits=bits, group_size=group, method=method, clip=clip))
-             for bits, group in FORMATS for label, method, clip in OPERATORS]
+    plain = [(f"{bits}g{group}-{label}", LayerConfig(bits=bits, group_size=group, **fields))
+             for bits, group in FORMATS for label, fields in OPERATORS]
     out = []
     for bits, group in FORMATS:  # a format's plain rows, then its recovered ones
         mine = [(name, cfg) for name, cfg in plain if name.startswith(f"{bits}g{group}-")]

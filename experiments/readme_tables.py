@@ -166,8 +166,11 @@ def gptq_study(store: Store) -> str:
     return "\n\n".join(out) or NOT_MEASURED
 
 
-QUALITY_OPERATORS = {"rtn": "RTN", "rtn+clip": "RTN, clipped grid", "gptq": "GPTQ",
-                     "gptq+clip": "GPTQ, clipped grid", "signround": "learned rounding (signround)"}
+QUALITY_OPERATORS = {"rtn": "RTN", "rtn+clip": "RTN, clipped grid", "rtn+awq": "RTN, AWQ scaling",
+                     "rtn+awq+clip": "RTN, AWQ scaling, clipped grid", "gptq": "GPTQ",
+                     "gptq+clip": "GPTQ, clipped grid", "gptq+awq": "GPTQ, AWQ scaling",
+                     "gptq+awq+clip": "GPTQ, AWQ scaling, clipped grid",
+                     "signround": "learned rounding (signround)"}
 
 
 def quality(store: Store) -> str:

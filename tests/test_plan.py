@@ -149,7 +149,8 @@ def test_a_layer_without_clip_under_a_clipped_default_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("fields, words", [
-    ({"gguf": "q4_k", "clip": True}, "clip applies to the native integer grids"),
+    ({"gguf": "q4_k", "clip": True}, "clip and awq apply to the native integer grids"),
+    ({"gguf": "q4_k", "awq": True}, "clip and awq apply to the native integer grids"),
     ({"bits": 3, "clip": "yes"}, "clip must be true or false"),
 ])
 def test_bad_clip_settings_are_refused(fields, words):

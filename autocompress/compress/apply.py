@@ -55,10 +55,10 @@ class LowRankLinear(nn.Module):
 
 
 def needs_calibration(configs: Iterable[LayerConfig]) -> bool:
-    """GPTQ, Wanda and llama.cpp's imatrix cannot run without input statistics, nor learned
-    rounding without the blocks' inputs."""
+    """GPTQ, Wanda, AWQ and llama.cpp's imatrix cannot run without input statistics, nor
+    learned rounding without the blocks' inputs."""
     return any(cfg.method in ("gptq", "signround") and cfg.bits < 16 or cfg.method == "imatrix"
-               or (cfg.is_pruned and cfg.prune_method == "wanda") for cfg in configs)
+               or cfg.awq or (cfg.is_pruned and cfg.prune_method == "wanda") for cfg in configs)
 
 
 def learns_rounding(cfg: LayerConfig) -> bool:

@@ -46,4 +46,5 @@ def decode(quantized: QuantizedWeight) -> torch.Tensor:
     if width % group:
         return quantized.dequantize()
     codes = q.view(out, width // group, group).float()
-    return ((codes - quantized.zero[:, :, None]) * quantized.scale[:, :, None]).view(out, width)
+    decoded = ((codes - quantized.zero[:, :, None]) * quantized.scale[:, :, None]).view(out, width)
+    return decoded if quantized.input_scale is None else decoded / quantized.input_scale

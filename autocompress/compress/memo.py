@@ -136,6 +136,8 @@ def _tensors(kept: CompressedLayer) -> tuple[dict[str, torch.Tensor], list[dict]
         if isinstance(stored, QuantizedWeight):
             tensors.update({f"{i}.q": stored.q, f"{i}.scale": stored.scale,
                             f"{i}.zero": stored.zero})
+            if stored.input_scale is not None:
+                tensors[f"{i}.input_scale"] = stored.input_scale
             parts.append({"kind": "rtn", "bits": stored.bits, "group_size": stored.group_size,
                           "sym": stored.sym})
         elif isinstance(stored, GGUFWeight):
@@ -164,7 +166,8 @@ def _from_bytes(data: bytes) -> CompressedLayer:
         if part["kind"] == "rtn":
             quantized.append(QuantizedWeight(tensors[f"{i}.q"], tensors[f"{i}.scale"],
                                              tensors[f"{i}.zero"], part["bits"],
-                                             part["group_size"], part["sym"]))
+                                             part["group_size"], part["sym"],
+                                             tensors.get(f"{i}.input_scale")))
         elif part["kind"] == "gguf":
             quantized.append(GGUFWeight(gguf_type(part["type"]),
                                         np.ascontiguousarray(tensors[f"{i}.data"].numpy()),

@@ -41,12 +41,16 @@ class QuantizedWeight:
     bits: int
     group_size: int  # -1 = one group per output row
     sym: bool
+    # awq: the codes are of W·diag(s) and the layer divides its input by s ([in], float16
+    # values); the dense weight is the decoded one divided column-wise by s
+    input_scale: Tensor | None = None
 
     def dequantize(self) -> Tensor:
         in_features = self.q.shape[1]
         scale = expand_groups(self.scale, self.group_size, in_features)
         zero = expand_groups(self.zero, self.group_size, in_features)
-        return dequantize_codes(self.q.float(), scale, zero)
+        decoded = dequantize_codes(self.q.float(), scale, zero)
+        return decoded if self.input_scale is None else decoded / self.input_scale
 
 
 def expand_groups(params: Tensor, group_size: int, in_features: int) -> Tensor:

@@ -8,7 +8,7 @@ is B as compressed, whose second moment is B' H B'ᵀ. B is therefore compressed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -16,6 +16,7 @@ from torch import Tensor
 from ..errors import AutocompressError
 from ..gguf_types import type_for_row
 from ..plan import LayerConfig
+from .awq import scaled_stats, search_input_scale
 from .gguf import GGUFWeight, imatrix_from_hessian, quantize_gguf
 from .gptq import GPTQ
 from .lowrank import low_rank_factors, rank_for
@@ -115,6 +116,11 @@ def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
         raise AutocompressError("method signround is tuned per block on the block's inputs "
                                 "(compress_layers_into, sequential calibration), not one "
                                 "weight at a time")
+    input_scale = None
+    if cfg.awq:  # the weight's columns scaled up, its input down (awq.py); dense layers only
+        input_scale, _ = search_input_scale(w, stats, cfg.bits, cfg.group_size, cfg.sym)
+        w = kept = w * input_scale
+        stats = scaled_stats(stats, input_scale)
     if cfg.method == "gptq":
         # GPTQ gets the unpruned weight and the mask: it zeroes the pruned weights itself and
         # compensates for them (SparseGPT), which pre-pruning would prevent
@@ -123,6 +129,8 @@ def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
         # the pruned zeros stay exactly 0: a group holding a 0 has 0 on its grid (code = zero)
         quantized = quantize_rtn(kept, cfg.bits, cfg.group_size, cfg.sym, clip=cfg.clip,
                                  importance=_input_mean_square(stats) if cfg.clip else None)
+    if input_scale is not None:
+        quantized = replace(quantized, input_scale=input_scale)
     return CompressedMatrix(quantized.dequantize(), mask, quantized)
 
 

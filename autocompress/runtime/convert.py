@@ -8,7 +8,8 @@ format), so every block linear is a QuantLinear.
 
 A packed model directory holds:
 - ``packed.safetensors``: per layer and matrix i, ``{layer}.{i}.data`` (uint8 bit stream),
-  ``.scale`` and ``.zero`` (float16), and ``{layer}.bias`` if any; its metadata
+  ``.scale`` and ``.zero`` (float16), ``.input_scale`` (awq, float16), and ``{layer}.bias``
+  if any; its metadata
   ``autocompress_packed`` is JSON: per layer the LayerConfig and every matrix's shape and layout;
 - ``model.safetensors``: every other weight (embeddings, norms, an untied head) as it was;
 - ``config.json``, the tokenizer files and ``plan.json``.
@@ -211,7 +212,7 @@ def save_packed(model: nn.Module, out: str | Path, plan: Plan | None = None,
                 "pack with keep_packed=True (or backend 'torch') to save")
         described[name] = _describe(module.packed)
         for i, matrix in enumerate(module.packed.matrices):
-            for field in ("data", "scale", "zero"):
+            for field in ("data", "scale", "zero", "input_scale"):
                 value = getattr(matrix, field)
                 if value is not None:
                     tensors[f"{name}.{i}.{field}"] = value.detach().cpu().contiguous()
@@ -296,7 +297,8 @@ def load_packed_layers(directory: str | Path) -> tuple[dict[str, PackedLinear],
         layers, biases = {}, {}
         for name, desc in meta["layers"].items():
             matrices = [PackedMatrix(**m, data=get(f"{name}.{i}.data"),
-                                     scale=get(f"{name}.{i}.scale"), zero=get(f"{name}.{i}.zero"))
+                                     scale=get(f"{name}.{i}.scale"), zero=get(f"{name}.{i}.zero"),
+                                     input_scale=get(f"{name}.{i}.input_scale"))
                         for i, m in enumerate(desc["matrices"])]
             layers[name] = PackedLinear(matrices, LayerConfig.from_dict(desc["config"]))
             bias = get(f"{name}.bias")

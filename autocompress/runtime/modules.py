@@ -139,6 +139,10 @@ class QuantLinear(nn.Module):
         needed = any(not isinstance(k, OrtMatMulNBitsKernel) for k in self.kernels)
         self.packed = packed if (needed if keep_packed is None else keep_packed) else None
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        # awq: the input divided by the stored scale before the kernels (which see the codes
+        # of the scaled weight); low-rank layers have none
+        scale = packed.matrices[-1].input_scale
+        self.register_buffer("input_scale", None if scale is None else scale.detach().float())
 
     @property
     def backend(self) -> str:
@@ -155,6 +159,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         y = x.reshape(-1, shape[-1])
+        if self.input_scale is not None:
+            y = y / self.input_scale.to(y.dtype)
         for kernel in self.kernels:
             y = kernel(y)
         if self.bias is not None:

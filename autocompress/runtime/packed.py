@@ -62,6 +62,9 @@ class PackedMatrix:
     scale: Tensor | None  # float16 [out, n_groups]; None at 16 bits
     zero: Tensor | None  # float16 [out, n_groups]; None when symmetric or at 16 bits
     n_kept: int  # number of stored values
+    # awq: float16 [in]; the matrix's input is divided by it (QuantLinear), so the weight it
+    # stands for is the decoded one divided column-wise by it
+    input_scale: Tensor | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -90,20 +93,22 @@ class PackedMatrix:
             zero = None if sym else zero
         data = values if meta is None else _append_codes(values, kept.numel() * bits, meta,
                                                           META_BITS[layout])
+        input_scale = None if quantized is None or quantized.input_scale is None else \
+            quantized.input_scale.to(torch.float16)
         return cls(out_features, in_features, bits, group_size, sym, layout, data, scale, zero,
-                   kept.numel())
+                   kept.numel(), input_scale)
 
     def to(self, device: torch.device | str) -> "PackedMatrix":
         """The same matrix with its tensors on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return dataclasses.replace(self, data=move(self.data), scale=move(self.scale),
-                                   zero=move(self.zero))
+                                   zero=move(self.zero), input_scale=move(self.input_scale))
 
     def clone(self) -> "PackedMatrix":
         """The same matrix in its own memory."""
         copy = lambda t: None if t is None else t.clone()  # noqa: E731
         return dataclasses.replace(self, data=copy(self.data), scale=copy(self.scale),
-                                   zero=copy(self.zero))
+                                   zero=copy(self.zero), input_scale=copy(self.input_scale))
 
     # -- reading ------------------------------------------------------------------------------
     @property
@@ -120,7 +125,7 @@ class PackedMatrix:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
-                   for t in (self.data, self.scale, self.zero) if t is not None)
+                   for t in (self.data, self.scale, self.zero, self.input_scale) if t is not None)
 
     def zero_points(self) -> Tensor:
         """z as float32 [out, n_groups] (the constant 2^(b−1) when symmetric)."""
@@ -152,11 +157,14 @@ class PackedMatrix:
         return codes, mask
 
     def dequantize(self) -> Tensor:
-        """The float32 weight [out, in]."""
-        return self.dequantize_rows(0, self.out_features)
+        """The float32 weight [out, in] the matrix stands for (with awq, the stored weight
+        divided column-wise by the input scale)."""
+        w = self.dequantize_rows(0, self.out_features)
+        return w if self.input_scale is None else w / self.input_scale.float()
 
     def dequantize_rows(self, start: int, stop: int) -> Tensor:
-        """Float32 rows [start, stop) of the weight, decoding only their part of each stream."""
+        """Float32 rows [start, stop) of the stored weight, decoding only their part of each
+        stream (with awq, of the scaled weight: the kernels' input is divided by the scale)."""
         rows = stop - start
         w = torch.zeros(rows, self.in_features, dtype=torch.float32)
         if self.layout == "dense":

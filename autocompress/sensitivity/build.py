@@ -122,9 +122,10 @@ def _row_ok(row, n: int) -> bool:
 
 
 def is_plain_rtn(cfg: LayerConfig) -> bool:
-    """Quantized by round-to-nearest only: no pruning, no low rank, no GPTQ."""
+    """Quantized by round-to-nearest only: no pruning, no low rank, no GPTQ, min/max grid,
+    no input scaling."""
     return (cfg.bits < 16 and cfg.method == "rtn" and not cfg.is_pruned and not cfg.is_low_rank
-            and not cfg.clip)
+            and not cfg.clip and not cfg.awq)
 
 
 def layer_costs(proxy: SensitivityProxy, layer, weight: torch.Tensor,
