@@ -8,8 +8,9 @@ column j over the calibration tokens (AWQ uses the mean absolute value; the stat
 keep E[x_j²]), s is normalised to geometric mean 1 of its extremes (AWQ's
 ``s / sqrt(max·min)``) and rounded to float16 as stored, and the error is the expected squared
 output error tr(ΔW H ΔWᵀ) with H = E[x xᵀ] (its diagonal where only that was collected), ΔW
-from RTN on the min/max grid, as AWQ searches with its plain quantizer before the real one
-runs. α = 0 gives s = 1, the layer without scaling: the search never chooses worse than that.
+from RTN on the layer's grid (min/max, or clipped where the layer clips: a scale chosen for
+the min/max grid and then clipped measured worse than clipping alone), as AWQ searches with its
+plain quantizer before the real one runs. α = 0 gives s = 1, the layer without scaling: the search never chooses worse than that.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AutocompressError
-from .quant import fake_quantize
+from .quant import fake_quantize, quantize_rtn
 
 ALPHA_GRID = 20  # α = 0, 0.05, ..., 0.95 (AWQ's n_grid)
 
@@ -52,14 +53,20 @@ def output_error(delta: Tensor, stats) -> float:
 
 
 def search_input_scale(w: Tensor, stats, bits: int, group_size: int, sym: bool,
-                       grid: int = ALPHA_GRID) -> tuple[Tensor, float]:
-    """(s, α) with the least expected output error of RTN on W·diag(s), input divided by s."""
+                       clip: bool = False, grid: int = ALPHA_GRID) -> tuple[Tensor, float]:
+    """(s, α) with the least expected output error of RTN on W·diag(s), input divided by s;
+    ``clip``: of RTN on the clipped grid (its importance the scaled input's mean square), so
+    that the scale is chosen for the grid the layer will have."""
     rms = input_rms(stats)
     best = None
     for k in range(grid):
         alpha = k / grid
         s = scales_for(rms, alpha)
-        decoded = fake_quantize(w * s, bits, group_size, sym) / s
+        if clip:
+            decoded = quantize_rtn(w * s, bits, group_size, sym, clip=True,
+                                   importance=(rms / s) ** 2).dequantize() / s
+        else:
+            decoded = fake_quantize(w * s, bits, group_size, sym) / s
         error = output_error(decoded - w, stats)
         if best is None or error < best[0]:
             best = (error, s, alpha)

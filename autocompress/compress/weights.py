@@ -118,7 +118,8 @@ def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
                                 "weight at a time")
     input_scale = None
     if cfg.awq:  # the weight's columns scaled up, its input down (awq.py); dense layers only
-        input_scale, _ = search_input_scale(w, stats, cfg.bits, cfg.group_size, cfg.sym)
+        input_scale, _ = search_input_scale(w, stats, cfg.bits, cfg.group_size, cfg.sym,
+                                            clip=cfg.clip)
         w = kept = w * input_scale
         stats = scaled_stats(stats, input_scale)
     if cfg.method == "gptq":

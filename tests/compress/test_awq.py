@@ -28,16 +28,20 @@ def _output_error(w_hat, w, x):
     return float(((x @ (w_hat - w).T) ** 2).sum(1).mean())
 
 
-def test_the_searched_scale_is_the_plain_grid_search_on_real_inputs():
-    """Reference: for each α, quantize W·s, run the real inputs divided by s, compare outputs."""
+@pytest.mark.parametrize("clip", [False, True])
+def test_the_searched_scale_is_the_plain_grid_search_on_real_inputs(clip):
+    """Reference: for each α, quantize W·s (on the grid the layer will have), run the real
+    inputs divided by s, compare outputs."""
     w, x, stats = _layer()
     rms = x.pow(2).mean(0).sqrt()
     errors = []
     for k in range(ALPHA_GRID):
         s = scales_for(rms, k / ALPHA_GRID)
-        y_hat = (x / s) @ fake_quantize(w * s, 3, 64, False).T
+        grid = quantize_rtn(w * s, 3, 64, False, clip=True, importance=(x / s).pow(2).mean(0)) \
+            if clip else quantize_rtn(w * s, 3, 64, False)
+        y_hat = (x / s) @ grid.dequantize().T
         errors.append(float(((y_hat - x @ w.T) ** 2).sum(1).mean()))
-    s, alpha = search_input_scale(w, stats, 3, 64, False)
+    s, alpha = search_input_scale(w, stats, 3, 64, False, clip=clip)
     assert alpha == min(range(ALPHA_GRID), key=errors.__getitem__) / ALPHA_GRID
     assert torch.equal(s, scales_for(rms, alpha))
 
