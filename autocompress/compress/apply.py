@@ -113,7 +113,7 @@ def _holds_codes(compressed: CompressedLayer) -> bool:
 
 
 def _install(model: nn.Module, name: str, compressed: CompressedLayer,
-             codes: bool = False) -> None:
+             codes: bool = False, shared: bool = False) -> None:
     """Put ``compressed`` in the place of layer ``name``; ``codes``: a quantized dense layer
     is held as its codes (``CodesLinear``) instead of its decoded float weight. The weight it
     replaces is released (residency.py) where it is a view of the model's file, so that a
@@ -123,8 +123,9 @@ def _install(model: nn.Module, name: str, compressed: CompressedLayer,
     release([module.weight.data])
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if codes and _holds_codes(compressed):
-        setattr(parent, child, CodesLinear(compressed.quantized[0], module.bias, dtype))
+    if codes and _holds_codes(compressed):  # ``shared``: a memo keeps these codes too
+        setattr(parent, child, CodesLinear(compressed.quantized[0], module.bias, dtype,
+                                           pack=not shared))
         return
     compressed = from_memo(compressed)  # decoded where a memo kept only the codes
     if len(compressed.factors) == 1:
@@ -160,7 +161,7 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
                 memo[key] = for_memo(compressed)
         if on_layer is not None:
             on_layer(layer, cfg, compressed)
-        _install(model, layer.name, compressed, codes)
+        _install(model, layer.name, compressed, codes, shared=memo is not None and key in memo)
 
 
 def _learn_rounding(model: nn.Module, runner: BlockRunner, index: int, layers: list[LayerInfo],

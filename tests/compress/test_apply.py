@@ -227,3 +227,18 @@ def test_decoding_codes_in_groups_equals_dequantize():
     for bits, group, sym in [(4, 32, False), (3, -1, True), (2, 64, False), (8, 96, True)]:
         q = quantize_rtn(w, bits, group, sym)
         assert torch.equal(decode(q), q.dequantize()), (bits, group, sym)
+
+
+@pytest.mark.parametrize("bits, width, packed", [(4, 64, True), (2, 64, True), (3, 40, True),
+                                                 (4, 33, False), (8, 64, False)])
+def test_codes_of_four_bits_or_fewer_are_held_two_to_a_byte(bits, width, packed):
+    from autocompress.compress.codes_linear import CodesLinear
+    from autocompress.compress.quant import quantize_rtn
+
+    w = torch.randn(6, width, generator=torch.Generator().manual_seed(0))
+    qw = quantize_rtn(w, bits, 32, False)
+    layer = CodesLinear(qw, None, torch.float32)
+    assert torch.equal(layer.quantized.q, qw.q)
+    assert torch.equal(layer.weight, qw.dequantize())
+    code_bytes = layer.held_bytes() - qw.scale.numel() * 4 - qw.zero.numel() * 4
+    assert code_bytes == (6 * width // 2 if packed else 6 * width)
