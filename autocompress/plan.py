@@ -176,6 +176,11 @@ class LayerConfig:
                 and not self.is_low_rank)
 
     @property
+    def learns_rounding(self) -> bool:
+        """Tuned per block on the block's output (compress/signround.py), not layer by layer."""
+        return self.method == "signround" and self.bits < 16
+
+    @property
     def is_gguf(self) -> bool:
         return self.gguf is not None
 

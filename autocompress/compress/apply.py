@@ -57,13 +57,9 @@ class LowRankLinear(nn.Module):
 def needs_calibration(configs: Iterable[LayerConfig]) -> bool:
     """GPTQ, Wanda, AWQ and llama.cpp's imatrix cannot run without input statistics, nor
     learned rounding without the blocks' inputs."""
-    return any(cfg.method in ("gptq", "signround") and cfg.bits < 16 or cfg.method == "imatrix"
-               or cfg.awq or (cfg.is_pruned and cfg.prune_method == "wanda") for cfg in configs)
-
-
-def learns_rounding(cfg: LayerConfig) -> bool:
-    """Tuned per block on the block's output (signround.py), not layer by layer."""
-    return cfg.method == "signround" and cfg.bits < 16
+    return any(cfg.method == "gptq" and cfg.bits < 16 or cfg.learns_rounding
+               or cfg.method == "imatrix" or cfg.awq
+               or (cfg.is_pruned and cfg.prune_method == "wanda") for cfg in configs)
 
 
 def uses_calibration(configs: Iterable[LayerConfig]) -> bool:
@@ -171,17 +167,17 @@ def _learn_rounding(model: nn.Module, runner: BlockRunner, index: int, layers: l
     already compressed: their output error is part of what the rounding makes up for."""
     block = runner.blocks[index]
     relative = {id(module): name for name, module in block.named_modules()}
+    inside = {layer.name: relative[id(model.get_submodule(layer.name))] for layer in layers}
     grids = {}
     for layer in layers:
-        cfg = configs[layer.name]
-        weight = model.get_submodule(layer.name).weight
-        grids[relative[id(model.get_submodule(layer.name))]] = LearnedGrid(
-            weight.detach(), cfg.bits, cfg.group_size, cfg.sym)
+        cfg, name = configs[layer.name], inside[layer.name]
+        grids[name] = LearnedGrid(block.get_submodule(name).weight.detach(), cfg.bits,
+                                  cfg.group_size, cfg.sym)
     tuner = SignRound(block, grids)
     tuner.tune(runner.hidden, runner.kwargs, targets)
     quantized = tuner.quantized()
     for layer in layers:
-        qw = quantized[relative[id(model.get_submodule(layer.name))]]
+        qw = quantized[inside[layer.name]]
         compressed = CompressedLayer([qw.dequantize()], [None], [qw])
         if on_layer is not None:
             on_layer(layer, configs[layer.name], compressed)
@@ -219,7 +215,7 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
             "default corpus)"
         )
     calibrate = uses_calibration(active_configs) and (stats is not None or calib_windows is not None)
-    if any(map(learns_rounding, active_configs)) and (stats is not None or mode == "parallel"
+    if any(cfg.learns_rounding for cfg in active_configs) and (stats is not None or mode == "parallel"
                                                      or calib_windows is None):
         raise AutocompressError("method signround tunes each block on the block's own inputs: "
                                 "it needs sequential calibration on calibration windows")
@@ -238,7 +234,7 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
     def compress_block(index: int, block_stats: dict[str, InputStats],
                        runner: BlockRunner) -> None:
         block_layers = [l for l in active if l.name in block_stats]
-        learned = [l for l in block_layers if learns_rounding(configs[l.name])]
+        learned = [l for l in block_layers if configs[l.name].learns_rounding]
         targets = runner.outputs(index) if learned else None  # the block still uncompressed
         _compress_layers(model, [l for l in block_layers if l not in learned], configs,
                          block_stats, gptq, on_layer, source=source, codes=codes)

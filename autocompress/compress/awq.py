@@ -21,21 +21,18 @@ import torch
 from torch import Tensor
 
 from ..errors import AutocompressError
-from .quant import fake_quantize, quantize_rtn
+from .quant import _squared_error, fake_quantize, quantize_rtn
 
 ALPHA_GRID = 20  # α = 0, 0.05, ..., 0.95 (AWQ's n_grid)
 
 
 def input_rms(stats) -> Tensor:
-    """rms(x_j) per input column from a layer's calibration statistics."""
-    if stats is not None and stats.mean_square is not None:
-        mean_square = stats.mean_square
-    elif stats is not None and stats.H is not None:
-        mean_square = stats.H.diagonal()
-    else:
+    """rms(x_j) per input column from a layer's calibration statistics (weights.LayerStats)."""
+    mean_square = None if stats is None else stats.input_mean_square()
+    if mean_square is None:
         raise AutocompressError("awq scales input columns by their calibration activations: "
                                 "it needs calibration text (or leave awq out)")
-    return mean_square.float().clamp_min(0).sqrt()
+    return mean_square.clamp_min(0).sqrt()
 
 
 def scales_for(rms: Tensor, alpha: float) -> Tensor:
@@ -48,8 +45,8 @@ def scales_for(rms: Tensor, alpha: float) -> Tensor:
 def output_error(delta: Tensor, stats) -> float:
     """E‖ΔW x‖² through H, or through its diagonal where only that was kept."""
     if stats.H is not None:
-        return float(((delta @ stats.H.float()) * delta).sum())
-    return float((delta.square() * stats.mean_square.float()).sum())
+        return _squared_error(delta, stats.H.float(), None, None)
+    return _squared_error(delta, None, stats.input_mean_square(), None)
 
 
 def search_input_scale(w: Tensor, stats, bits: int, group_size: int, sym: bool,

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .quant import QuantizedWeight, _grouped, expand_groups
+from .quant import QuantizedWeight, _grouped, _params_from_range, expand_groups
 
 RANGE_FLOOR = 0.5  # the grid's range never shrinks below half of min/max (AutoRound's bound)
 
@@ -63,17 +63,11 @@ class LearnedGrid(nn.Module):
         self.shrink_max = nn.Parameter(torch.ones_like(self.wmax))
 
     def grid(self) -> tuple[Tensor, Tensor]:
-        """(scale, zero) per group, [out, n_groups]; zero rounded straight-through."""
-        qmax = 2 ** self.bits - 1
+        """(scale, zero) per group, [out, n_groups]: RTN's grid of the shrunk range, its zero
+        rounded straight-through so that the range factors learn through it too."""
         lo, hi = self.shrink_min * self.wmin, self.shrink_max * self.wmax
-        if self.sym:
-            scale = 2 * torch.maximum(lo.abs(), hi.abs()) / qmax
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            return scale, torch.full_like(scale, 2 ** (self.bits - 1))
-        scale = (hi - lo) / qmax
-        constant = torch.where(lo != 0, lo.abs(), torch.ones_like(lo))
-        scale = torch.where(scale > 0, scale, constant)  # as RTN's grid: a constant group
-        return scale, _round_ste(-lo / scale)
+        scale, zero = _params_from_range(lo, hi, self.bits, self.sym)
+        return scale, zero if self.sym else _round_ste(-lo / scale)
 
     def _codes(self, differentiable: bool) -> tuple[Tensor, Tensor, Tensor]:
         scale, zero = self.grid()

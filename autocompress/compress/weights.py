@@ -41,6 +41,12 @@ class LayerStats:
             return (self.H.diagonal().float() * self.n_samples).sqrt()
         return None
 
+    def input_mean_square(self) -> Tensor | None:
+        """E[x_j²] per input column: mean_square, or the diagonal of H where only H was kept."""
+        if self.mean_square is not None:
+            return self.mean_square.float()
+        return None if self.H is None else self.H.diagonal().float()
+
 
 @dataclass(frozen=True)
 class GPTQSettings:
@@ -138,11 +144,7 @@ def compress_matrix(w: Tensor, cfg: LayerConfig, stats: LayerStats | None,
 def _input_mean_square(stats: LayerStats | None) -> Tensor | None:
     """E[x_j²] of the input's columns: what a clipped grid weighs each column's error by
     (None without calibration: every column alike)."""
-    if stats is None:
-        return None
-    if stats.mean_square is not None:
-        return stats.mean_square.float()
-    return None if stats.H is None else stats.H.diagonal().float()
+    return None if stats is None else stats.input_mean_square()
 
 
 def _imatrix(cfg: LayerConfig, stats: LayerStats | None) -> Tensor | None:

@@ -13,6 +13,11 @@ from ..data import windows_digest
 from ..errors import AutocompressError
 
 
+def reported(measured: dict) -> dict[str, Any]:
+    """The figures a plan reports for its held-out windows (``eval --holdout`` compares them)."""
+    return {k: measured.get(k) for k in ("kl", "ppl", "tokens", "windows")}
+
+
 def holdout_record(calib_text: str | None, source: str, n_from_end: int, used: torch.Tensor,
                    measured: dict | None) -> dict[str, Any]:
     """``used`` are the first windows of the last ``n_from_end`` windows of the calibration
@@ -20,8 +25,7 @@ def holdout_record(calib_text: str | None, source: str, n_from_end: int, used: t
     return {"text": calib_text, "source": source, "from_end": n_from_end,
             "windows": int(used.shape[0]), "window_len": int(used.shape[1]),
             "digest": windows_digest(used),
-            "reported": None if measured is None else
-            {k: measured.get(k) for k in ("kl", "ppl", "tokens", "windows")}}
+            "reported": None if measured is None else reported(measured)}
 
 
 def holdout_windows(tokenizer: Any, plan) -> tuple[torch.Tensor, str, dict | None]:

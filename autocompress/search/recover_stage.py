@@ -14,6 +14,7 @@ from ..evaluate import ReferenceCache, evaluate
 from ..io_utils import atomic_write_bytes
 from ..model import LoadedModel
 from ..plan import Plan
+from .holdout import reported
 
 CHECKPOINT = "recover.checkpoint.pt"
 
@@ -31,8 +32,7 @@ def recover_chosen(loaded: LoadedModel, plan: Plan, holdout, settings: KDSetting
                             progress=progress) as (model, recovered, data):
         result = evaluate(model, holdout, reference, progress=False)
     record = recovered.figures["holdout"]
-    record["reported"] = {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens,
-                          "windows": result.windows}
+    record["reported"] = reported(result.as_dict())
     record["before_recovery"] = before
     if out:
         atomic_write_bytes(out / recovered.recovery.tensors, data)

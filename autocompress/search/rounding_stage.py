@@ -16,6 +16,7 @@ from ..evaluate import ReferenceCache, evaluate
 from ..model import LoadedModel
 from ..plan import LayerConfig, Plan, compact_overrides
 from .candidates import most_common
+from .holdout import reported
 
 ROUNDINGS = ("signround",)
 
@@ -35,8 +36,8 @@ def with_learned_rounding(plan: Plan, loaded: LoadedModel) -> tuple[Plan, int]:
                if learns_rounding_in_place_of(cfg) else cfg for name, cfg in blocks.items()}
     changed = sum(rounded[name] != blocks[name] for name in blocks)
     default = most_common(rounded)
-    tables = {name: partial for name, partial in plan.overrides.items()
-              if name in {table.name for table in loaded.tables}}
+    table_names = {table.name for table in loaded.tables}
+    tables = {name: partial for name, partial in plan.overrides.items() if name in table_names}
     out = dataclasses.replace(plan, default=default,
                               overrides={**compact_overrides(rounded, default), **tables},
                               figures=dict(plan.figures))
@@ -60,8 +61,7 @@ def round_chosen(loaded: LoadedModel, plan: Plan, holdout, method: str = "signro
     with built_in_place(loaded, rounded, build_recipe(loaded, rounded), progress=progress,
                         codes=True) as model:
         result = evaluate(model, holdout, reference, progress=False)
-    measured = {"kl": result.kl, "ppl": result.ppl, "tokens": result.tokens,
-                "windows": result.windows}
+    measured = reported(result.as_dict())
     kept = result.kl < before["kl"]
     record = {"method": method, "layers": changed, "kept": kept, "measured": measured}
     log(f"learned rounding: held-out KL {before['kl']:.4f} -> {result.kl:.4f}"

@@ -83,7 +83,7 @@ class SearchSpace:
                 raise AutocompressError(f"tables {key!r}: {exc}") from None
         offered = [*self.options, *(c for cs in self.kinds.values() for c in cs),
                    *self.pinned.values()]
-        if any(cfg.method == "signround" and cfg.bits < 16 for cfg in offered):
+        if any(cfg.learns_rounding for cfg in offered):
             # level 2 measures each layer's options on their own, from fixed statistics
             raise AutocompressError("search spaces cannot offer method signround yet: it is "
                                     "tuned per block, and the search measures layers one by "
