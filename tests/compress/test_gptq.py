@@ -184,6 +184,21 @@ def test_from_hessian_matches_add_batch_and_never_mutates_shared_h(layer):
     assert torch.equal(shared, gptq.H)
 
 
+@pytest.mark.parametrize("dead_input", [False, True])
+def test_quantize_leaves_the_hessian_and_weight_as_they_were(dead_input):
+    # quantize reads H without copying it when no input is dead: q/k/v share one H, so a
+    # write to it would change the next projection's codes
+    w, x = correlated_layer(in_features=64, out_features=8, n=512)
+    if dead_input:
+        x[:, 5] = 0
+    gptq = GPTQ(w)
+    gptq.add_batch(x)
+    H, weight = gptq.H.clone(), gptq.weight.clone()
+    for options in [{}, {"act_order": True}, {"act_order": True, "clip": True}]:
+        gptq.quantize(3, 32, False, **options)
+        assert torch.equal(gptq.H, H) and torch.equal(gptq.weight, weight)
+
+
 def test_scale_of_h_does_not_matter(layer):
     w, _, gptq = layer
     scaled = GPTQ.from_hessian(w, gptq.H * 0.5, gptq.n_samples)  # E[x xᵀ] instead of 2·E[x xᵀ]
