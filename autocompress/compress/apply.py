@@ -28,6 +28,7 @@ from .calibration import BlockRunner, InputStats, collect_stats, sequential
 from .codes_linear import CodesLinear
 from .memo import for_memo, from_memo, worth_keeping
 from .quant import QuantizedWeight
+from .rounding_cache import RoundingCache, rounding_cache_for
 from .signround import LearnedGrid, SignRound
 from .weights import CompressedLayer, GPTQSettings, LayerStats, compress_weight
 
@@ -161,23 +162,31 @@ def _compress_layers(model: nn.Module, layers: list[LayerInfo], configs: dict[st
 
 
 def _learn_rounding(model: nn.Module, runner: BlockRunner, index: int, layers: list[LayerInfo],
-                    configs: dict[str, LayerConfig], targets: list[torch.Tensor],
-                    on_layer: OnLayer | None, codes: bool) -> None:
+                    configs: dict[str, LayerConfig], targets: list[torch.Tensor] | None,
+                    on_layer: OnLayer | None, codes: bool,
+                    cache: RoundingCache | None = None,
+                    quantized: dict[str, QuantizedWeight] | None = None) -> None:
     """Learned rounding of ``layers`` (all in block ``index``), the block's other layers
-    already compressed: their output error is part of what the rounding makes up for."""
-    block = runner.blocks[index]
-    relative = {id(module): name for name, module in block.named_modules()}
-    inside = {layer.name: relative[id(model.get_submodule(layer.name))] for layer in layers}
-    grids = {}
+    already compressed: their output error is part of what the rounding makes up for.
+    ``quantized``: the block's tuned weights as a cache gave them (nothing is tuned, and
+    ``targets`` may be None); else they are tuned and written to ``cache``."""
+    if quantized is None:
+        block = runner.blocks[index]
+        relative = {id(module): name for name, module in block.named_modules()}
+        inside = {layer.name: relative[id(model.get_submodule(layer.name))] for layer in layers}
+        grids = {}
+        for layer in layers:
+            cfg, name = configs[layer.name], inside[layer.name]
+            grids[name] = LearnedGrid(block.get_submodule(name).weight.detach(), cfg.bits,
+                                      cfg.group_size, cfg.sym)
+        tuner = SignRound(block, grids)
+        tuner.tune(runner.hidden, runner.kwargs, targets)
+        tuned = tuner.quantized()
+        quantized = {layer.name: tuned[inside[layer.name]] for layer in layers}
+        if cache is not None:
+            cache.put(index, quantized)
     for layer in layers:
-        cfg, name = configs[layer.name], inside[layer.name]
-        grids[name] = LearnedGrid(block.get_submodule(name).weight.detach(), cfg.bits,
-                                  cfg.group_size, cfg.sym)
-    tuner = SignRound(block, grids)
-    tuner.tune(runner.hidden, runner.kwargs, targets)
-    quantized = tuner.quantized()
-    for layer in layers:
-        qw = quantized[inside[layer.name]]
+        qw = quantized[layer.name]
         compressed = CompressedLayer([qw.dequantize()], [None], [qw])
         if on_layer is not None:
             on_layer(layer, configs[layer.name], compressed)
@@ -190,14 +199,16 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
                          stats: dict[str, InputStats] | None = None, progress: bool = True,
                          gptq: GPTQSettings = GPTQSettings(),
                          on_layer: OnLayer | None = None, memo: dict | None = None,
-                         source: SourceTensors | None = None, codes: bool = False) -> None:
+                         source: SourceTensors | None = None, codes: bool = False,
+                         rounding_cache: RoundingCache | None = None) -> None:
     """Compress ``layers`` of ``model`` in place; ``on_layer`` sees every compressed layer
     (the packed runtime builds its storage from it). ``memo`` (parallel mode with fixed
     ``stats`` only) keeps expensive per-(layer, config) results across calls, for callers that
     measure many plans. ``source``: the GGUF the weights were loaded from, whose tensors are
     kept where a layer's GGUF type is the one they are stored in (gguf_source.py).
     ``codes``: RTN/GPTQ layers are held as their codes (``CodesLinear``: the same outputs,
-    a quarter of the memory), for callers that only run the model."""
+    a quarter of the memory), for callers that only run the model. ``rounding_cache``: where
+    learned rounding keeps each tuned block (rounding_cache.py), so that a build resumes."""
     if memo is not None and (stats is None or mode != "parallel"):
         raise ValueError("memo needs fixed stats and parallel mode: results must not depend on "
                          "the rest of the plan")
@@ -235,11 +246,15 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
                        runner: BlockRunner) -> None:
         block_layers = [l for l in active if l.name in block_stats]
         learned = [l for l in block_layers if configs[l.name].learns_rounding]
-        targets = runner.outputs(index) if learned else None  # the block still uncompressed
+        cached = None if not learned or rounding_cache is None else \
+            rounding_cache.get(index, [l.name for l in learned])
+        # the tuning's target: the block's output while it is still uncompressed
+        targets = runner.outputs(index) if learned and cached is None else None
         _compress_layers(model, [l for l in block_layers if l not in learned], configs,
                          block_stats, gptq, on_layer, source=source, codes=codes)
         if learned:
-            _learn_rounding(model, runner, index, learned, configs, targets, on_layer, codes)
+            _learn_rounding(model, runner, index, learned, configs, targets, on_layer, codes,
+                            rounding_cache, cached)
 
     sequential(model, active, calib_windows, compress_block, progress=progress,
                hessian_layers=full)
@@ -305,8 +320,11 @@ def _compress_all(model: nn.Module, loaded: LoadedModel, plan, calib_windows, mo
 
     configs = plan.resolve_model(loaded) if isinstance(plan, Plan) else plan
     source = source_tensors(loaded) if copy_source else None
+    learns = calib_windows is not None and mode == "sequential" and stats is None and \
+        any(configs[layer.name].learns_rounding for layer in loaded.layers if layer.name in configs)
+    cache = rounding_cache_for(loaded, configs, calib_windows, gptq) if learns else None
     compress_layers_into(model, loaded.layers, configs, calib_windows, mode, stats, progress,
-                         gptq, on_layer, memo, source, codes)
+                         gptq, on_layer, memo, source, codes, cache)
     compress_tables_into(model, loaded.tables, configs, on_layer, source)
 
 
