@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="proxies: random plans measured per option family (default: %(default)s)")
     p.add_argument("--tables", default=None,
                    help="layers: a sensitivity table per model (e.g. a search's "
-                        "sensitivity.json), comma-separated, '-' to build one")
+                        "sensitivity.json), comma-separated, 'build' to build one")
     p.add_argument("--layer-bits", type=int, default=3,
                    help="layers: the RTN format profiled, bits (default: %(default)s)")
     p.add_argument("--layer-group", type=int, default=64,
@@ -1212,11 +1212,14 @@ def _study_layers(args) -> int:
     from .studies.layers import ENTRIES, LayersSettings, ModelInput, run_layers
 
     specs = [m.strip() for m in (args.models or args.model).split(",") if m.strip()]
-    tables = [t.strip() for t in args.tables.split(",")] if args.tables else ["-"] * len(specs)
+    # 'build' (or '-', which argparse only takes alone or as --tables=-,PATH): build one
+    tables = [None if t.strip() in ("build", "-") else t.strip()
+              for t in args.tables.split(",")] if args.tables else [None] * len(specs)
     if len(tables) != len(specs):
-        raise AutocompressError(f"--tables: give one per model ({len(specs)}), '-' to build one")
+        raise AutocompressError(f"--tables: give one per model ({len(specs)}), 'build' to "
+                                "build one")
     for table in tables:
-        if table != "-" and not Path(table).is_file():
+        if table is not None and not Path(table).is_file():
             raise AutocompressError(f"--tables: {table!r} not found")
     if args.measure_windows < 0:
         raise AutocompressError("--measure-windows: 0 or more")
@@ -1226,9 +1229,8 @@ def _study_layers(args) -> int:
                               measure_every=args.measure_every,
                               calib_windows=args.calib_windows, window_len=args.window_len,
                               calib_text=args.calib_text, proxy=args.proxy)
-    models = [ModelInput(spec, None if table == "-" else table)
-              for spec, table in zip(specs, tables)]
-    load = _study_dir(args, "layers", [args.calib_text, *[t for t in tables if t != "-"]],
+    models = [ModelInput(spec, table) for spec, table in zip(specs, tables)]
+    load = _study_dir(args, "layers", [args.calib_text, *[t for t in tables if t is not None]],
                       ENTRIES)
     data = run_layers(models, settings, Path(args.out), resume=args.resume, log=_log, load=load)
     _report_layers(args, data)

@@ -32,7 +32,7 @@ def qwen_gguf() -> str:
 
 COMMANDS = {
     "layers": lambda: ["study", "layers", "--models", f"smollm2-135m,{qwen_gguf()}",
-                       "--tables", f"-,{QWEN_TABLE[0]}", "--calib-text", str(CALIB_TEXT),
+                       "--tables", f"build,{QWEN_TABLE[0]}", "--calib-text", str(CALIB_TEXT),
                        "--measure-windows", "1", "--measure-every", "2"],
     "fronts": lambda: ["study", "fronts", "--model", "smollm2-135m", "--devices",
                        "jetson-orin-nano-8gb,raspberry-pi-5-8gb,rtx-4090",

@@ -146,6 +146,9 @@ def test_the_command_runs_and_refuses_bad_input_in_one_line(two_models, tmp_path
             "--window-len", "32", "--measure-windows", "0"]
     assert main(base + ["--tables", "-", "--out", str(tmp_path / "bad")]) == 2
     assert "one per model" in capsys.readouterr().err
+    # 'build' for one model, a path for the other (a leading '-' would read as an option)
+    assert main(base + ["--tables", "build,missing.json", "--out", str(tmp_path / "bad")]) == 2
+    assert "'missing.json' not found" in capsys.readouterr().err
     assert main(base + ["--layer-bits", "1", "--out", str(tmp_path / "bad")]) == 2
     assert "bits must be one of" in capsys.readouterr().err
     assert main(base + ["--out", str(tmp_path / "ok")]) == 0
