@@ -30,6 +30,9 @@ def input_group(layer: LayerInfo) -> tuple[Any, str]:
     return (layer.block, _INPUT_GROUP.get(layer.kind, layer.name))
 
 
+_ROWS_PER_ADD = 1024
+
+
 class InputAccumulator:
     """Running sums for one input: Σ x xᵀ and the token count, or only Σ x² per column where
     nothing needs the off-diagonal (llama.cpp's imatrix, Wanda): the full matrix of a
@@ -46,18 +49,27 @@ class InputAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if self.full:
-            self.xtx += (x.T @ x).double()
+            # added in slices of rows: adding a float32 tensor to a float64 one makes a float64
+            # copy of it first (640 MB at a 1.5B model's ffn_down); a slice's copy is small, and
+            # the sums are the same
+            product = x.T @ x
+            for start in range(0, product.shape[0], _ROWS_PER_ADD):
+                self.xtx[start:start + _ROWS_PER_ADD] += product[start:start + _ROWS_PER_ADD]
         else:
             self.sq += (x * x).sum(0).double()
         self.n += x.shape[0]
 
-    @property
-    def hessian(self) -> torch.Tensor | None:
-        """E[x xᵀ] in float32 (GPTQ's H up to its factor 2); None when only the diagonal is kept."""
-        return (self.xtx / max(self.n, 1)).float() if self.full else None
-
     def _diagonal(self) -> torch.Tensor:
         return self.xtx.diagonal() if self.full else self.sq
+
+    def finish(self) -> "InputStats":
+        """The statistics (H = E[x xᵀ] in float32, GPTQ's up to its factor 2; None when only the
+        diagonal is kept), the running sums released: H is divided in place (no float64
+        temporary beside the sum), so the accumulator takes no more inputs."""
+        act_norm, mean_square = self.act_norm, self.mean_square
+        hessian = self.xtx.div_(max(self.n, 1)).float() if self.full else None
+        self.xtx = self.sq = None
+        return InputStats(hessian, act_norm, self.n, mean_square)
 
     @property
     def mean_square(self) -> torch.Tensor:
@@ -111,9 +123,7 @@ def _stats_by_layer(layers: Iterable[LayerInfo], accumulators: dict[tuple, Input
     for layer in layers:
         group = input_group(layer)
         if group not in cache:
-            acc = accumulators[group]
-            cache[group] = InputStats(acc.hessian, acc.act_norm, acc.n, acc.mean_square)
-            acc.xtx = acc.sq = None  # the float64 sums go as their float32 results come
+            cache[group] = accumulators[group].finish()  # the float64 sums go here
         out[layer.name] = cache[group]  # shared object: q/k/v hold the same H
     return out
 
