@@ -23,9 +23,11 @@ ROUNDINGS = ("signround",)
 
 def learns_rounding_in_place_of(cfg: LayerConfig) -> bool:
     """Layers whose rounding can be learned without changing their format: native integer
-    grids (RTN or GPTQ, any clip) of dense, full-rank weights."""
+    grids (RTN or GPTQ, any clip) of dense, full-rank weights. AWQ layers keep their method:
+    learned rounding does not scale input columns, and dropping the scale would change the
+    layer's format (and bytes)."""
     return (not cfg.is_gguf and cfg.bits < 16 and not cfg.is_pruned and not cfg.is_low_rank
-            and cfg.method in ("rtn", "gptq"))
+            and cfg.method in ("rtn", "gptq") and not cfg.awq)
 
 
 def with_learned_rounding(plan: Plan, loaded: LoadedModel) -> tuple[Plan, int]:

@@ -16,12 +16,13 @@ def test_learned_rounding_keeps_every_format_and_byte(tiny_loaded):
     overrides = {names[0]: {"bits": 16}, names[1]: {"method": "gptq", "clip": True},
                  names[2]: {"sparsity": 0.5}, names[3]: {"gguf": "q4_0"},
                  names[4]: {"bits": 4, "group_size": 128},
+                 names[6]: {"method": "gptq", "clip": True, "awq": True},
                  "model.embed_tokens": {"gguf": "q8_0"}}
     plan = Plan(model=tiny_loaded.identity, default=LayerConfig(bits=3), overrides=overrides)
     rounded, changed = with_learned_rounding(plan, tiny_loaded)
     before, after = plan.resolve_model(tiny_loaded), rounded.resolve_model(tiny_loaded)
-    untouched = {names[0], names[2], names[3], "model.embed_tokens"}
-    assert changed == len(names) - 3
+    untouched = {names[0], names[2], names[3], names[6], "model.embed_tokens"}
+    assert changed == len(names) - 4
     for name, cfg in before.items():
         if name in untouched:
             assert after[name] == cfg
