@@ -396,6 +396,40 @@ def _search_order(key: str) -> tuple:  # joint space by budget, then device runs
     return (bool(space), bool(device), float(bits))
 
 
+def _stage_names(r) -> str:
+    """The final stages a search row ran, in words ('' for none)."""
+    if not r.stages:
+        return ""
+    names = []
+    if r.stages.rounding:
+        names.append(f"learned rounding ({r.stages.rounding['method']})")
+    if r.stages.recovery:
+        names.append(f"{r.stages.recovery['method'].upper()} recovery")
+    return " + ".join(names)
+
+
+def _stages_note(key: str, stages) -> str:
+    """Held-out KL of the chosen plan through each final stage (the plan's own records)."""
+    h = stages.holdout
+    first = h.get("before_rounding") or h.get("before_recovery") or h["reported"]
+    steps = [f"searched {first['kl']:.4f}"]
+    rounding, recovery = stages.rounding, stages.recovery
+    if rounding:
+        steps.append(f"learned rounding of {rounding['layers']} layers "
+                     f"{rounding['measured']['kl']:.4f}"
+                     + ("" if rounding["kept"] else " (not lower: not kept)"))
+    if recovery:
+        steps.append(f"{recovery['method'].upper()} recovery {h['reported']['kl']:.4f}")
+    text = (f"{key}: held-out KL of the chosen plan ({h['windows']} windows) through its final "
+            f"stages: {' → '.join(steps)} ({h['reported']['kl'] / first['kl'] - 1:+.1%} in all")
+    if recovery and h.get("before_recovery"):
+        text += f"; recovery alone {h['reported']['kl'] / h['before_recovery']['kl'] - 1:+.1%}"
+        text += (f"; on its own {recovery['val_windows']} validation windows "
+                 f"{recovery['kl_before']:.4f} → {recovery['kl_after']:.4f}, best step "
+                 f"{recovery['best_step']} of {recovery['steps']}")
+    return text + ")."
+
+
 def search(store: Store, name: str = "search.json") -> str:
     data = store.get(name)
     p, e = data.protocol, data.entries
@@ -419,7 +453,11 @@ def search(store: Store, name: str = "search.json") -> str:
         recipe, rtn, gptq = r.recipe, r.uniform_rtn, r.uniform_gptq
         space, bits, _ = _search_parts(key)
         where = f" on {r.device}, ≥ {r.min_tps:g} tok/s" if r.device else ""
-        where += f", **{space}-only space**" if space else ""
+        stages = _stage_names(r)
+        where += f", joint space **+ {stages}**" if stages else \
+            f", **{space}-only space**" if space else ""
+        if stages:
+            notes.append(_stages_note(key, r.stages))
         act = r.uniform_gptq_act_order
         rows.append(
             f"| uniform {bits}-bit: {r.budget_bytes / 1e6:.2f} MB{where} | "
@@ -449,9 +487,11 @@ def search(store: Store, name: str = "search.json") -> str:
                          f"{r.device} (limit {r.min_tps:g}).")
     beats = [k for k in e if e[k].searched_ppl < e[k].proxy_optimum_ppl]
     notes.append(f"The searched plan beats its proxy optimum in {len(beats)} of {len(e)} runs.")
-    whole = [r.search_s for r in e.values()]
+    whole = [r.search_s for r in e.values() if not r.stages]  # stage runs were resumed
     if whole:
-        notes.append(f"Whole searches took {_range([s / 60 for s in whole])} minutes here.")
+        notes.append(f"Whole searches took {_range([s / 60 for s in whole])} minutes here"
+                     + (" (rows with final stages left out: their search s is the last "
+                        "attempt's)" if len(whole) < len(e) else "") + ".")
     again = [(k, r.reproduced) for k, r in sorted(e.items(), key=lambda kv: _search_order(kv[0]))
              if r.reproduced]
     if again:
@@ -746,6 +786,111 @@ def _gguf_row(label: str, e, n_weights: int | None) -> str:
             f"{e.kl:.4f} | {torch} | {speed} | {types} |")
 
 
+def _study(store: Store, name: str) -> dict:
+    """A study's results as `experiments/studies.py NAME` copied them (FileNotFoundError: not
+    run yet)."""
+    import json
+
+    path = store.root / "studies" / name / f"{name}.json"
+    return json.loads(path.read_text())
+
+
+def _rho(value) -> str:
+    return "–" if value is None else f"{value:+.2f}"
+
+
+def _option(o: dict) -> str:
+    """A LayerConfig as a study's protocol stores it, in words."""
+    group = "per channel" if o["group_size"] == -1 else f"groups of {o['group_size']}"
+    return f"{o['bits']}-bit {o['method'].upper()}, {group}, {'sym' if o['sym'] else 'asym'}metric"
+
+
+def studies_layers(store: Store) -> str:
+    data = _study(store, "layers")
+    p = data["protocol"]
+    rows = ["| model | layers (measured) | proxy vs measured, Spearman ρ | share of cost by kind, "
+            "proxy | by kind, measured |", "| --- | ---: | ---: | --- | --- |"]
+    for entry in data["models"].values():
+        profiles = entry["profiles"]
+
+        def shares(source):
+            kind = profiles.get(source, {}).get("kind")
+            return "–" if not kind else ", ".join(f"{k} {v:.0%}" for k, v in kind.items())
+        rows.append(f"| {entry['name']} | {len(entry['layers'])} ({len(entry['measured'])}) | "
+                    f"{_rho(entry['proxy_vs_measured'])} | {shares('proxy')} | "
+                    f"{shares('measured')} |")
+    names = {spec: e["name"] for spec, e in data["models"].items()}
+    pairs = [f"{' vs '.join(names.get(s, s) for s in pair.split(' vs '))}: by kind ρ {_rho(row.get('proxy', {}).get('kind'))} (proxy), "
+             f"{_rho(row.get('measured', {}).get('kind'))} (measured); by depth ρ "
+             f"{_rho(row.get('proxy', {}).get('depth'))} (proxy), "
+             f"{_rho(row.get('measured', {}).get('depth'))} (measured)"
+             for pair, row in data["correlations"].items()]
+    sources = "; ".join(
+        f"{e['name']}: {'table ' + Path(e['source']['table']).name if e['source'].get('table') else 'table built here'}"
+        f" ({e['source']['proxy']})" for e in data["models"].values())
+    return "\n".join(rows) + (
+        f"\n\nBetween the models: {'; '.join(pairs)}. Protocol: the option profiled "
+        f"{_option(p['option'])}; proxy: each layer's predicted Δ loss alone at that option ({sources}); "
+        f"measured: KL to the uncompressed model on {p['measure_windows']} held-out window(s) of "
+        f"{p['window_len']} tokens of {Path(p['calib_text']).name if p.get('calib_text') else 'the default corpus'}"
+        f", that layer alone compressed, in " + (
+            f"blocks 0, {p['measure_every']}, {2 * p['measure_every']}, …"
+            if p['measure_every'] > 1 else "every block") + "; depth in "
+        f"{p['depth_bins']} equal slices. Reproduce: `.venv/bin/python experiments/studies.py "
+        "layers`.")
+
+
+def studies_fronts(store: Store) -> str:
+    data = _study(store, "fronts")
+    p = data["protocol"]
+    rows = ["| device | plans | memory on the device | KL to uncompressed | predicted decode |",
+            "| --- | ---: | --- | --- | --- |"]
+    for device, front in data["devices"].items():
+        mb = [pt["total_bytes"] / 1e6 for pt in front]
+        kl = [pt["kl"] for pt in front]
+        tps = [pt["tokens_per_s"] for pt in front]
+        rows.append(f"| {device} | {len(front)} | {min(mb):.0f}–{max(mb):.0f} MB | "
+                    f"{min(kl):.4f}–{max(kl):.4f} | {min(tps):.1f}–{max(tps):.1f} tokens/s |")
+    equal = data["equal_memory"]
+    if equal.get("capacity_bytes"):
+        n_layers = len(next(iter(equal["devices"].values()))["formats"])
+        same = (f"At {equal['capacity_bytes'] / 1e6:.0f} MB of layer bytes the devices' optima "
+                f"differ in {len(equal['layers_that_differ'])} of {n_layers} layers")
+    else:
+        same = "The devices' plan sizes do not overlap"
+    return "\n".join(rows) + (
+        f"\n\n{same} (figures/formats.png). Protocol: {p['model']}; the exact proxy front "
+        f"({p['proxy']}, {p['calib_windows']} calibration windows of {p['window_len']}) at "
+        f"{p['points']} memory levels per device, with the bytes each device's engine holds each "
+        f"format in; {p['measure']}; speed: {p['speed']} of {p['context']}. Reproduce: "
+        "`.venv/bin/python experiments/studies.py fronts`.")
+
+
+def studies_families(store: Store) -> str:
+    data = _study(store, "families")
+    p = data["protocol"]
+    cells = data["cells"]
+    bits = sorted({c["bits"] for c in cells.values()})
+    families = list(dict.fromkeys(c["family"] for c in cells.values()))
+    rows = ["| family | " + " | ".join(f"{b:g}-bit bytes: KL (ppl)" for b in bits) + " |",
+            "| --- |" + " ---: |" * len(bits)]
+    for family in families:
+        row = []
+        for b in bits:
+            cell = cells.get(f"{family}@{b:g}")
+            row.append("not run" if cell is None else
+                       "does not fit" if not cell["feasible"] else
+                       f"{cell['kl']:.4f} ({cell['ppl']:.1f})")
+        rows.append(f"| {family} | " + " | ".join(row) + " |")
+    budgets = ", ".join(f"{b:g}: {next(c['budget_bytes'] for c in cells.values() if c['bits'] == b) / 1e6:.1f} MB"
+                        for b in bits)
+    return "\n".join(rows) + (
+        f"\n\nProtocol: {p['model']}; budget: {p['budget']} {p['context']} ({budgets}); "
+        f"search: {p['search']} ({p['proxy']} table on {p['calib_windows']} calibration "
+        f"windows); {p['measure']}. Reproduce: `.venv/bin/python experiments/studies.py "
+        "families`.")
+
+
 SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.json"),
             "gguf-40": lambda store: gguf(store, "gguf_smollm2-40.json"),
             "table-fast-path": table_fast_path, "search": search, "search-v1": search_v1,
@@ -754,7 +899,8 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "search-candidates": search_candidates, "gptq-study": gptq_study,
             "peak-memory": peak_memory, "level2-workers": level2_workers,
             "dtype": dtype, "scale": scale, "projection-8b": projection_8b,
-            "quality": quality}
+            "quality": quality, "studies-layers": studies_layers,
+            "studies-fronts": studies_fronts, "studies-families": studies_families}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

@@ -281,7 +281,9 @@ def _figures(data: dict, directory: Path) -> None:
             offset += 1
     by_kind.set_xticks(range(len(KINDS)), KINDS)
     by_kind.set_ylabel("share of the model's total cost")
-    by_kind.set_title(f"by kind, at {data['protocol']['option']}"[:80], fontsize=9)
+    option = data["protocol"]["option"]
+    by_kind.set_title(f"by kind, at {option['bits']}-bit {option['method'].upper()}, group "
+                      f"{option['group_size']}", fontsize=9)
     by_depth.set_xlabel("relative depth")
     by_depth.set_title("by depth", fontsize=9)
     for ax in (by_kind, by_depth):
