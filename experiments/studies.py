@@ -53,6 +53,8 @@ def run(name: str) -> None:
     kept = RESULTS / "studies" / name
     for pattern in KEPT:
         for path in out.glob(pattern):
+            if path.name.endswith(".cache.json"):  # the sensitivity cache: input, not a result
+                continue
             target = kept / path.relative_to(out)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
