@@ -121,14 +121,17 @@ class LayerMemo:
 
 
 def _kept_bytes(kept: CompressedLayer) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(kept)[0].values())
+    return sum(t.numel() * t.element_size() for t in layer_tensors(kept)[0].values())
 
 
-def _tensors(kept: CompressedLayer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """A memo entry as named tensors and, per factor, what kind of storage it has."""
+def layer_tensors(kept: CompressedLayer, prefix: str = ""
+                  ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """A compressed layer as named tensors (names start with ``prefix``, so several layers can
+    share one file) and, per factor, what kind of storage it has."""
     tensors: dict[str, torch.Tensor] = {}
     parts: list[dict] = []
-    for i, (factor, mask, stored) in enumerate(zip(kept.factors, kept.masks, kept.quantized)):
+    for n, (factor, mask, stored) in enumerate(zip(kept.factors, kept.masks, kept.quantized)):
+        i = f"{prefix}{n}"
         if factor is not None:
             tensors[f"{i}.factor"] = factor
         if mask is not None:
@@ -149,18 +152,28 @@ def _tensors(kept: CompressedLayer) -> tuple[dict[str, torch.Tensor], list[dict]
 
 
 def _to_bytes(kept: CompressedLayer) -> bytes:
-    tensors, parts = _tensors(kept)
+    tensors, parts = layer_tensors(kept)
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                 metadata={"parts": json.dumps(parts)})
 
 
-def _from_bytes(data: bytes) -> CompressedLayer:
+def safetensors_metadata(data: bytes) -> dict[str, str]:
     # safetensors: an 8-byte little-endian header length, then the JSON header (metadata)
     header_len = int.from_bytes(data[:8], "little")
-    parts = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["parts"])
-    tensors = load(data)
+    return json.loads(data[8:8 + header_len])["__metadata__"]
+
+
+def _from_bytes(data: bytes) -> CompressedLayer:
+    parts = json.loads(safetensors_metadata(data)["parts"])
+    return layer_from_tensors(load(data), parts)
+
+
+def layer_from_tensors(tensors: dict[str, torch.Tensor], parts: list[dict],
+                       prefix: str = "") -> CompressedLayer:
+    """``layer_tensors`` undone."""
     factors, masks, quantized = [], [], []
-    for i, part in enumerate(parts):
+    for n, part in enumerate(parts):
+        i = f"{prefix}{n}"
         factors.append(tensors.get(f"{i}.factor"))
         masks.append(tensors.get(f"{i}.mask"))
         if part["kind"] == "rtn":

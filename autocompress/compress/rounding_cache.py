@@ -26,12 +26,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
+from ..data import windows_digest
 from ..io_utils import atomic_write_bytes
 from ..plan import LayerConfig
+from .memo import layer_from_tensors, layer_tensors, safetensors_metadata
 from .quant import QuantizedWeight
+from .weights import CompressedLayer
 from .signround import SignRoundSettings
 
-FORMAT = 1
+FORMAT = 2  # 2: blocks in the memo's layer format
 
 
 def build_key(fingerprint: str, configs: dict[str, LayerConfig], calib_windows: torch.Tensor,
@@ -42,7 +45,7 @@ def build_key(fingerprint: str, configs: dict[str, LayerConfig], calib_windows: 
         "format": FORMAT,
         "weights": fingerprint,
         "configs": {name: cfg.to_dict() for name, cfg in sorted(configs.items())},
-        "calib": [list(windows.shape), hashlib.sha256(windows.numpy().tobytes()).hexdigest()],
+        "calib": [list(windows.shape), windows_digest(windows)],
         "gptq": dataclasses.asdict(gptq),
         "signround": dataclasses.asdict(settings),
         "dtype": str(dtype),
@@ -51,7 +54,8 @@ def build_key(fingerprint: str, configs: dict[str, LayerConfig], calib_windows: 
 
 
 class RoundingCache:
-    """Block index -> the tuned QuantizedWeight of each of its learned layers (by name)."""
+    """Block index -> the tuned QuantizedWeight of each of its learned layers (by name), one
+    file a block, in the memo's layer format (memo.layer_tensors)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -65,27 +69,22 @@ class RoundingCache:
         if not path.is_file():
             return None
         try:
-            tensors = load(path.read_bytes())
-            out = {}
-            for name in names:
-                bits, group_size, sym = (int(v) for v in tensors[f"{name}.format"].tolist())
-                out[name] = QuantizedWeight(tensors[f"{name}.q"], tensors[f"{name}.scale"],
-                                            tensors[f"{name}.zero"], bits, group_size, bool(sym))
-            return out
+            data = path.read_bytes()
+            parts = json.loads(safetensors_metadata(data)["parts"])
+            tensors = load(data)
+            return {name: layer_from_tensors(tensors, parts[name], f"{name}.").quantized[0]
+                    for name in names}
         except (SafetensorError, KeyError, ValueError, OSError) as exc:
             warnings.warn(f"learned-rounding cache entry {path} is unreadable ({exc}); tuning "
                           "that block again", stacklevel=2)
             return None
 
     def put(self, index: int, quantized: dict[str, QuantizedWeight]) -> None:
-        tensors = {}
+        tensors, parts = {}, {}
         for name, qw in quantized.items():
-            tensors[f"{name}.q"] = qw.q.contiguous()
-            tensors[f"{name}.scale"] = qw.scale.contiguous()
-            tensors[f"{name}.zero"] = qw.zero.contiguous()
-            tensors[f"{name}.format"] = torch.tensor([qw.bits, qw.group_size, int(qw.sym)])
-        self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self._path(index), save(tensors))
+            named, parts[name] = layer_tensors(CompressedLayer([None], [None], [qw]), f"{name}.")
+            tensors.update({k: v.contiguous() for k, v in named.items()})
+        atomic_write_bytes(self._path(index), save(tensors, metadata={"parts": json.dumps(parts)}))
 
 
 def rounding_cache_for(loaded, configs: dict[str, LayerConfig], calib_windows: torch.Tensor,
