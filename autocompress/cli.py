@@ -416,7 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run() -> int:
+    """The ``autocompress`` program: main() on sys.argv, then signals are ignored while Python
+    exits (see interrupts.signals_unwind)."""
+    return main(None, exiting=True)
+
+
+def main(argv: list[str] | None = None, exiting: bool = False) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # a usage error (one line, said by _Parser) or --help
@@ -424,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     from .peak_memory import bound_heap
 
     bound_heap()
-    with signals_unwind():
+    with signals_unwind(then_ignore=exiting):
         try:
             return COMMANDS[args.command](args)
         except AutocompressError as exc:

@@ -57,10 +57,13 @@ def _reraise_swallowed_interrupts(previous_hook):
 
 
 @contextlib.contextmanager
-def signals_unwind():
+def signals_unwind(then_ignore: bool = False):
     """Within the block SIGTERM raises Terminated and no interrupt is lost in a finalizer.
-    Everything is restored on the way out (main() is also called in-process, by tests). Off
-    the main thread signals cannot be handled, so nothing changes there."""
+    Everything is restored on the way out (main() is also called in-process, by tests), unless
+    ``then_ignore``: the program's own entry point, whose work is done by then, ignores SIGINT
+    and SIGTERM from there on, since Python's teardown of torch and friends takes over a
+    second and a default handler there would kill it mid-exit without a word. Off the main
+    thread signals cannot be handled, so nothing changes there."""
     if threading.current_thread() is not threading.main_thread():
         yield False
         return
@@ -76,8 +79,11 @@ def signals_unwind():
         signal.setitimer(signal.ITIMER_REAL, 0)
         _SWALLOWED.clear()
         sys.unraisablehook = previous_hook
+        if then_ignore:
+            ignore_further_signals()
         for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+            if not (then_ignore and sig in (signal.SIGINT, signal.SIGTERM)):
+                signal.signal(sig, handler)
 
 
 def ignore_further_signals() -> None:

@@ -49,9 +49,10 @@ TIMER_BACKSTOP = "final_measure:1"
 
 
 def _start(argv: list[str], fault: str | None = None) -> subprocess.Popen:
-    # nothing heavy before main(): its signal handlers are in place within a fraction of a
-    # second (one thread, as the tiny-model tests run, through the environment)
-    code = "import sys; from autocompress.cli import main; sys.exit(main(sys.argv[1:]))"
+    # the program's own entry point, as the console script runs it: nothing heavy before its
+    # signal handlers are in place (a fraction of a second), and signals stay handled through
+    # the second or so Python takes to exit (one thread, as the tiny-model tests run)
+    code = "import sys; from autocompress.cli import run; sys.exit(run())"
     env = {k: v for k, v in os.environ.items() if k != "AUTOCOMPRESS_FAULT"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     if fault:

@@ -63,3 +63,22 @@ def test_other_unraisable_exceptions_still_reach_the_previous_hook():
         assert seen == [ValueError]
     finally:
         sys.unraisablehook = previous
+
+
+def test_the_program_exits_with_its_code_when_signalled_while_python_tears_down(tmp_path):
+    """The console script's entry (cli.run): once the command is done, a SIGTERM or Ctrl-C
+    that lands while Python exits (over a second with torch loaded) changes nothing; with the
+    default handlers restored it would kill the finished program (exit -15, no line)."""
+    import subprocess
+    import sys
+
+    # the signal is sent after run() returned, as the teardown would receive it
+    code = ("import os, signal, sys, time; from autocompress.cli import run; rc = run(); "
+            "[os.kill(os.getpid(), s) for s in (signal.SIGTERM, signal.SIGINT)]; "
+            "time.sleep(0.2); sys.exit(rc)")
+    missing = tmp_path / "absent" / "config.json"  # a quick command that ends with exit 2
+    proc = subprocess.run([sys.executable, "-c", code, "plan", "--config", str(missing),
+                           "--out", str(tmp_path / "plan.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr  # the command's own code, not -15
+    assert "Traceback" not in proc.stderr and "terminated" not in proc.stderr
