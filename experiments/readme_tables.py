@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS  # noqa: E402
-from results_schema import SEARCH_KEY, Results, ResultsError, validate  # noqa: E402
+from results_schema import SEARCH_KEY, Results, ResultsError, Rhos, validate, validate_study  # noqa: E402
 
 LABELS = {
     "base": "uncompressed (float; weights already Q4_1-rounded)",
@@ -786,92 +786,92 @@ def _gguf_row(label: str, e, n_weights: int | None) -> str:
             f"{e.kl:.4f} | {torch} | {speed} | {types} |")
 
 
-def _study(store: Store, name: str) -> dict:
-    """A study's results as `experiments/studies.py NAME` copied them (FileNotFoundError: not
-    run yet)."""
-    import json
-
-    path = store.root / "studies" / name / f"{name}.json"
-    return json.loads(path.read_text())
+def _study(store: Store, name: str):
+    """A study's results as `experiments/studies.py NAME` copied them, validated
+    (results_schema.validate_study; FileNotFoundError: not run yet)."""
+    return validate_study(store.root / "studies" / name / f"{name}.json", name)
 
 
 def _rho(value) -> str:
     return "–" if value is None else f"{value:+.2f}"
 
 
-def _option(o: dict) -> str:
-    """A LayerConfig as a study's protocol stores it, in words."""
-    group = "per channel" if o["group_size"] == -1 else f"groups of {o['group_size']}"
-    return f"{o['bits']}-bit {o['method'].upper()}, {group}, {'sym' if o['sym'] else 'asym'}metric"
+def _option(o) -> str:
+    """A study protocol's LayerConfig, in words."""
+    group = "per channel" if o.group_size == -1 else f"groups of {o.group_size}"
+    return f"{o.bits}-bit {o.method.upper()}, {group}, {'sym' if o.sym else 'asym'}metric"
 
 
 def studies_layers(store: Store) -> str:
     data = _study(store, "layers")
-    p = data["protocol"]
+    p = data.protocol
     rows = ["| model | layers (measured) | proxy vs measured, Spearman ρ | share of cost by kind, "
             "proxy | by kind, measured |", "| --- | ---: | ---: | --- | --- |"]
-    for entry in data["models"].values():
-        profiles = entry["profiles"]
-
+    for entry in data.models.values():
         def shares(source):
-            kind = profiles.get(source, {}).get("kind")
-            return "–" if not kind else ", ".join(f"{k} {v:.0%}" for k, v in kind.items())
-        rows.append(f"| {entry['name']} | {len(entry['layers'])} ({len(entry['measured'])}) | "
-                    f"{_rho(entry['proxy_vs_measured'])} | {shares('proxy')} | "
+            profile = entry.profiles.get(source)
+            return "–" if profile is None or not profile.kind else \
+                ", ".join(f"{k} {v:.0%}" for k, v in profile.kind.items())
+        rows.append(f"| {entry.name} | {len(entry.layers)} ({len(entry.measured)}) | "
+                    f"{_rho(entry.proxy_vs_measured)} | {shares('proxy')} | "
                     f"{shares('measured')} |")
-    names = {spec: e["name"] for spec, e in data["models"].items()}
-    pairs = [f"{' vs '.join(names.get(s, s) for s in pair.split(' vs '))}: by kind ρ {_rho(row.get('proxy', {}).get('kind'))} (proxy), "
-             f"{_rho(row.get('measured', {}).get('kind'))} (measured); by depth ρ "
-             f"{_rho(row.get('proxy', {}).get('depth'))} (proxy), "
-             f"{_rho(row.get('measured', {}).get('depth'))} (measured)"
-             for pair, row in data["correlations"].items()]
+    names = {spec: e.name for spec, e in data.models.items()}
+    none = Rhos()
+
+    def rhos(row, source):
+        return row.get(source, none)
+    pairs = [f"{' vs '.join(names.get(s, s) for s in pair.split(' vs '))}: by kind ρ "
+             f"{_rho(rhos(row, 'proxy').kind)} (proxy), {_rho(rhos(row, 'measured').kind)} "
+             f"(measured); by depth ρ {_rho(rhos(row, 'proxy').depth)} (proxy), "
+             f"{_rho(rhos(row, 'measured').depth)} (measured)"
+             for pair, row in data.correlations.items()]
     sources = "; ".join(
-        f"{e['name']}: {'table ' + Path(e['source']['table']).name if e['source'].get('table') else 'table built here'}"
-        f" ({e['source']['proxy']})" for e in data["models"].values())
+        f"{e.name}: {'table ' + Path(e.source.table).name if e.source.table else 'table built here'}"
+        f" ({e.source.proxy})" for e in data.models.values())
+    every = (f"blocks 0, {p.measure_every}, {2 * p.measure_every}, …" if p.measure_every > 1
+             else "every block")
+    text = Path(p.calib_text).name if p.calib_text else "the default corpus"
     return "\n".join(rows) + (
         f"\n\nBetween the models: {'; '.join(pairs)}. Protocol: the option profiled "
-        f"{_option(p['option'])}; proxy: each layer's predicted Δ loss alone at that option ({sources}); "
-        f"measured: KL to the uncompressed model on {p['measure_windows']} held-out window(s) of "
-        f"{p['window_len']} tokens of {Path(p['calib_text']).name if p.get('calib_text') else 'the default corpus'}"
-        f", that layer alone compressed, in " + (
-            f"blocks 0, {p['measure_every']}, {2 * p['measure_every']}, …"
-            if p['measure_every'] > 1 else "every block") + "; depth in "
-        f"{p['depth_bins']} equal slices. Reproduce: `.venv/bin/python experiments/studies.py "
-        "layers`.")
+        f"{_option(p.option)}; proxy: each layer's predicted Δ loss alone at that option "
+        f"({sources}); measured: KL to the uncompressed model on {p.measure_windows} held-out "
+        f"window(s) of {p.window_len} tokens of {text}, that layer alone compressed, in {every}; "
+        f"depth in {p.depth_bins} equal slices. Reproduce: `.venv/bin/python "
+        "experiments/studies.py layers`.")
 
 
 def studies_fronts(store: Store) -> str:
     data = _study(store, "fronts")
-    p = data["protocol"]
+    p = data.protocol
     rows = ["| device | plans | memory on the device | KL to uncompressed | predicted decode |",
             "| --- | ---: | --- | --- | --- |"]
-    for device, front in data["devices"].items():
-        mb = [pt["total_bytes"] / 1e6 for pt in front]
-        kl = [pt["kl"] for pt in front]
-        tps = [pt["tokens_per_s"] for pt in front]
+    for device, front in data.devices.items():
+        mb = [pt.total_bytes / 1e6 for pt in front]
+        kl = [pt.kl for pt in front]
+        tps = [pt.tokens_per_s for pt in front]
         rows.append(f"| {device} | {len(front)} | {min(mb):.0f}–{max(mb):.0f} MB | "
                     f"{min(kl):.4f}–{max(kl):.4f} | {min(tps):.1f}–{max(tps):.1f} tokens/s |")
-    equal = data["equal_memory"]
-    if equal.get("capacity_bytes"):
-        n_layers = len(next(iter(equal["devices"].values()))["formats"])
-        same = (f"At {equal['capacity_bytes'] / 1e6:.0f} MB of layer bytes the devices' optima "
-                f"differ in {len(equal['layers_that_differ'])} of {n_layers} layers")
+    equal = data.equal_memory
+    if equal.capacity_bytes and equal.devices:
+        n_layers = len(next(iter(equal.devices.values())).formats)
+        same = (f"At {equal.capacity_bytes / 1e6:.0f} MB of layer bytes the devices' optima "
+                f"differ in {len(equal.layers_that_differ)} of {n_layers} layers")
     else:
         same = "The devices' plan sizes do not overlap"
     return "\n".join(rows) + (
-        f"\n\n{same} (figures/formats.png). Protocol: {p['model']}; the exact proxy front "
-        f"({p['proxy']}, {p['calib_windows']} calibration windows of {p['window_len']}) at "
-        f"{p['points']} memory levels per device, with the bytes each device's engine holds each "
-        f"format in; {p['measure']}; speed: {p['speed']} of {p['context']}. Reproduce: "
+        f"\n\n{same} (figures/formats.png). Protocol: {p.model}; the exact proxy front "
+        f"({p.proxy}, {p.calib_windows} calibration windows of {p.window_len}) at "
+        f"{p.points} memory levels per device, with the bytes each device's engine holds each "
+        f"format in; {p.measure}; speed: {p.speed} of {p.context}. Reproduce: "
         "`.venv/bin/python experiments/studies.py fronts`.")
 
 
 def studies_families(store: Store) -> str:
     data = _study(store, "families")
-    p = data["protocol"]
-    cells = data["cells"]
-    bits = sorted({c["bits"] for c in cells.values()})
-    families = list(dict.fromkeys(c["family"] for c in cells.values()))
+    p = data.protocol
+    cells = data.cells
+    bits = sorted({c.bits for c in cells.values()})
+    families = list(dict.fromkeys(c.family for c in cells.values()))
     rows = ["| family | " + " | ".join(f"{b:g}-bit bytes: KL (ppl)" for b in bits) + " |",
             "| --- |" + " ---: |" * len(bits)]
     for family in families:
@@ -879,15 +879,16 @@ def studies_families(store: Store) -> str:
         for b in bits:
             cell = cells.get(f"{family}@{b:g}")
             row.append("not run" if cell is None else
-                       "does not fit" if not cell["feasible"] else
-                       f"{cell['kl']:.4f} ({cell['ppl']:.1f})")
+                       "does not fit" if not cell.feasible else
+                       f"{cell.kl:.4f} ({cell.ppl:.1f})")
         rows.append(f"| {family} | " + " | ".join(row) + " |")
-    budgets = ", ".join(f"{b:g}: {next(c['budget_bytes'] for c in cells.values() if c['bits'] == b) / 1e6:.1f} MB"
-                        for b in bits)
+    budgets = ", ".join(
+        f"{b:g}: {next(c.budget_bytes for c in cells.values() if c.bits == b) / 1e6:.1f} MB"
+        for b in bits)
     return "\n".join(rows) + (
-        f"\n\nProtocol: {p['model']}; budget: {p['budget']} {p['context']} ({budgets}); "
-        f"search: {p['search']} ({p['proxy']} table on {p['calib_windows']} calibration "
-        f"windows); {p['measure']}. Reproduce: `.venv/bin/python experiments/studies.py "
+        f"\n\nProtocol: {p.model}; budget: {p.budget} {p.context} ({budgets}); "
+        f"search: {p.search} ({p.proxy} table on {p.calib_windows} calibration "
+        f"windows); {p.measure}. Reproduce: `.venv/bin/python experiments/studies.py "
         "families`.")
 
 

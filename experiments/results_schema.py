@@ -626,6 +626,143 @@ SPECS: dict[str, FileSpec] = {
 }
 
 
+# ---------------------------------------------------------------- studies/NAME/NAME.json
+# A study writes its own shape (autocompress/studies/), not protocol + entries: each file is
+# one model, validated whole (validate_study).
+
+
+class LayerOption(_Model):
+    bits: int
+    group_size: int
+    sym: bool
+    method: str
+
+
+class LayersProtocol(_Model):
+    option: LayerOption
+    measure_windows: int
+    measure_every: int
+    window_len: int
+    depth_bins: int
+    calib_text: str | None = None
+
+
+class TableSource(_Model):
+    proxy: str
+    table: str | None = None
+
+
+class KindShares(_Model):
+    kind: dict[str, float] = {}
+
+
+class LayersModel(_Model):
+    name: str
+    source: TableSource
+    layers: dict[str, Any]
+    measured: dict[str, Any]
+    proxy_vs_measured: float | None
+    profiles: dict[str, KindShares]
+
+
+class Rhos(_Model):
+    kind: float | None = None
+    depth: float | None = None
+
+
+class LayersStudy(_Model):
+    protocol: LayersProtocol
+    models: dict[str, LayersModel]
+    correlations: dict[str, dict[str, Rhos]]
+
+
+class FrontsProtocol(_Model):
+    model: str
+    proxy: str
+    calib_windows: int
+    window_len: int
+    points: int
+    measure: str
+    speed: str
+    context: int
+
+
+class FrontPoint(_Model):
+    total_bytes: int
+    kl: float
+    tokens_per_s: float
+
+
+class EqualMemoryPlan(_Model):
+    formats: dict[str, Any]
+
+
+class EqualMemory(_Model):
+    capacity_bytes: int | None = None
+    devices: dict[str, EqualMemoryPlan] = {}
+    layers_that_differ: list[str] = []
+
+
+class FrontsStudy(_Model):
+    protocol: FrontsProtocol
+    devices: dict[str, list[FrontPoint]]
+    equal_memory: EqualMemory
+
+    @model_validator(mode="after")
+    def _fronts_not_empty(self) -> "FrontsStudy":
+        empty = [d for d, front in self.devices.items() if not front]
+        if empty:
+            raise ValueError(f"device {empty[0]} has no plans on its front")
+        return self
+
+
+class FamiliesProtocol(_Model):
+    model: str
+    budget: str
+    context: int
+    search: str
+    proxy: str
+    calib_windows: int
+    measure: str
+
+
+class FamilyCell(_Model):
+    family: str
+    bits: float
+    feasible: bool
+    budget_bytes: int
+    kl: float | None = None
+    ppl: float | None = None
+
+    @model_validator(mode="after")
+    def _measured_if_feasible(self) -> "FamilyCell":
+        if self.feasible and (self.kl is None or self.ppl is None):
+            raise ValueError("a feasible cell needs its kl and ppl")
+        return self
+
+
+class FamiliesStudy(_Model):
+    protocol: FamiliesProtocol
+    cells: dict[str, FamilyCell]
+
+
+STUDIES: dict[str, type[_Model]] = {"layers": LayersStudy, "fronts": FrontsStudy,
+                                    "families": FamiliesStudy}
+
+
+def validate_study(path: str | Path, name: str) -> Any:
+    """Read and validate a study's results (studies/NAME/NAME.json) as its model;
+    ResultsError (one line) if the renderer cannot use it, FileNotFoundError if absent."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path}: not JSON ({exc})") from None
+    if name not in STUDIES:
+        raise ResultsError(f"{path}: no schema for study {name!r} (experiments/results_schema.py)")
+    return _check(STUDIES[name], data, "", path)
+
+
 def spec_for(path: Path) -> FileSpec:
     for pattern, spec in SPECS.items():
         if path.match(pattern):

@@ -126,6 +126,36 @@ def test_every_results_file_has_a_schema():
         results_schema.validate(path)
 
 
+def test_every_study_results_file_has_a_schema():
+    for name in results_schema.STUDIES:
+        path = EXPERIMENTS / "results" / "studies" / name / f"{name}.json"
+        if path.is_file():
+            results_schema.validate_study(path, name)
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("families", lambda d: next(iter(d["cells"].values())).pop("kl"),
+     "a feasible cell needs its kl and ppl"),
+    ("fronts", lambda d: d["devices"]["rtx-4090"].clear(),
+     "device rtx-4090 has no plans on its front"),
+    ("fronts", lambda d: d["devices"]["rtx-4090"][0].update(kl="0.1"),
+     "devices.rtx-4090[0].kl: input should be a valid number, got str '0.1'"),
+    ("layers", lambda d: d["protocol"].pop("depth_bins"), "protocol.depth_bins: missing"),
+])
+def test_a_malformed_study_is_one_line_naming_file_and_field(copy, capsys, name, edit, message):
+    readme, results = copy
+    path = results / "studies" / name / f"{name}.json"
+    _edit_json(path, edit)
+    with pytest.raises(results_schema.ResultsError) as info:
+        results_schema.validate_study(path, name)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(str(path)) and message in text, text
+    before = readme.read_bytes()
+    assert _check(readme, results) == 2  # the renderer says so, and writes nothing
+    assert message in capsys.readouterr().err
+    assert readme.read_bytes() == before
+
+
 def test_timings_render_whatever_the_engine_wrote(copy):
     """The search engine writes level1_s/level2_s/level3_s or measure_s now, solve_s before:
     each renders as written; none is filled in."""
