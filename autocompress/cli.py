@@ -109,13 +109,16 @@ def _add_recover(p: argparse.ArgumentParser) -> None:
                    help="Adam's learning rate: relative on scales, absolute on norms")
     p.add_argument("--kd-val-windows", type=_positive_int, default=4,
                    help="calibration-text windows after the training ones, for early stopping")
+    p.add_argument("--kd-train-windows", type=_positive_int, default=None,
+                   help="train on the calibration text's first N windows (default: the plan's "
+                        "calibration windows); never the windows its held-out figures came from")
 
 
 def _kd_settings(args):
     from .compress.recover import KDSettings
 
-    return KDSettings(steps=args.kd_steps, lr=args.kd_lr, val_windows=args.kd_val_windows) \
-        if args.recover else None
+    return KDSettings(steps=args.kd_steps, lr=args.kd_lr, val_windows=args.kd_val_windows,
+                      train_windows=args.kd_train_windows) if args.recover else None
 
 
 def _add_placement(p: argparse.ArgumentParser, from_plan: bool = False) -> None:

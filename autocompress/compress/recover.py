@@ -42,10 +42,16 @@ class KDSettings:
     checkpoint_every: int = 20
     seed: int = 0
     val_windows: int = 4  # the calibration text's windows after the training ones
+    # None: the plan's own calibration windows; else this many from the calibration text's
+    # start (the plan's among them): a few windows seen for many steps over-fit them
+    train_windows: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "eval_every", "patience", "checkpoint_every", "val_windows"):
+        for name in ("steps", "eval_every", "patience", "checkpoint_every", "val_windows",
+                     "train_windows"):
             value = getattr(self, name)
+            if name == "train_windows" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise AutocompressError(f"KD {name} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
@@ -276,18 +282,34 @@ def _device(model: nn.Module) -> torch.device:
 __all__ = ["KDSettings", "KDRecovery", "RecoveryResult", "apply_recovered", "trainable_parts"]
 
 
-def validation_windows(tokenizer, provenance, n_train: int, n_val: int) -> torch.Tensor:
-    """The calibration text's ``n_val`` windows right after the ``n_train`` it trains on:
-    text the plan was not calibrated on, and not the end of the text, where the search takes
-    its held-out windows (data.calibration_data)."""
+def recovery_windows(tokenizer, provenance, n_train: int, n_val: int,
+                     reserved_at_end: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration text's first ``n_train`` windows (training) and the ``n_val`` right
+    after them (early stopping), clear of the ``reserved_at_end`` windows at the text's end
+    where the search measured the plan (data.calibration_data), so that its held-out figures
+    stay held out."""
     from ..data import load_stream
 
     stream = load_stream(tokenizer, provenance.calib_text, "calib")
-    if n_train + n_val > stream.max_windows(provenance.window_len):
-        raise AutocompressError(f"{stream.source} has {stream.n_tokens} tokens, fewer than the "
-                                f"{n_train} calibration + {n_val} validation windows of "
-                                f"{provenance.window_len} recovery needs: fewer --kd-val-windows")
-    return stream.windows(n_train + n_val, provenance.window_len)[n_train:]
+    available = stream.max_windows(provenance.window_len) - reserved_at_end
+    if n_train + n_val > available:
+        raise AutocompressError(
+            f"{stream.source} has {stream.n_tokens} tokens: {available} windows of "
+            f"{provenance.window_len} before the {reserved_at_end} held out at its end, fewer "
+            f"than the {n_train} training + {n_val} validation windows recovery needs: fewer "
+            f"--kd-train-windows or --kd-val-windows")
+    windows = stream.windows(n_train + n_val, provenance.window_len)
+    return windows[:n_train], windows[n_train:]
+
+
+def _held_out_at_end(plan) -> int:
+    """How many windows at the calibration text's end the plan's held-out figures came from
+    (none when they came from another text)."""
+    holdout = (plan.figures or {}).get("holdout") or {}
+    if holdout.get("text") != plan.provenance.calib_text:
+        return 0
+    from_end = holdout.get("from_end")
+    return from_end if isinstance(from_end, int) and from_end > 0 else 0
 
 
 @contextmanager
@@ -296,7 +318,8 @@ def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings()
                        progress: bool = True) -> Iterator[tuple[nn.Module, object, bytes]]:
     """Build ``plan`` in place (as codes), recover it, and yield (model, the plan with its
     recovery record, the recovered tensors' file bytes) for the duration of the block. Trains
-    on the plan's calibration windows (its provenance's), stops early on the
+    on the plan's calibration windows (its provenance's; or the first
+    ``settings.train_windows`` of its calibration text), stops early on the
     ``settings.val_windows`` after them."""
     from dataclasses import replace as replace_field
 
@@ -308,9 +331,16 @@ def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings()
         raise AutocompressError("this plan is already recovered: recover the plan it was "
                                 "made from")
     provenance = recipe.provenance
-    train = recipe.calib if recipe.calib is not None else \
-        calibration_windows(loaded.tokenizer, provenance)
-    val = validation_windows(loaded.tokenizer, provenance, train.shape[0], settings.val_windows)
+    if settings.train_windows is None:
+        train = recipe.calib if recipe.calib is not None else \
+            calibration_windows(loaded.tokenizer, provenance)
+        n_train = train.shape[0]
+    else:
+        n_train = settings.train_windows
+    extra, val = recovery_windows(loaded.tokenizer, provenance, n_train, settings.val_windows,
+                                  reserved_at_end=_held_out_at_end(plan))
+    if settings.train_windows is not None:
+        train = extra
     # the teacher is the model before the plan is built into it
     teacher = ReferenceCache(loaded.model, train).fill(progress, desc="teacher")
     held_out = ReferenceCache(loaded.model, val).fill(progress, desc="validation")

@@ -205,3 +205,39 @@ def test_a_recovered_plan_with_its_tensors_missing_or_altered_is_one_line(
     tensors.unlink()
     assert main(["eval", str(out / "plan.json"), "--windows", "1", "--window-len", "32"]) == 2
     assert "are missing" in capsys.readouterr().err
+
+
+# -- which windows recovery trains on --------------------------------------------------------
+
+def test_recovery_trains_on_the_texts_first_windows_clear_of_the_held_out_end(tiny_loaded):
+    from autocompress.compress.recover import recovery_windows
+    from autocompress.data import load_stream
+    from autocompress.provenance import Provenance
+
+    provenance = Provenance(calib_text=None, calib_windows=4, window_len=64)
+    stream = load_stream(tiny_loaded.tokenizer, None, "calib")
+    every = stream.windows(stream.max_windows(64), 64)
+    train, val = recovery_windows(tiny_loaded.tokenizer, provenance, 10, 3)
+    assert torch.equal(train, every[:10]) and torch.equal(val, every[10:13])
+    # the windows at the end that the plan's held-out figures came from are never trained on
+    room = every.shape[0] - 8
+    train, val = recovery_windows(tiny_loaded.tokenizer, provenance, room - 3, 3,
+                                  reserved_at_end=8)
+    assert torch.equal(val[-1], every[room - 1])
+    with pytest.raises(AutocompressError, match="before the 8 held out at its end"):
+        recovery_windows(tiny_loaded.tokenizer, provenance, room - 2, 3, reserved_at_end=8)
+
+
+def test_kd_train_windows_is_recorded_and_refused_past_the_text(tiny_model_dir, tmp_path, capsys):
+    from autocompress.cli import main
+    from autocompress.plan import Plan
+
+    _, out = _recovered_apply(tiny_model_dir, tmp_path, extra=["--kd-train-windows", "9"])
+    recovered = Plan.load(out / "plan.json")
+    assert recovered.recovery.train_windows == 9 and recovered.recovery.val_windows == 2
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / "plan.json"), "--out", str(tmp_path / "again"),
+                 "--recover", "kd", "--kd-train-windows", "100000"]) == 2
+    said = capsys.readouterr()
+    assert "fewer --kd-train-windows" in said.out + said.err
+    assert not (tmp_path / "again").exists()
