@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None,
                    help="fronts: device profiles to compare, comma-separated (at least two), "
                         "e.g. jetson-orin-nano-8gb,raspberry-pi-5-8gb,rtx-4090")
+    p.add_argument("--min-tps", default=None, metavar="DEVICE=TPS,...",
+                   help="fronts: the decode speed (tokens/s, the device's latency model) each "
+                        "named device's plans must reach, e.g. raspberry-pi-5-8gb=50")
     p.add_argument("--bits", default="2.5,3,3.5,4",
                    help="families: budgets as the bytes of uniform b-bit (default: %(default)s)")
     p.add_argument("--families", default=None,
@@ -1320,7 +1323,26 @@ def _fronts_settings(args):
     return FrontsSettings(devices=devices, space=args.space, points=args.points,
                           eval_windows=args.eval_windows, calib_windows=args.calib_windows,
                           window_len=args.window_len, context=args.context,
-                          calib_text=args.calib_text, proxy=args.proxy)
+                          calib_text=args.calib_text, proxy=args.proxy,
+                          min_tps=_min_tps(args.min_tps))
+
+
+def _min_tps(text: str | None) -> tuple[tuple[str, float], ...]:
+    """--min-tps DEVICE=TPS,...: pairs in the order given."""
+    pairs = []
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        device, _, tps = part.rpartition("=")
+        try:
+            value = float(tps)
+        except ValueError:
+            value = None
+        if not device or value is None:
+            raise AutocompressError(f"--min-tps: {part!r} is not DEVICE=TOKENS_PER_S (e.g. "
+                                    "raspberry-pi-5-8gb=50)")
+        pairs.append((device.strip(), value))
+    return tuple(pairs)
 
 
 def _families_settings(args):

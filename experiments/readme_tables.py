@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS  # noqa: E402
-from results_schema import SEARCH_KEY, Results, ResultsError, Rhos, validate, validate_study  # noqa: E402
+from results_schema import SEARCH_KEY, STUDY_RUNS, Results, ResultsError, Rhos, validate, validate_study  # noqa: E402
 
 LABELS = {
     "base": "uncompressed (float; weights already Q4_1-rounded)",
@@ -786,10 +786,11 @@ def _gguf_row(label: str, e, n_weights: int | None) -> str:
             f"{e.kl:.4f} | {torch} | {speed} | {types} |")
 
 
-def _study(store: Store, name: str):
-    """A study's results as `experiments/studies.py NAME` copied them, validated
+def _study(store: Store, directory: str):
+    """A study's results as `experiments/studies.py DIRECTORY` copied them, validated
     (results_schema.validate_study; FileNotFoundError: not run yet)."""
-    return validate_study(store.root / "studies" / name / f"{name}.json", name)
+    name = STUDY_RUNS.get(directory, directory)
+    return validate_study(store.root / "studies" / directory / f"{name}.json", name)
 
 
 def _rho(value) -> str:
@@ -840,30 +841,40 @@ def studies_layers(store: Store) -> str:
         "experiments/studies.py layers`.")
 
 
-def studies_fronts(store: Store) -> str:
-    data = _study(store, "fronts")
+def studies_fronts(store: Store, directory: str = "fronts") -> str:
+    data = _study(store, directory)
     p = data.protocol
-    rows = ["| device | plans | memory on the device | KL to uncompressed | predicted decode |",
-            "| --- | ---: | --- | --- | --- |"]
+    limits = p.min_tps
+    rows = ["| device | plans | memory on the device | KL to uncompressed | predicted decode |"
+            + (" decode at least |" if limits else ""),
+            "| --- | ---: | --- | --- | --- |" + (" ---: |" if limits else "")]
     for device, front in data.devices.items():
         mb = [pt.total_bytes / 1e6 for pt in front]
         kl = [pt.kl for pt in front]
         tps = [pt.tokens_per_s for pt in front]
+        limit = (f" {limits[device]:g} |" if device in limits else " – |") if limits else ""
         rows.append(f"| {device} | {len(front)} | {min(mb):.0f}–{max(mb):.0f} MB | "
-                    f"{min(kl):.4f}–{max(kl):.4f} | {min(tps):.1f}–{max(tps):.1f} tokens/s |")
+                    f"{min(kl):.4f}–{max(kl):.4f} | {min(tps):.1f}–{max(tps):.1f} tokens/s |"
+                    + limit)
     equal = data.equal_memory
     if equal.capacity_bytes and equal.devices:
         n_layers = len(next(iter(equal.devices.values())).formats)
         same = (f"At {equal.capacity_bytes / 1e6:.0f} MB of layer bytes the devices' optima "
                 f"differ in {len(equal.layers_that_differ)} of {n_layers} layers")
+        speeds = [f"{d} {e.tokens_per_s:.1f}" for d, e in equal.devices.items()
+                  if e.tokens_per_s is not None]
+        if speeds:
+            same += f" (their predicted decode, tokens/s: {', '.join(speeds)})"
     else:
         same = "The devices' plan sizes do not overlap"
+    limited = ("; each device's plans held to the decode speed in the last column "
+               "(--min-tps)" if limits else "")
     return "\n".join(rows) + (
         f"\n\n{same} (figures/formats.png). Protocol: {p.model}; the exact proxy front "
         f"({p.proxy}, {p.calib_windows} calibration windows of {p.window_len}) at "
         f"{p.points} memory levels per device, with the bytes each device's engine holds each "
-        f"format in; {p.measure}; speed: {p.speed} of {p.context}. Reproduce: "
-        "`.venv/bin/python experiments/studies.py fronts`.")
+        f"format in{limited}; {p.measure}; speed: {p.speed} of {p.context}. Reproduce: "
+        f"`.venv/bin/python experiments/studies.py {directory}`.")
 
 
 def studies_families(store: Store) -> str:
@@ -901,7 +912,8 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "peak-memory": peak_memory, "level2-workers": level2_workers,
             "dtype": dtype, "scale": scale, "projection-8b": projection_8b,
             "quality": quality, "studies-layers": studies_layers,
-            "studies-fronts": studies_fronts, "studies-families": studies_families}
+            "studies-fronts": studies_fronts, "studies-families": studies_families,
+            "studies-fronts-speed": lambda store: studies_fronts(store, "fronts-speed")}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

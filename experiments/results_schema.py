@@ -685,6 +685,7 @@ class FrontsProtocol(_Model):
     measure: str
     speed: str
     context: int
+    min_tps: dict[str, float] = {}  # studies run before speed limits existed have none
 
 
 class FrontPoint(_Model):
@@ -695,6 +696,7 @@ class FrontPoint(_Model):
 
 class EqualMemoryPlan(_Model):
     formats: dict[str, Any]
+    tokens_per_s: float | None = None
 
 
 class EqualMemory(_Model):
@@ -748,10 +750,12 @@ class FamiliesStudy(_Model):
 
 STUDIES: dict[str, type[_Model]] = {"layers": LayersStudy, "fronts": FrontsStudy,
                                     "families": FamiliesStudy}
+# a study run again under other settings, in its own directory: directory -> study
+STUDY_RUNS = {"fronts-speed": "fronts"}
 
 
 def validate_study(path: str | Path, name: str) -> Any:
-    """Read and validate a study's results (studies/NAME/NAME.json) as its model;
+    """Read and validate a study's results (studies/DIR/NAME.json) as its model;
     ResultsError (one line) if the renderer cannot use it, FileNotFoundError if absent."""
     path = Path(path)
     try:

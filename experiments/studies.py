@@ -2,11 +2,13 @@
 figure. Each study works in experiments/runs/studies/NAME (resumable: a rerun continues it);
 its results (JSON, CSV, figures) are copied to experiments/results/studies/NAME when it is done.
 
-    .venv/bin/python experiments/studies.py layers [fronts families] [--qwen-table PATH]
+    .venv/bin/python experiments/studies.py layers [fronts fronts-speed families] [--qwen-table PATH]
 
 `layers` compares SmolLM2-135M with Qwen2.5-Coder-1.5B and reads the 1.5B's sensitivity table
 from the scale benchmark's search (experiments/runs/scale/qwen1.5b@4/search/sensitivity.json),
-whose Fisher pass takes most of an hour here; SmolLM2's is built by the study.
+whose Fisher pass takes most of an hour here; SmolLM2's is built by the study. `fronts-speed`
+is `fronts` with a decode speed each device must reach (--min-tps): between each device's
+equal-memory optimum and its fastest plan of that size, so that the limit binds.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ COMMANDS = {
     "fronts": lambda: ["study", "fronts", "--model", "smollm2-135m", "--devices",
                        "jetson-orin-nano-8gb,raspberry-pi-5-8gb,rtx-4090",
                        "--calib-text", str(CALIB_TEXT)],
+    "fronts-speed": lambda: COMMANDS["fronts"]() + [
+        "--min-tps", "jetson-orin-nano-8gb=178,raspberry-pi-5-8gb=56,rtx-4090=402"],
     "families": lambda: ["study", "families", "--model", "smollm2-135m", "--bits",
                          "2.5,3,3.5,4", "--calib-text", str(CALIB_TEXT)],
 }
@@ -45,8 +49,10 @@ KEPT = ("*.json", "*.csv", "figures/*.png")
 
 def run(name: str) -> None:
     out = RUNS / name
-    command = [sys.executable, "-m", "autocompress.cli", *COMMANDS[name](), "--out", str(out)]
-    if (out / f"{name}.json").is_file():
+    args = COMMANDS[name]()
+    study = args[1]  # the study's own name: its results file is STUDY.json
+    command = [sys.executable, "-m", "autocompress.cli", *args, "--out", str(out)]
+    if (out / f"{study}.json").is_file():
         command.append("--resume")
     print(" ".join(command[2:]), flush=True)
     subprocess.run(command, check=True)

@@ -316,6 +316,10 @@ ROWS = [
      "unknown device"),
     ("study fronts --model {model} --devices rtx-4090 --out {tmp}/s", 2, "at least two"),
     ("study fronts --model {model} --out {tmp}/s", 2, "at least two"),
+    ("study fronts --model {model} --devices rtx-4090,raspberry-pi-5-8gb --min-tps "
+     "rtx-4090:50 --out {tmp}/s", 2, "is not DEVICE=TOKENS_PER_S"),
+    ("study fronts --model {model} --devices rtx-4090,raspberry-pi-5-8gb --min-tps "
+     "jetson-orin-nano-8gb=50 --out {tmp}/s", 2, "not among --devices"),
     ("study families --model {model} --bits 3,four --out {tmp}/s", 2, "bits per weight"),
     ("study families --model {model} --families quantisation --out {tmp}/s", 2, "choose from"),
     # a cluster nothing answers on: said in seconds, before the table (Ray would retry for

@@ -7,6 +7,9 @@ uncompressed model on held-out windows of the calibration text; a plan two devic
 measured once) and its decode speed predicted by the device's latency model. Then, at one
 memory level inside every device's range, each device's optimum is solved again and their
 plans compared layer by layer (bits per weight as each device holds them: a heat map).
+With ``min_tps`` (a decode speed each device must reach, its latency model's prediction)
+every front and the equal-memory optima are solved under that limit too, so that a device
+whose engine decodes some formats slowly trades them for others.
 
 Outputs in ``out``: fronts.json (protocol, every point, the comparison at equal memory),
 fronts.csv, figures/front-DEVICE.png (KL against memory, coloured by predicted tokens/s),
@@ -51,6 +54,16 @@ class FrontsSettings:
     context: int = 2048
     calib_text: str | None = None
     proxy: str = "fisher"
+    # device -> the decode tokens/s its plans must reach (devices not named: no limit)
+    min_tps: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        for device, tps in self.min_tps:
+            if device not in self.devices:
+                raise AutocompressError(f"--min-tps names {device!r}, which is not among "
+                                        f"--devices ({', '.join(self.devices)})")
+            if not tps > 0:
+                raise AutocompressError(f"--min-tps for {device} must be positive, got {tps}")
 
 
 def run_fronts(loaded: LoadedModel, settings: FrontsSettings, out: Path, resume: bool = False,
@@ -69,6 +82,7 @@ def run_fronts(loaded: LoadedModel, settings: FrontsSettings, out: Path, resume:
                              settings.eval_windows, settings.window_len)
     protocol = {"model": loaded.identity.name, "model_hash": loaded.identity.content_hash,
                 **asdict(settings), "devices": list(settings.devices),
+                "min_tps": dict(settings.min_tps),
                 "calib_digest": calib.digest,
                 "measure": f"KL to the uncompressed model on the last {settings.eval_windows} "
                            f"held-out windows of {settings.window_len} tokens of the calibration "
@@ -80,15 +94,25 @@ def run_fronts(loaded: LoadedModel, settings: FrontsSettings, out: Path, resume:
     tables = space.table_configs(loaded)
     groups = space.decision_groups(loaded.layers)
     held = {name: _held_bytes(loaded, table, profile) for name, profile in profiles.items()}
-    problems = {name: Problem(table, groups, int(h.max(axis=1).sum()), size=h)
-                for name, h in held.items()}  # capacity: the largest plan's (the whole front)
+    decodes = {name: DeviceDecode(loaded, profile, settings.context)
+               for name, profile in profiles.items()}
+    min_tps = dict(settings.min_tps)
+    # capacity: the largest plan's (the whole front); the device's speed limit, if any
+    problems = {name: Problem(table, groups, int(h.max(axis=1).sum()), size=h,
+                              limits=_speed_limit(decodes[name], table, groups,
+                                                  min_tps.get(name)))
+                for name, h in held.items()}
 
     fronts = {}
     for name, problem in problems.items():
-        decode = DeviceDecode(loaded, profiles[name], settings.context)
+        decode = decodes[name]
         fronts[name] = [_point(loaded, problem, choice, fraction, tables, decode, settings,
                                profiles[name])
                         for fraction, choice in problem.front(settings.points)]
+        if not fronts[name]:
+            raise AutocompressError(f"no plan of the space decodes at {min_tps[name]:g} "
+                                    f"tokens/s on {name} (its latency model): lower its "
+                                    "--min-tps")
     plans = {p["signature"]: p["configs"] for front in fronts.values() for p in front}
     todo = [s for s in plans if s not in results.done]
     if todo:
@@ -103,11 +127,16 @@ def run_fronts(loaded: LoadedModel, settings: FrontsSettings, out: Path, resume:
             p.update({k: results.done[p["signature"]][k] for k in ("kl", "ppl")})
             del p["configs"]
     results.data["devices"] = fronts
-    results.data["equal_memory"] = _equal_memory(loaded, problems, held)
+    results.data["equal_memory"] = _equal_memory(loaded, problems, held, fronts, decodes,
+                                                  tables)
     results.save()
     atomic_write_text(out / "fronts.csv", _csv(fronts))
     _figures(results.data, out / "figures")
     return results.data
+
+
+def _speed_limit(decode: DeviceDecode, table, groups, min_tps: float | None) -> tuple:
+    return () if min_tps is None else (decode.limit(table, groups, 1.0 / min_tps),)
 
 
 def _held_bytes(loaded, table, profile) -> np.ndarray:
@@ -139,10 +168,15 @@ def _format_counts(configs) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def _equal_memory(loaded, problems: dict[str, Problem], held: dict[str, np.ndarray]) -> dict:
+def _equal_memory(loaded, problems: dict[str, Problem], held: dict[str, np.ndarray],
+                  fronts: dict[str, list[dict]], decodes: dict[str, DeviceDecode],
+                  tables: dict) -> dict:
     """Every device's optimum at one layer-byte level inside all their ranges: bits per weight
-    per layer as each device holds them, and the layers whose formats differ."""
-    low = max(p.min_bytes for p in problems.values())
+    per layer as each device holds them, and the layers whose formats differ. Under a speed
+    limit a device's range starts at its front's smallest plan (a smaller one may be slower
+    than the limit allows)."""
+    low = max(min(p["layer_bytes"] for p in fronts[name]) if problem.limits else
+              problem.min_bytes for name, problem in problems.items())
     high = min(p.capacity for p in problems.values())
     if low > high:
         return {"capacity_bytes": None, "note": "the devices' plan sizes do not overlap"}
@@ -151,7 +185,9 @@ def _equal_memory(loaded, problems: dict[str, Problem], held: dict[str, np.ndarr
     for name, problem in problems.items():
         choice = problem.per_layer(problem.solve(capacity=capacity))
         sizes = held[name][np.arange(len(choice)), choice]
+        configs = problem.table.configs(choice)
         per_device[name] = {
+            "tokens_per_s": decodes[name].estimate({**configs, **tables}).tokens_per_s,
             "formats": {layer.name: problem.table.options[i][choice[i]].short()
                         for i, layer in enumerate(loaded.layers)},
             "bits_per_weight": {layer.name: round(8 * int(sizes[i]) / layer.n_params, 3)

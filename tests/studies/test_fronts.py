@@ -84,3 +84,48 @@ def test_an_interrupted_study_resumes_without_measuring_a_plan_twice(tiny_loaded
     with pytest.raises(AutocompressError, match="other settings.*points"):
         run_fronts(tiny_loaded, fronts.FrontsSettings(**{**SETTINGS.__dict__, "points": 4}),
                    tmp_path, resume=True, progress=False, log=lambda m: None)
+
+
+def _quick_meter(monkeypatch):
+    """Plans 'measured' instantly (the speed limit is what these tests are about)."""
+    monkeypatch.setattr(PlanMeter, "measure", lambda self, configs, desc="measure":
+                        {"kl": 0.1, "ppl": 2.0})
+
+
+def test_a_speed_limit_keeps_that_devices_plans_at_or_above_it(tiny_loaded, tmp_path,
+                                                               monkeypatch):
+    _quick_meter(monkeypatch)
+    free = run_fronts(tiny_loaded, SETTINGS, tmp_path / "free", progress=False,
+                      log=lambda m: None)
+    pi = "raspberry-pi-5-8gb"
+    speeds = sorted(p["tokens_per_s"] for p in free["devices"][pi])
+    assert speeds[0] < speeds[-1]  # the front spans speeds: a limit inside it binds
+    limit = (speeds[0] + speeds[-1]) / 2
+    settings = FrontsSettings(**{**SETTINGS.__dict__, "min_tps": ((pi, limit),)})
+    limited = run_fronts(tiny_loaded, settings, tmp_path / "limited", progress=False,
+                         log=lambda m: None)
+    front = limited["devices"][pi]
+    assert front and all(p["tokens_per_s"] >= limit * (1 - 1e-9) for p in front)
+    assert [p["tokens_per_s"] for p in free["devices"][pi]] != [p["tokens_per_s"] for p in front]
+    # the other devices keep their free fronts, and the protocol names the limit
+    for device in set(DEVICES) - {pi}:
+        assert [p["signature"] for p in limited["devices"][device]] == \
+            [p["signature"] for p in free["devices"][device]]
+    assert limited["protocol"]["min_tps"] == {pi: limit}
+    # at equal memory too: the Pi's optimum meets its limit, the free one does not need to
+    equal = limited["equal_memory"]["devices"]
+    assert equal[pi]["tokens_per_s"] >= limit * (1 - 1e-9)
+    assert all(d["tokens_per_s"] > 0 for d in free["equal_memory"]["devices"].values())
+
+
+@pytest.mark.parametrize("min_tps, message", [
+    ((("raspberry-pi-5-8gb", 1e9),), "no plan of the space decodes at 1e\\+09 tokens/s"),
+    ((("jetson-agx-orin", 5.0),), "not among --devices"),
+    ((("rtx-4090", 0.0),), "must be positive"),
+])
+def test_an_impossible_or_misnamed_speed_limit_is_one_line(tiny_loaded, tmp_path, monkeypatch,
+                                                           min_tps, message):
+    _quick_meter(monkeypatch)
+    with pytest.raises(AutocompressError, match=message):
+        run_fronts(tiny_loaded, FrontsSettings(**{**SETTINGS.__dict__, "min_tps": min_tps}),
+                   tmp_path, progress=False, log=lambda m: None)
