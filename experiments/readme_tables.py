@@ -207,6 +207,26 @@ def quality(store: Store) -> str:
             f"calibration {p.calibration}{signround}; recovery {p.recovery}; machine {p.machine}.")
 
 
+def recovery(store: Store) -> str:
+    data = store.get("recovery.json")
+    p, entries = data.protocol, data.entries
+    before = entries["before"]
+    rows = ["| recovery | trained on | steps (best) | held-out KL | change | test ppl | time |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| none (the plan after learned rounding) | | | {before.holdout_kl:.4f} | | "
+            f"{_fmt_ppl(before.test_ppl)} | |"]
+    for key, e in entries.items():
+        if key == "before":
+            continue
+        rows.append(f"| {key} | {e.kd.train_windows} windows | {e.kd.steps} ({e.kd.best_step}) "
+                    f"| {e.holdout_kl_after:.4f} | {100 * e.holdout_kl_change:+.1f}% | "
+                    f"{_fmt_ppl(e.test_ppl)} | {_secs(e.recover_s)} s |")
+    return ("\n".join(rows) + f"\n\nThe search reported held-out KL {before.search_reported_kl:.4f} "
+            f"for this plan before its recovery; measured here {before.holdout_kl:.4f}. Protocol: "
+            f"{p.model}; plan {p.plan}; held-out: {p.holdout}; test: {p.eval}; {p.recovery}; "
+            f"machine {p.machine}. Reproduce: `.venv/bin/python experiments/recovery.py`.")
+
+
 def _kernels_notes(e: dict) -> str:
     decode = {k: r for k, r in e.items() if k not in ("bandwidth", "kernels")}
     packed = {k: r for k, r in decode.items() if r.resident_over_plan is not None}
@@ -877,6 +897,29 @@ def studies_fronts(store: Store, directory: str = "fronts") -> str:
         f"`.venv/bin/python experiments/studies.py {directory}`.")
 
 
+def studies_proxies(store: Store) -> str:
+    data = _study(store, "proxies")
+    p = data.protocol
+    families = [*p.families, "all"]
+    rows = ["| model | proxy | table | " + " | ".join(f"{f}" for f in families) + " |",
+            "| --- | --- | ---: |" + " ---: |" * len(families)]
+    for spec, entry in data.models.items():
+        for name, record in entry.proxies.items():
+            cells = [_rho(record.families[f].spearman) if f in record.families else "–"
+                     for f in families]
+            rows.append(f"| {Path(spec).name} | {name} | {_secs(record.table_s)} s | "
+                        + " | ".join(cells) + " |")
+    plans = {Path(spec).name: len(e.plans) for spec, e in data.models.items()}
+    text = Path(p.calib_text).name if p.calib_text else "the default corpus"
+    return "\n".join(rows) + (
+        f"\n\nSpearman ρ between each proxy's additive prediction and the measured KL of random "
+        f"plans per option family ({p.plans_per_family} per family; plans measured: "
+        f"{', '.join(f'{m} {n}' for m, n in plans.items())}); table: the wall time of the "
+        f"proxy's table on {p.calib_windows} calibration windows of {p.window_len} tokens of "
+        f"{text}. Protocol: {p.measured}; cost: {p.cost}. Reproduce: `.venv/bin/python "
+        "experiments/studies.py proxies`.")
+
+
 def studies_families(store: Store) -> str:
     data = _study(store, "families")
     p = data.protocol
@@ -913,7 +956,8 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "dtype": dtype, "scale": scale, "projection-8b": projection_8b,
             "quality": quality, "studies-layers": studies_layers,
             "studies-fronts": studies_fronts, "studies-families": studies_families,
-            "studies-fronts-speed": lambda store: studies_fronts(store, "fronts-speed")}
+            "studies-fronts-speed": lambda store: studies_fronts(store, "fronts-speed"),
+            "recovery": recovery, "studies-proxies": studies_proxies}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

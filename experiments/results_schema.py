@@ -565,6 +565,43 @@ class GgufSearch(_Model):
 Entry = Callable[[str], "type[BaseModel] | None"]
 
 
+# ---------------------------------------------------------------- recovery.json
+
+
+class RecoveryProtocol(_Model):
+    model: str
+    plan: str
+    holdout: str
+    eval: str
+    recovery: str
+    machine: str
+
+
+class RecoveryBefore(_Model):
+    holdout_kl: float
+    test_ppl: float
+    search_reported_kl: float
+
+
+class RecoveryRecordRow(_Model):
+    steps: int
+    best_step: int
+    lr: float
+    train_windows: int
+    val_windows: int
+    kl_before: float
+    kl_after: float
+
+
+class RecoveryRow(_Model):
+    holdout_kl_after: float
+    holdout_kl_change: float
+    test_ppl: float
+    recover_s: float
+    settings: dict[str, Any]
+    kd: RecoveryRecordRow
+
+
 @dataclass(frozen=True)
 class FileSpec:
     """protocol: its model; entry(key): the model of that entry, None for entries no section
@@ -621,6 +658,8 @@ SPECS: dict[str, FileSpec] = {
                                    keys=r"[\w.-]+ from [\w.-]+@\d+"),
     "dtype.json": FileSpec(DtypeProtocol, _by_key({}, DtypeRun),
                            keys=r"(?:float32|bfloat16|float16)/[\w-]+"),
+    "recovery.json": FileSpec(RecoveryProtocol, _by_key({"before": RecoveryBefore}, RecoveryRow),
+                              keys=r"before|kd-\d+w[\w.-]*", required=("before",)),
     "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),
                                      required=("fisher",)),
 }
@@ -748,8 +787,40 @@ class FamiliesStudy(_Model):
     cells: dict[str, FamilyCell]
 
 
+class ProxiesProtocol(_Model):
+    families: list[str]
+    plans_per_family: int
+    calib_windows: int
+    holdout_windows: int
+    window_len: int
+    measured: str
+    cost: str
+    calib_text: str | None = None
+
+
+class Correlation(_Model):
+    spearman: float | None
+    kendall: float | None
+    plans: int
+
+
+class ProxyRecord(_Model):
+    table_s: float
+    families: dict[str, Correlation]
+
+
+class ProxiesModel(_Model):
+    plans: dict[str, Any]
+    proxies: dict[str, ProxyRecord]
+
+
+class ProxiesStudy(_Model):
+    protocol: ProxiesProtocol
+    models: dict[str, ProxiesModel]
+
+
 STUDIES: dict[str, type[_Model]] = {"layers": LayersStudy, "fronts": FrontsStudy,
-                                    "families": FamiliesStudy}
+                                    "families": FamiliesStudy, "proxies": ProxiesStudy}
 # a study run again under other settings, in its own directory: directory -> study
 STUDY_RUNS = {"fronts-speed": "fronts"}
 

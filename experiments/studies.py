@@ -41,6 +41,8 @@ COMMANDS = {
                        "--calib-text", str(CALIB_TEXT)],
     "fronts-speed": lambda: COMMANDS["fronts"]() + [
         "--min-tps", "jetson-orin-nano-8gb=178,raspberry-pi-5-8gb=56,rtx-4090=402"],
+    "proxies": lambda: ["study", "proxies", "--models", "smollm2-135m",
+                        "--calib-text", str(CALIB_TEXT)],
     "families": lambda: ["study", "families", "--model", "smollm2-135m", "--bits",
                          "2.5,3,3.5,4", "--calib-text", str(CALIB_TEXT)],
 }

@@ -258,3 +258,29 @@ def test_two_runs_filling_one_file_keep_each_others_rows(tmp_path):
     assert list(entries) == ["a", "b", "search@x"]
     assert entries["a"]["speed"] == 9.0 and entries["b"]["speed"] == 8.0
     assert entries["search@x"]["ppl"] == 0.5
+
+
+def test_the_proxies_study_renders_each_models_proxies_per_family(tmp_path):
+    from autocompress.studies.proxies import _csv  # noqa: F401  (the study's own module loads)
+
+    corr = lambda rho, n: {"spearman": rho, "kendall": rho, "plans": n}  # noqa: E731
+    data = {"protocol": {"models": ["smollm2-135m", "/q/qwen.gguf"], "proxies": ["fisher"],
+                         "space": "joint", "families": ["quantization", "2:4"],
+                         "plans_per_family": 3, "calib_windows": 8, "holdout_windows": 4,
+                         "window_len": 512, "calib_text": "/d/wiki.valid.tokens", "seed": 0,
+                         "plans": "…", "measured": "KL on 4 windows", "cost": "wall seconds"},
+            "models": {spec: {"plans": {"quantization/0": {}, "2:4/0": {}},
+                              "proxies": {"fisher": {"table_s": s, "families": {
+                                  "quantization": corr(0.8, 3), "2:4": corr(None, 2),
+                                  "all": corr(0.5, 6)}}}}
+                       for spec, s in (("smollm2-135m", 201.3), ("/q/qwen.gguf", 3300.0))}}
+    path = tmp_path / "studies" / "proxies" / "proxies.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(data))
+    text = readme_tables.studies_proxies(readme_tables.Store(tmp_path))
+    assert "| smollm2-135m | fisher | 201 s | +0.80 | – | +0.50 |" in text
+    assert "| qwen.gguf | fisher | 3300 s | +0.80 | – | +0.50 |" in text
+    data["models"]["smollm2-135m"]["proxies"]["fisher"]["families"]["all"]["plans"] = "six"
+    path.write_text(json.dumps(data))
+    with pytest.raises(results_schema.ResultsError, match="families.all.plans"):
+        readme_tables.studies_proxies(readme_tables.Store(tmp_path))
