@@ -444,7 +444,8 @@ def _stages_note(key: str, stages) -> str:
             f"stages: {' → '.join(steps)} ({h['reported']['kl'] / first['kl'] - 1:+.1%} in all")
     if recovery and h.get("before_recovery"):
         text += f"; recovery alone {h['reported']['kl'] / h['before_recovery']['kl'] - 1:+.1%}"
-        text += (f"; on its own {recovery['val_windows']} validation windows "
+        text += (f"; trained on {recovery['train_windows']} calibration windows, on its own "
+                 f"{recovery['val_windows']} validation windows "
                  f"{recovery['kl_before']:.4f} → {recovery['kl_after']:.4f}, best step "
                  f"{recovery['best_step']} of {recovery['steps']}")
     return text + ")."

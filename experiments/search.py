@@ -11,7 +11,7 @@ GPTQ at a half-bit budget are the largest uniform plans that fit (2 and 3 bits);
 perplexities come from baselines.json (same protocol).
 
     .venv/bin/python experiments/search.py [--budgets 3,2.5,3.5,4] [--device-run] [--label clip]
-        [--rounding signround] [--recover kd]
+        [--rounding signround] [--recover kd [--kd-train-windows N] [--kd-steps N]]
 
 The rows of ``--rounding``/``--recover`` runs hold the plan's held-out KL before and after
 each final stage (``stages``); their test perplexity is the final plan's, built as apply
@@ -64,7 +64,11 @@ def main() -> None:
                         help="search --rounding: learned rounding of the chosen plan")
     parser.add_argument("--recover", choices=["kd"], default=None,
                         help="search --recover kd: distillation recovery of the chosen plan "
-                             "(apply --recover kd's defaults)")
+                             "(apply --recover kd's defaults unless the options below)")
+    parser.add_argument("--kd-train-windows", type=int, default=None,
+                        help="recovery trains on the calibration text's first N windows "
+                             "(default: the plan's calibration windows)")
+    parser.add_argument("--kd-steps", type=int, default=KDSettings().steps)
     parser.add_argument("--label", default=None,
                         help="the keys' prefix instead of the space's name (e.g. clip: the "
                              "joint space since it has clipped grids, beside the older rows)")
@@ -72,7 +76,9 @@ def main() -> None:
     check_data()
     settings = dict(calib_text=str(CALIB_TEXT), trials=args.trials, eval_top=args.eval_top,
                     num_cpus=2, rounding=args.rounding,
-                    recover=KDSettings() if args.recover else None)
+                    recover=KDSettings(steps=args.kd_steps, train_windows=args.kd_train_windows,
+                                       val_windows=8 if args.kd_train_windows else 4)
+                    if args.recover else None)
     if (args.rounding or args.recover) and not args.label:
         parser.error("--rounding and --recover rows need a --label (their keys' prefix)")
     protocol = {

@@ -331,16 +331,14 @@ def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings()
         raise AutocompressError("this plan is already recovered: recover the plan it was "
                                 "made from")
     provenance = recipe.provenance
-    if settings.train_windows is None:
+    train = None
+    if settings.train_windows is None:  # the plan's calibration windows, the text's first
         train = recipe.calib if recipe.calib is not None else \
             calibration_windows(loaded.tokenizer, provenance)
-        n_train = train.shape[0]
-    else:
-        n_train = settings.train_windows
-    extra, val = recovery_windows(loaded.tokenizer, provenance, n_train, settings.val_windows,
-                                  reserved_at_end=_held_out_at_end(plan))
-    if settings.train_windows is not None:
-        train = extra
+    first, val = recovery_windows(loaded.tokenizer, provenance,
+                                  settings.train_windows or train.shape[0],
+                                  settings.val_windows, reserved_at_end=_held_out_at_end(plan))
+    train = first if train is None else train
     # the teacher is the model before the plan is built into it
     teacher = ReferenceCache(loaded.model, train).fill(progress, desc="teacher")
     held_out = ReferenceCache(loaded.model, val).fill(progress, desc="validation")
