@@ -107,6 +107,8 @@ def _add_recover(p: argparse.ArgumentParser) -> None:
                    help="recovery steps, one calibration window each (default 200)")
     p.add_argument("--kd-lr", type=float, default=1e-3,
                    help="Adam's learning rate: relative on scales, absolute on norms")
+    p.add_argument("--kd-schedule", choices=["constant", "cosine"], default="constant",
+                   help="the learning rate over the steps: constant, or cosine-decayed to 0")
     p.add_argument("--kd-val-windows", type=_positive_int, default=4,
                    help="calibration-text windows after the training ones, for early stopping")
     p.add_argument("--kd-train-windows", type=_positive_int, default=None,
@@ -118,7 +120,8 @@ def _kd_settings(args):
     from .compress.recover import KDSettings
 
     return KDSettings(steps=args.kd_steps, lr=args.kd_lr, val_windows=args.kd_val_windows,
-                      train_windows=args.kd_train_windows) if args.recover else None
+                      train_windows=args.kd_train_windows, schedule=args.kd_schedule) \
+        if args.recover else None
 
 
 def _add_placement(p: argparse.ArgumentParser, from_plan: bool = False) -> None:

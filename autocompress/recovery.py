@@ -32,11 +32,13 @@ class RecoveryRecord:
     best_step: int
     lr: float
     seed: int
-    train_windows: int  # the plan's calibration windows
+    train_windows: int  # the calibration text's first (the plan's calibration windows unless
+    # --kd-train-windows asked for more)
     val_windows: int  # the calibration text's windows right after them (early stopping)
     kl_before: float  # on the validation windows, as built
     kl_after: float  # with the recovered tensors, float16 scales
     tensors: str = TENSORS_FILE
+    schedule: str = "constant"  # the learning rate's (plans before it existed: constant)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -211,14 +211,15 @@ def recovery(store: Store) -> str:
     data = store.get("recovery.json")
     p, entries = data.protocol, data.entries
     before = entries["before"]
-    rows = ["| recovery | trained on | steps (best) | held-out KL | change | test ppl | time |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-            f"| none (the plan after learned rounding) | | | {before.holdout_kl:.4f} | | "
+    rows = ["| recovery | trained on | learning rate | steps (best) | held-out KL | change | "
+            "test ppl | time |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+            f"| none (the plan after learned rounding) | | | | {before.holdout_kl:.4f} | | "
             f"{_fmt_ppl(before.test_ppl)} | |"]
     for key, e in entries.items():
         if key == "before":
             continue
-        rows.append(f"| {key} | {e.kd.train_windows} windows | {e.kd.steps} ({e.kd.best_step}) "
+        lr = f"{e.settings.get('lr', e.kd.lr):g}, {e.settings.get('schedule', 'constant')}"
+        rows.append(f"| {key} | {e.kd.train_windows} windows | {lr} | {e.kd.steps} ({e.kd.best_step}) "
                     f"| {e.holdout_kl_after:.4f} | {100 * e.holdout_kl_change:+.1f}% | "
                     f"{_fmt_ppl(e.test_ppl)} | {_secs(e.recover_s)} s |")
     return ("\n".join(rows) + f"\n\nThe search reported held-out KL {before.search_reported_kl:.4f} "

@@ -38,6 +38,9 @@ PLAN = REPO / "experiments" / "configs" / "plans" / "smollm2-3bit-searched-round
 ROWS = (
     ("kd-8w", KDSettings()),
     ("kd-64w", KDSettings(steps=400, train_windows=64, val_windows=8)),
+    # the same mean step, cosine-decayed from twice the constant rate to 0
+    ("kd-64w-cos", KDSettings(steps=400, train_windows=64, val_windows=8, lr=2e-3,
+                              schedule="cosine")),
     ("kd-128w", KDSettings(steps=600, train_windows=128, val_windows=8)),
 )
 

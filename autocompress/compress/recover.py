@@ -18,6 +18,8 @@ A checkpoint (trained tensors, optimiser state, step) is written atomically ever
 
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +35,9 @@ from ..evaluate import ReferenceCache, evaluate
 from .codes_linear import CodesLinear, decode
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class KDSettings:
     steps: int = 200
@@ -45,8 +50,14 @@ class KDSettings:
     # None: the plan's own calibration windows; else this many from the calibration text's
     # start (the plan's among them): a few windows seen for many steps over-fit them
     train_windows: int | None = None
+    # the learning rate over the run: constant, or cosine-decayed from lr to 0 at ``steps``
+    # (the late steps then refine instead of jumping around the optimum)
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise AutocompressError(f"KD schedule must be one of {', '.join(SCHEDULES)}, got "
+                                    f"{self.schedule!r}")
         for name in ("steps", "eval_every", "patience", "checkpoint_every", "val_windows",
                      "train_windows"):
             value = getattr(self, name)
@@ -199,6 +210,8 @@ class KDRecovery:
                            disable=not self.progress, leave=False)
                 model.train(False)  # no dropout: the teacher's forward, with gradients
                 while step < s.steps:
+                    for group in optimizer.param_groups:  # from the step alone: resumes alike
+                        group["lr"] = s.lr * _lr_factor(s.schedule, step, s.steps)
                     index = order[step % len(order)]
                     loss = self._kl_loss(model, teacher, index)
                     optimizer.zero_grad(set_to_none=True)
@@ -268,6 +281,12 @@ class KDRecovery:
             raise AutocompressError(f"the recovery checkpoint {self.checkpoint} cannot be "
                                     f"resumed ({exc}); delete it to start over") from None
         return saved["step"], saved["history"], saved["best"]
+
+
+def _lr_factor(schedule: str, step: int, steps: int) -> float:
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return 1.0
 
 
 def _stalled(history: list[tuple[int, float]], best_step: int, patience: int) -> bool:
@@ -347,7 +366,8 @@ def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings()
         data = tensors_bytes(result.tensors)
         record = RecoveryRecord(
             method="kd", sha256=digest(data), steps=result.steps_run,
-            best_step=result.best_step, lr=settings.lr, seed=settings.seed,
+            best_step=result.best_step, lr=settings.lr, schedule=settings.schedule,
+            seed=settings.seed,
             train_windows=int(train.shape[0]), val_windows=int(val.shape[0]),
             kl_before=result.kl_before, kl_after=result.kl_after)
         yield model, replace_field(plan, recovery=record), data

@@ -75,16 +75,49 @@ def test_recovered_tensors_rebuild_the_same_model_and_refuse_another_plan(tiny_l
             apply_recovered(model, result.tensors)
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(monkeypatch, steps):
+    """KDRecovery interrupted at its ``steps``+1-th training step, as a kill would stop it
+    after the checkpoint of step ``steps``."""
+    real, seen = KDRecovery._kl_loss, []
+
+    def loss(model, teacher, index):
+        if len(seen) == steps:
+            raise _Stop
+        seen.append(index)
+        return real(model, teacher, index)
+    monkeypatch.setattr(KDRecovery, "_kl_loss", staticmethod(loss))
+
+
+def test_the_cosine_schedule_decays_to_zero():
+    from autocompress.compress.recover import _lr_factor
+
+    assert _lr_factor("cosine", 0, 100) == 1.0
+    assert _lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+    assert _lr_factor("cosine", 99, 100) < 1e-3
+    assert {_lr_factor("constant", s, 100) for s in (0, 50, 99)} == {1.0}
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_an_interrupted_recovery_resumes_from_its_checkpoint_to_the_same_result(
-        tiny_loaded, tmp_path):
+        tiny_loaded, tmp_path, monkeypatch, schedule):
     teacher, holdout = _references(tiny_loaded)
-    full = KDSettings(steps=12, lr=2e-2, eval_every=4, checkpoint_every=4, patience=10)
+    full = KDSettings(steps=12, lr=2e-2, eval_every=4, checkpoint_every=4, patience=10,
+                      schedule=schedule)
     with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
         straight = KDRecovery(full, progress=False).run(model, teacher, holdout)
+    assert straight.kl_after < straight.kl_before
     checkpoint = tmp_path / "kd.pt"
-    first = KDSettings(steps=8, lr=2e-2, eval_every=4, checkpoint_every=4, patience=10)
-    with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
-        KDRecovery(first, checkpoint, progress=False).run(model, teacher, holdout)  # "stopped"
+    # stopped after 8 of the 12 steps (a kill would leave this checkpoint), then resumed: the
+    # learning rate of each step follows the 12-step schedule all the same
+    with monkeypatch.context() as patch:
+        _stop_after(patch, 8)
+        with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+            with pytest.raises(_Stop):
+                KDRecovery(full, checkpoint, progress=False).run(model, teacher, holdout)
     with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
         resumed = KDRecovery(full, checkpoint, progress=False).run(model, teacher, holdout)
     assert [s for s, _ in resumed.history] == [s for s, _ in straight.history] == [0, 4, 8, 12]
