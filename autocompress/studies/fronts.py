@@ -109,7 +109,7 @@ def run_fronts(loaded: LoadedModel, settings: FrontsSettings, out: Path, resume:
         fronts[name] = [_point(loaded, problem, choice, fraction, tables, decode, settings,
                                profiles[name])
                         for fraction, choice in problem.front(settings.points)]
-        if not fronts[name]:
+        if not fronts[name] and name in min_tps:
             raise AutocompressError(f"no plan of the space decodes at {min_tps[name]:g} "
                                     f"tokens/s on {name} (its latency model): lower its "
                                     "--min-tps")
