@@ -76,11 +76,11 @@ def signals_unwind(then_ignore: bool = False):
     try:
         yield True
     finally:
+        if then_ignore:  # first: a signal during the rest of this cleanup changes nothing
+            ignore_further_signals()
         signal.setitimer(signal.ITIMER_REAL, 0)
         _SWALLOWED.clear()
         sys.unraisablehook = previous_hook
-        if then_ignore:
-            ignore_further_signals()
         for sig, handler in handlers.items():
             if not (then_ignore and sig in (signal.SIGINT, signal.SIGTERM)):
                 signal.signal(sig, handler)
