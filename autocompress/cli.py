@@ -103,21 +103,27 @@ def _add_recover(p: argparse.ArgumentParser) -> None:
                    help="kd: train the quantized layers' scales and the norms towards the "
                         "uncompressed model's next-token distributions on the calibration "
                         "windows (same format and bytes); written beside the plan")
-    p.add_argument("--kd-steps", type=_positive_int, default=200,
-                   help="recovery steps, one calibration window each (default 200)")
-    p.add_argument("--kd-lr", type=float, default=1e-3,
-                   help="Adam's learning rate: relative on scales, absolute on norms")
-    p.add_argument("--kd-schedule", choices=["constant", "cosine"], default="constant",
-                   help="the learning rate over the steps: constant, or cosine-decayed to 0")
-    p.add_argument("--kd-val-windows", type=_positive_int, default=4,
-                   help="calibration-text windows after the training ones, for early stopping")
-    p.add_argument("--kd-train-windows", type=_positive_int, default=None,
-                   help="train on the calibration text's first N windows (default: the plan's "
-                        "calibration windows); never the windows its held-out figures came from")
+    from .recovery import KDSettings  # light: no torch before the handlers are in place
+
+    kd = KDSettings()  # the defaults, in one place
+    p.add_argument("--kd-steps", type=_positive_int, default=kd.steps,
+                   help="recovery steps, one training window each (default %(default)s)")
+    p.add_argument("--kd-lr", type=float, default=kd.lr,
+                   help="Adam's learning rate: relative on scales, absolute on norms "
+                        "(default %(default)s)")
+    p.add_argument("--kd-schedule", choices=["constant", "cosine"], default=kd.schedule,
+                   help="the learning rate over the steps: constant, or cosine-decayed to 0 "
+                        "(default %(default)s)")
+    p.add_argument("--kd-val-windows", type=_positive_int, default=kd.val_windows,
+                   help="calibration-text windows after the training ones, for early stopping "
+                        "(default %(default)s)")
+    p.add_argument("--kd-train-windows", type=_positive_int, default=kd.train_windows,
+                   help="train on the calibration text's first N windows (default "
+                        "%(default)s); never the windows the plan's held-out figures came from")
 
 
 def _kd_settings(args):
-    from .compress.recover import KDSettings
+    from .recovery import KDSettings
 
     return KDSettings(steps=args.kd_steps, lr=args.kd_lr, val_windows=args.kd_val_windows,
                       train_windows=args.kd_train_windows, schedule=args.kd_schedule) \

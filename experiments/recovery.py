@@ -36,11 +36,14 @@ from autocompress.search.holdout import holdout_windows  # noqa: E402
 PLAN = REPO / "experiments" / "configs" / "plans" / "smollm2-3bit-searched-rounded.json"
 # (label, settings): the search's own recovery first (its defaults, the plan's 8 windows)
 ROWS = (
-    ("kd-8w", KDSettings()),
+    ("kd-8w", KDSettings(steps=200, lr=1e-3, schedule="constant", train_windows=None,
+                         val_windows=4)),  # the defaults the search's row ran with
     ("kd-64w", KDSettings(steps=400, train_windows=64, val_windows=8)),
     # the same mean step, cosine-decayed from twice the constant rate to 0
     ("kd-64w-cos", KDSettings(steps=400, train_windows=64, val_windows=8, lr=2e-3,
                               schedule="cosine")),
+    ("kd-128w-cos", KDSettings(steps=600, train_windows=128, val_windows=8, lr=2e-3,
+                               schedule="cosine")),
     ("kd-128w", KDSettings(steps=600, train_windows=128, val_windows=8)),
 )
 

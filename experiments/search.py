@@ -65,10 +65,12 @@ def main() -> None:
     parser.add_argument("--recover", choices=["kd"], default=None,
                         help="search --recover kd: distillation recovery of the chosen plan "
                              "(apply --recover kd's defaults unless the options below)")
-    parser.add_argument("--kd-train-windows", type=int, default=None,
+    parser.add_argument("--kd-train-windows", type=int, default=KDSettings().train_windows,
                         help="recovery trains on the calibration text's first N windows "
-                             "(default: the plan's calibration windows)")
+                             "(0: the plan's calibration windows only, as the sr-kd rows)")
     parser.add_argument("--kd-steps", type=int, default=KDSettings().steps)
+    parser.add_argument("--kd-lr", type=float, default=KDSettings().lr)
+    parser.add_argument("--kd-schedule", default=KDSettings().schedule)
     parser.add_argument("--label", default=None,
                         help="the keys' prefix instead of the space's name (e.g. clip: the "
                              "joint space since it has clipped grids, beside the older rows)")
@@ -76,7 +78,9 @@ def main() -> None:
     check_data()
     settings = dict(calib_text=str(CALIB_TEXT), trials=args.trials, eval_top=args.eval_top,
                     num_cpus=2, rounding=args.rounding,
-                    recover=KDSettings(steps=args.kd_steps, train_windows=args.kd_train_windows,
+                    recover=KDSettings(steps=args.kd_steps, lr=args.kd_lr,
+                                       schedule=args.kd_schedule,
+                                       train_windows=args.kd_train_windows or None,
                                        val_windows=8 if args.kd_train_windows else 4)
                     if args.recover else None)
     if (args.rounding or args.recover) and not args.label:

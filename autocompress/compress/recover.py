@@ -13,7 +13,7 @@ A checkpoint (trained tensors, optimiser state, step) is written atomically ever
 ``checkpoint_every`` steps; a run given the same checkpoint path resumes from it.
 
     with compressed_in_place(loaded, plan, calib, codes=True) as model:
-        result = KDRecovery(KDSettings(steps=200)).run(model, teacher, holdout_teacher)
+        result = KDRecovery(KDSettings(steps=400)).run(model, teacher, holdout_teacher)
 """
 
 from __future__ import annotations
@@ -31,42 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import AutocompressError
+from ..recovery import KDSettings
 from ..evaluate import ReferenceCache, evaluate
 from .codes_linear import CodesLinear, decode
-
-
-SCHEDULES = ("constant", "cosine")
-
-
-@dataclass(frozen=True)
-class KDSettings:
-    steps: int = 200
-    lr: float = 1e-3  # Adam's step on log-scales (relative) and on norm weights (absolute)
-    eval_every: int = 20
-    patience: int = 3
-    checkpoint_every: int = 20
-    seed: int = 0
-    val_windows: int = 4  # the calibration text's windows after the training ones
-    # None: the plan's own calibration windows; else this many from the calibration text's
-    # start (the plan's among them): a few windows seen for many steps over-fit them
-    train_windows: int | None = None
-    # the learning rate over the run: constant, or cosine-decayed from lr to 0 at ``steps``
-    # (the late steps then refine instead of jumping around the optimum)
-    schedule: str = "constant"
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise AutocompressError(f"KD schedule must be one of {', '.join(SCHEDULES)}, got "
-                                    f"{self.schedule!r}")
-        for name in ("steps", "eval_every", "patience", "checkpoint_every", "val_windows",
-                     "train_windows"):
-            value = getattr(self, name)
-            if name == "train_windows" and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise AutocompressError(f"KD {name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            raise AutocompressError(f"KD learning rate must be in (0, 1), got {self.lr!r}")
 
 
 @dataclass
