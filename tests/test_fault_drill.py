@@ -58,7 +58,15 @@ def _start(argv: list[str], fault: str | None = None) -> subprocess.Popen:
     if fault:
         env["AUTOCOMPRESS_FAULT"] = fault
     return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=env,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
+
+
+def _ctrl_c_as_at_a_terminal() -> None:
+    """A suite started in the background (``cmd &`` in a script) inherits SIGINT ignored, and
+    so would the program, as POSIX asks of background jobs: the drill wants it as at a
+    terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _what_counts(out: Path) -> dict:

@@ -20,6 +20,15 @@ class _SignalsInFinalizer:
         time.sleep(0.05)  # the handler runs here, inside the finalizer
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_as_at_a_terminal():
+    """A suite started in the background inherits SIGINT ignored (POSIX, for ``cmd &``);
+    these tests want Python's own KeyboardInterrupt handler, as at a terminal."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _ordinary_work():
     for _ in range(200):
         time.sleep(0.001)
