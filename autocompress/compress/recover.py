@@ -288,16 +288,6 @@ def recovery_windows(tokenizer, provenance, n_train: int, n_val: int,
     return windows[:n_train], windows[n_train:]
 
 
-def _held_out_at_end(plan) -> int:
-    """How many windows at the calibration text's end the plan's held-out figures came from
-    (none when they came from another text)."""
-    holdout = (plan.figures or {}).get("holdout") or {}
-    if holdout.get("text") != plan.provenance.calib_text:
-        return 0
-    from_end = holdout.get("from_end")
-    return from_end if isinstance(from_end, int) and from_end > 0 else 0
-
-
 @contextmanager
 def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings(),
                        checkpoint: Path | None = None,
@@ -311,6 +301,7 @@ def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings()
 
     from ..provenance import calibration_windows
     from ..recovery import RecoveryRecord, digest, tensors_bytes
+    from ..search.holdout import windows_held_out_at_end
     from .reproduce import built_in_place
 
     if plan.recovery is not None:
@@ -323,7 +314,7 @@ def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings()
             calibration_windows(loaded.tokenizer, provenance)
     first, val = recovery_windows(loaded.tokenizer, provenance,
                                   settings.train_windows or train.shape[0],
-                                  settings.val_windows, reserved_at_end=_held_out_at_end(plan))
+                                  settings.val_windows, reserved_at_end=windows_held_out_at_end(plan))
     train = first if train is None else train
     # the teacher is the model before the plan is built into it
     teacher = ReferenceCache(loaded.model, train).fill(progress, desc="teacher")

@@ -47,3 +47,14 @@ def holdout_windows(tokenizer: Any, plan) -> tuple[torch.Tensor, str, dict | Non
         raise AutocompressError(f"the held-out windows of {stream.source} differ from the ones "
                                 "the search measured (the text changed)")
     return windows, f"{stream.source} (the search's held-out windows)", record.get("reported")
+
+
+def windows_held_out_at_end(plan) -> int:
+    """How many windows at the end of the plan's calibration text its held-out figures came
+    from (none when they came from another text): what must stay unseen by anything trained on
+    that text afterwards, such as distillation recovery."""
+    holdout = (plan.figures or {}).get("holdout") or {}
+    if holdout.get("text") != plan.provenance.calib_text:
+        return 0
+    from_end = holdout.get("from_end")
+    return from_end if isinstance(from_end, int) and from_end > 0 else 0

@@ -274,18 +274,3 @@ def test_kd_train_windows_is_recorded_and_refused_past_the_text(tiny_model_dir, 
     said = capsys.readouterr()
     assert "fewer --kd-train-windows" in said.out + said.err
     assert not (tmp_path / "again").exists()
-
-
-def test_the_windows_reserved_are_those_the_plans_held_out_figures_came_from():
-    from types import SimpleNamespace
-
-    from autocompress.compress.recover import _held_out_at_end
-    from autocompress.provenance import Provenance
-
-    def plan(text, holdout):
-        return SimpleNamespace(provenance=Provenance(calib_text=text),
-                               figures={"holdout": holdout} if holdout else {})
-    assert _held_out_at_end(plan("/d/valid.txt", {"text": "/d/valid.txt", "from_end": 8})) == 8
-    assert _held_out_at_end(plan("/d/valid.txt", {"text": "/d/other.txt", "from_end": 8})) == 0
-    assert _held_out_at_end(plan(None, {"text": None, "from_end": 4})) == 4  # the pydoc corpus
-    assert _held_out_at_end(plan("/d/valid.txt", None)) == 0  # a plan made by `plan`
