@@ -589,6 +589,38 @@ def scale(store: Store) -> str:
                               "experiments/scale.py`.")
 
 
+def seed_spread(store: Store) -> str:
+    """Each seed's search beside scale.json's run of the same search (seed 0, the default)."""
+    data = store.get("seed_spread.json")
+    scale_runs = store.get("scale.json").entries if store.has("scale.json") else {}
+    rows = ["| search | seed | test ppl | test KL | held-out KL (level 3) | chosen | wall |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    by_search: dict[str, list[float]] = {}
+    for key, e in sorted(data.entries.items(), key=lambda kv: (kv[0].split("/")[0], kv[1].seed)):
+        name = key.split("/")[0]
+        if name not in by_search and name in scale_runs:
+            s = scale_runs[name]
+            by_search[name] = [s.searched.ppl]
+            rows.append(f"| {name} | 0 (scale.json) | {s.searched.ppl:.2f} | "
+                        f"{s.searched.kl:.4f} | – | {s.chosen} | {s.wall_s / 60:.1f} min |")
+        by_search.setdefault(name, []).append(e.ppl)
+        rows.append(f"| {name} | {e.seed} | {e.ppl:.2f} | {e.kl:.4f} | {e.holdout_kl:.4f} | "
+                    f"{e.chosen} | {e.wall_s / 60:.1f} min |")
+    notes = []
+    for name, ppls in by_search.items():
+        if len(ppls) > 1:
+            mean = sum(ppls) / len(ppls)
+            sd = (sum((x - mean) ** 2 for x in ppls) / (len(ppls) - 1)) ** 0.5
+            width = max(ppls) - min(ppls)
+            notes.append(f"{name}: {len(ppls)} seeds, test ppl {min(ppls):.2f}–{max(ppls):.2f} "
+                         f"(spread {width:.2f}, {width / mean:.1%} of the mean; sample "
+                         f"standard deviation {sd:.2f}).")
+    p = data.protocol
+    return "\n".join(rows) + "\n\n" + " ".join(notes) + (
+        f"\n\nSearch: {p.search}. Budget: {p.budget}. Test: {p.eval}. Machine: {p.machine}. "
+        "Reproduce: `.venv/bin/python experiments/seed_spread.py --bits 3 --seeds 1,2`.")
+
+
 def projection_8b(store: Store) -> str:
     data = store.get("projection_8b.json")
     names = {"sensitivity_s": "sensitivity table", "level2_s": "level 2 (Optuna)",
@@ -956,6 +988,7 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "search-candidates": search_candidates, "gptq-study": gptq_study,
             "peak-memory": peak_memory, "level2-workers": level2_workers,
             "dtype": dtype, "scale": scale, "projection-8b": projection_8b,
+            "seed-spread": seed_spread,
             "quality": quality, "studies-layers": studies_layers,
             "studies-fronts": studies_fronts, "studies-families": studies_families,
             "studies-fronts-speed": lambda store: studies_fronts(store, "fronts-speed"),

@@ -431,6 +431,27 @@ class ScaleRun(_Model):
     measured_at: str
 
 
+# ---------------------------------------------------------------- seed_spread.json
+
+
+class SeedSpreadProtocol(_Model):
+    search: str
+    budget: str
+    eval: str
+    machine: str
+
+
+class SeedRun(_Model):
+    """The scale benchmark's SmolLM2 search again with ``--seed N`` (seed_spread.py)."""
+    seed: int
+    ppl: float
+    kl: float
+    total_bytes: int
+    chosen: str
+    holdout_kl: float
+    wall_s: float
+
+
 # ---------------------------------------------------------------- projection_8b.json
 
 
@@ -654,6 +675,8 @@ SPECS: dict[str, FileSpec] = {
     "level2_workers.json": FileSpec(Level2WorkersProtocol,
                                     _by_key({"ceiling": Level2Ceiling}, Level2Workers)),
     "scale.json": FileSpec(ScaleProtocol, _by_key({}, ScaleRun), keys=r"[\w.-]+@\d+"),
+    "seed_spread.json": FileSpec(SeedSpreadProtocol, _by_key({}, SeedRun),
+                                 keys=r"[\w.-]+@\d+/seed\d+"),
     "projection_8b.json": FileSpec(ProjectionProtocol, _by_key({}, Projection),
                                    keys=r"[\w.-]+ from [\w.-]+@\d+"),
     "dtype.json": FileSpec(DtypeProtocol, _by_key({}, DtypeRun),

@@ -284,3 +284,28 @@ def test_the_proxies_study_renders_each_models_proxies_per_family(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(results_schema.ResultsError, match="families.all.plans"):
         readme_tables.studies_proxies(readme_tables.Store(tmp_path))
+
+
+def test_the_seed_spread_sets_each_seed_beside_the_scale_run(tmp_path):
+    scale = json.loads((EXPERIMENTS / "results" / "scale.json").read_text())
+    base = scale["entries"]["smollm2@3"]["searched"]["ppl"]
+    (tmp_path / "scale.json").write_text(json.dumps(scale))
+    run = lambda seed, ppl: {"seed": seed, "ppl": ppl, "kl": 0.7, "total_bytes": 1,  # noqa: E731
+                             "chosen": "optuna #3", "holdout_kl": 0.65, "wall_s": 900.0}
+    data = {"protocol": {"search": "s", "budget": "b", "eval": "e", "machine": "m"},
+            "entries": {"smollm2@3/seed2": run(2, base + 4.0),
+                        "smollm2@3/seed1": run(1, base - 2.0)}}
+    (tmp_path / "seed_spread.json").write_text(json.dumps(data))
+    text = readme_tables.seed_spread(readme_tables.Store(tmp_path))
+    lines = text.splitlines()
+    assert lines[2].startswith(f"| smollm2@3 | 0 (scale.json) | {base:.2f} |")
+    assert lines[3].startswith(f"| smollm2@3 | 1 | {base - 2:.2f} |")  # in seed order
+    assert lines[4].startswith(f"| smollm2@3 | 2 | {base + 4:.2f} |")
+    mean = base + 2 / 3
+    std = (((base - mean) ** 2 + (base - 2 - mean) ** 2 + (base + 4 - mean) ** 2) / 2) ** 0.5
+    assert f"3 seeds, test ppl {base - 2:.2f}–{base + 4:.2f} (spread 6.00" in text
+    assert f"standard deviation {std:.2f})" in text
+    data["entries"]["smollm2@3/seed1"]["ppl"] = "low"
+    (tmp_path / "seed_spread.json").write_text(json.dumps(data))
+    with pytest.raises(results_schema.ResultsError, match="ppl"):
+        readme_tables.seed_spread(readme_tables.Store(tmp_path))
