@@ -349,8 +349,37 @@ def test_a_search_that_recovers_its_plan_reports_what_eval_of_it_measures(
     assert not (tmp_path / "recover.checkpoint.pt").exists()
     record = plan.figures["holdout"]
     assert record["reported"]["kl"] < record["before_recovery"]["kl"]
+    assert plan.figures["recovery"]["kept"] and plan.figures["recovery"]["best_step"] > 0
     assert "recover_s" in plan.figures["timings_s"]
     assert main(["eval", str(tmp_path / "plan.json"), "--model", str(tiny_model_dir),
                  "--holdout", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)["kl"]
     assert again == pytest.approx(record["reported"]["kl"], rel=1e-5)
+
+
+
+def test_a_recovery_that_does_not_lower_the_held_out_kl_is_not_kept(
+        tiny_loaded, tiny_model_dir, tmp_path, capsys):
+    """A learning rate that only makes the model worse: the search says what it tried and
+    returns the plan as it was, with no recovered tensors; eval --holdout still reproduces it."""
+    from autocompress.cli import main
+    from autocompress.compress.recover import KDSettings
+
+    settings = SearchSettings(budget=_uniform_total(tiny_loaded, 3),
+                              recover=KDSettings(steps=6, lr=0.9, eval_every=3, patience=1,
+                                                 val_windows=2), **SMALL)
+    said = []
+    run_search(tiny_loaded, SearchSpace.bits_only([2, 3, 4, 8]), settings, out_dir=tmp_path,
+               progress=False, log=said.append)
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.recovery is None and not (tmp_path / "recovered.safetensors").exists()
+    assert not (tmp_path / "recover.checkpoint.pt").exists()
+    tried = plan.figures["recovery"]
+    assert tried["kept"] is False and tried["best_step"] == 0
+    assert tried["measured"]["kl"] >= plan.figures["holdout"]["reported"]["kl"] - 1e-6
+    assert "before_recovery" not in plan.figures["holdout"]
+    assert any("not lower, so the plan stays as it was" in line for line in said)
+    assert main(["eval", str(tmp_path / "plan.json"), "--model", str(tiny_model_dir),
+                 "--holdout", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["kl"]
+    assert again == pytest.approx(plan.figures["holdout"]["reported"]["kl"], rel=1e-5)
