@@ -207,8 +207,8 @@ def quality(store: Store) -> str:
             f"calibration {p.calibration}{signround}; recovery {p.recovery}; machine {p.machine}.")
 
 
-def recovery(store: Store) -> str:
-    data = store.get("recovery.json")
+def recovery(store: Store, name: str = "recovery.json") -> str:
+    data = store.get(name)
     p, entries = data.protocol, data.entries
     before = entries["before"]
     rows = ["| recovery | trained on | learning rate | steps (best) | held-out KL | change | "
@@ -225,7 +225,8 @@ def recovery(store: Store) -> str:
     return ("\n".join(rows) + f"\n\nThe search reported held-out KL {before.search_reported_kl:.4f} "
             f"for this plan before its recovery; measured here {before.holdout_kl:.4f}. Protocol: "
             f"{p.model}; plan {p.plan}; held-out: {p.holdout}; test: {p.eval}; {p.recovery}; "
-            f"machine {p.machine}. Reproduce: `.venv/bin/python experiments/recovery.py`.")
+            f"machine {p.machine}. Reproduce: `.venv/bin/python experiments/recovery.py"
+            + (" --plan-bits 4" if name == "recovery_4bit.json" else "") + "`.")
 
 
 def _kernels_notes(e: dict) -> str:
@@ -992,7 +993,8 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "quality": quality, "studies-layers": studies_layers,
             "studies-fronts": studies_fronts, "studies-families": studies_families,
             "studies-fronts-speed": lambda store: studies_fronts(store, "fronts-speed"),
-            "recovery": recovery, "studies-proxies": studies_proxies}
+            "recovery": recovery, "studies-proxies": studies_proxies,
+            "recovery-4bit": lambda store: recovery(store, "recovery_4bit.json")}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

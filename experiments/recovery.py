@@ -1,8 +1,9 @@
 """What distillation recovery buys on the searched 3-bit plan of SmolLM2-135M, and what it
 needs: the plan the search chose at the bytes of uniform 3-bit (search.json row ``sr-kd:3``,
 after its learned-rounding stage, before its recovery; kept in
-experiments/configs/plans/smollm2-3bit-searched-rounded.json) recovered by ``apply --recover
-kd`` (compress/recover.py: every quantized layer's scales and every norm trained towards the
+experiments/configs/plans/smollm2-3bit-searched-rounded.json; ``--plan-bits 4``: the 4-bit
+row ``sr-kd64:4``'s, smollm2-4bit-searched-rounded.json, into recovery_4bit.json) recovered
+by ``apply --recover kd`` (compress/recover.py: every quantized layer's scales and every norm trained towards the
 uncompressed model's next-token distributions) under each row's settings. Each row: held-out KL
 on the 8 windows the search measured the plan on (the end of wiki.valid.tokens, never trained
 on), before and after, the early-stopping record, test perplexity, and the time it took.
@@ -11,7 +12,7 @@ The search trained on the plan's own 8 calibration windows; the rows ask whether
 (the calibration text's first N, clear of the held-out end) and more steps recover more.
 Writes experiments/results/recovery.json (resumable: a rerun skips measured rows).
 
-    .venv/bin/python experiments/recovery.py [--only kd-64w] [--threads 2]
+    .venv/bin/python experiments/recovery.py [--plan-bits 3|4] [--only kd-64w] [--threads 2]
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from autocompress.model import load_model  # noqa: E402
 from autocompress.plan import Plan  # noqa: E402
 from autocompress.search.holdout import holdout_windows  # noqa: E402
 
-PLAN = REPO / "experiments" / "configs" / "plans" / "smollm2-3bit-searched-rounded.json"
+PLANS = REPO / "experiments" / "configs" / "plans"
 # (label, settings): the search's own recovery first (its defaults, the plan's 8 windows)
 ROWS = (
     ("kd-8w", KDSettings(steps=200, lr=1e-3, schedule="constant", train_windows=None,
@@ -46,12 +47,24 @@ ROWS = (
                                schedule="cosine")),
     ("kd-128w", KDSettings(steps=600, train_windows=128, val_windows=8)),
 )
+# at 4 bits the default rate undid the plan within 20 steps (the search's sr-kd64:4 stage:
+# best step 0): the defaults, then a quarter of the rate
+ROWS_4BIT = (
+    ("kd-64w-cos", KDSettings(steps=400, train_windows=64, val_windows=8, lr=2e-3,
+                              schedule="cosine")),
+    ("kd-64w-cos-lr5e-4", KDSettings(steps=400, train_windows=64, val_windows=8, lr=5e-4,
+                                     schedule="cosine")),
+)
+# bits: (the plan, its search.json row, results file, rows)
+VARIANTS = {3: ("smollm2-3bit-searched-rounded.json", "sr-kd:3", "recovery.json", ROWS),
+            4: ("smollm2-4bit-searched-rounded.json", "sr-kd64:4", "recovery_4bit.json",
+                ROWS_4BIT)}
 
 
-def load_plan() -> Plan:
+def load_plan(path: Path) -> Plan:
     """The stored plan, its texts pointed at this checkout's shared data (the windows' digests
     are checked when they are read, so another text is refused, not used)."""
-    plan = Plan.load(PLAN)
+    plan = Plan.load(path)
     plan.provenance = dataclasses.replace(plan.provenance, calib_text=str(CALIB_TEXT))
     plan.figures["holdout"]["text"] = str(CALIB_TEXT)
     return plan
@@ -77,22 +90,25 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40, help="test windows of 512")
     parser.add_argument("--only", default=None, help="comma-separated row labels")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plan-bits", type=int, choices=sorted(VARIANTS), default=3)
     args = parser.parse_args()
     check_data()
     import torch
 
     torch.set_num_threads(args.threads)
-    plan = load_plan()
+    plan_name, row_key, results_name, rows = VARIANTS[args.plan_bits]
+    plan_path = PLANS / plan_name
+    plan = load_plan(plan_path)
     protocol = {
         "model": MODEL_LABEL,
-        "plan": f"{PLAN.relative_to(REPO)} (search.json sr-kd:3 before its recovery)",
+        "plan": f"{plan_path.relative_to(REPO)} (search.json {row_key} before its recovery)",
         "holdout": "the plan's 8 held-out windows of 512 (the end of wiki.valid.tokens)",
         "eval": eval_protocol(args.windows, 512),
         "recovery": "train windows: the calibration text's first N (N = the plan's 8 where "
                     "unset); validation: the windows after them, every 20 steps; patience 3",
         "machine": machine(),
     }
-    results = ResultFile("recovery.json", protocol)
+    results = ResultFile(results_name, protocol)
     wanted = set(args.only.split(",")) if args.only else None
     loaded = load_model("smollm2-135m")
     holdout, _, reported = holdout_windows(loaded.tokenizer, plan)
@@ -110,7 +126,7 @@ def main() -> None:
         print(f"{'before':>8}: held-out KL {kl:.4f} (search {reported['kl']:.4f}), "
               f"ppl {ppl:.2f}", flush=True)
     before = results.data["entries"]["before"]["holdout_kl"]
-    for label, settings in ROWS:
+    for label, settings in rows:
         if results.has(label) or (wanted and label not in wanted):
             continue
         record = recovered_row(loaded, plan, settings, holdout, test_windows)

@@ -683,6 +683,9 @@ SPECS: dict[str, FileSpec] = {
                            keys=r"(?:float32|bfloat16|float16)/[\w-]+"),
     "recovery.json": FileSpec(RecoveryProtocol, _by_key({"before": RecoveryBefore}, RecoveryRow),
                               keys=r"before|kd-\d+w[\w.-]*", required=("before",)),
+    "recovery_*.json": FileSpec(RecoveryProtocol,
+                                _by_key({"before": RecoveryBefore}, RecoveryRow),
+                                keys=r"before|kd-\d+w[\w.-]*", required=("before",)),
     "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),
                                      required=("fisher",)),
 }
