@@ -314,7 +314,8 @@ def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings()
             calibration_windows(loaded.tokenizer, provenance)
     first, val = recovery_windows(loaded.tokenizer, provenance,
                                   settings.train_windows or train.shape[0],
-                                  settings.val_windows, reserved_at_end=windows_held_out_at_end(plan))
+                                  settings.val_windows,
+                                  reserved_at_end=windows_held_out_at_end(plan))
     train = first if train is None else train
     # the teacher is the model before the plan is built into it
     teacher = ReferenceCache(loaded.model, train).fill(progress, desc="teacher")
