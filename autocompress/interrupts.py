@@ -78,11 +78,32 @@ def signals_unwind(then_ignore: bool = False):
     finally:
         if then_ignore:  # first: a signal during the rest of this cleanup changes nothing
             ignore_further_signals()
+            # Ray's shutdown (else run at exit) resets SIGTERM to the default action in its
+            # native code, behind Python's back: shut it down now, then ignore again
+            _shut_down_ray()
+            ignore_further_signals()
         signal.setitimer(signal.ITIMER_REAL, 0)
         _SWALLOWED.clear()
         sys.unraisablehook = previous_hook
         for sig, handler in handlers.items():
             if not (then_ignore and sig in (signal.SIGINT, signal.SIGTERM)):
+                signal.signal(sig, handler)
+
+
+def _shut_down_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        ray.shutdown()
+
+
+def resync_handlers() -> None:
+    """Put the handlers Python has on record back in place: a native library (Ray's core
+    worker, when Ray shuts down) can reset SIGTERM to the default action behind Python's
+    back, and a SIGTERM would then kill the process without a word."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler is not None:
                 signal.signal(sig, handler)
 
 

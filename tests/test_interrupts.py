@@ -91,3 +91,61 @@ def test_the_program_exits_with_its_code_when_signalled_while_python_tears_down(
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr  # the command's own code, not -15
     assert "Traceback" not in proc.stderr and "terminated" not in proc.stderr
+
+
+_NATIVE_SIGTERM = """
+import ctypes, signal
+import ray
+from autocompress.interrupts import signals_unwind
+from autocompress.search.tune_level import start_ray
+from autocompress.sensitivity.measured import {pool}
+
+def native(sig):  # the action the kernel runs, whatever Python has on record
+    buf = ctypes.create_string_buffer(512)
+    assert ctypes.CDLL(None).sigaction(sig, None, buf) == 0
+    return ctypes.c_void_p.from_buffer(buf).value or 0
+
+with signals_unwind(then_ignore=True):
+    start_ray(1, None)
+    pool = {pool}.__new__({pool}); pool.ray, pool.actors, pool.owns = ray, [], True
+    pool.close()  # a measured table's Ray, shut down mid-run
+    print("after a shutdown mid-run", native(signal.SIGTERM))
+    start_ray(1, None)  # the search's levels 2 and 3, still up when the command ends
+print("after the command", native(signal.SIGTERM), ray.is_initialized())
+"""
+
+
+def test_ray_shutting_down_does_not_leave_sigterm_to_kill_the_program():
+    """Ray's shutdown resets SIGTERM to the default action in native code, behind Python's
+    back: mid-run (a measured table's Ray) the handler is put back; at the end of a command
+    Ray is shut down before signals are ignored, not after by Python's exit, where a SIGTERM
+    would kill the finished program (exit -15, no line)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _NATIVE_SIGTERM.format(pool="_RayPool")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    mid_run, = [line.split()[-1] for line in proc.stdout.splitlines()
+                if line.startswith("after a shutdown mid-run")]
+    assert int(mid_run) not in (0, 1)  # Python's handler, neither default nor ignored
+    assert "after the command 1 False" in proc.stdout  # ignored, Ray already down
+
+
+def test_sigterm_during_ray_init_ends_as_everywhere_else(monkeypatch):
+    """ray.init installs Ray's own SIGTERM handler (sys.exit) while it starts (seconds): a
+    SIGTERM then exits 15 without a line unless start_ray turns it into Terminated."""
+    import sys
+    import types
+
+    from autocompress.search import tune_level
+
+    def init_hit_by_sigterm(**kwargs):
+        raise SystemExit(signal.SIGTERM)  # what Ray's handler does
+
+    # a stand-in: importing Ray itself here would change what other tests of this run see
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init_hit_by_sigterm)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with signals_unwind(), pytest.raises(Terminated):
+        tune_level.start_ray(1, None)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from ..compress.weights import GPTQSettings
 from ..errors import AutocompressError
+from ..interrupts import Terminated
 from ..io_utils import atomic_write_text
 from ..plan import LayerConfig
 
@@ -246,21 +247,24 @@ def start_ray(num_cpus: int | None, address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    with _keeping_sigterm_handler():
-        if address:
-            check_cluster_address(address)
-            try:
-                ray.init(address=address, log_to_driver=False)
-            except (ConnectionError, ray.exceptions.AuthenticationError) as err:
-                # Ray's own message runs to a traceback; its last line says why
-                reason = str(err).strip().splitlines()[-1][:300]
-                raise AutocompressError(
-                    f"cannot join the Ray cluster at {address} ({reason}); check it with "
-                    f"`ray status --address {address}`, and that this shell's RAY_AUTH_MODE "
-                    "and token match the cluster's") from err
-        else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+    try:
+        with _keeping_sigterm_handler():
+            if address:
+                check_cluster_address(address)
+                try:
+                    ray.init(address=address, log_to_driver=False)
+                except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+                    # Ray's own message runs to a traceback; its last line says why
+                    reason = str(err).strip().splitlines()[-1][:300]
+                    raise AutocompressError(
+                        f"cannot join the Ray cluster at {address} ({reason}); check it with "
+                        f"`ray status --address {address}`, and that this shell's RAY_AUTH_MODE "
+                        "and token match the cluster's") from err
+            else:
+                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+    except SystemExit:  # SIGTERM during ray.init met Ray's handler, sys.exit: end as ours do
+        raise Terminated() from None
 
 
 def wait_for_cpus(cpus: int, address: str, timeout_s: float, log=print) -> None:

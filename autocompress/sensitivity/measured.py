@@ -274,7 +274,10 @@ class _RayPool:
                 pass
         self.actors = []
         if self.owns and self.ray.is_initialized():
+            from ..interrupts import resync_handlers
+
             self.ray.shutdown()
+            resync_handlers()  # Ray's shutdown reset SIGTERM to the default in native code
         self.owns = False
 
 
