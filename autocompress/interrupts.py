@@ -78,10 +78,7 @@ def signals_unwind(then_ignore: bool = False):
     finally:
         if then_ignore:  # first: a signal during the rest of this cleanup changes nothing
             ignore_further_signals()
-            # Ray's shutdown (else run at exit) resets SIGTERM to the default action in its
-            # native code, behind Python's back: shut it down now, then ignore again
-            _shut_down_ray()
-            ignore_further_signals()
+            shut_down_ray()  # now, not at Python's exit, where it would undo the ignoring
         signal.setitimer(signal.ITIMER_REAL, 0)
         _SWALLOWED.clear()
         sys.unraisablehook = previous_hook
@@ -90,10 +87,13 @@ def signals_unwind(then_ignore: bool = False):
                 signal.signal(sig, handler)
 
 
-def _shut_down_ray() -> None:
+def shut_down_ray() -> None:
+    """Ray shut down, if this process started it, with the signal handlers kept: Ray's
+    shutdown resets SIGTERM to the default action in its native code, behind Python's back."""
     ray = sys.modules.get("ray")
     if ray is not None and getattr(ray, "is_initialized", lambda: False)():
         ray.shutdown()
+        resync_handlers()
 
 
 def resync_handlers() -> None:

@@ -207,7 +207,7 @@ def quality(store: Store) -> str:
             f"calibration {p.calibration}{signround}; recovery {p.recovery}; machine {p.machine}.")
 
 
-def recovery(store: Store, name: str = "recovery.json") -> str:
+def recovery(store: Store, name: str = "recovery.json", options: str = "") -> str:
     data = store.get(name)
     p, entries = data.protocol, data.entries
     before = entries["before"]
@@ -226,7 +226,7 @@ def recovery(store: Store, name: str = "recovery.json") -> str:
             f"for this plan before its recovery; measured here {before.holdout_kl:.4f}. Protocol: "
             f"{p.model}; plan {p.plan}; held-out: {p.holdout}; test: {p.eval}; {p.recovery}; "
             f"machine {p.machine}. Reproduce: `.venv/bin/python experiments/recovery.py"
-            + (" --plan-bits 4" if name == "recovery_4bit.json" else "") + "`.")
+            f"{options}`.")
 
 
 def _kernels_notes(e: dict) -> str:
@@ -994,7 +994,7 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "studies-fronts": studies_fronts, "studies-families": studies_families,
             "studies-fronts-speed": lambda store: studies_fronts(store, "fronts-speed"),
             "recovery": recovery, "studies-proxies": studies_proxies,
-            "recovery-4bit": lambda store: recovery(store, "recovery_4bit.json")}
+            "recovery-4bit": lambda store: recovery(store, "recovery_4bit.json", " --plan-bits 4")}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

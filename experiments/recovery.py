@@ -3,8 +3,8 @@ needs: the plan the search chose at the bytes of uniform 3-bit (search.json row 
 after its learned-rounding stage, before its recovery; kept in
 experiments/configs/plans/smollm2-3bit-searched-rounded.json; ``--plan-bits 4``: the 4-bit
 row ``sr-kd64:4``'s, smollm2-4bit-searched-rounded.json, into recovery_4bit.json) recovered
-by ``apply --recover kd`` (compress/recover.py: every quantized layer's scales and every norm trained towards the
-uncompressed model's next-token distributions) under each row's settings. Each row: held-out KL
+by ``apply --recover kd`` (compress/recover.py: every quantized layer's scales and every norm
+trained towards the uncompressed model's next-token distributions) under each row's settings. Each row: held-out KL
 on the 8 windows the search measured the plan on (the end of wiki.valid.tokens, never trained
 on), before and after, the early-stopping record, test perplexity, and the time it took.
 

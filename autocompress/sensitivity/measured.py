@@ -273,11 +273,10 @@ class _RayPool:
             except Exception:  # already gone
                 pass
         self.actors = []
-        if self.owns and self.ray.is_initialized():
-            from ..interrupts import resync_handlers
+        if self.owns:
+            from ..interrupts import shut_down_ray
 
-            self.ray.shutdown()
-            resync_handlers()  # Ray's shutdown reset SIGTERM to the default in native code
+            shut_down_ray()
         self.owns = False
 
 
