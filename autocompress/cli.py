@@ -131,7 +131,7 @@ def _kd_settings(args):
 
 
 def _add_placement(p: argparse.ArgumentParser, from_plan: bool = False) -> None:
-    from .placement import DTYPE_CHOICES
+    from .dtype_names import DTYPE_CHOICES  # not placement's: that imports torch
 
     p.add_argument("--compute-device", default="auto", metavar="auto|cpu|cuda[:N]",
                    help="where every stage computes (default: auto, the first GPU torch sees, "
@@ -438,15 +438,18 @@ def run() -> int:
 
 
 def main(argv: list[str] | None = None, exiting: bool = False) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # a usage error (one line, said by _Parser) or --help
-        return exc.code if isinstance(exc.code, int) else 2
-    from .peak_memory import bound_heap
-
-    bound_heap()
+    # the handlers first: a SIGTERM from the first moment ends with the one line and 143, not
+    # the default action's silent death (the fault drill met it while the parser was built)
     with signals_unwind(then_ignore=exiting):
+        args = None
         try:
+            try:
+                args = build_parser().parse_args(argv)
+            except SystemExit as exc:  # a usage error (one line, said by _Parser) or --help
+                return exc.code if isinstance(exc.code, int) else 2
+            from .peak_memory import bound_heap
+
+            bound_heap()
             return COMMANDS[args.command](args)
         except AutocompressError as exc:
             console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
@@ -460,7 +463,8 @@ def _interrupted(args, exc: KeyboardInterrupt) -> int:
     ignore_further_signals()
     terminated = sigterm_seen() or isinstance(exc, Terminated)
     what = "terminated" if terminated else "interrupted"
-    again = " (rerun with --resume to continue)" if args.command == "search" else ""
+    again = (" (rerun with --resume to continue)"
+             if args is not None and args.command == "search" else "")
     # a progress bar may hold the cursor mid-line: the line is cleared (terminal) or ended
     sys.stderr.write("\r\x1b[2K" if console.is_terminal else "\n")
     console.print(f"{what}; files already written are kept, nothing is half-written{again}",

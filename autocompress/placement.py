@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .dtype_names import DTYPE_CHOICES, DTYPE_NAMES
 from .errors import AutocompressError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 _DEVICE = re.compile(r"^(auto|cpu|meta|cuda(:\d+)?)$")
 
 

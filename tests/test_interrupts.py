@@ -149,3 +149,40 @@ def test_sigterm_during_ray_init_ends_as_everywhere_else(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", fake)
     with signals_unwind(), pytest.raises(Terminated):
         tune_level.start_ray(1, None)
+
+
+def test_the_command_line_is_built_without_torch():
+    """The parser is built before a command runs: importing torch there (a second) would leave
+    the program that long with no handler of its own."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from autocompress.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_a_sigterm_while_the_command_line_is_read_ends_with_one_line(monkeypatch, capsys):
+    """The handlers are in place before the parser is built: a SIGTERM from the first moment
+    ends as everywhere else (143, one line), not by the default action (exit -15, no line:
+    the fault drill's failure when building the parser imported torch)."""
+    from autocompress import cli, interrupts
+
+    seen = []
+
+    def parser_hit_by_sigterm():
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise Terminated()  # what the handler raises, wherever the program is
+
+    monkeypatch.setattr(cli, "build_parser", parser_hit_by_sigterm)
+    try:
+        code = cli.main(["search", "--budget", "4GB"])
+    except KeyboardInterrupt:
+        pytest.fail("the SIGTERM escaped main(): no handler of the program's was in place")
+    assert code == 143
+    assert seen == [interrupts._on_sigterm]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("terminated"), lines
