@@ -110,7 +110,10 @@ def _add_recover(p: argparse.ArgumentParser) -> None:
                    help="recovery steps, one training window each (default %(default)s)")
     p.add_argument("--kd-lr", type=float, default=kd.lr,
                    help="Adam's learning rate: relative on scales, absolute on norms "
-                        "(default %(default)s)")
+                        "(default %(default)s); quartered when the first validation is worse")
+    p.add_argument("--kd-lr-backoffs", type=int, default=kd.lr_backoffs, metavar="N",
+                   help="at most N times the run starts over from the plan at a quarter of "
+                        "the rate (default %(default)s; 0: never)")
     p.add_argument("--kd-schedule", choices=["constant", "cosine"], default=kd.schedule,
                    help="the learning rate over the steps: constant, or cosine-decayed to 0 "
                         "(default %(default)s)")
@@ -126,7 +129,8 @@ def _kd_settings(args):
     from .recovery import KDSettings
 
     return KDSettings(steps=args.kd_steps, lr=args.kd_lr, val_windows=args.kd_val_windows,
-                      train_windows=args.kd_train_windows, schedule=args.kd_schedule) \
+                      train_windows=args.kd_train_windows, schedule=args.kd_schedule,
+                      lr_backoffs=args.kd_lr_backoffs) \
         if args.recover else None
 
 

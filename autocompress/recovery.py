@@ -9,7 +9,7 @@ refuses a missing or altered file with one line rather than building the plan wi
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,11 @@ class KDSettings:
     # the learning rate over the run: constant, or cosine-decayed from lr to 0 at ``steps``
     # (the late steps then refine instead of jumping around the optimum)
     schedule: str = "cosine"
+    # a rate that undoes the plan is not the plan's rate: when the first validation is no
+    # better than the start, the run starts over from the plan at a quarter of the rate, at
+    # most this many times (SmolLM2: 2e-3 suits the searched 3-bit plan; its 4-bit plan,
+    # closer to the model, rose at once and needed 5e-4, experiments/recovery.py)
+    lr_backoffs: int = 2
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -57,6 +62,10 @@ class KDSettings:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise AutocompressError(f"KD {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.lr_backoffs, int) or isinstance(self.lr_backoffs, bool) or \
+                self.lr_backoffs < 0:
+            raise AutocompressError(f"KD lr_backoffs must be a whole number, got "
+                                    f"{self.lr_backoffs!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise AutocompressError(f"KD learning rate must be in (0, 1), got {self.lr!r}")
 
@@ -69,7 +78,7 @@ class RecoveryRecord:
     sha256: str
     steps: int  # steps run (early stopping may end before the requested number)
     best_step: int
-    lr: float
+    lr: float  # the rate the tensors were trained at (after any back-off)
     seed: int
     train_windows: int  # the calibration text's first (the plan's calibration windows unless
     # --kd-train-windows asked for more)
@@ -78,6 +87,8 @@ class RecoveryRecord:
     kl_after: float  # with the recovered tensors, float16 scales
     tensors: str = TENSORS_FILE
     schedule: str = "constant"  # the learning rate's (plans before it existed: constant)
+    # rates started and abandoned because the first validation was no better (back-off)
+    lr_abandoned: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -100,8 +111,10 @@ class RecoveryRecord:
             raise AutocompressError(f"plan recovery is malformed ({exc})") from None
 
     def describe(self) -> str:
-        return (f"{self.method} recovery ({self.steps} steps): held-out KL {self.kl_before:.4f}"
-                f" -> {self.kl_after:.4f}")
+        backoff = (f", at {self.lr:g} after {', '.join(f'{r:g}' for r in self.lr_abandoned)} "
+                   "made it worse" if self.lr_abandoned else "")
+        return (f"{self.method} recovery ({self.steps} steps{backoff}): held-out KL "
+                f"{self.kl_before:.4f} -> {self.kl_after:.4f}")
 
 
 def tensors_bytes(tensors: "dict[str, torch.Tensor]") -> bytes:

@@ -47,6 +47,8 @@ class RecoveryResult:
     best_step: int
     steps_run: int
     history: list[tuple[int, float]] = field(default_factory=list)
+    lr: float = 0.0  # the rate trained at, after any back-off
+    lr_abandoned: list[float] = field(default_factory=list)
 
 
 def trainable_parts(model: nn.Module) -> tuple[dict[str, CodesLinear], dict[str, nn.Module]]:
@@ -111,6 +113,15 @@ class _Trainer:
         out.update({f"{n}.weight": w.detach().clone() for n, w in self.norm_weights.items()})
         return out
 
+    def restart(self) -> None:
+        """Back to the plan's own tensors (inside the ``with`` block): scales as built, norms
+        as loaded."""
+        with torch.no_grad():
+            for value in self.theta.values():
+                value.zero_()
+            for name, value in self.norm_weights.items():
+                value.copy_(self._originals[name])
+
     def load_values(self, theta: dict, norms: dict) -> None:
         with torch.no_grad():
             for name, value in theta.items():
@@ -163,10 +174,10 @@ class KDRecovery:
             p.requires_grad_(False)
         generator = torch.Generator().manual_seed(s.seed)
         order = torch.randperm(teacher.windows.shape[0], generator=generator).tolist()
-        step, history, best = 0, [], None
+        step, history, best, lr, abandoned = 0, [], None, s.lr, []
         loaded = self._load_checkpoint(trainer, optimizer)
         if loaded is not None:
-            step, history, best = loaded
+            step, history, best, lr, abandoned = loaded
         try:
             with trainer:
                 if not history:
@@ -178,7 +189,7 @@ class KDRecovery:
                 model.train(False)  # no dropout: the teacher's forward, with gradients
                 while step < s.steps:
                     for group in optimizer.param_groups:  # from the step alone: resumes alike
-                        group["lr"] = s.lr * _lr_factor(s.schedule, step, s.steps)
+                        group["lr"] = lr * _lr_factor(s.schedule, step, s.steps)
                     index = order[step % len(order)]
                     loss = self._kl_loss(model, teacher, index)
                     optimizer.zero_grad(set_to_none=True)
@@ -192,8 +203,20 @@ class KDRecovery:
                         history.append((step, kl))
                         if kl < best[0]:
                             best = (kl, step, trainer.state())
+                        elif len(history) == 2 and len(abandoned) < s.lr_backoffs:
+                            # the first validation is no better: the rate overshoots; start
+                            # over from the plan's tensors at a quarter of it
+                            abandoned.append(lr)
+                            lr /= 4
+                            trainer.restart()
+                            optimizer = torch.optim.Adam(trainer.parameters(), lr=lr)
+                            step, history = 0, history[:1]
+                            bar.reset()
+                            bar.set_description(f"recover (kd, lr {lr:g})")
+                    # (step 0 after a back-off too: a resume goes on at the lowered rate)
                     if step % s.checkpoint_every == 0 or step == s.steps:
-                        self._save_checkpoint(trainer, optimizer, step, history, best)
+                        self._save_checkpoint(trainer, optimizer, step, history, best, lr,
+                                              abandoned)
                     if _stalled(history, best[1], s.patience):
                         break
                 bar.close()
@@ -203,7 +226,8 @@ class KDRecovery:
         kl_best, best_step, tensors = best
         apply_recovered(model, tensors)  # the float16-rounded best, measured as it is stored
         kl_after = evaluate(model, holdout.windows, holdout, progress=False).kl
-        return RecoveryResult(tensors, kl_before, kl_after, best_step, step, history)
+        return RecoveryResult(tensors, kl_before, kl_after, best_step, step, history, lr,
+                              abandoned)
 
     @staticmethod
     def _kl_loss(model: nn.Module, teacher: ReferenceCache, index: int) -> torch.Tensor:
@@ -218,7 +242,8 @@ class KDRecovery:
         with torch.no_grad():
             return evaluate(model, holdout.windows, holdout, progress=False).kl
 
-    def _save_checkpoint(self, trainer: _Trainer, optimizer, step, history, best) -> None:
+    def _save_checkpoint(self, trainer: _Trainer, optimizer, step, history, best, lr,
+                         abandoned) -> None:
         if self.checkpoint is None:
             return
         import io
@@ -227,7 +252,8 @@ class KDRecovery:
         from ..io_utils import atomic_write_bytes
 
         buffer = io.BytesIO()
-        torch.save({"step": step, "history": history, "best": best,
+        torch.save({"step": step, "history": history, "best": best, "lr": lr,
+                    "lr_abandoned": abandoned,
                     "theta": {n: t.detach() for n, t in trainer.theta.items()},
                     "norms": {n: t.detach() for n, t in trainer.norm_weights.items()},
                     "optimizer": optimizer.state_dict(), "settings": asdict(self.settings)},
@@ -247,7 +273,8 @@ class KDRecovery:
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is one message
             raise AutocompressError(f"the recovery checkpoint {self.checkpoint} cannot be "
                                     f"resumed ({exc}); delete it to start over") from None
-        return saved["step"], saved["history"], saved["best"]
+        return (saved["step"], saved["history"], saved["best"],
+                saved.get("lr", self.settings.lr), saved.get("lr_abandoned", []))
 
 
 def _lr_factor(schedule: str, step: int, steps: int) -> float:
@@ -325,7 +352,8 @@ def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings()
         data = tensors_bytes(result.tensors)
         record = RecoveryRecord(
             method="kd", sha256=digest(data), steps=result.steps_run,
-            best_step=result.best_step, lr=settings.lr, schedule=settings.schedule,
+            best_step=result.best_step, lr=result.lr, lr_abandoned=result.lr_abandoned,
+            schedule=settings.schedule,
             seed=settings.seed,
             train_windows=int(train.shape[0]), val_windows=int(val.shape[0]),
             kl_before=result.kl_before, kl_after=result.kl_after)

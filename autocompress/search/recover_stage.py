@@ -39,6 +39,7 @@ def recover_chosen(loaded: LoadedModel, plan: Plan, holdout, settings: KDSetting
     kept = recovered.recovery.best_step > 0 and result.kl < before["kl"]
     tried = {"method": recovered.recovery.method, "kept": kept,
              "steps": recovered.recovery.steps, "best_step": recovered.recovery.best_step,
+             "lr": recovered.recovery.lr, "lr_abandoned": recovered.recovery.lr_abandoned,
              "measured": measured}
     log(f"{recovered.recovery.describe()}; held-out KL of the plan {before['kl']:.4f} -> "
         f"{result.kl:.4f}" + ("" if kept else "; not lower, so the plan stays as it was"))

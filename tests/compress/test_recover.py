@@ -130,6 +130,55 @@ def test_an_interrupted_recovery_resumes_from_its_checkpoint_to_the_same_result(
             KDRecovery(full, checkpoint, progress=False).run(model, teacher, holdout)
 
 
+def test_a_rate_that_makes_the_first_validation_worse_starts_over_at_a_quarter(
+        tiny_loaded, tmp_path, monkeypatch):
+    """0.2 undoes the tiny plan within 4 steps (best step 0 without back-off); backed off,
+    the run is exactly a run started at 0.05: the plan's own tensors, a fresh optimizer, the
+    same windows. Killed after the back-off, it resumes at 0.05."""
+    teacher, holdout = _references(tiny_loaded)
+
+    def settings(lr, backoffs=2):
+        return KDSettings(steps=12, lr=lr, eval_every=4, checkpoint_every=4, patience=10,
+                          lr_backoffs=backoffs)
+
+    def run(s, checkpoint=None):
+        with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+            return KDRecovery(s, checkpoint, progress=False).run(model, teacher, holdout)
+
+    stuck = run(settings(0.2, backoffs=0))
+    assert stuck.best_step == 0 and stuck.lr_abandoned == []
+    assert stuck.history[1][1] > stuck.history[0][1]
+    backed_off = run(settings(0.2))
+    direct = run(settings(0.05))
+    assert direct.lr_abandoned == [] and direct.best_step == 12
+    assert backed_off.lr_abandoned == [0.2] and backed_off.lr == pytest.approx(0.05)
+    assert backed_off.best_step == 12 and backed_off.kl_after < 0.9 * backed_off.kl_before
+    assert [s for s, _ in backed_off.history] == [0, 4, 8, 12]
+    assert [kl for _, kl in backed_off.history] == pytest.approx(
+        [kl for _, kl in direct.history], rel=1e-5)
+    assert all(torch.allclose(backed_off.tensors[k], direct.tensors[k]) for k in direct.tensors)
+    checkpoint = tmp_path / "kd.pt"
+    with monkeypatch.context() as patch:
+        _stop_after(patch, 4 + 6)  # the abandoned 4 steps, then 6 at the quarter rate
+        with pytest.raises(_Stop):
+            run(settings(0.2), checkpoint)
+    resumed = run(settings(0.2), checkpoint)
+    assert resumed.lr_abandoned == [0.2] and resumed.lr == pytest.approx(0.05)
+    assert all(torch.allclose(resumed.tensors[k], direct.tensors[k]) for k in direct.tensors)
+
+
+def test_a_recovery_record_keeps_the_rates_it_abandoned():
+    from autocompress.recovery import RecoveryRecord
+
+    record = RecoveryRecord(method="kd", sha256="0" * 64, steps=400, best_step=380, lr=5e-4,
+                            seed=0, train_windows=64, val_windows=8, kl_before=0.116,
+                            kl_after=0.087, lr_abandoned=[2e-3])
+    assert RecoveryRecord.from_dict(record.to_dict()) == record
+    assert "at 0.0005 after 0.002 made it worse" in record.describe()
+    old = {k: v for k, v in record.to_dict().items() if k != "lr_abandoned"}
+    assert RecoveryRecord.from_dict(old).lr_abandoned == []  # plans from before back-off
+
+
 def test_a_plan_without_codes_has_nothing_to_recover(tiny_loaded):
     teacher, holdout = _references(tiny_loaded)
     with compressed_in_place(tiny_loaded, _plan(tiny_loaded, bits=16), codes=True) as model:
@@ -137,7 +186,8 @@ def test_a_plan_without_codes_has_nothing_to_recover(tiny_loaded):
             KDRecovery(KDSettings(steps=2), progress=False).run(model, teacher, holdout)
 
 
-@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 0.0}, {"lr": 3}, {"patience": True}])
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 0.0}, {"lr": 3}, {"patience": True},
+                                 {"lr_backoffs": -1}])
 def test_kd_settings_refuse_nonsense(bad):
     with pytest.raises(AutocompressError):
         KDSettings(**bad)

@@ -367,7 +367,7 @@ def test_a_recovery_that_does_not_lower_the_held_out_kl_is_not_kept(
 
     settings = SearchSettings(budget=_uniform_total(tiny_loaded, 3),
                               recover=KDSettings(steps=6, lr=0.9, eval_every=3, patience=1,
-                                                 val_windows=2), **SMALL)
+                                                 val_windows=2, lr_backoffs=0), **SMALL)
     said = []
     run_search(tiny_loaded, SearchSpace.bits_only([2, 3, 4, 8]), settings, out_dir=tmp_path,
                progress=False, log=said.append)
@@ -376,6 +376,7 @@ def test_a_recovery_that_does_not_lower_the_held_out_kl_is_not_kept(
     assert not (tmp_path / "recover.checkpoint.pt").exists()
     tried = plan.figures["recovery"]
     assert tried["kept"] is False and tried["best_step"] == 0
+    assert tried["lr"] == 0.9 and tried["lr_abandoned"] == []
     assert tried["measured"]["kl"] >= plan.figures["holdout"]["reported"]["kl"] - 1e-6
     assert "before_recovery" not in plan.figures["holdout"]
     assert any("not lower, so the plan stays as it was" in line for line in said)
