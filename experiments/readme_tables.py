@@ -218,7 +218,9 @@ def recovery(store: Store, name: str = "recovery.json", options: str = "") -> st
     for key, e in entries.items():
         if key == "before":
             continue
-        lr = f"{e.settings.get('lr', e.kd.lr):g}, {e.settings.get('schedule', 'constant')}"
+        lr = f"{e.kd.lr:g}, {e.settings.get('schedule', 'constant')}"
+        if e.kd.lr_abandoned:  # the rate it started at made the first validation worse
+            lr = f"{' → '.join(f'{r:g}' for r in e.kd.lr_abandoned)} → {lr} (backed off)"
         rows.append(f"| {key} | {e.kd.train_windows} windows | {lr} | {e.kd.steps} ({e.kd.best_step}) "
                     f"| {e.holdout_kl_after:.4f} | {100 * e.holdout_kl_change:+.1f}% | "
                     f"{_fmt_ppl(e.test_ppl)} | {_secs(e.recover_s)} s |")
@@ -425,9 +427,23 @@ def _stage_names(r) -> str:
     names = []
     if r.stages.rounding:
         names.append(f"learned rounding ({r.stages.rounding['method']})")
-    if r.stages.recovery:
-        names.append(f"{r.stages.recovery['method'].upper()} recovery")
+    tried = r.stages.recovery or r.stages.recovery_tried
+    if tried:
+        names.append(f"{tried['method'].upper()} recovery"
+                     + ("" if r.stages.recovery else " (tried, not kept)"))
     return " + ".join(names)
+
+
+def _rate(record: dict) -> str:
+    """The recovery's learning rate, and the rates it backed off from."""
+    if "lr" not in record:  # rows from before the rate was recorded
+        return ""
+    text = f", at lr {record['lr']:g}"
+    abandoned = record.get("lr_abandoned") or []
+    if abandoned:
+        text += (f" (backed off from {', '.join(f'{r:g}' for r in abandoned)}: the first "
+                 "validation was worse)")
+    return text
 
 
 def _stages_note(key: str, stages) -> str:
@@ -449,7 +465,12 @@ def _stages_note(key: str, stages) -> str:
         text += (f"; trained on {recovery['train_windows']} calibration windows, on its own "
                  f"{recovery['val_windows']} validation windows "
                  f"{recovery['kl_before']:.4f} → {recovery['kl_after']:.4f}, best step "
-                 f"{recovery['best_step']} of {recovery['steps']}")
+                 f"{recovery['best_step']} of {recovery['steps']}{_rate(recovery)}")
+    tried = stages.recovery_tried
+    if not recovery and tried:  # refused: it did not lower the held-out KL
+        text += (f"; {tried['method'].upper()} recovery tried and not kept: held-out KL "
+                 f"{tried['measured']['kl']:.4f}, best step {tried['best_step']} of "
+                 f"{tried['steps']}{_rate(tried)}")
     return text + ")."
 
 

@@ -35,25 +35,33 @@ from autocompress.plan import Plan  # noqa: E402
 from autocompress.search.holdout import holdout_windows  # noqa: E402
 
 PLANS = REPO / "experiments" / "configs" / "plans"
-# (label, settings): the search's own recovery first (its defaults, the plan's 8 windows)
+# (label, settings), each written out in full: the defaults moved on after rows were measured.
+# The first: the search's own recovery at the time (the plan's 8 windows)
+_FIXED = dict(lr_backoffs=0)  # rows measured before the rate backed off by itself
 ROWS = (
     ("kd-8w", KDSettings(steps=200, lr=1e-3, schedule="constant", train_windows=None,
-                         val_windows=4)),  # the defaults the search's row ran with
-    ("kd-64w", KDSettings(steps=400, train_windows=64, val_windows=8)),
+                         val_windows=4, **_FIXED)),  # the defaults the search's row ran with
+    ("kd-64w", KDSettings(steps=400, train_windows=64, val_windows=8, lr=1e-3,
+                          schedule="constant", **_FIXED)),
     # the same mean step, cosine-decayed from twice the constant rate to 0
     ("kd-64w-cos", KDSettings(steps=400, train_windows=64, val_windows=8, lr=2e-3,
-                              schedule="cosine")),
+                              schedule="cosine", **_FIXED)),
     ("kd-128w-cos", KDSettings(steps=600, train_windows=128, val_windows=8, lr=2e-3,
-                               schedule="cosine")),
-    ("kd-128w", KDSettings(steps=600, train_windows=128, val_windows=8)),
+                               schedule="cosine", **_FIXED)),
+    ("kd-128w", KDSettings(steps=600, train_windows=128, val_windows=8, lr=1e-3,
+                           schedule="constant", **_FIXED)),
+    # today's defaults: kd-64w-cos, backing off to a quarter of the rate when the first
+    # validation is worse
+    ("kd-defaults", KDSettings()),
 )
 # at 4 bits the default rate undid the plan within 20 steps (the search's sr-kd64:4 stage:
-# best step 0): the defaults, then a quarter of the rate
+# best step 0): a quarter of the rate, then the defaults that back off to it by themselves
 ROWS_4BIT = (
     ("kd-64w-cos", KDSettings(steps=400, train_windows=64, val_windows=8, lr=2e-3,
-                              schedule="cosine")),
+                              schedule="cosine", **_FIXED)),
     ("kd-64w-cos-lr5e-4", KDSettings(steps=400, train_windows=64, val_windows=8, lr=5e-4,
-                                     schedule="cosine")),
+                                     schedule="cosine", **_FIXED)),
+    ("kd-defaults", KDSettings()),
 )
 # bits: (the plan, its search.json row, results file, rows)
 VARIANTS = {3: ("smollm2-3bit-searched-rounded.json", "sr-kd:3", "recovery.json", ROWS),
@@ -81,8 +89,9 @@ def recovered_row(loaded, plan: Plan, settings: KDSettings, holdout, test_window
     record = rec.recovery.to_dict()
     return {"settings": dataclasses.asdict(settings), "recover_s": recover_s,
             "holdout_kl_after": after.kl, "test_ppl": ppl,
-            "kd": {k: record[k] for k in ("steps", "best_step", "lr", "train_windows",
-                                          "val_windows", "kl_before", "kl_after")}}
+            "kd": {k: record[k] for k in ("steps", "best_step", "lr", "lr_abandoned",
+                                          "train_windows", "val_windows", "kl_before",
+                                          "kl_after")}}
 
 
 def main() -> None:

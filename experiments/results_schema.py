@@ -303,7 +303,9 @@ class Reproduced(_Model):
 class FinalStages(_Model):
     """What search --rounding / --recover did to the chosen plan (the plan's own records)."""
     rounding: dict[str, Any] | None = None
-    recovery: dict[str, Any] | None = None
+    recovery: dict[str, Any] | None = None  # the plan's record of a kept recovery
+    # what the recovery stage tried, kept or not (figures["recovery"]; rows before it: None)
+    recovery_tried: dict[str, Any] | None = None
     holdout: dict[str, Any]
 
 
@@ -607,7 +609,8 @@ class RecoveryBefore(_Model):
 class RecoveryRecordRow(_Model):
     steps: int
     best_step: int
-    lr: float
+    lr: float  # the rate trained at
+    lr_abandoned: list[float] = []  # rates backed off from (rows before back-off: none)
     train_windows: int
     val_windows: int
     kl_before: float

@@ -167,6 +167,7 @@ def main() -> None:
         stages = {"rounding": found.plan.figures.get("rounding"),
                   "recovery": None if found.plan.recovery is None else
                   found.plan.recovery.to_dict(),
+                  "recovery_tried": found.plan.figures.get("recovery"),
                   "holdout": found.plan.figures["holdout"]}
         if args.rounding or args.recover:  # what each final stage did to the held-out KL
             record["stages"] = stages

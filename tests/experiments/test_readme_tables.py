@@ -173,6 +173,30 @@ def test_timings_render_whatever_the_engine_wrote(copy):
     assert row.endswith("(1 / 2 / 210 / —) |")
 
 
+def test_a_search_rows_recovery_says_its_rate_and_whether_it_was_kept(copy):
+    """A recovery the search refused (not lower on the held-out windows) is said as tried and
+    not kept; a kept one says its rate and the rates it backed off from."""
+    _, results = copy
+
+    def refused(data):
+        stages = data["entries"]["sr-kd64:4"]["stages"]
+        tried = {"method": "kd", "kept": False, "steps": 60, "best_step": 0, "lr": 0.002,
+                 "lr_abandoned": [], "measured": {"kl": 0.1157}}
+        stages.update(recovery=None, recovery_tried=tried)
+        stages["holdout"].pop("before_recovery")
+
+    _edit_json(results / "search.json", refused)
+    body = readme_tables.search(readme_tables.Store(results))
+    assert "KD recovery (tried, not kept)" in body
+    assert ("KD recovery tried and not kept: held-out KL 0.1157, best step 0 of 60, at lr "
+            "0.002)") in body
+
+    _edit_json(results / "search.json", lambda d: d["entries"]["sr-kd:3"]["stages"][
+        "recovery"].update(lr=5e-4, lr_abandoned=[2e-3]))
+    body = readme_tables.search(readme_tables.Store(results))
+    assert "at lr 0.0005 (backed off from 0.002: the first validation was worse)" in body
+
+
 def test_missing_results_file_renders_not_measured(copy, capsys):
     readme, results = copy
     (results / "table_fast_path.json").unlink()
