@@ -429,8 +429,12 @@ def _stage_names(r) -> str:
         names.append(f"learned rounding ({r.stages.rounding['method']})")
     tried = r.stages.recovery or r.stages.recovery_tried
     if tried:
+        rates = [*(tried.get("lr_abandoned") or []), tried["lr"]] if "lr" in tried else []
+        said = [f"lr {' → '.join(f'{x:g}' for x in rates)}"] if rates else []
+        if not r.stages.recovery:
+            said.append("tried, not kept")
         names.append(f"{tried['method'].upper()} recovery"
-                     + ("" if r.stages.recovery else " (tried, not kept)"))
+                     + (f" ({', '.join(said)})" if said else ""))
     return " + ".join(names)
 
 

@@ -187,7 +187,7 @@ def test_a_search_rows_recovery_says_its_rate_and_whether_it_was_kept(copy):
 
     _edit_json(results / "search.json", refused)
     body = readme_tables.search(readme_tables.Store(results))
-    assert "KD recovery (tried, not kept)" in body
+    assert "KD recovery (lr 0.002, tried, not kept)" in body
     assert ("KD recovery tried and not kept: held-out KL 0.1157, best step 0 of 60, at lr "
             "0.002)") in body
 
@@ -195,6 +195,7 @@ def test_a_search_rows_recovery_says_its_rate_and_whether_it_was_kept(copy):
         "recovery"].update(lr=5e-4, lr_abandoned=[2e-3]))
     body = readme_tables.search(readme_tables.Store(results))
     assert "at lr 0.0005 (backed off from 0.002: the first validation was worse)" in body
+    assert "KD recovery (lr 0.002 → 0.0005)" in body
 
 
 def test_missing_results_file_renders_not_measured(copy, capsys):
