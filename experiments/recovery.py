@@ -53,7 +53,7 @@ ROWS = (
     # does the back-off fire on this plan? The default rate's first 20 steps (the cosine's
     # first 20 of 400 are within 0.6% of it), then the first validation: better (best step
     # 20) and the defaults run as kd-64w-cos did; worse and they start over at a quarter
-    ("kd-first-20", KDSettings(steps=20, train_windows=64, val_windows=8, lr=2e-3,
+    ("kd-64w-first-20", KDSettings(steps=20, train_windows=64, val_windows=8, lr=2e-3,
                                schedule="constant", **_FIXED)),
     # today's defaults: kd-64w-cos, backing off to a quarter of the rate when the first
     # validation is worse
