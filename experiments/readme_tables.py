@@ -218,9 +218,10 @@ def recovery(store: Store, name: str = "recovery.json", options: str = "") -> st
     for key, e in entries.items():
         if key == "before":
             continue
-        lr = f"{e.kd.lr:g}, {e.settings.get('schedule', 'constant')}"
+        schedule = e.settings.get("schedule", "constant")
+        lr = f"{_rate_path(e.kd.lr, e.kd.lr_abandoned)}, {schedule}"
         if e.kd.lr_abandoned:  # the rate it started at made the first validation worse
-            lr = f"{' → '.join(f'{r:g}' for r in e.kd.lr_abandoned)} → {lr} (backed off)"
+            lr += " (backed off)"
         rows.append(f"| {key} | {e.kd.train_windows} windows | {lr} | {e.kd.steps} ({e.kd.best_step}) "
                     f"| {e.holdout_kl_after:.4f} | {100 * e.holdout_kl_change:+.1f}% | "
                     f"{_fmt_ppl(e.test_ppl)} | {_secs(e.recover_s)} s |")
@@ -429,13 +430,18 @@ def _stage_names(r) -> str:
         names.append(f"learned rounding ({r.stages.rounding['method']})")
     tried = r.stages.recovery or r.stages.recovery_tried
     if tried:
-        rates = [*(tried.get("lr_abandoned") or []), tried["lr"]] if "lr" in tried else []
-        said = [f"lr {' → '.join(f'{x:g}' for x in rates)}"] if rates else []
+        said = [f"lr {_rate_path(tried['lr'], tried.get('lr_abandoned'))}"] \
+            if "lr" in tried else []
         if not r.stages.recovery:
             said.append("tried, not kept")
         names.append(f"{tried['method'].upper()} recovery"
                      + (f" ({', '.join(said)})" if said else ""))
     return " + ".join(names)
+
+
+def _rate_path(lr: float, abandoned: list[float] | None) -> str:
+    """The rates a recovery went through: those it backed off from, then the one it kept."""
+    return " → ".join(f"{r:g}" for r in [*(abandoned or []), lr])
 
 
 def _rate(record: dict) -> str:
