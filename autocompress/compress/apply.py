@@ -37,19 +37,33 @@ if TYPE_CHECKING:
 
 
 class LowRankLinear(nn.Module):
-    """y = A (B x) + bias: a linear layer stored as two factors."""
+    """y = A (B x) + bias: a linear layer stored as two factors, ``down`` (B) then ``up`` (A)."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, dtype):
+    def __init__(self, down: nn.Module, up: nn.Module):
         super().__init__()
-        self.down = nn.Linear(b.shape[1], b.shape[0], bias=False, dtype=dtype, device=b.device)
-        self.up = nn.Linear(a.shape[1], a.shape[0], bias=bias is not None, dtype=dtype,
-                            device=a.device)
+        self.down, self.up = down, up
+        self.in_features, self.out_features = down.in_features, up.out_features
+
+    @classmethod
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                     dtype) -> "LowRankLinear":
+        """The factors' decoded values in two ``nn.Linear``."""
+        down = nn.Linear(b.shape[1], b.shape[0], bias=False, dtype=dtype, device=b.device)
+        up = nn.Linear(a.shape[1], a.shape[0], bias=bias is not None, dtype=dtype,
+                       device=a.device)
         with torch.no_grad():
-            self.down.weight.copy_(b)
-            self.up.weight.copy_(a)
+            down.weight.copy_(b)
+            up.weight.copy_(a)
             if bias is not None:
-                self.up.bias.copy_(bias)
-        self.in_features, self.out_features = b.shape[1], a.shape[0]
+                up.bias.copy_(bias)
+        return cls(down, up)
+
+    @classmethod
+    def from_codes(cls, a: QuantizedWeight, b: QuantizedWeight, bias: torch.Tensor | None,
+                   dtype, pack: bool = True) -> "LowRankLinear":
+        """Both factors held as their codes (``CodesLinear``): the same outputs, and the
+        factors' scales are then what distillation recovery trains, as for a dense layer."""
+        return cls(CodesLinear(b, None, dtype, pack=pack), CodesLinear(a, bias, dtype, pack=pack))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
@@ -104,9 +118,9 @@ def _swap_in(param: nn.Parameter, value: torch.Tensor) -> None:
 
 
 def _holds_codes(compressed: CompressedLayer) -> bool:
-    """A dense layer quantized to RTN/GPTQ codes, which ``CodesLinear`` can compute from."""
-    return len(compressed.quantized) == 1 and isinstance(compressed.quantized[0],
-                                                         QuantizedWeight)
+    """Every matrix (the dense weight, or both low-rank factors) quantized to RTN/GPTQ codes,
+    which ``CodesLinear`` can compute from."""
+    return all(isinstance(q, QuantizedWeight) for q in compressed.quantized)
 
 
 def _install(model: nn.Module, name: str, compressed: CompressedLayer,
@@ -121,15 +135,20 @@ def _install(model: nn.Module, name: str, compressed: CompressedLayer,
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if codes and _holds_codes(compressed):  # ``shared``: a memo keeps these codes too
-        setattr(parent, child, CodesLinear(compressed.quantized[0], module.bias, dtype,
-                                           pack=not shared))
+        if len(compressed.quantized) == 1:
+            setattr(parent, child, CodesLinear(compressed.quantized[0], module.bias, dtype,
+                                               pack=not shared))
+        else:
+            a, b = compressed.quantized
+            setattr(parent, child, LowRankLinear.from_codes(a, b, module.bias, dtype,
+                                                            pack=not shared))
         return
     compressed = from_memo(compressed)  # decoded where a memo kept only the codes
     if len(compressed.factors) == 1:
         _swap_in(module.weight, compressed.factors[0])
         return
     a, b = compressed.factors
-    setattr(parent, child, LowRankLinear(a, b, module.bias, dtype))
+    setattr(parent, child, LowRankLinear.from_factors(a, b, module.bias, dtype))
 
 
 OnLayer = Callable[[LayerInfo, LayerConfig, CompressedLayer], None]

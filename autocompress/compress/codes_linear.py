@@ -53,6 +53,11 @@ class CodesLinear(nn.Module):
 
     @quantized.setter
     def quantized(self, value: QuantizedWeight) -> None:
+        if not value.q.is_contiguous():
+            # row-major, as nn.Linear holds a weight: the decoded weight's layout picks the
+            # matmul kernel, and another layout sums in another order (low-rank factors come
+            # out of the SVD transposed)
+            value = replace(value, q=value.q.contiguous())
         self._packed = self._pack and value.bits <= 4 and value.q.shape[1] % 2 == 0
         self._held = replace(value, q=_nibbles(value.q)) if self._packed else value
 

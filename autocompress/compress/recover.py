@@ -1,5 +1,6 @@
 """Distillation recovery: after a plan is built, train what its format lets change freely (each
-quantized group's scale, and the RMS norms' weights) so that the compressed model's next-token
+quantized group's scale, of dense layers and of low-rank factors alike, and the RMS norms'
+weights) so that the compressed model's next-token
 distributions match the uncompressed model's (KL) on calibration windows. The codes, zero
 points, masks and every other weight stay as the plan built them: the result is stored in the
 same format and bytes (EfficientQAT's end-to-end stage trains the same quantization
@@ -52,7 +53,9 @@ class RecoveryResult:
 
 
 def trainable_parts(model: nn.Module) -> tuple[dict[str, CodesLinear], dict[str, nn.Module]]:
-    """The layers held as codes (their scales train) and the RMS norms (their weights train)."""
+    """The matrices held as codes (their scales train: a dense layer, or each factor of a
+    low-rank one, ``<layer>.down`` and ``<layer>.up``) and the RMS norms (their weights
+    train)."""
     codes = {name: m for name, m in model.named_modules() if isinstance(m, CodesLinear)}
     norms = {name: m for name, m in model.named_modules()
              if type(m).__name__.endswith("RMSNorm") and isinstance(
@@ -69,8 +72,8 @@ class _Trainer:
         self.codes, self.norms = trainable_parts(model)
         if not self.codes:
             raise AutocompressError("nothing to recover: the plan holds no layer as RTN/GPTQ "
-                                    "codes (GGUF types, 16-bit and low-rank layers keep "
-                                    "their weights)")
+                                    "codes (GGUF types, 16-bit layers and 16-bit low-rank "
+                                    "factors keep their weights)")
         self.built = {name: m.quantized.scale.detach().clone() for name, m in self.codes.items()}
         self.theta = {name: torch.zeros_like(s, requires_grad=True)
                       for name, s in self.built.items()}

@@ -112,11 +112,7 @@ def put_recovered(model: nn.Module, packed: dict[str, PackedLinear],
 
     scales = {k[:-len(".scale")]: v for k, v in recovered.items() if k.endswith(".scale")}
     for name, tensor in scales.items():
-        layer = packed.get(name)
-        if layer is None or len(layer.matrices) != 1 or layer.matrices[0].scale is None:
-            raise AutocompressError(f"the plan's recovered scale of {name} has no quantized "
-                                    "layer to go into: recover again for this plan")
-        matrix = layer.matrices[0]
+        matrix = _recovered_matrix(packed, name)
         if tuple(tensor.shape) != tuple(matrix.scale.shape):
             raise AutocompressError(f"the recovered scale of {name} has shape "
                                     f"{tuple(tensor.shape)}, the layer {tuple(matrix.scale.shape)}")
@@ -126,6 +122,28 @@ def put_recovered(model: nn.Module, packed: dict[str, PackedLinear],
             clamped = matrix.zero.float().abs() >= FP16_MAX
             matrix.scale = torch.where(clamped, matrix.scale, tensor.to(matrix.scale))
     put_norms(trainable_parts(model)[1], recovered)
+
+
+# a low-rank layer's factors as recovery names them (LowRankLinear), and their place in
+# PackedLinear.matrices ([A, B]: up, then down)
+_FACTOR_INDEX = {"up": 0, "down": 1}
+
+
+def _recovered_matrix(packed: dict[str, PackedLinear], name: str):
+    """The packed matrix a recovered scale named ``name`` goes into: a dense layer's only
+    matrix, or one factor of a low-rank layer (``<layer>.up`` / ``<layer>.down``)."""
+    layer, index = packed.get(name), 0
+    if layer is None:
+        parent, _, factor = name.rpartition(".")
+        layer, index = packed.get(parent), _FACTOR_INDEX.get(factor)
+        if layer is not None and (index is None or len(layer.matrices) != 2):
+            layer = None
+    elif len(layer.matrices) != 1:
+        layer = None
+    if layer is None or layer.matrices[index].scale is None:
+        raise AutocompressError(f"the plan's recovered scale of {name} has no quantized "
+                                "layer to go into: recover again for this plan")
+    return layer.matrices[index]
 
 
 def install_packed(model: nn.Module, packed: dict[str, PackedLinear], backend: str = "auto",

@@ -59,6 +59,39 @@ def test_kd_lowers_held_out_kl_moving_only_scales_and_norms(tiny_loaded):
     assert [p.requires_grad for p in tiny_loaded.model.parameters()] == flags
 
 
+def test_low_rank_factors_held_as_codes_compute_their_decoding_and_recover(tiny_loaded):
+    """Low-rank layers whose factors are quantized are held as two CodesLinear: the same
+    logits as their decoded factors, and recovery trains each factor's scales (codes and
+    zeros kept), lowering the held-out KL."""
+    from autocompress.compress.apply import LowRankLinear
+
+    teacher, holdout = _references(tiny_loaded)
+    low_rank = [layer.name for layer in tiny_loaded.layers]
+    plan = {name: LayerConfig(bits=2, group_size=32, rank_ratio=0.5) for name in low_rank}
+    x = holdout.windows[:1]
+    with torch.no_grad(), compressed_in_place(tiny_loaded, plan) as model:
+        decoded = model(x).logits
+    with compressed_in_place(tiny_loaded, plan, codes=True) as model:
+        for name in low_rank:
+            module = model.get_submodule(name)
+            assert isinstance(module, LowRankLinear)
+            assert isinstance(module.up, CodesLinear) and isinstance(module.down, CodesLinear)
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, decoded)
+        before = _codes_state(model)
+        settings = KDSettings(steps=20, lr=2e-2, eval_every=10, patience=3)
+        result = KDRecovery(settings, progress=False).run(model, teacher, holdout)
+        after = _codes_state(model)
+    factors = {f"{name}.{part}" for name in low_rank for part in ("up", "down")}
+    assert factors <= set(before)
+    assert {f"{f}.scale" for f in factors} <= set(result.tensors)
+    for name in factors:
+        assert torch.equal(before[name][0], after[name][0])  # codes
+        assert torch.equal(before[name][1], after[name][1])  # zeros
+    assert sum(not torch.equal(before[f][2], after[f][2]) for f in factors) >= len(factors) - 1
+    assert result.kl_after < 0.9 * result.kl_before
+
+
 def test_recovered_tensors_rebuild_the_same_model_and_refuse_another_plan(tiny_loaded):
     teacher, holdout = _references(tiny_loaded)
     settings = KDSettings(steps=10, lr=2e-2, eval_every=5)
@@ -195,12 +228,13 @@ def test_kd_settings_refuse_nonsense(bad):
 
 # -- apply --recover kd: the plan names its tensors, and every build of it uses them -----------
 
-def _recovered_apply(tiny_model_dir, tmp_path, bits="2", extra=()):
+def _recovered_apply(tiny_model_dir, tmp_path, bits="2", extra=(), plan_extra=()):
     from autocompress.cli import main
 
     plan = tmp_path / "plan.json"
     assert main(["plan", "--model", str(tiny_model_dir), "--bits", bits, "--group-size", "32",
-                 "--calib-windows", "4", "--window-len", "64", "--out", str(plan)]) == 0
+                 "--calib-windows", "4", "--window-len", "64", *plan_extra,
+                 "--out", str(plan)]) == 0
     out = tmp_path / "recovered"
     assert main(["apply", str(plan), "--out", str(out), "--recover", "kd", "--kd-steps", "6",
                  "--kd-lr", "0.02", "--kd-val-windows", "2", *extra]) == 0
@@ -247,8 +281,10 @@ def test_apply_recover_writes_a_plan_whose_every_build_has_the_recovered_scales(
     assert not torch.equal(norm, loaded.model.model.layers[0].input_layernorm.weight.half().float())
 
 
+@pytest.mark.parametrize("plan_extra", [(), ("--rank-ratio", "0.5")],
+                         ids=["dense", "low-rank"])
 def test_a_recovered_plan_packs_to_the_same_bytes_and_computes_its_build(
-        tiny_model_dir, tmp_path, capsys):
+        tiny_model_dir, tmp_path, capsys, plan_extra):
     from autocompress.compress.reproduce import built_in_place
     from autocompress.model import load_model
     from autocompress.plan import Plan
@@ -256,7 +292,14 @@ def test_a_recovered_plan_packs_to_the_same_bytes_and_computes_its_build(
 
     from autocompress.cli import main
 
-    plan, out = _recovered_apply(tiny_model_dir, tmp_path, bits="3", extra=["--packed"])
+    plan, out = _recovered_apply(tiny_model_dir, tmp_path, bits="3", extra=["--packed"],
+                                 plan_extra=plan_extra)
+    if plan_extra:  # every layer low rank: the recovered scales are its factors'
+        from safetensors.torch import load_file
+
+        names = load_file(out / "recovered.safetensors")
+        assert any(k.endswith(".up.scale") for k in names)
+        assert any(k.endswith(".down.scale") for k in names)
     assert main(["apply", str(plan), "--packed", "--out", str(tmp_path / "plain")]) == 0
     err = capsys.readouterr().err
     sizes = [line for line in err.splitlines() if "plan accounting" in line]
