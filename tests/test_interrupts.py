@@ -169,7 +169,8 @@ def test_a_sigterm_while_the_command_line_is_read_ends_with_one_line(monkeypatch
     """The handlers are in place before the parser is built: a SIGTERM from the first moment
     ends as everywhere else (143, one line), not by the default action (exit -15, no line:
     the fault drill's failure when building the parser imported torch)."""
-    from autocompress import cli, interrupts
+    from autocompress import interrupts
+    from autocompress.cli import program
 
     seen = []
 
@@ -177,9 +178,9 @@ def test_a_sigterm_while_the_command_line_is_read_ends_with_one_line(monkeypatch
         seen.append(signal.getsignal(signal.SIGTERM))
         raise Terminated()  # what the handler raises, wherever the program is
 
-    monkeypatch.setattr(cli, "build_parser", parser_hit_by_sigterm)
+    monkeypatch.setattr(program, "build_parser", parser_hit_by_sigterm)
     try:
-        code = cli.main(["search", "--budget", "4GB"])
+        code = program.main(["search", "--budget", "4GB"])
     except KeyboardInterrupt:
         pytest.fail("the SIGTERM escaped main(): no handler of the program's was in place")
     assert code == 143
