@@ -176,7 +176,8 @@ QUALITY_OPERATORS = {"rtn": "RTN", "rtn+clip": "RTN, clipped grid", "rtn+awq": "
 def quality(store: Store) -> str:
     data = store.get("quality.json")
     p, entries = data.protocol, data.entries
-    formats = list(dict.fromkeys(k.split("-")[0] for k in entries if k != "uncompressed"))
+    formats = sorted({k.split("-")[0] for k in entries if k != "uncompressed"},  # 3g64, 3g128..
+                     key=lambda f: tuple(int(n) for n in f.split("g")))
     rows = ["| operator | " + " | ".join(f"{f.replace('g', '-bit g', 1)}" for f in formats) + " |",
             "| --- |" + " ---: |" * len(formats)]
     for op, label in QUALITY_OPERATORS.items():
