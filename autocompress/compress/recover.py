@@ -1,10 +1,10 @@
 """Distillation recovery: after a plan is built, train what its format lets change freely (each
 quantized group's scale, of dense layers and of low-rank factors alike, and the RMS norms'
-weights) so that the compressed model's next-token
-distributions match the uncompressed model's (KL) on calibration windows. The codes, zero
-points, masks and every other weight stay as the plan built them: the result is stored in the
-same format and bytes (EfficientQAT's end-to-end stage trains the same quantization
-parameters; its block-wise stage, which also moves the weights, is not done here).
+weights) so that the compressed model's next-token distributions match the uncompressed
+model's (KL) on calibration windows. The codes, zero points, masks and every other weight stay
+as the plan built them: the result is stored in the same format and bytes (EfficientQAT's
+end-to-end stage trains the same quantization parameters; its block-wise stage, which also
+moves the weights, is not done here).
 
 A scale is trained in the log domain (``scale = built · exp(θ)``, θ from 0), so one learning rate
 is a relative step for every group, small or large; at the end each scale is rounded to float16,
