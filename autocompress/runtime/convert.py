@@ -132,18 +132,16 @@ _FACTOR_INDEX = {"up": 0, "down": 1}
 def _recovered_matrix(packed: dict[str, PackedLinear], name: str):
     """The packed matrix a recovered scale named ``name`` goes into: a dense layer's only
     matrix, or one factor of a low-rank layer (``<layer>.up`` / ``<layer>.down``)."""
-    layer, index = packed.get(name), 0
-    if layer is None:
-        parent, _, factor = name.rpartition(".")
-        layer, index = packed.get(parent), _FACTOR_INDEX.get(factor)
-        if layer is not None and (index is None or len(layer.matrices) != 2):
-            layer = None
-    elif len(layer.matrices) != 1:
-        layer = None
-    if layer is None or layer.matrices[index].scale is None:
+    parent, _, factor = name.rpartition(".")
+    matrix = None
+    if name in packed and len(packed[name].matrices) == 1:
+        matrix = packed[name].matrices[0]
+    elif parent in packed and len(packed[parent].matrices) == 2 and factor in _FACTOR_INDEX:
+        matrix = packed[parent].matrices[_FACTOR_INDEX[factor]]
+    if matrix is None or matrix.scale is None:
         raise AutocompressError(f"the plan's recovered scale of {name} has no quantized "
                                 "layer to go into: recover again for this plan")
-    return layer.matrices[index]
+    return matrix
 
 
 def install_packed(model: nn.Module, packed: dict[str, PackedLinear], backend: str = "auto",
