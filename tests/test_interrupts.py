@@ -187,3 +187,26 @@ def test_a_sigterm_while_the_command_line_is_read_ends_with_one_line(monkeypatch
     assert seen == [interrupts._on_sigterm]
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("terminated"), lines
+
+
+def test_progress_bars_left_open_by_the_interrupt_write_nothing_after_its_line(capsys):
+    """A bar held in a variable stays open while the traceback holds its frame, and closes when
+    that is freed, after the one line: its clean-up (spaces, cursor up) must not follow the
+    line (the fault drill met it)."""
+    from tqdm import tqdm
+
+    from autocompress.cli.program import _interrupted
+
+    def nested_loops():
+        for _ in tqdm(range(3), desc="outer"):
+            inner = tqdm(total=3, desc="inner", leave=False)
+            inner.update()
+            raise KeyboardInterrupt
+
+    try:
+        nested_loops()
+    except KeyboardInterrupt as exc:
+        assert _interrupted(None, exc) == 130
+    gc.collect()
+    err = capsys.readouterr().err
+    assert err.endswith("files already written are kept, nothing is half-written\n"), repr(err[-80:])

@@ -50,11 +50,23 @@ def _interrupted(args, exc: KeyboardInterrupt) -> int:
     what = "terminated" if terminated else "interrupted"
     again = (" (rerun with --resume to continue)"
              if args is not None and args.command == "search" else "")
+    _silence_progress_bars()
     # a progress bar may hold the cursor mid-line: the line is cleared (terminal) or ended
     sys.stderr.write("\r\x1b[2K" if console.is_terminal else "\n")
     console.print(f"{what}; files already written are kept, nothing is half-written{again}",
                   highlight=False, soft_wrap=True)
     return 143 if terminated else 130
+
+
+def _silence_progress_bars() -> None:
+    """A bar held in a variable of an unwound frame closes only when the traceback is freed,
+    after the line below, and its clean-up (blanks, cursor up) would follow the line: every open
+    bar is disabled now, so its later close writes nothing."""
+    tqdm = sys.modules.get("tqdm")  # never imported here: no bar can be open without it
+    if tqdm is None:
+        return
+    for bar in list(tqdm.tqdm._instances):
+        bar.disable = True
 
 
 COMMANDS = {"study": cmd_study, "layers": cmd_layers, "sensitivity": cmd_sensitivity,
