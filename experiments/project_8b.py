@@ -24,7 +24,7 @@ How each figure is made (the README prints this next to the table):
   over 8 workers at the parallel efficiency measured for two workers on this CPU
   (level2_workers.json: speed-up / workers).
 
-    .venv/bin/python experiments/project_8b.py [--entry qwen1.5b@4]
+    .venv/bin/python experiments/project_8b.py [--entry qwen1.5b@4/solo]
 """
 
 from __future__ import annotations
@@ -135,11 +135,14 @@ def project(entry: dict, ceiling: dict, parallel_efficiency: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--entry", default="qwen1.5b@4", help="scale.json entry to project from")
+    # the solo run: the first 1.5B entry's stages shared the machine and undercount
+    parser.add_argument("--entry", default="qwen1.5b@4/solo",
+                        help="scale.json entry to project from")
     args = parser.parse_args()
     scale = json.loads((RESULTS / "scale.json").read_text())["entries"]
     if args.entry not in scale:
-        raise SystemExit(f"scale.json has no entry {args.entry}; run experiments/scale.py first")
+        raise SystemExit(f"scale.json has no entry {args.entry}; run experiments/scale.py "
+                         "--models qwen1.5b --bits 4 --tag solo first, alone on the machine")
     entry = scale[args.entry]
     # the shapes' arithmetic checked against the measured model: off by more than the norms
     # and biases it leaves out, the ratios would be wrong too

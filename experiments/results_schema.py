@@ -677,7 +677,8 @@ SPECS: dict[str, FileSpec] = {
     "peak_memory.json": FileSpec(PeakMemoryProtocol, _by_key({}, PeakMemory)),
     "level2_workers.json": FileSpec(Level2WorkersProtocol,
                                     _by_key({"ceiling": Level2Ceiling}, Level2Workers)),
-    "scale.json": FileSpec(ScaleProtocol, _by_key({}, ScaleRun), keys=r"[\w.-]+@\d+"),
+    "scale.json": FileSpec(ScaleProtocol, _by_key({}, ScaleRun),
+                           keys=r"[\w.-]+@\d+(/[\w.-]+)?"),  # MODEL@BITS[/TAG]
     "seed_spread.json": FileSpec(SeedSpreadProtocol, _by_key({}, SeedRun),
                                  keys=r"[\w.-]+@\d+/seed\d+"),
     "projection_8b.json": FileSpec(ProjectionProtocol, _by_key({}, Projection),

@@ -20,7 +20,10 @@ The 1.5B model is the Q4_K_M GGUF assembled by experiments/assemble_qwen.py (--q
 dequantization to a float32 checkpoint is cached once, before the search, and timed apart.
 
     .venv/bin/python experiments/scale.py [--models smollm2,qwen1.5b] [--bits 3,4]
-        [--qwen PATH] [--windows smollm2=40,qwen1.5b=10]
+        [--qwen PATH] [--windows smollm2=40,qwen1.5b=10] [--tag solo]
+
+``--tag T`` runs the same search again as entry MODEL@BITS/T beside the first (e.g. a run with
+the machine to itself, for clean stage times), in runs/scale/MODEL@BITS-T.
 """
 
 from __future__ import annotations
@@ -129,6 +132,8 @@ def main() -> None:
                         help="the assembled Qwen2.5-Coder-1.5B GGUF")
     parser.add_argument("--windows", default="smollm2=40,qwen1.5b=10",
                         help="test windows of 512 per model")
+    parser.add_argument("--tag", default="",
+                        help="entries MODEL@BITS/TAG: the same search run again beside the first")
     args = parser.parse_args()
     check_data()
     windows = dict((k, int(v)) for k, v in (item.split("=") for item in args.windows.split(",")))
@@ -155,10 +160,10 @@ def main() -> None:
         budgets = {bits: uniform_total(loaded, int(bits)) for bits in args.bits.split(",")}
         del loaded
         for bits, budget in budgets.items():
-            key = f"{model_key}@{bits}"
+            key = f"{model_key}@{bits}" + (f"/{args.tag}" if args.tag else "")
             if results.has(key):
                 continue
-            out = RUNS / key
+            out = RUNS / key.replace("/", "-")
             command = ["search", "--model", spec, "--budget", str(budget),
                        "--calib-text", str(CALIB_TEXT), "--out", str(out / "search")]
             attempts = _attempts(out)
