@@ -70,8 +70,9 @@ class LayerConfig:
     - ``awq``: activation-aware scaling (AWQ): input column j of the weight is multiplied by
       s_j = rms(x_j)^α before quantizing (α searched per layer, compress/awq.py) and the layer
       divides its input by s, so columns that meet large inputs get finer steps. s is stored
-      per layer in float16, its bytes counted (2 per input column); RTN and GPTQ, dense and
-      full rank; needs calibration statistics.
+      per layer in float16, its bytes counted (2 per input column); RTN, GPTQ and signround
+      (its grid learned on the scaled weight), dense and full rank; needs calibration
+      statistics.
     """
 
     bits: int = 16
@@ -132,10 +133,10 @@ class LayerConfig:
         if self.method == "signround" and (self.is_pruned or self.is_low_rank):
             raise AutocompressError("method signround learns the rounding of dense, full-rank "
                                     "weights: set sparsity 0 and rank_ratio 1, or use rtn/gptq")
-        if self.awq and (self.method == "signround" or self.is_pruned or self.is_low_rank):
-            raise AutocompressError("awq scales the input columns of dense, full-rank RTN or "
-                                    "GPTQ weights: set sparsity 0, rank_ratio 1 and method rtn "
-                                    "or gptq with awq")
+        if self.awq and (self.is_pruned or self.is_low_rank):
+            raise AutocompressError("awq scales the input columns of dense, full-rank RTN, "
+                                    "GPTQ or signround weights: set sparsity 0 and rank_ratio 1 "
+                                    "with awq")
 
     def _check_gguf(self) -> None:
         if not isinstance(self.gguf, str) or self.gguf.lower() not in GGUF_TYPES:

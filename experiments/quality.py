@@ -6,7 +6,8 @@ windows of wiki.valid, damp 0.01, act-order); ``+clip`` searches each group's gr
 columns by their calibration activations first (LayerConfig.awq, compress/awq.py; its float16
 scales add 2 bytes per input column); ``signround`` learns
 each block's rounding and grid ranges on the same windows (compress/signround.py: 200 signed
-gradient steps per block, one window each); ``+kd`` then recovers
+gradient steps per block, one window each; with ``+awq``, on the AWQ-scaled weight); ``+kd``
+then recovers
 the built plan by distillation as ``apply --recover kd`` does (compress/recover.py: scales and
 norms trained on the 16 calibration windows, early stopping on the 4 after them).
 Writes experiments/results/quality.json (resumable: a rerun skips measured rows).
@@ -43,7 +44,8 @@ OPERATORS = (("rtn", {}), ("rtn+clip", {"clip": True}), ("rtn+awq", {"awq": True
              ("gptq", {"method": "gptq"}), ("gptq+clip", {"method": "gptq", "clip": True}),
              ("gptq+awq", {"method": "gptq", "awq": True}),
              ("gptq+awq+clip", {"method": "gptq", "awq": True, "clip": True}),
-             ("signround", {"method": "signround"}))
+             ("signround", {"method": "signround"}),
+             ("signround+awq", {"method": "signround", "awq": True}))
 # the target format first (3-bit g64), then the rest
 FORMATS = ((3, 64), (3, 128), (4, 64), (4, 128))
 

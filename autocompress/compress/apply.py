@@ -24,6 +24,7 @@ from ..errors import AutocompressError
 from ..model import LayerInfo, LoadedModel
 from ..plan import LayerConfig, Plan, check_table
 from ..residency import release
+from .awq import search_input_scale
 from .calibration import BlockRunner, InputStats, collect_stats, sequential
 from .codes_linear import CodesLinear
 from .memo import for_memo, from_memo, worth_keeping
@@ -184,11 +185,13 @@ def _learn_rounding(model: nn.Module, runner: BlockRunner, index: int, layers: l
                     configs: dict[str, LayerConfig], targets: list[torch.Tensor] | None,
                     on_layer: OnLayer | None, codes: bool,
                     cache: RoundingCache | None = None,
-                    quantized: dict[str, QuantizedWeight] | None = None) -> None:
+                    quantized: dict[str, QuantizedWeight] | None = None,
+                    stats: dict[str, InputStats] | None = None) -> None:
     """Learned rounding of ``layers`` (all in block ``index``), the block's other layers
     already compressed: their output error is part of what the rounding makes up for.
     ``quantized``: the block's tuned weights as a cache gave them (nothing is tuned, and
-    ``targets`` may be None); else they are tuned and written to ``cache``."""
+    ``targets`` may be None); else they are tuned and written to ``cache``. ``stats``: the
+    block's input statistics, from which an AWQ layer's input scale is searched first."""
     if quantized is None:
         block = runner.blocks[index]
         relative = {id(module): name for name, module in block.named_modules()}
@@ -196,8 +199,13 @@ def _learn_rounding(model: nn.Module, runner: BlockRunner, index: int, layers: l
         grids = {}
         for layer in layers:
             cfg, name = configs[layer.name], inside[layer.name]
-            grids[name] = LearnedGrid(block.get_submodule(name).weight.detach(), cfg.bits,
-                                      cfg.group_size, cfg.sym)
+            weight = block.get_submodule(name).weight.detach()
+            input_scale = None
+            if cfg.awq:  # s as for RTN's min/max grid, the one the tuning starts from
+                input_scale, _ = search_input_scale(
+                    weight.float(), layer_stats((stats or {}).get(layer.name)), cfg.bits,
+                    cfg.group_size, cfg.sym)
+            grids[name] = LearnedGrid(weight, cfg.bits, cfg.group_size, cfg.sym, input_scale)
         tuner = SignRound(block, grids)
         tuner.tune(runner.hidden, runner.kwargs, targets)
         tuned = tuner.quantized()
@@ -273,7 +281,7 @@ def compress_layers_into(model: nn.Module, layers: list[LayerInfo],
                          block_stats, gptq, on_layer, source=source, codes=codes)
         if learned:
             _learn_rounding(model, runner, index, learned, configs, targets, on_layer, codes,
-                            rounding_cache, cached)
+                            rounding_cache, cached, block_stats)
 
     sequential(model, active, calib_windows, compress_block, progress=progress,
                hessian_layers=full)

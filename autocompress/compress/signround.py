@@ -13,7 +13,9 @@ Rounding passes gradients straight through. Each step takes one calibration wind
 ``eval_every`` steps (and before the first) the loss over all windows decides which state is
 kept, so the result is never worse on the calibration windows than the RTN grid it starts from.
 The stored format is RTN's (codes, per-group scale and zero): it packs, exports and loads like
-any RTN or GPTQ layer. Inputs are the block's inputs through the already-compressed prefix, and
+any RTN or GPTQ layer. An AWQ layer (``awq: true``) keeps its format too: its input scale s is
+searched first as for RTN (awq.py), the grid is learned on W·diag(s), and the layer's weight is
+the decoded grid divided by s, as the stored layer computes it. Inputs are the block's inputs through the already-compressed prefix, and
 the target is the uncompressed block's output on those same inputs (GPTQ's sequential objective,
 taken at the block's output instead of each layer's).
 """
@@ -48,12 +50,19 @@ def _round_ste(x: Tensor) -> Tensor:
 
 
 class LearnedGrid(nn.Module):
-    """One weight's tunable rounding: offsets [out, in] and range factors [out, n_groups]."""
+    """One weight's tunable rounding: offsets [out, in] and range factors [out, n_groups].
+    ``input_scale`` (AWQ's s, [in]): the grid is of W·diag(s), and the layer divides its input
+    by s."""
 
-    def __init__(self, weight: Tensor, bits: int, group_size: int, sym: bool):
+    def __init__(self, weight: Tensor, bits: int, group_size: int, sym: bool,
+                 input_scale: Tensor | None = None):
         super().__init__()
         self.dtype = weight.dtype  # what the block computes in; the grid works in float32
-        self.register_buffer("weight", weight.detach().float())
+        self.input_scale = None if input_scale is None else input_scale.detach().float()
+        scaled = weight.detach().float()
+        if self.input_scale is not None:
+            scaled = scaled * self.input_scale
+        self.register_buffer("weight", scaled)
         self.bits, self.group_size, self.sym = bits, group_size, sym
         grouped = _grouped(self.weight, group_size)
         self.register_buffer("wmin", grouped.amin(dim=2))
@@ -79,9 +88,10 @@ class LearnedGrid(nn.Module):
         return q, s, z
 
     def forward(self) -> Tensor:
-        """The dequantized weight, differentiable in the offsets and range factors."""
+        """The layer's dequantized weight, differentiable in the offsets and range factors."""
         q, s, z = self._codes(differentiable=True)
-        return (q - z) * s
+        decoded = (q - z) * s
+        return decoded if self.input_scale is None else decoded / self.input_scale
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
@@ -99,7 +109,8 @@ class LearnedGrid(nn.Module):
         q, _, _ = self._codes(differentiable=False)
         scale, zero = self.grid()
         return QuantizedWeight(q.to(torch.uint8), scale.detach().clone(), zero.detach().clone(),
-                               self.bits, self.group_size, self.sym)
+                               self.bits, self.group_size, self.sym,
+                               input_scale=self.input_scale)
 
     def state(self) -> list[Tensor]:
         return [p.detach().clone() for p in (self.offset, self.shrink_min, self.shrink_max)]

@@ -1,5 +1,5 @@
 """The search's optional stage ``search --rounding signround``: the chosen plan's quantized
-dense layers (RTN or GPTQ, native formats) get learned rounding (compress/signround.py) in the
+dense layers (RTN or GPTQ, native formats, AWQ-scaled or not) get learned rounding (compress/signround.py) in the
 same formats, so the same bytes; the plan is built as apply will build it, measured again on
 the held-out windows the search measured it on, and kept only where its KL is lower. Either
 way the plan's figures say what was tried (``figures["rounding"]``), and a kept plan's held-out
@@ -23,11 +23,10 @@ ROUNDINGS = ("signround",)
 
 def learns_rounding_in_place_of(cfg: LayerConfig) -> bool:
     """Layers whose rounding can be learned without changing their format: native integer
-    grids (RTN or GPTQ, any clip) of dense, full-rank weights. AWQ layers keep their method:
-    learned rounding does not scale input columns, and dropping the scale would change the
-    layer's format (and bytes)."""
+    grids (RTN or GPTQ, any clip, with or without AWQ's input scale, which they keep) of
+    dense, full-rank weights."""
     return (not cfg.is_gguf and cfg.bits < 16 and not cfg.is_pruned and not cfg.is_low_rank
-            and cfg.method in ("rtn", "gptq") and not cfg.awq)
+            and cfg.method in ("rtn", "gptq"))
 
 
 def with_learned_rounding(plan: Plan, loaded: LoadedModel) -> tuple[Plan, int]:

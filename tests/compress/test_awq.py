@@ -80,7 +80,8 @@ def test_awq_bytes_count_the_scale_and_the_config_rules():
     assert "awq" in awq.short() and "awq" not in plain.to_dict() and awq.to_dict()["awq"]
     assert LayerConfig(bits=16, awq=True) == LayerConfig(bits=16)
     assert not is_plain_rtn(awq)
-    for bad in (dict(gguf="q4_0", awq=True), dict(bits=3, method="signround", awq=True),
+    assert LayerConfig(bits=3, method="signround", awq=True).awq  # its grid learned on W·s
+    for bad in (dict(gguf="q4_0", awq=True), dict(bits=3, awq=True, sparsity=0.5),
                 dict(bits=3, awq=True, rank_ratio=0.5), dict(bits=3, awq="yes")):
         with pytest.raises(AutocompressError):
             LayerConfig(**bad)
