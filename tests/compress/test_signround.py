@@ -75,24 +75,24 @@ def test_tuning_lowers_the_block_output_error_and_leaves_the_block_alone(tiny_lo
         assert p.requires_grad == before[n][1]
 
 
+def _held_out_error(loaded, cfg: LayerConfig) -> tuple[float, dict]:
+    """A uniform ``cfg`` plan built on 8 calibration windows: the mean squared error of its
+    logits on 4 other windows, and its compressed layers by name."""
+    calib, held_out = _windows(loaded, 8, 32, seed=1), _windows(loaded, 4, 32, seed=9)
+    layers = {}
+    model = compress_model(loaded, uniform_plan(loaded.identity, cfg), calib, progress=False,
+                           on_layer=lambda layer, cfg, c: layers.update({layer.name: c}))
+    with torch.no_grad():
+        error = (model(held_out).logits - loaded.model(held_out).logits).square().mean()
+    return error.item(), layers
+
+
 def test_signround_plan_beats_rtn_at_the_same_format(tiny_loaded):
     """End to end, on windows the tuning never saw: the logits of a uniform 2-bit signround
     plan are closer to the uncompressed model's than RTN's, in RTN's exact storage format."""
-    calib, held_out = _windows(tiny_loaded, 8, 32, seed=1), _windows(tiny_loaded, 4, 32, seed=9)
-    with torch.no_grad():
-        reference = tiny_loaded.model(held_out).logits
-
-    def error_and_layers(method):
-        layers = {}
-        plan = uniform_plan(tiny_loaded.identity, LayerConfig(bits=2, group_size=32,
-                                                              method=method))
-        model = compress_model(tiny_loaded, plan, calib, progress=False,
-                               on_layer=lambda layer, cfg, c: layers.update({layer.name: c}))
-        with torch.no_grad():
-            return (model(held_out).logits - reference).square().mean().item(), layers
-
-    rtn, _ = error_and_layers("rtn")
-    learned, layers = error_and_layers("signround")
+    rtn, _ = _held_out_error(tiny_loaded, LayerConfig(bits=2, group_size=32))
+    learned, layers = _held_out_error(tiny_loaded,
+                                      LayerConfig(bits=2, group_size=32, method="signround"))
     assert learned < 0.9 * rtn, (learned, rtn)
     for name, compressed in layers.items():
         (qw,) = compressed.quantized
@@ -107,21 +107,9 @@ def test_signround_with_awq_keeps_the_input_scales_and_beats_awq_rtn(tiny_loaded
     RTN + AWQ's."""
     from autocompress.accounting import layer_bytes
 
-    calib, held_out = _windows(tiny_loaded, 8, 32, seed=1), _windows(tiny_loaded, 4, 32, seed=9)
-    with torch.no_grad():
-        reference = tiny_loaded.model(held_out).logits
-
-    def error_and_layers(method):
-        layers = {}
-        cfg = LayerConfig(bits=2, group_size=32, method=method, awq=True)
-        model = compress_model(tiny_loaded, uniform_plan(tiny_loaded.identity, cfg), calib,
-                               progress=False,
-                               on_layer=lambda layer, cfg, c: layers.update({layer.name: c}))
-        with torch.no_grad():
-            return (model(held_out).logits - reference).square().mean().item(), layers
-
-    rtn, rtn_layers = error_and_layers("rtn")
-    learned, layers = error_and_layers("signround")
+    rtn, rtn_layers = _held_out_error(tiny_loaded, LayerConfig(bits=2, group_size=32, awq=True))
+    learned, layers = _held_out_error(
+        tiny_loaded, LayerConfig(bits=2, group_size=32, method="signround", awq=True))
     assert learned < 0.9 * rtn, (learned, rtn)
     first_block = [l.name for l in tiny_loaded.layers if l.block == 0]
     assert first_block
