@@ -170,7 +170,8 @@ QUALITY_OPERATORS = {"rtn": "RTN", "rtn+clip": "RTN, clipped grid", "rtn+awq": "
                      "rtn+awq+clip": "RTN, AWQ scaling, clipped grid", "gptq": "GPTQ",
                      "gptq+clip": "GPTQ, clipped grid", "gptq+awq": "GPTQ, AWQ scaling",
                      "gptq+awq+clip": "GPTQ, AWQ scaling, clipped grid",
-                     "signround": "learned rounding (signround)"}
+                     "signround": "learned rounding (signround)",
+                     "signround+awq": "learned rounding, AWQ scaling"}
 
 
 def quality(store: Store) -> str:
