@@ -15,9 +15,10 @@ kept, so the result is never worse on the calibration windows than the RTN grid 
 The stored format is RTN's (codes, per-group scale and zero): it packs, exports and loads like
 any RTN or GPTQ layer. An AWQ layer (``awq: true``) keeps its format too: its input scale s is
 searched first as for RTN (awq.py), the grid is learned on W·diag(s), and the layer's weight is
-the decoded grid divided by s, as the stored layer computes it. Inputs are the block's inputs through the already-compressed prefix, and
-the target is the uncompressed block's output on those same inputs (GPTQ's sequential objective,
-taken at the block's output instead of each layer's).
+the decoded grid divided by s, as the stored layer computes it. Inputs are the block's inputs
+through the already-compressed prefix, and the target is the uncompressed block's output on
+those same inputs (GPTQ's sequential objective, taken at the block's output instead of each
+layer's).
 """
 
 from __future__ import annotations
