@@ -209,4 +209,5 @@ def test_progress_bars_left_open_by_the_interrupt_write_nothing_after_its_line(c
         assert _interrupted(None, exc) == 130
     gc.collect()
     err = capsys.readouterr().err
-    assert err.endswith("files already written are kept, nothing is half-written\n"), repr(err[-80:])
+    assert err.endswith("files already written are kept, nothing is half-written\n"), \
+        repr(err[-80:])

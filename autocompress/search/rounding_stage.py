@@ -1,10 +1,11 @@
 """The search's optional stage ``search --rounding signround``: the chosen plan's quantized
 dense layers (RTN or GPTQ, native formats, AWQ-scaled or not) get learned rounding
-(compress/signround.py) in the same formats, so the same bytes; the plan is built as apply will build it, measured again on
-the held-out windows the search measured it on, and kept only where its KL is lower. Either
-way the plan's figures say what was tried (``figures["rounding"]``), and a kept plan's held-out
-figures are the rounded model's (``eval --holdout`` reproduces them), with the searched plan's
-kept beside them (``before_rounding``)."""
+(compress/signround.py) in the same formats, so the same bytes; the plan is built as apply
+will build it, measured again on the held-out windows the search measured it on, and kept
+only where its KL is lower. Either way the plan's figures say what was tried
+(``figures["rounding"]``), and a kept plan's held-out figures are the rounded model's (``eval
+--holdout`` reproduces them), with the searched plan's kept beside them
+(``before_rounding``)."""
 
 from __future__ import annotations
 
