@@ -23,7 +23,9 @@ off the limit first.
 
 ``run_search`` runs the stages in order; their pieces live beside it: candidates.py (level 1's
 plans), optuna_level.py (level 2), level3.py and tune_level.py (level 3), recover_stage.py
-(``--recover kd``), rounding_stage.py (``--rounding signround``), records.py (the plan and front written at the end).
+(``--recover kd``), rounding_stage.py (``--rounding signround``), records.py (the plan and
+front written at the end). Each stage runs under ``times.stage`` (stage_times.py), which keeps
+its time however it ends, so a search resumed over several attempts reports what it cost.
 """
 
 from __future__ import annotations
@@ -161,77 +163,75 @@ def run_search(loaded: LoadedModel, space: SearchSpace, settings: SearchSettings
     times = StageTimes(out, settings.resume, log)
 
     # -- level 0: the sensitivity table --------------------------------------------------------
-    t0 = time.perf_counter()
-    calib = calibration_data(loaded.tokenizer, settings.calib_text, settings.n_calib,
-                             settings.holdout_windows, settings.window_len)
-    # calibration statistics on disk, taken once (by the table where it needs them) and read
-    # by every plan the levels build
-    stats = StatsStore(out / "statistics" if out else None, loaded.layers,
-                       stats_key(loaded, calib.digest), setup.full, loaded.placement.device) \
-        if uses_calibration(c for layer in loaded.layers for c in space.for_layer(layer)) else None
-    # the proxy is not kept past the table: a Fisher proxy holds one float32 per weight (5 GB
-    # on a 1.5B model) that the measured levels' model copies need more
-    table = build_table(loaded, space, make_proxy(settings.proxy), calib.calib, calib.digest,
-                        cache=out / "sensitivity.cache.json" if out else None,
-                        progress=progress, log=log, stats_store=stats)
-    if out:
-        table.save(out / "sensitivity.json")
-    return_freed_memory()  # the proxy's diagonal and the statistics are gone
-    times.record("sensitivity_s", time.perf_counter() - t0)
+    with times.stage("sensitivity_s"):
+        calib = calibration_data(loaded.tokenizer, settings.calib_text, settings.n_calib,
+                                 settings.holdout_windows, settings.window_len)
+        # calibration statistics on disk, taken once (by the table where it needs them) and
+        # read by every plan the levels build
+        stats = StatsStore(out / "statistics" if out else None, loaded.layers,
+                           stats_key(loaded, calib.digest), setup.full,
+                           loaded.placement.device) \
+            if uses_calibration(c for layer in loaded.layers for c in space.for_layer(layer)) \
+            else None
+        # the proxy is not kept past the table: a Fisher proxy holds one float32 per weight
+        # (5 GB on a 1.5B model) that the measured levels' model copies need more
+        table = build_table(loaded, space, make_proxy(settings.proxy), calib.calib,
+                            calib.digest,
+                            cache=out / "sensitivity.cache.json" if out else None,
+                            progress=progress, log=log, stats_store=stats)
+        if out:
+            table.save(out / "sensitivity.json")
+        return_freed_memory()  # the proxy's diagonal and the statistics are gone
 
     # -- level 1: exact proxy optima -----------------------------------------------------------
-    t0 = time.perf_counter()
-    problem = _problem(setup, table)
-    candidates = level1_candidates(problem, space, setup.footprint_of)
-    front = [Candidate(f"proxy front {fraction:.0%} of capacity", problem.configs(choice),
-                       setup.footprint_of(problem.configs(choice)), problem.predicted(choice))
-             for fraction, choice in problem.front()]
-    times.record("level1_s", time.perf_counter() - t0)
+    with times.stage("level1_s"):
+        problem = _problem(setup, table)
+        candidates = level1_candidates(problem, space, setup.footprint_of)
+        front = [Candidate(f"proxy front {fraction:.0%} of capacity", problem.configs(choice),
+                           setup.footprint_of(problem.configs(choice)),
+                           problem.predicted(choice))
+                 for fraction, choice in problem.front()]
 
     # -- level 2: Optuna, each trial measured at low fidelity ----------------------------------
     study_trials: list = []
     worker_use: list[dict] = []
     if settings.trials:
-        t0 = time.perf_counter()
-        study_trials, worker_use = _level2(setup, problem, table, calib, stats, candidates,
-                                           front, progress, log)
-        return_freed_memory()  # statistics and memo: level 3 starts beside this
-        times.record("level2_s", time.perf_counter() - t0)
+        with times.stage("level2_s"):
+            study_trials, worker_use = _level2(setup, problem, table, calib, stats, candidates,
+                                               front, progress, log)
+            return_freed_memory()  # statistics and memo: level 3 starts beside this
     if setup.speed is not None:
         for cand in candidates + front:
             cand.decode = setup.speed.estimate(cand.configs)
 
     # -- level 3: measured for real, each candidate built as apply will build it -----------------
-    t0 = time.perf_counter()
-    final_meter = PlanMeter(loaded, calib.holdout[:settings.final_windows], calib.calib,
-                            progress=False, mode=settings.mode, gptq=settings.gptq,
-                            fixed=setup.tables, hessian_layers=setup.full, stats=stats)
-    worker_peak = None
-    if settings.eval_top:
-        worker_peak = measure_with_tune(loaded, candidates, final_meter, calib, settings, out,
-                                         log, progress)
-        complete = [c for c in candidates if not c.measured["stopped_early"]]
-    else:
-        for cand in candidates:
-            cand.measured = final_meter.measure(cand.configs)
-            faults.point("final_measure")
-        complete = candidates
-    times.record("level3_s" if settings.eval_top else "measure_s", time.perf_counter() - t0)
+    with times.stage("level3_s" if settings.eval_top else "measure_s"):
+        final_meter = PlanMeter(loaded, calib.holdout[:settings.final_windows], calib.calib,
+                                progress=False, mode=settings.mode, gptq=settings.gptq,
+                                fixed=setup.tables, hessian_layers=setup.full, stats=stats)
+        worker_peak = None
+        if settings.eval_top:
+            worker_peak = measure_with_tune(loaded, candidates, final_meter, calib, settings,
+                                             out, log, progress)
+            complete = [c for c in candidates if not c.measured["stopped_early"]]
+        else:
+            for cand in candidates:
+                cand.measured = final_meter.measure(cand.configs)
+                faults.point("final_measure")
+            complete = candidates
     timings = times.totals()
     chosen = min(complete, key=lambda c: c.measured["kl"])
 
     plan = plan_of(setup, chosen, candidates, calib, timings)
     if settings.rounding is not None:
-        t0 = time.perf_counter()
-        plan = round_chosen(loaded, plan, calib.holdout[:settings.final_windows],
-                            settings.rounding, progress, log)
-        times.record("rounding_s", time.perf_counter() - t0)
+        with times.stage("rounding_s"):
+            plan = round_chosen(loaded, plan, calib.holdout[:settings.final_windows],
+                                settings.rounding, progress, log)
         plan.figures["timings_s"] = timings = times.totals()
     if settings.recover is not None:
-        t0 = time.perf_counter()
-        plan = recover_chosen(loaded, plan, calib.holdout[:settings.final_windows],
-                              settings.recover, out, progress, log)
-        times.record("recover_s", time.perf_counter() - t0)
+        with times.stage("recover_s"):
+            plan = recover_chosen(loaded, plan, calib.holdout[:settings.final_windows],
+                                  settings.recover, out, progress, log)
         plan.figures["timings_s"] = timings = times.totals()
     memory = {"peak_rss_bytes": peak_rss_bytes(), "worker_peak_rss_bytes": worker_peak}
     if out:

@@ -3,13 +3,17 @@
 A search interrupted and resumed (``--resume``) reads its sensitivity table from the cache in a
 moment and continues its study where it stopped: the time of the finished stages is the
 earlier attempts'. Each stage's time is written to ``timings.json`` in the search's directory
-as the stage ends, and a resumed search adds its own to it, so ``search.json`` reports what the
-stages cost in all. A stage cut short by the interrupt loses the part of its time before it.
+as the stage ends, or as it is cut short (an interrupt, a SIGTERM, an error: the time it ran is
+kept), and a resumed search adds its own to it, so ``search.json`` reports what the stages cost
+in all, however many attempts they took. Only a process killed outright (SIGKILL, the OOM
+killer) loses the stage it was in.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..io_utils import atomic_write_text
@@ -31,6 +35,15 @@ class StageTimes:
             except (ValueError, AttributeError) as exc:
                 log(f"{self.path} is not readable ({exc}); the earlier attempts' stage times "
                     "are left out")
+
+    @contextmanager
+    def stage(self, name: str):
+        """Time the block as stage ``name``; its time is written however the block ends."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record(name, time.perf_counter() - start)
 
     def record(self, stage: str, seconds: float) -> None:
         self.now[stage] = seconds
