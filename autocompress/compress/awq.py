@@ -10,7 +10,9 @@ keep E[x_j²]), s is normalised to geometric mean 1 of its extremes (AWQ's
 output error tr(ΔW H ΔWᵀ) with H = E[x xᵀ] (its diagonal where only that was collected), ΔW
 from RTN on the layer's grid (min/max, or clipped where the layer clips: a scale chosen for
 the min/max grid and then clipped measured worse than clipping alone), as AWQ searches with its
-plain quantizer before the real one runs. α = 0 gives s = 1, the layer without scaling: the search never chooses worse than that.
+plain quantizer before the real one runs. α = 0 gives s = 1, the layer without scaling: the
+search never chooses worse than that. On a 1536 × 8960 layer most of the search's time is the
+20 products ΔW·H (8960²), exact, as the statistics keep H rather than the tokens.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AutocompressError
-from .quant import _squared_error, fake_quantize, quantize_rtn
+from .quant import _squared_error, fake_quantize
 
 ALPHA_GRID = 20  # α = 0, 0.05, ..., 0.95 (AWQ's n_grid)
 
@@ -59,11 +61,8 @@ def search_input_scale(w: Tensor, stats, bits: int, group_size: int, sym: bool,
     for k in range(grid):
         alpha = k / grid
         s = scales_for(rms, alpha)
-        if clip:
-            decoded = quantize_rtn(w * s, bits, group_size, sym, clip=True,
-                                   importance=(rms / s) ** 2).dequantize() / s
-        else:
-            decoded = fake_quantize(w * s, bits, group_size, sym) / s
+        decoded = fake_quantize(w * s, bits, group_size, sym, clip=clip,
+                                importance=(rms / s) ** 2 if clip else None) / s
         error = output_error(decoded - w, stats)
         if best is None or error < best[0]:
             best = (error, s, alpha)

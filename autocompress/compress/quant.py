@@ -73,6 +73,27 @@ def group_params(w: Tensor, bits: int, group_size: int, sym: bool, clip: bool = 
     return _params_from_range(*_group_range(w, group_size), bits, sym)
 
 
+#: elements of one chunk of rows the grid passes below work on at a time: the quantize,
+#: dequantize and error passes over a chunk stay in the CPU's cache instead of streaming a
+#: weight-sized temporary each (a 1536 × 8960 clipped grid: 1.96 s -> 0.15 s, same bits)
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _row_chunks(grouped: Tensor):
+    """Slices of ``grouped``'s rows of about CHUNK_ELEMENTS elements each."""
+    per_row = grouped.shape[1] * grouped.shape[2]
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    for start in range(0, grouped.shape[0], step):
+        yield slice(start, start + step)
+
+
+def _decode_into(buf: Tensor, grouped: Tensor, s: Tensor, z: Tensor, qmax: int) -> Tensor:
+    """buf = dequantize(quantize(grouped)) on the grid (s, z), in place: the same arithmetic
+    as quantize_with_params then dequantize_codes."""
+    torch.div(grouped, s, out=buf)
+    return buf.round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s)
+
+
 def clipped_group_params(w: Tensor, bits: int, group_size: int, sym: bool,
                          importance: Tensor | None = None,
                          shrinks: Sequence[float] = CLIP_SHRINKS) -> tuple[Tensor, Tensor]:
@@ -86,21 +107,27 @@ def clipped_group_params(w: Tensor, bits: int, group_size: int, sym: bool,
     padded = torch.zeros(groups * width, device=w.device)
     padded[:w.shape[1]] = column_weight
     column_weight = padded.reshape(1, groups, width)
-    wmin, wmax = grouped.amin(dim=2), grouped.amax(dim=2)
-    best_error = best_scale = best_zero = None
-    for alpha in shrinks:
-        scale, zero = _params_from_range(alpha * wmin, alpha * wmax, bits, sym)
-        s, z = scale.unsqueeze(2), zero.unsqueeze(2)
-        delta = dequantize_codes(quantize_with_params(grouped, s, z, bits), s, z) - grouped
-        error = (column_weight * delta.square()).sum(dim=2)
-        if best_error is None:
-            best_error, best_scale, best_zero = error, scale, zero
-            continue
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+    scales, zeros = [], []
+    for rows in _row_chunks(grouped):
+        chunk = grouped[rows]
+        wmin, wmax = chunk.amin(dim=2), chunk.amax(dim=2)
+        buf = torch.empty_like(chunk)
+        best_error = best_scale = best_zero = None
+        for alpha in shrinks:
+            scale, zero = _params_from_range(alpha * wmin, alpha * wmax, bits, sym)
+            delta = _decode_into(buf, chunk, scale.unsqueeze(2), zero.unsqueeze(2),
+                                 2**bits - 1).sub_(chunk)
+            error = delta.square_().mul_(column_weight).sum(dim=2)
+            if best_error is None:
+                best_error, best_scale, best_zero = error, scale, zero
+                continue
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+        scales.append(best_scale)
+        zeros.append(best_zero)
+    return torch.cat(scales), torch.cat(zeros)
 
 
 def quantize_with_params(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
@@ -123,9 +150,20 @@ def quantize_rtn(w: Tensor, bits: int, group_size: int, sym: bool, clip: bool = 
     return QuantizedWeight(q.to(torch.uint8), scale, zero, bits, group_size, sym)
 
 
-def fake_quantize(w: Tensor, bits: int, group_size: int, sym: bool) -> Tensor:
-    """RTN-quantized then dequantized ``w`` (float32)."""
-    return quantize_rtn(w, bits, group_size, sym).dequantize()
+def fake_quantize(w: Tensor, bits: int, group_size: int, sym: bool, clip: bool = False,
+                  importance: Tensor | None = None) -> Tensor:
+    """RTN-quantized then dequantized ``w`` (float32): ``quantize_rtn(...).dequantize()``'s
+    values, without its codes or its weight-sized temporaries (the AWQ search calls this 20
+    times per layer)."""
+    w = _as_matrix(w)
+    scale, zero = group_params(w, bits, group_size, sym, clip, importance)
+    grouped = _grouped(w, group_size)
+    decoded = torch.empty_like(grouped)
+    for rows in _row_chunks(grouped):
+        chunk = grouped[rows]
+        _decode_into(decoded[rows], chunk, scale[rows].unsqueeze(2), zero[rows].unsqueeze(2),
+                     2**bits - 1)
+    return decoded.reshape(w.shape[0], -1)[:, :w.shape[1]]
 
 
 def quant_error_many(w: Tensor, options: Sequence[QuantOption], H: Tensor | None = None,

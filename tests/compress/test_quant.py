@@ -186,3 +186,25 @@ def test_rejects_bad_arguments():
         quantize_rtn(torch.zeros(4), 4, 32, False)
     with pytest.raises(ValueError):
         quantize_rtn(torch.zeros(4, 4), 16, 32, False)
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 1 << 18])  # one row (or less) per chunk .. all rows
+@pytest.mark.parametrize("sym", [False, True])
+def test_row_chunks_change_no_bit(monkeypatch, chunk, sym):
+    """The grids are computed a chunk of rows at a time (speed): every chunking gives the
+    bits of quantize_rtn's codes decoded, clipped or not, ragged last group included."""
+    from autocompress.compress import quant
+
+    w = random_weight(37, 200, seed=3)
+    importance = torch.rand(200, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", chunk)
+    for bits, group_size in [(2, 64), (3, 64), (4, -1), (8, 32)]:
+        for clip in (False, True):
+            qw = quantize_rtn(w, bits, group_size, sym, clip=clip, importance=importance)
+            assert torch.equal(fake_quantize(w, bits, group_size, sym, clip=clip,
+                                             importance=importance), qw.dequantize())
+            if clip:
+                monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 1 << 30)
+                whole = group_params(w, bits, group_size, sym, True, importance)
+                monkeypatch.setattr(quant, "CHUNK_ELEMENTS", chunk)
+                assert torch.equal(qw.scale, whole[0]) and torch.equal(qw.zero, whole[1])
