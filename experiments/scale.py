@@ -75,6 +75,13 @@ def _attempts(out: Path) -> list[dict]:
     return json.loads(path.read_text())
 
 
+def _finished(out: Path, attempts: list[dict]) -> bool:
+    """The search's last attempt ended it (its search.json written): a rerun of this script
+    goes on to the evaluations, so a resumed search adds no stage time that it did not take."""
+    return bool(attempts) and attempts[-1]["exit_code"] == 0 \
+        and (out / "search" / "search.json").is_file()
+
+
 def _attempt(key: str, out: Path, command: list[str], number: int) -> dict:
     """Run the search once (to its end or an interrupt), its process tree sampled. The
     attempt is written to attempts.json at its start, every CHECKPOINT_S while it runs and at
@@ -167,13 +174,17 @@ def main() -> None:
             command = ["search", "--model", spec, "--budget", str(budget),
                        "--calib-text", str(CALIB_TEXT), "--out", str(out / "search")]
             attempts = _attempts(out)
-            if attempts:  # an interrupted search of this entry: continued, as a user would
+            if _finished(out, attempts):  # stopped in the evaluations after it: not rerun
+                print(f"{key}: the search finished; evaluating its plan", flush=True)
+                command.append("--resume")
+            elif attempts:  # an interrupted search of this entry: continued, as a user would
                 print(f"{key}: resuming after {len(attempts)} attempt(s)", flush=True)
                 command.append("--resume")
+                attempts.append(_attempt(key, out, command, len(attempts)))
             else:
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
-            attempts.append(_attempt(key, out, command, len(attempts)))
+                attempts.append(_attempt(key, out, command, len(attempts)))
             if attempts[-1]["exit_code"] != 0:
                 raise SystemExit(f"{key}: the search exited {attempts[-1]['exit_code']}; see "
                                  f"{out / 'search.log'} (rerun to resume it)")
