@@ -424,6 +424,9 @@ class ScaleRun(_Model):
     wall_s: float
     attempts: int = 1  # the search interrupted and resumed attempts - 1 times
     timings_s: dict[str, float]
+    # a table taken from another entry's run (scale.py --table-from): its time measured there
+    table_from: str | None = None
+    table_from_sensitivity_s: float | None = None
     peak_pss_bytes: int
     chosen: str
     eval_windows: int

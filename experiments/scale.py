@@ -20,10 +20,16 @@ The 1.5B model is the Q4_K_M GGUF assembled by experiments/assemble_qwen.py (--q
 dequantization to a float32 checkpoint is cached once, before the search, and timed apart.
 
     .venv/bin/python experiments/scale.py [--models smollm2,qwen1.5b] [--bits 3,4]
-        [--qwen PATH] [--windows smollm2=40,qwen1.5b=10] [--tag solo]
+        [--qwen PATH] [--windows smollm2=40,qwen1.5b=10] [--tag solo] [--table-from KEY]
 
 ``--tag T`` runs the same search again as entry MODEL@BITS/T beside the first (e.g. a run with
 the machine to itself, for clean stage times), in runs/scale/MODEL@BITS-T.
+
+``--table-from KEY`` starts a new entry from the sensitivity table and calibration statistics
+of entry KEY's run (same model, calibration and space: the budget enters only at level 1), as a
+user searching a second budget reuses the first one's table. The search still checks the
+table's cache key and rebuilds it when the inputs differ; the entry records ``table_from`` and
+the table time measured there only when its log says the cached rows were reused.
 """
 
 from __future__ import annotations
@@ -121,6 +127,36 @@ def _attempt(key: str, out: Path, command: list[str], number: int) -> dict:
     return record
 
 
+def _seed_table(out: Path, source_key: str) -> None:
+    """Start ``out``'s search from entry ``source_key``'s table cache and statistics (the
+    statistics hard-linked: gigabytes on a 1.5B model, and only ever replaced, never edited)."""
+    source = RUNS / source_key.replace("/", "-") / "search"
+    cache = source / "sensitivity.cache.json"
+    if not cache.is_file():
+        raise SystemExit(f"--table-from {source_key}: no table cache at {cache}; run that "
+                         "entry first")
+    (out / "search").mkdir(parents=True)
+    shutil.copy2(cache, out / "search" / cache.name)
+    if (source / "statistics").is_dir():
+        shutil.copytree(source / "statistics", out / "search" / "statistics",
+                        copy_function=os.link)
+    (out / "table_from.txt").write_text(source_key)  # read back when the entry is written
+
+
+def _table_reuse(out: Path) -> dict:
+    """What the entry says about a table it took from another run: the source and the table
+    time measured there, if the search's first attempt did reuse it (its log says so)."""
+    if not (out / "table_from.txt").is_file():
+        return {}
+    source_key = (out / "table_from.txt").read_text().strip()
+    first_log = (out / "search.log").read_text(errors="replace")
+    if "cached rows of" not in first_log or "rebuilding it" in first_log:
+        return {}
+    timings = json.loads((RUNS / source_key.replace("/", "-") / "search" / "timings.json")
+                         .read_text())
+    return {"table_from": source_key, "table_from_sensitivity_s": timings["sensitivity_s"]}
+
+
 class _Peaks:
     """The peaks over all attempts, read like a TreeSampler."""
 
@@ -141,6 +177,9 @@ def main() -> None:
                         help="test windows of 512 per model")
     parser.add_argument("--tag", default="",
                         help="entries MODEL@BITS/TAG: the same search run again beside the first")
+    parser.add_argument("--table-from", metavar="KEY",
+                        help="start new entries from entry KEY's sensitivity table and "
+                             "statistics (e.g. qwen1.5b@4/solo)")
     args = parser.parse_args()
     check_data()
     windows = dict((k, int(v)) for k, v in (item.split("=") for item in args.windows.split(",")))
@@ -184,6 +223,8 @@ def main() -> None:
             else:
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
+                if args.table_from:
+                    _seed_table(out, args.table_from)
                 attempts.append(_attempt(key, out, command, len(attempts)))
             if attempts[-1]["exit_code"] != 0:
                 raise SystemExit(f"{key}: the search exited {attempts[-1]['exit_code']}; see "
@@ -207,7 +248,7 @@ def main() -> None:
                 "params": n_params, "bf16_weight_bytes": 2 * n_params,
                 "budget_bytes": budget, "convert_s": round(convert_s, 1),
                 "wall_s": round(wall, 1), "attempts": len(attempts),
-                "timings_s": found["timings_s"],
+                "timings_s": found["timings_s"], **_table_reuse(out),
                 "peak_pss_bytes": sampler.peak_pss, "peak_rss_sum_bytes": sampler.peak_rss_sum,
                 "largest_process_rss_bytes": sampler.largest_process,
                 "processes": sampler.most_processes,

@@ -170,9 +170,16 @@ def scale(store: Store) -> str:
             "peak memory | 2 × bf16 weights | test ppl: searched | uniform RTN | uniform GPTQ "
             "| windows | measured |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    reused = []
     for key, e in data.entries.items():
-        t = e.timings_s
-        stages = " / ".join(f"{t[k] / 60:.1f}" if k in t else "–"
+        t = dict(e.timings_s)
+        mark = ""
+        if e.table_from:  # the table time is the source run's; this row's wall excludes it
+            t["sensitivity_s"], mark = e.table_from_sensitivity_s, "*"
+            reused.append(f"{key} started from {e.table_from}'s table and statistics (same "
+                          "model, calibration and space; the budget enters at level 1)")
+        stages = " / ".join((f"{t[k] / 60:.1f}" + (mark if k == "sensitivity_s" else ""))
+                            if k in t else "–"
                             for k in ("sensitivity_s", "level2_s", "level3_s"))
         resumed = f", {e.attempts} attempts" if e.attempts > 1 else ""
         rows.append(f"| {key} | {e.budget_bytes / 1e6:,.0f} MB | {e.wall_s / 60:.1f} min "
@@ -183,9 +190,11 @@ def scale(store: Store) -> str:
     models = "; ".join(dict.fromkeys(f"{k.split('@')[0]}: {e.model}"
                                      for k, e in data.entries.items()))
     commands = "; ".join(f"{k}: `{e.command}`" for k, e in data.entries.items())
+    note = (" *: the table's time measured in the run it came from, not part of this row's "
+            "wall time: " + "; ".join(reused) + ".") if reused else ""
     return "\n".join(rows) + (f"\n\nModels: {models}. Search: {p.search}. Budget: {p.budget}. "
                               f"Memory: {p.memory}. Test: {p.eval}. Machine: {p.machine}. "
-                              f"Commands: {commands}. Reproduce: `.venv/bin/python "
+                              f"Commands: {commands}.{note} Reproduce: `.venv/bin/python "
                               "experiments/scale.py`.")
 
 

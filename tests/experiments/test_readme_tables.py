@@ -334,3 +334,20 @@ def test_the_seed_spread_sets_each_seed_beside_the_scale_run(tmp_path):
     (tmp_path / "seed_spread.json").write_text(json.dumps(data))
     with pytest.raises(results_schema.ResultsError, match="ppl"):
         readme_tables.seed_spread(readme_tables.Store(tmp_path))
+
+
+def test_a_scale_row_with_a_reused_table_shows_the_source_table_time_marked(tmp_path):
+    scale = json.loads((EXPERIMENTS / "results" / "scale.json").read_text())
+    entry = dict(scale["entries"]["smollm2@4"], wall_s=600.0,
+                 timings_s={"sensitivity_s": 4.0, "level1_s": 1.0, "level2_s": 180.0,
+                            "level3_s": 300.0},
+                 table_from="smollm2@4", table_from_sensitivity_s=6000.0)
+    scale["entries"] = {"smollm2@4": scale["entries"]["smollm2@4"], "smollm2@3/reused": entry}
+    (tmp_path / "scale.json").write_text(json.dumps(scale))
+    text = readme_tables.scale(readme_tables.Store(tmp_path))
+    row = next(line for line in text.splitlines() if line.startswith("| smollm2@3/reused |"))
+    # the source's 100 minutes, marked, in place of this run's 4 s cache read
+    assert "| 10.0 min (100.0* / 3.0 / 5.0 min) |" in row
+    assert "smollm2@3/reused started from smollm2@4's table" in text
+    plain = next(line for line in text.splitlines() if line.startswith("| smollm2@4 |"))
+    assert "*" not in plain
