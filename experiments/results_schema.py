@@ -685,7 +685,7 @@ SPECS: dict[str, FileSpec] = {
     "seed_spread.json": FileSpec(SeedSpreadProtocol, _by_key({}, SeedRun),
                                  keys=r"[\w.-]+@\d+/seed\d+"),
     "projection_8b.json": FileSpec(ProjectionProtocol, _by_key({}, Projection),
-                                   keys=r"[\w.-]+ from [\w.-]+@\d+"),
+                                   keys=r"[\w.-]+ from [\w.-]+@\d+(/[\w.-]+)?"),
     "dtype.json": FileSpec(DtypeProtocol, _by_key({}, DtypeRun),
                            keys=r"(?:float32|bfloat16|float16)/[\w-]+"),
     "recovery.json": FileSpec(RecoveryProtocol, _by_key({"before": RecoveryBefore}, RecoveryRow),
