@@ -223,8 +223,9 @@ def main() -> None:
             else:
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
-                if args.table_from:
+                if args.table_from:  # a seeded --out holds files the search did not write
                     _seed_table(out, args.table_from)
+                    command.append("--force")
                 attempts.append(_attempt(key, out, command, len(attempts)))
             if attempts[-1]["exit_code"] != 0:
                 raise SystemExit(f"{key}: the search exited {attempts[-1]['exit_code']}; see "
