@@ -127,10 +127,15 @@ def _attempt(key: str, out: Path, command: list[str], number: int) -> dict:
     return record
 
 
+def _run_dir(key: str) -> Path:
+    """Where entry ``key`` (MODEL@BITS or MODEL@BITS/TAG) runs its search."""
+    return RUNS / key.replace("/", "-")
+
+
 def _seed_table(out: Path, source_key: str) -> None:
     """Start ``out``'s search from entry ``source_key``'s table cache and statistics (the
     statistics hard-linked: gigabytes on a 1.5B model, and only ever replaced, never edited)."""
-    source = RUNS / source_key.replace("/", "-") / "search"
+    source = _run_dir(source_key) / "search"
     cache = source / "sensitivity.cache.json"
     if not cache.is_file():
         raise SystemExit(f"--table-from {source_key}: no table cache at {cache}; run that "
@@ -152,8 +157,7 @@ def _table_reuse(out: Path) -> dict:
     first_log = (out / "search.log").read_text(errors="replace")
     if "cached rows of" not in first_log or "rebuilding it" in first_log:
         return {}
-    timings = json.loads((RUNS / source_key.replace("/", "-") / "search" / "timings.json")
-                         .read_text())
+    timings = json.loads((_run_dir(source_key) / "search" / "timings.json").read_text())
     return {"table_from": source_key, "table_from_sensitivity_s": timings["sensitivity_s"]}
 
 
@@ -209,7 +213,7 @@ def main() -> None:
             key = f"{model_key}@{bits}" + (f"/{args.tag}" if args.tag else "")
             if results.has(key):
                 continue
-            out = RUNS / key.replace("/", "-")
+            out = _run_dir(key)
             command = ["search", "--model", spec, "--budget", str(budget),
                        "--calib-text", str(CALIB_TEXT), "--out", str(out / "search")]
             attempts = _attempts(out)
