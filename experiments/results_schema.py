@@ -428,6 +428,7 @@ class ScaleRun(_Model):
     table_from: str | None = None
     table_from_sensitivity_s: float | None = None
     peak_pss_bytes: int
+    sampler_cpu_s: float | None = None  # the memory sampler's own CPU time, all attempts
     chosen: str
     eval_windows: int
     searched: ScaleEval

@@ -106,7 +106,10 @@ def _attempt(key: str, out: Path, command: list[str], number: int) -> dict:
                   "wall_s": round(time.time() - start, 1), "exit_code": code,
                   "peak_pss_bytes": sampler.peak_pss, "peak_rss_sum_bytes": sampler.peak_rss_sum,
                   "largest_process_rss_bytes": sampler.largest_process,
-                  "processes": sampler.most_processes, "log": log.name}
+                  "processes": sampler.most_processes, "log": log.name,
+                  # what measuring cost: the sampler's CPU time, and how often it read PSS
+                  "sampler_cpu_s": round(sampler.cpu_s, 1), "sampler_ticks": sampler.ticks,
+                  "sampler_pss_reads": sampler.pss_reads}
         atomic_write_text(out / "attempts.json", json.dumps(earlier + [record], indent=1))
         return record
 
@@ -169,6 +172,9 @@ class _Peaks:
         self.peak_rss_sum = max(a["peak_rss_sum_bytes"] for a in attempts)
         self.largest_process = max(a["largest_process_rss_bytes"] for a in attempts)
         self.most_processes = max(a["processes"] for a in attempts)
+        # attempts sampled before the sampler timed itself have no figure: then none is given
+        cpu = [a.get("sampler_cpu_s") for a in attempts]
+        self.cpu_s = None if None in cpu else round(sum(cpu), 1)
 
 
 def main() -> None:
@@ -256,7 +262,7 @@ def main() -> None:
                 "timings_s": found["timings_s"], **_table_reuse(out),
                 "peak_pss_bytes": sampler.peak_pss, "peak_rss_sum_bytes": sampler.peak_rss_sum,
                 "largest_process_rss_bytes": sampler.largest_process,
-                "processes": sampler.most_processes,
+                "processes": sampler.most_processes, "sampler_cpu_s": sampler.cpu_s,
                 "chosen": found["chosen"], "chosen_total_bytes": chosen["total_bytes"],
                 "eval_windows": n,
                 "searched": {k: searched[k] for k in ("ppl", "kl", "total_bytes")},
