@@ -9,7 +9,7 @@ log-probabilities come from the uncompressed model, computed on the fly or cache
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,14 @@ class EvalResult:
     kl: float | None  # mean KL(P_ref || P_model) per predicted token (nats)
     tokens: int  # predicted tokens
     windows: int
+    # each window's mean next-token loss, in window order: two plans measured on the same
+    # windows are compared window by window (paired), which resolves far smaller gaps than
+    # their perplexities' spread over windows does
+    window_nll: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"ppl": self.ppl, "nll": self.nll, "kl": self.kl, "tokens": self.tokens,
-                "windows": self.windows}
+                "windows": self.windows, "window_nll": self.window_nll}
 
 
 # rows of a window's [positions, vocabulary] arrays taken at once where temporaries are made:
@@ -196,6 +200,7 @@ def evaluate(model, windows: torch.Tensor, reference: nn.Module | ReferenceCache
     if isinstance(reference, ReferenceCache) and not torch.equal(reference.windows, windows):
         raise ValueError("ReferenceCache was built for other windows")
     total_nll, total_kl, total_tokens = 0.0, 0.0, 0
+    window_nll = []
     for i in tqdm(range(windows.shape[0]), desc=desc, disable=not progress, leave=False):
         window = windows[i]
         logp = log_probs(model, window)
@@ -204,6 +209,7 @@ def evaluate(model, windows: torch.Tensor, reference: nn.Module | ReferenceCache
             ref = reference.get(i) if isinstance(reference, ReferenceCache) \
                 else log_probs(reference, window)
         nll, kl, tokens = window_sums(logp, window, ref)
+        window_nll.append(nll / tokens)
         total_nll, total_kl, total_tokens = total_nll + nll, total_kl + kl, total_tokens + tokens
     nll = total_nll / total_tokens
     return EvalResult(
@@ -212,4 +218,5 @@ def evaluate(model, windows: torch.Tensor, reference: nn.Module | ReferenceCache
         kl=total_kl / total_tokens if reference is not None else None,
         tokens=total_tokens,
         windows=int(windows.shape[0]),
+        window_nll=window_nll,
     )

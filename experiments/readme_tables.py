@@ -35,6 +35,7 @@ from readme_sections.quality_tables import (  # noqa: E402
     search_candidates,
 )
 from readme_sections.search_tables import (  # noqa: E402
+    paired_eval,
     projection_8b,
     scale,
     search,
@@ -65,7 +66,7 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "search-candidates": search_candidates, "gptq-study": gptq_study,
             "peak-memory": peak_memory, "level2-workers": level2_workers,
             "dtype": dtype, "scale": scale, "projection-8b": projection_8b,
-            "seed-spread": seed_spread,
+            "seed-spread": seed_spread, "paired-eval": paired_eval,
             "quality": quality, "studies-layers": studies_layers,
             "studies-fronts": studies_fronts, "studies-families": studies_families,
             "studies-fronts-speed": lambda store: studies_fronts(store, "fronts-speed"),

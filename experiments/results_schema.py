@@ -437,6 +437,43 @@ class ScaleRun(_Model):
     measured_at: str
 
 
+# ---------------------------------------------------------------- paired_eval.json
+
+
+class PairedEvalProtocol(_Model):
+    eval: str
+    comparison: str
+    machine: str
+
+
+class PairedPlan(_Model):
+    plan: str
+    ppl: float
+    kl: float | None  # None: measured with --no-kl
+    total_bytes: int
+    wall_s: float
+
+
+class PairedComparison(_Model):
+    a: str
+    b: str
+    ppl_ratio: float  # ppl_a / ppl_b
+    ppl_ratio_95: list[float]  # [low, high]
+    p_value: float
+    windows_better: int  # windows where a's loss is lower
+
+
+class PairedEval(_Model):
+    """Plans of one model on the same test windows, the first against each other one
+    (paired_eval.py)."""
+    model: str
+    windows: int
+    eval_text: str
+    plans: dict[str, PairedPlan]
+    comparisons: list[PairedComparison]
+    measured_at: str
+
+
 # ---------------------------------------------------------------- seed_spread.json
 
 
@@ -683,6 +720,8 @@ SPECS: dict[str, FileSpec] = {
                                     _by_key({"ceiling": Level2Ceiling}, Level2Workers)),
     "scale.json": FileSpec(ScaleProtocol, _by_key({}, ScaleRun),
                            keys=r"[\w.-]+@\d+(/[\w.-]+)?"),  # MODEL@BITS[/TAG]
+    "paired_eval.json": FileSpec(PairedEvalProtocol, _by_key({}, PairedEval),
+                                 keys=r"[\w.-]+@\d+(/[\w.-]+)?"),  # a scale.json key
     "seed_spread.json": FileSpec(SeedSpreadProtocol, _by_key({}, SeedRun),
                                  keys=r"[\w.-]+@\d+/seed\d+"),
     "projection_8b.json": FileSpec(ProjectionProtocol, _by_key({}, Projection),

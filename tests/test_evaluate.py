@@ -19,6 +19,11 @@ def test_perplexity_is_exp_of_mean_next_token_loss(tiny_loaded):
     assert math.isclose(result.nll, sum(losses) / 3, rel_tol=1e-5)  # equal windows: mean of means
     assert math.isclose(result.ppl, math.exp(result.nll), rel_tol=1e-9)
     assert result.kl is None
+    # each window's own loss, in order (paired comparisons of plans read them)
+    assert len(result.window_nll) == 3
+    for mine, theirs in zip(result.window_nll, losses):
+        assert math.isclose(mine, theirs, rel_tol=1e-5)
+    assert result.as_dict()["window_nll"] == result.window_nll
 
 
 def test_kl_zero_to_itself_and_positive_to_another_model(tiny_loaded, tiny_model_dir):

@@ -198,6 +198,33 @@ def scale(store: Store) -> str:
                               "experiments/scale.py`.")
 
 
+def paired_eval(store: Store) -> str:
+    """Plans of one scale entry on the same test windows, the first against each other."""
+    data = store.get("paired_eval.json")
+    rows = ["| entry | plan | total bytes | test ppl | test KL | against the first: ppl ratio "
+            "(95%) | windows it won | eval wall |",
+            "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    commands = []
+    for key, e in data.entries.items():
+        versus = {c.b: c for c in e.comparisons}
+        for name, m in e.plans.items():
+            c = versus.get(name)
+            gap = "–" if c is None else (f"{c.a} / {name}: {c.ppl_ratio:.4f} "
+                                         f"({c.ppl_ratio_95[0]:.4f}–{c.ppl_ratio_95[1]:.4f}), "
+                                         f"p = {c.p_value:.2g}")
+            won = "–" if c is None else f"{c.a}: {c.windows_better} of {e.windows}"
+            kl = "–" if m.kl is None else f"{m.kl:.4f}"
+            rows.append(f"| {key} ({e.windows} windows) | {name} | {m.total_bytes / 1e6:,.1f} MB "
+                        f"| {m.ppl:.2f} | {kl} | {gap} | {won} | {m.wall_s / 60:.1f} min |")
+        plans = ",".join(f"{n}={m.plan}" for n, m in e.plans.items())
+        commands.append(f"`.venv/bin/python experiments/paired_eval.py {key} --plans {plans} "
+                        f"--windows {e.windows}`")
+    p = data.protocol
+    return "\n".join(rows) + (f"\n\nTest: {p.eval}. Comparison: {p.comparison}. Machine: "
+                              f"{p.machine}. Reproduce (the plans are the scale run's, in "
+                              f"experiments/runs/): {'; '.join(commands)}.")
+
+
 def seed_spread(store: Store) -> str:
     """Each seed's search beside scale.json's run of the same search (seed 0, the default)."""
     data = store.get("seed_spread.json")

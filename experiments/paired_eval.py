@@ -1,0 +1,129 @@
+"""Plans of one model measured on the same test windows and compared window by window.
+
+Two plans' perplexities on N windows each spread with the text (one window is easy, the next
+hard), so a gap of 1% between them cannot be read from the perplexities alone. Measured on the
+same windows, the difference of their mean next-token losses per window cancels the text's
+difficulty: the first plan against each other one gives the ratio of perplexities
+exp(mean difference) with a 95% interval (paired t over windows, scipy) and how many windows
+each plan won. Windows hold equal token counts, so that ratio is exactly ppl_a / ppl_b.
+
+Each plan's `autocompress eval --json` is kept in experiments/runs/paired_eval/LABEL/ as it
+finishes (a rerun resumes after the last one); the entry LABEL of
+experiments/results/paired_eval.json is written when all are measured.
+
+    .venv/bin/python experiments/paired_eval.py LABEL --plans searched=PLAN,rtn=PLAN,... \\
+        [--windows 40] [--no-kl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import EVAL_TEXT, REPO, ResultFile, check_data, eval_protocol, machine  # noqa: E402
+
+RUNS = REPO / "experiments" / "runs" / "paired_eval"
+WINDOW_LEN = 512
+
+
+def paired_gap(nll_a: list[float], nll_b: list[float]) -> dict:
+    """Plan a against plan b from their per-window mean losses on the same windows:
+    ppl_a / ppl_b with its 95% interval, the paired t-test's p-value, windows a won."""
+    import math
+
+    from scipy.stats import ttest_rel
+
+    if len(nll_a) != len(nll_b) or len(nll_a) < 2:
+        raise ValueError(f"paired windows needed: {len(nll_a)} against {len(nll_b)}")
+    test = ttest_rel(nll_a, nll_b)
+    low, high = test.confidence_interval(0.95)
+    mean = sum(a - b for a, b in zip(nll_a, nll_b)) / len(nll_a)
+    return {"ppl_ratio": math.exp(mean), "ppl_ratio_95": [math.exp(low), math.exp(high)],
+            "p_value": float(test.pvalue),
+            "windows_better": sum(a < b for a, b in zip(nll_a, nll_b))}
+
+
+def _measure(plan: Path, windows: int, no_kl: bool) -> dict:
+    from scale import _run
+
+    t = time.perf_counter()
+    args = ["eval", str(plan), "--eval-text", str(EVAL_TEXT), "--windows", str(windows),
+            "--window-len", str(WINDOW_LEN), "--json"] + (["--no-kl"] if no_kl else [])
+    record = json.loads(_run(args))
+    record["wall_s"] = round(time.perf_counter() - t, 1)
+    return record
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("label", help="entry key, e.g. qwen1.5b@4/solo")
+    parser.add_argument("--plans", required=True,
+                        help="NAME=PLAN,... (the first is compared against each other one)")
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--no-kl", action="store_true", help="perplexity only (half the time)")
+    args = parser.parse_args()
+    plans = {}
+    for item in args.plans.split(","):
+        name, _, path = item.partition("=")
+        if not path or not Path(path).is_file():
+            raise SystemExit(f"--plans: {item!r} is not NAME=PLAN with an existing plan file")
+        plans[name] = Path(path)
+    if len(plans) < 2:
+        raise SystemExit("--plans: give at least two plans to compare")
+    check_data()
+    results = ResultFile("paired_eval.json", {
+        "eval": f"wiki.test.raw, first N non-overlapping windows of {WINDOW_LEN} (N per "
+                "entry); each plan built from its provenance by `autocompress eval`",
+        "comparison": "the first plan against each other one, window by window: ppl ratio "
+                      "exp(mean difference of the windows' mean next-token losses), 95% "
+                      "paired-t interval (scipy.stats.ttest_rel), windows won",
+        "machine": machine()})
+    if results.has(args.label):
+        print(f"{args.label}: already in paired_eval.json", flush=True)
+        return
+    run_dir = RUNS / args.label.replace("/", "-")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    measured = {}
+    from autocompress.io_utils import atomic_write_text
+
+    for name, plan in plans.items():
+        kept = run_dir / f"{name}.json"
+        if kept.is_file():
+            measured[name] = json.loads(kept.read_text())
+            if measured[name]["windows"] == args.windows:
+                continue
+        print(f"{args.label}: evaluating {name} ({_shown(plan)}) on {args.windows} windows",
+              flush=True)
+        measured[name] = _measure(plan, args.windows, args.no_kl)
+        atomic_write_text(kept, json.dumps(measured[name]))
+    first, *others = plans
+    entry = {
+        "model": json.loads(plans[first].read_text())["model"]["name"],
+        "windows": args.windows, "eval_text": eval_protocol(args.windows, WINDOW_LEN),
+        "plans": {name: {"plan": _shown(plans[name]), "ppl": m["ppl"], "kl": m["kl"],
+                         "total_bytes": m["total_bytes"], "wall_s": m["wall_s"]}
+                  for name, m in measured.items()},
+        "comparisons": [{"a": first, "b": other,
+                         **paired_gap(measured[first]["window_nll"],
+                                      measured[other]["window_nll"])} for other in others]}
+    results.put(args.label, entry)
+    for c in entry["comparisons"]:
+        low, high = c["ppl_ratio_95"]
+        print(f"{args.label}: {c['a']} / {c['b']} perplexity {c['ppl_ratio']:.4f} (95% "
+              f"{low:.4f}-{high:.4f}), {c['a']} better on {c['windows_better']} of "
+              f"{args.windows} windows", flush=True)
+
+
+if __name__ == "__main__":
+    main()
