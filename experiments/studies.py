@@ -5,8 +5,9 @@ its results (JSON, CSV, figures) are copied to experiments/results/studies/NAME 
     .venv/bin/python experiments/studies.py layers [fronts fronts-speed families] [--qwen-table PATH]
 
 `layers` compares SmolLM2-135M with Qwen2.5-Coder-1.5B and reads the 1.5B's sensitivity table
-from the scale benchmark's search (experiments/runs/scale/qwen1.5b@4/search/sensitivity.json),
-whose Fisher pass takes most of an hour here; SmolLM2's is built by the study. `fronts-speed`
+from the scale benchmark's search (experiments/runs/scale/qwen1.5b@4-solo/search/sensitivity.json,
+the same table protocol as the qwen1.5b@4 run the README's figure read, whose directory is
+gone), whose Fisher pass takes over an hour here; SmolLM2's is built by the study. `fronts-speed`
 is `fronts` with a decode speed each device must reach (--min-tps): between each device's
 equal-memory optimum and its fastest plan of that size, so that the limit binds.
 """
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CALIB_TEXT, REPO, RESULTS, check_data  # noqa: E402
 
 RUNS = REPO / "experiments" / "runs" / "studies"
-QWEN_TABLE = [REPO / "experiments" / "runs" / "scale" / "qwen1.5b@4" / "search" /
+QWEN_TABLE = [REPO / "experiments" / "runs" / "scale" / "qwen1.5b@4-solo" / "search" /
               "sensitivity.json"]  # --qwen-table changes it
 
 
