@@ -23,6 +23,15 @@ EVAL_TEXT = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 RESULTS = REPO / "experiments" / "results"
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it (as results files and
+    messages name files), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def machine() -> str:
     import torch  # here, not at import: readme_tables.py and its tests need no torch
 
@@ -119,10 +128,7 @@ class ResultFile:
             f"ResultFile(..., fresh=True))."]))
 
     def _shown(self) -> str:
-        try:
-            return str(self.path.relative_to(REPO))
-        except ValueError:
-            return str(self.path)
+        return shown(self.path)
 
     def has(self, key: str) -> bool:
         return key in self.data["entries"]

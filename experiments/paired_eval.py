@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import EVAL_TEXT, REPO, ResultFile, check_data, eval_protocol, machine  # noqa: E402
+from common import (  # noqa: E402
+    EVAL_TEXT, REPO, ResultFile, check_data, eval_protocol, machine, shown)
 
 RUNS = REPO / "experiments" / "runs" / "paired_eval"
 WINDOW_LEN = 512
@@ -56,13 +57,6 @@ def _measure(plan: Path, windows: int, no_kl: bool) -> dict:
     record = json.loads(_run(args))
     record["wall_s"] = round(time.perf_counter() - t, 1)
     return record
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def main() -> None:
@@ -103,7 +97,7 @@ def main() -> None:
             measured[name] = json.loads(kept.read_text())
             if measured[name]["windows"] == args.windows:
                 continue
-        print(f"{args.label}: evaluating {name} ({_shown(plan)}) on {args.windows} windows",
+        print(f"{args.label}: evaluating {name} ({shown(plan)}) on {args.windows} windows",
               flush=True)
         measured[name] = _measure(plan, args.windows, args.no_kl)
         atomic_write_text(kept, json.dumps(measured[name]))
@@ -111,7 +105,7 @@ def main() -> None:
     entry = {
         "model": json.loads(plans[first].read_text())["model"]["name"],
         "windows": args.windows, "eval_text": eval_protocol(args.windows, WINDOW_LEN),
-        "plans": {name: {"plan": _shown(plans[name]), "ppl": m["ppl"], "kl": m["kl"],
+        "plans": {name: {"plan": shown(plans[name]), "ppl": m["ppl"], "kl": m["kl"],
                          "total_bytes": m["total_bytes"], "wall_s": m["wall_s"]}
                   for name, m in measured.items()},
         "comparisons": [{"a": first, "b": other,

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, RESULTS  # noqa: E402
+from common import REPO, RESULTS, shown  # noqa: E402
 from readme_sections.format import Store  # noqa: E402
 from readme_sections.gguf_tables import gguf  # noqa: E402
 from readme_sections.quality_tables import (  # noqa: E402
@@ -88,13 +88,6 @@ def render_all(results: Path) -> dict[str, str]:
     return bodies
 
 
-def _shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
 def update(text: str, bodies: dict[str, str]) -> tuple[str, dict[str, tuple[str, str]]]:
     """The README with every marked section replaced, and {name: (old, new)} of the ones that
     change. ValueError for markers without a renderer or a renderer without markers."""
@@ -137,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    readme = _shown(args.readme)
+    readme = shown(args.readme)
     try:
         bodies = render_all(args.results)
         text = args.readme.read_text()
@@ -150,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         if not changed:
-            print(f"{readme}: all {len(bodies)} result sections match {_shown(args.results)}")
+            print(f"{readme}: all {len(bodies)} result sections match {shown(args.results)}")
             return 0
         print(f"{readme}: {len(changed)} result section(s) differ from what "
-              f"{_shown(args.results)} renders: {', '.join(changed)} "
+              f"{shown(args.results)} renders: {', '.join(changed)} "
               f"(run experiments/readme_tables.py to rewrite them)")
         for name, (old, new) in changed.items():
             print(f"\nsection {name}:\n" + section_diff(name, old, new, readme))
@@ -164,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.readme, new_text)
         print(f"{readme}: rewrote {', '.join(changed)}")
     else:
-        print(f"{readme}: already matches {_shown(args.results)}")
+        print(f"{readme}: already matches {shown(args.results)}")
     return 0
 
 
