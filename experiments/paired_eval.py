@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    EVAL_TEXT, REPO, ResultFile, check_data, eval_protocol, machine, shown)
+    REPO, ResultFile, check_data, eval_protocol, machine, shown)
 
 RUNS = REPO / "experiments" / "runs" / "paired_eval"
-WINDOW_LEN = 512
+WINDOW_LEN = 512  # `autocompress eval`'s default, which scale._eval uses
 
 
 def paired_gap(nll_a: list[float], nll_b: list[float]) -> dict:
@@ -49,12 +49,10 @@ def paired_gap(nll_a: list[float], nll_b: list[float]) -> dict:
 
 
 def _measure(plan: Path, windows: int, no_kl: bool) -> dict:
-    from scale import _run
+    from scale import _eval  # the scale entries' own evaluation, the same windows
 
     t = time.perf_counter()
-    args = ["eval", str(plan), "--eval-text", str(EVAL_TEXT), "--windows", str(windows),
-            "--window-len", str(WINDOW_LEN), "--json"] + (["--no-kl"] if no_kl else [])
-    record = json.loads(_run(args))
+    record = _eval(plan, windows, no_kl)
     record["wall_s"] = round(time.perf_counter() - t, 1)
     return record
 

@@ -68,9 +68,11 @@ def _run(args: list[str]) -> str:
     return done.stdout
 
 
-def _eval(plan: Path, windows: int) -> dict:
+def _eval(plan: Path, windows: int, no_kl: bool = False) -> dict:
+    """``autocompress eval --json`` of ``plan`` on the first ``windows`` test windows (of the
+    command's default 512 tokens)."""
     return json.loads(_run(["eval", str(plan), "--eval-text", str(EVAL_TEXT),
-                            "--windows", str(windows), "--json"]))
+                            "--windows", str(windows), "--json"] + (["--no-kl"] if no_kl else [])))
 
 
 def _attempts(out: Path) -> list[dict]:
