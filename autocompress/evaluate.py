@@ -28,10 +28,12 @@ class EvalResult:
     # windows are compared window by window (paired), which resolves far smaller gaps than
     # their perplexities' spread over windows does
     window_nll: list[float] = field(default_factory=list)
+    window_kl: list[float] = field(default_factory=list)  # each window's mean KL; [] without
 
     def as_dict(self) -> dict:
         return {"ppl": self.ppl, "nll": self.nll, "kl": self.kl, "tokens": self.tokens,
-                "windows": self.windows, "window_nll": self.window_nll}
+                "windows": self.windows, "window_nll": self.window_nll,
+                "window_kl": self.window_kl}
 
 
 # rows of a window's [positions, vocabulary] arrays taken at once where temporaries are made:
@@ -200,7 +202,7 @@ def evaluate(model, windows: torch.Tensor, reference: nn.Module | ReferenceCache
     if isinstance(reference, ReferenceCache) and not torch.equal(reference.windows, windows):
         raise ValueError("ReferenceCache was built for other windows")
     total_nll, total_kl, total_tokens = 0.0, 0.0, 0
-    window_nll = []
+    window_nll, window_kl = [], []
     for i in tqdm(range(windows.shape[0]), desc=desc, disable=not progress, leave=False):
         window = windows[i]
         logp = log_probs(model, window)
@@ -210,6 +212,8 @@ def evaluate(model, windows: torch.Tensor, reference: nn.Module | ReferenceCache
                 else log_probs(reference, window)
         nll, kl, tokens = window_sums(logp, window, ref)
         window_nll.append(nll / tokens)
+        if ref is not None:
+            window_kl.append(kl / tokens)
         total_nll, total_kl, total_tokens = total_nll + nll, total_kl + kl, total_tokens + tokens
     nll = total_nll / total_tokens
     return EvalResult(
@@ -219,4 +223,5 @@ def evaluate(model, windows: torch.Tensor, reference: nn.Module | ReferenceCache
         tokens=total_tokens,
         windows=int(windows.shape[0]),
         window_nll=window_nll,
+        window_kl=window_kl,
     )

@@ -48,6 +48,30 @@ def paired_gap(nll_a: list[float], nll_b: list[float]) -> dict:
             "windows_better": sum(a < b for a, b in zip(nll_a, nll_b))}
 
 
+def paired_kl(kl_a: list[float], kl_b: list[float]) -> dict:
+    """Plan a against plan b from their per-window mean KLs to the uncompressed model on the
+    same windows: KL_a - KL_b (nats per token) with its 95% paired-t interval, the p-value,
+    windows where a's KL is lower. The search ranks plans by KL, so this is its own claim."""
+    from scipy.stats import ttest_rel
+
+    if len(kl_a) != len(kl_b) or len(kl_a) < 2:
+        raise ValueError(f"paired windows needed: {len(kl_a)} against {len(kl_b)}")
+    test = ttest_rel(kl_a, kl_b)
+    low, high = test.confidence_interval(0.95)
+    return {"kl_diff": sum(a - b for a, b in zip(kl_a, kl_b)) / len(kl_a),
+            "kl_diff_95": [float(low), float(high)], "kl_p_value": float(test.pvalue),
+            "kl_windows_better": sum(a < b for a, b in zip(kl_a, kl_b))}
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Two ``eval --json`` records on the same windows: the perplexity gap, and the KL gap
+    when both measured each window's KL."""
+    gap = paired_gap(a["window_nll"], b["window_nll"])
+    if a.get("window_kl") and b.get("window_kl"):
+        gap.update(paired_kl(a["window_kl"], b["window_kl"]))
+    return gap
+
+
 def _measure(plan: Path, windows: int, no_kl: bool) -> dict:
     from scale import _eval  # the scale entries' own evaluation, the same windows
 
@@ -78,8 +102,9 @@ def main() -> None:
         "eval": f"wiki.test.raw, first N non-overlapping windows of {WINDOW_LEN} (N per "
                 "entry); each plan built from its provenance by `autocompress eval`",
         "comparison": "the first plan against each other one, window by window: ppl ratio "
-                      "exp(mean difference of the windows' mean next-token losses), 95% "
-                      "paired-t interval (scipy.stats.ttest_rel), windows won",
+                      "exp(mean difference of the windows' mean next-token losses) and "
+                      "difference of the windows' mean KLs to the uncompressed model, each "
+                      "with a 95% paired-t interval (scipy.stats.ttest_rel) and windows won",
         "machine": machine()})
     if results.has(args.label):
         print(f"{args.label}: already in paired_eval.json", flush=True)
@@ -106,15 +131,19 @@ def main() -> None:
         "plans": {name: {"plan": shown(plans[name]), "ppl": m["ppl"], "kl": m["kl"],
                          "total_bytes": m["total_bytes"], "wall_s": m["wall_s"]}
                   for name, m in measured.items()},
-        "comparisons": [{"a": first, "b": other,
-                         **paired_gap(measured[first]["window_nll"],
-                                      measured[other]["window_nll"])} for other in others]}
+        "comparisons": [{"a": first, "b": other, **compare(measured[first], measured[other])}
+                        for other in others]}
     results.put(args.label, entry)
     for c in entry["comparisons"]:
         low, high = c["ppl_ratio_95"]
         print(f"{args.label}: {c['a']} / {c['b']} perplexity {c['ppl_ratio']:.4f} (95% "
               f"{low:.4f}-{high:.4f}), {c['a']} better on {c['windows_better']} of "
               f"{args.windows} windows", flush=True)
+        if "kl_diff" in c:
+            low, high = c["kl_diff_95"]
+            print(f"{args.label}: KL {c['a']} - {c['b']} {c['kl_diff']:+.5f} (95% {low:+.5f} to "
+                  f"{high:+.5f}), {c['a']} lower on {c['kl_windows_better']} of "
+                  f"{args.windows} windows", flush=True)
 
 
 if __name__ == "__main__":

@@ -461,6 +461,11 @@ class PairedComparison(_Model):
     ppl_ratio_95: list[float]  # [low, high]
     p_value: float
     windows_better: int  # windows where a's loss is lower
+    # the same for each window's mean KL to the uncompressed model (absent: --no-kl)
+    kl_diff: float | None = None  # KL_a - KL_b, nats per token
+    kl_diff_95: list[float] | None = None
+    kl_p_value: float | None = None
+    kl_windows_better: int | None = None
 
 
 class PairedEval(_Model):

@@ -38,6 +38,17 @@ def test_kl_zero_to_itself_and_positive_to_another_model(tiny_loaded, tiny_model
     cached = evaluate(other, windows, ReferenceCache(model, windows), progress=False)
     assert direct.kl > 1e-5
     assert math.isclose(direct.kl, cached.kl, rel_tol=1e-4)
+    # each window's own KL, in order, from torch's kl_div (equal windows: their mean is kl)
+    with torch.no_grad():
+        for mine, window in zip(direct.window_kl, windows):
+            ref = torch.log_softmax(model(window[None]).logits[0, :-1], -1)
+            own = torch.log_softmax(other(window[None]).logits[0, :-1], -1)
+            theirs = torch.nn.functional.kl_div(own, ref, log_target=True,
+                                                reduction="batchmean").item()
+            assert math.isclose(mine, theirs, rel_tol=1e-4)
+    assert len(direct.window_kl) == 3
+    assert math.isclose(sum(direct.window_kl) / 3, direct.kl, rel_tol=1e-6)
+    assert evaluate(other, windows, progress=False).window_kl == []
 
 
 def test_the_reference_cache_keeps_hidden_states_and_gives_the_forwards_log_probs(tiny_loaded):

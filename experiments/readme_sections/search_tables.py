@@ -202,8 +202,8 @@ def paired_eval(store: Store) -> str:
     """Plans of one scale entry on the same test windows, the first against each other."""
     data = store.get("paired_eval.json")
     rows = ["| entry | plan | total bytes | test ppl | test KL | against the first: ppl ratio "
-            "(95%) | windows it won | eval wall |",
-            "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+            "(95%) | KL difference (95%) | windows it won (ppl; KL) | eval wall |",
+            "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |"]
     commands = []
     for key, e in data.entries.items():
         versus = {c.b: c for c in e.comparisons}
@@ -212,10 +212,15 @@ def paired_eval(store: Store) -> str:
             gap = "–" if c is None else (f"{c.a} / {name}: {c.ppl_ratio:.4f} "
                                          f"({c.ppl_ratio_95[0]:.4f}–{c.ppl_ratio_95[1]:.4f}), "
                                          f"p = {c.p_value:.2g}")
-            won = "–" if c is None else f"{c.a}: {c.windows_better} of {e.windows}"
+            kl_gap = "–" if c is None or c.kl_diff is None else (
+                f"{c.a} − {name}: {c.kl_diff:+.4f} ({c.kl_diff_95[0]:+.4f} to "
+                f"{c.kl_diff_95[1]:+.4f}), p = {c.kl_p_value:.2g}")
+            won = "–" if c is None else f"{c.a}: {c.windows_better} of {e.windows}" + (
+                "" if c.kl_windows_better is None else f"; {c.kl_windows_better}")
             kl = "–" if m.kl is None else f"{m.kl:.4f}"
             rows.append(f"| {key} ({e.windows} windows) | {name} | {m.total_bytes / 1e6:,.1f} MB "
-                        f"| {m.ppl:.2f} | {kl} | {gap} | {won} | {m.wall_s / 60:.1f} min |")
+                        f"| {m.ppl:.2f} | {kl} | {gap} | {kl_gap} | {won} | "
+                        f"{m.wall_s / 60:.1f} min |")
         plans = ",".join(f"{n}={m.plan}" for n, m in e.plans.items())
         commands.append(f"`.venv/bin/python experiments/paired_eval.py {key} --plans {plans} "
                         f"--windows {e.windows}`")

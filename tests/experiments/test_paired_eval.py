@@ -49,6 +49,28 @@ def test_the_gap_is_the_perplexity_ratio_with_a_paired_t_interval():
 def test_unpaired_window_lists_are_refused():
     with pytest.raises(ValueError, match="paired windows"):
         paired_eval.paired_gap(A, B[:-1])
+    with pytest.raises(ValueError, match="paired windows"):
+        paired_eval.paired_kl(A, B[:-1])
+
+
+def test_the_kl_gap_is_the_mean_difference_with_a_paired_t_interval():
+    """KL per window spreads with the text as the loss does; a steady 0.002 nats resolved."""
+    kl_a = [0.05, 0.08, 0.03, 0.11, 0.06, 0.04, 0.09, 0.07]
+    kl_b = [k + 0.002 + e / 10 for k, e in zip(kl_a, NOISE)]
+    gap = paired_eval.paired_kl(kl_a, kl_b)
+    d = [a - b for a, b in zip(kl_a, kl_b)]
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+    half = stats.t.ppf(0.975, len(d) - 1) * sd / math.sqrt(len(d))
+    assert math.isclose(gap["kl_diff"], mean, rel_tol=1e-9)
+    assert math.isclose(gap["kl_diff_95"][0], mean - half, rel_tol=1e-9)
+    assert math.isclose(gap["kl_diff_95"][1], mean + half, rel_tol=1e-9)
+    assert gap["kl_diff_95"][1] < 0 and gap["kl_windows_better"] == 8
+    # records with per-window KLs get both gaps; one measured with --no-kl only the loss gap
+    a = {"window_nll": A, "window_kl": kl_a}
+    both = paired_eval.compare(a, {"window_nll": B, "window_kl": kl_b})
+    assert both["kl_diff"] == gap["kl_diff"] and both["ppl_ratio"] < 1
+    assert "kl_diff" not in paired_eval.compare(a, {"window_nll": B, "window_kl": []})
 
 
 def test_the_readme_table_shows_each_plan_and_its_gap_to_the_first(tmp_path):
@@ -59,14 +81,18 @@ def test_the_readme_table_shows_each_plan_and_its_gap_to_the_first(tmp_path):
             "entries": {"qwen1.5b@4/solo": {
                 "model": "qwen", "windows": 8, "eval_text": "e",
                 "plans": {"searched": plan(23.5, 0.05), "gptq": plan(23.2, None)},
-                "comparisons": [{"a": "searched", "b": "gptq", **gap}],
+                "comparisons": [{"a": "searched", "b": "gptq", **gap, "kl_diff": -0.0012,
+                                 "kl_diff_95": [-0.002, -0.0004], "kl_p_value": 0.004,
+                                 "kl_windows_better": 6}],
                 "measured_at": "2026-12-06 19:00:00"}}}
     (tmp_path / "paired_eval.json").write_text(json.dumps(data))
     text = readme_tables.paired_eval(readme_tables.Store(tmp_path))
     low, high = gap["ppl_ratio_95"]
     assert (f"| qwen1.5b@4/solo (8 windows) | gptq | 1,789.1 MB | 23.20 | – | searched / gptq: "
             f"{gap['ppl_ratio']:.4f} ({low:.4f}–{high:.4f})") in text
-    assert "| searched | 1,789.1 MB | 23.50 | 0.0500 | – | – |" in text
+    assert ("| searched − gptq: -0.0012 (-0.0020 to -0.0004), p = 0.004 | searched: 8 of 8; 6 |"
+            in text)
+    assert "| searched | 1,789.1 MB | 23.50 | 0.0500 | – | – | – |" in text
     assert "paired_eval.py qwen1.5b@4/solo --plans searched=" in text
     data["entries"]["qwen1.5b@4/solo"]["comparisons"][0]["ppl_ratio_95"] = "narrow"
     (tmp_path / "paired_eval.json").write_text(json.dumps(data))
