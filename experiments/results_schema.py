@@ -883,13 +883,15 @@ class Correlation(_Model):
 
 
 class ProxyRecord(_Model):
-    table_s: float
+    table_s: float  # all attempts together
     families: dict[str, Correlation]
+    attempts_s: list[float] | None = None  # each attempt's seconds (absent: written before)
 
 
 class ProxiesModel(_Model):
     plans: dict[str, Any]
     proxies: dict[str, ProxyRecord]
+    building: dict[str, list[float]] | None = None  # tables begun, their attempts' seconds
 
 
 class ProxiesStudy(_Model):

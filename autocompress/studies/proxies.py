@@ -12,14 +12,18 @@ Spearman and Kendall per family, and over all plans.
 Outputs in ``out``: proxies.json (protocol; per model the plans and their KLs, per proxy the
 table seconds and the correlations), proxies.csv (one row per model, proxy and family) and
 figures/proxies.png (Spearman per family, one panel per model). Measurements and tables are
-saved as they finish: a rerun with ``resume`` goes on from there (tables from their cache).
+saved as they finish: a rerun with ``resume`` goes on from there (tables from their cache,
+the time each earlier attempt spent on a table credited to its cost: a table interrupted
+and resumed costs what it took in all).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,6 +38,7 @@ from .store import StudyFile
 
 ENTRIES = ("proxies.json", "proxies.csv", "figures", "tables")
 FAMILIES = ("quantization", "sparse", "2:4", "low rank")
+HEARTBEAT_S = 30.0  # how often a table's time so far is saved (what a SIGKILL can lose)
 
 
 def family_of(cfg: LayerConfig) -> str | None:
@@ -154,12 +159,11 @@ def run_proxies(models: list[str], settings: ProxiesSettings, out: Path, resume:
         for name in settings.proxies:
             if name in entry["proxies"]:
                 continue
-            t = time.perf_counter()
-            table = build_table(loaded, space, make_proxy(name), calib.calib, calib.digest,
-                                cache=out / "tables" / f"{_safe(spec)}-{name}.cache.json",
-                                progress=progress, log=log)
-            seconds = time.perf_counter() - t
-            record = {"table_s": round(seconds, 2), "families": {}}
+            with _timed(entry.setdefault("building", {}), name, results, log) as spent:
+                table = build_table(loaded, space, make_proxy(name), calib.calib, calib.digest,
+                                    cache=out / "tables" / f"{_safe(spec)}-{name}.cache.json",
+                                    progress=progress, log=log)
+            record = {"table_s": round(sum(spent), 2), "attempts_s": spent, "families": {}}
             plans = entry["plans"]
             for family in [*settings.families, "all"]:
                 keys = [k for k, p in plans.items() if family in ("all", p["family"])]
@@ -167,11 +171,39 @@ def run_proxies(models: list[str], settings: ProxiesSettings, out: Path, resume:
                     [table.predicted(plans[k]["choice"])[0] for k in keys],
                     [plans[k]["kl"] for k in keys])
             entry["proxies"][name] = record
+            del entry["building"][name]
             results.save()
         del loaded
     atomic_write_text(out / "proxies.csv", _csv(results.done))
     _figure(results.data, out / "figures" / "proxies.png")
     return results.data
+
+
+@contextmanager
+def _timed(building: dict, name: str, results: StudyFile, log):
+    """Time a table's build, its attempts' seconds kept in ``building[name]`` and saved every
+    HEARTBEAT_S and at the end, so that a killed build's time counts when it is resumed.
+    Yields the list of attempts' seconds (final once the block ends)."""
+    spent = building.setdefault(name, [])
+    if spent:
+        log(f"table {name}: {sum(spent):.0f} s of {len(spent)} earlier attempt(s) credited")
+    spent.append(0.0)
+    start, stop = time.perf_counter(), threading.Event()
+
+    def beat():
+        while not stop.wait(HEARTBEAT_S):
+            spent[-1] = round(time.perf_counter() - start, 2)
+            results.save()
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield spent
+    finally:
+        stop.set()
+        thread.join()
+        spent[-1] = round(time.perf_counter() - start, 2)
+        results.save()
 
 
 def _safe(spec: str) -> str:

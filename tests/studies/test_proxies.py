@@ -89,6 +89,44 @@ def test_an_interrupted_study_resumes_without_measuring_a_plan_twice(tiny_model_
                for k, v in kept["plans"].items())
 
 
+def test_a_table_interrupted_and_resumed_costs_the_time_of_both_attempts(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The cost is what the table took in all: the seconds before the interrupt are saved
+    while it builds (heartbeat) and credited when it resumes from its cache."""
+    import time
+
+    from autocompress.sensitivity import build
+    from autocompress.studies import proxies
+
+    monkeypatch.setattr(proxies, "HEARTBEAT_S", 0.05)
+    real = build.build_table
+
+    def slow_then_stopped(loaded, space, proxy, *args, **kwargs):
+        if proxy.name == "hessian":
+            time.sleep(1.5)
+            # while it builds, the time so far is on disk (what a SIGKILL would leave)
+            on_disk = json.loads((tmp_path / "proxies.json").read_text())
+            assert on_disk["models"][str(tiny_model_dir)]["building"]["hessian"][0] >= 1.0
+            raise _Stopped
+        return real(loaded, space, proxy, *args, **kwargs)
+
+    monkeypatch.setattr(build, "build_table", slow_then_stopped)
+    with pytest.raises(_Stopped):
+        run_proxies([str(tiny_model_dir)], SETTINGS, tmp_path, progress=False,
+                    log=lambda m: None)
+    monkeypatch.setattr(build, "build_table", real)
+    said = []
+    data = run_proxies([str(tiny_model_dir)], SETTINGS, tmp_path, resume=True, progress=False,
+                       log=said.append)
+    entry = data["models"][str(tiny_model_dir)]
+    first, second = entry["proxies"]["hessian"]["attempts_s"]
+    assert first >= 1.5 and second > 0
+    assert entry["proxies"]["hessian"]["table_s"] == pytest.approx(first + second, abs=0.01)
+    assert len(entry["proxies"]["fisher"]["attempts_s"]) == 1  # finished the first time
+    assert entry["building"] == {}
+    assert any("earlier attempt(s) credited" in line for line in said)
+
+
 def test_unknown_proxy_or_family_is_said_before_any_work(tiny_model_dir, tmp_path):
     with pytest.raises(AutocompressError, match="unknown proxy"):
         run_proxies([str(tiny_model_dir)], ProxiesSettings(proxies=("fishr",)), tmp_path)
