@@ -2,14 +2,17 @@
 figure. Each study works in experiments/runs/studies/NAME (resumable: a rerun continues it);
 its results (JSON, CSV, figures) are copied to experiments/results/studies/NAME when it is done.
 
-    .venv/bin/python experiments/studies.py layers [fronts fronts-speed families] [--qwen-table PATH]
+    .venv/bin/python experiments/studies.py layers [fronts fronts-speed families proxies] \
+        [--qwen-table PATH]
 
 `layers` compares SmolLM2-135M with Qwen2.5-Coder-1.5B and reads the 1.5B's sensitivity table
 from the scale benchmark's search (experiments/runs/scale/qwen1.5b@4-solo/search/sensitivity.json,
 the same table protocol as the qwen1.5b@4 run the README's figure read, whose directory is
 gone), whose Fisher pass takes over an hour here; SmolLM2's is built by the study. `fronts-speed`
 is `fronts` with a decode speed each device must reach (--min-tps): between each device's
-equal-memory optimum and its fastest plan of that size, so that the limit binds.
+equal-memory optimum and its fastest plan of that size, so that the limit binds. `proxies`
+runs on SmolLM2 and the 1.5B (hours on the 1.5B: three tables and 32 measured plans; it
+resumes where it stopped, each table charged all its attempts' time).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ COMMANDS = {
                        "--calib-text", str(CALIB_TEXT)],
     "fronts-speed": lambda: COMMANDS["fronts"]() + [
         "--min-tps", "jetson-orin-nano-8gb=178,raspberry-pi-5-8gb=56,rtx-4090=402"],
-    "proxies": lambda: ["study", "proxies", "--models", "smollm2-135m",
+    # SmolLM2's run is kept: the 1.5B is added to it (a resumed study may add models)
+    "proxies": lambda: ["study", "proxies", "--models", f"smollm2-135m,{qwen_gguf()}",
                         "--calib-text", str(CALIB_TEXT)],
     "families": lambda: ["study", "families", "--model", "smollm2-135m", "--bits",
                          "2.5,3,3.5,4", "--calib-text", str(CALIB_TEXT)],

@@ -131,7 +131,8 @@ def run_proxies(models: list[str], settings: ProxiesSettings, out: Path, resume:
                 "measured": f"KL to the uncompressed model on the last "
                             f"{settings.holdout_windows} windows of the calibration text",
                 "cost": "wall seconds of the proxy's table on this machine"}
-    results = StudyFile(out / "proxies.json", protocol, "models", resume)
+    # a resumed study may add models (the finished ones are kept), not change its settings
+    results = StudyFile(out / "proxies.json", protocol, "models", resume, extendable=("models",))
     for spec in models:
         entry = results.done.setdefault(spec, {"plans": {}, "proxies": {}})
         log(f"proxies: {spec}")
