@@ -36,7 +36,7 @@ from ..model import LoadedModel
 from ..plan import LayerConfig
 from .store import StudyFile
 
-ENTRIES = ("proxies.json", "proxies.csv", "figures", "tables")
+ENTRIES = ("proxies.json", "proxies.csv", "figures", "tables", "stats")
 FAMILIES = ("quantization", "sparse", "2:4", "low rank")
 HEARTBEAT_S = 30.0  # how often a table's time so far is saved (what a SIGKILL can lose)
 
@@ -109,6 +109,8 @@ def _correlations(predicted: list[float], measured: list[float]) -> dict:
 def run_proxies(models: list[str], settings: ProxiesSettings, out: Path, resume: bool = False,
                 progress: bool = True, log=print,
                 load: Callable[[str], LoadedModel] | None = None) -> dict:
+    from ..compress.apply import hessian_layers
+    from ..compress.stats_store import StatsStore, stats_key
     from ..data import calibration_data
     from ..search.measure import PlanMeter
     from ..search.space import SearchSpace
@@ -150,7 +152,13 @@ def run_proxies(models: list[str], settings: ProxiesSettings, out: Path, resume:
                 key = f"{family}/{index}"
                 if key in entry["plans"]:
                     continue
-                meter = meter or PlanMeter(loaded, calib.holdout, calib.calib)
+                # statistics (and the GPTQ / SVD memo beside them) kept in ``out``: a resumed
+                # study reads them back instead of taking them again (on a 1.5B model, tens
+                # of minutes and gigabytes)
+                meter = meter or PlanMeter(loaded, calib.holdout, calib.calib, stats=StatsStore(
+                    out / "stats" / _safe(spec), loaded.layers,
+                    stats_key(loaded, calib.digest),
+                    hessian_layers(loaded.layers, space.for_layer), loaded.placement.device))
                 configs = {layer.name: options[l][o]
                            for l, (layer, o) in enumerate(zip(loaded.layers, choice))}
                 entry["plans"][key] = {"family": family, "choice": choice,

@@ -82,8 +82,19 @@ def test_an_interrupted_study_resumes_without_measuring_a_plan_twice(tiny_model_
     assert len(kept["plans"]) == 5
     calls.clear()
     counting.fail_after = None
+    # the calibration statistics the first run took are on disk, and read back, not taken again
+    from autocompress.compress.stats_store import StatsStore
+
+    from autocompress.compress.stats_store import KEY_FILE
+
+    assert len(list((tmp_path / "stats").glob(f"*/{KEY_FILE}"))) == 1
+    fills = []
+    real_fill = StatsStore.fill
+    monkeypatch.setattr(StatsStore, "fill", lambda self, *a, **k: (fills.append(1),
+                                                                    real_fill(self, *a, **k))[1])
     data = run_proxies([str(tiny_model_dir)], SETTINGS, tmp_path, resume=True, progress=False,
                        log=lambda m: None)
+    assert fills == []
     assert len(calls) == 12 - 5
     assert all(data["models"][str(tiny_model_dir)]["plans"][k] == v
                for k, v in kept["plans"].items())
