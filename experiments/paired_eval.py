@@ -31,36 +31,36 @@ RUNS = REPO / "experiments" / "runs" / "paired_eval"
 WINDOW_LEN = 512  # `autocompress eval`'s default, which scale._eval uses
 
 
+def _paired(a: list[float], b: list[float]) -> tuple[float, float, float, float, int]:
+    """Per-window figures of two plans on the same windows: mean of a - b, its 95% paired-t
+    interval (scipy's ttest_rel), the p-value, and the windows where a is lower."""
+    from scipy.stats import ttest_rel
+
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired windows needed: {len(a)} against {len(b)}")
+    test = ttest_rel(a, b)
+    low, high = test.confidence_interval(0.95)
+    return (sum(x - y for x, y in zip(a, b)) / len(a), float(low), float(high),
+            float(test.pvalue), sum(x < y for x, y in zip(a, b)))
+
+
 def paired_gap(nll_a: list[float], nll_b: list[float]) -> dict:
     """Plan a against plan b from their per-window mean losses on the same windows:
     ppl_a / ppl_b with its 95% interval, the paired t-test's p-value, windows a won."""
     import math
 
-    from scipy.stats import ttest_rel
-
-    if len(nll_a) != len(nll_b) or len(nll_a) < 2:
-        raise ValueError(f"paired windows needed: {len(nll_a)} against {len(nll_b)}")
-    test = ttest_rel(nll_a, nll_b)
-    low, high = test.confidence_interval(0.95)
-    mean = sum(a - b for a, b in zip(nll_a, nll_b)) / len(nll_a)
+    mean, low, high, p, won = _paired(nll_a, nll_b)
     return {"ppl_ratio": math.exp(mean), "ppl_ratio_95": [math.exp(low), math.exp(high)],
-            "p_value": float(test.pvalue),
-            "windows_better": sum(a < b for a, b in zip(nll_a, nll_b))}
+            "p_value": p, "windows_better": won}
 
 
 def paired_kl(kl_a: list[float], kl_b: list[float]) -> dict:
     """Plan a against plan b from their per-window mean KLs to the uncompressed model on the
     same windows: KL_a - KL_b (nats per token) with its 95% paired-t interval, the p-value,
     windows where a's KL is lower. The search ranks plans by KL, so this is its own claim."""
-    from scipy.stats import ttest_rel
-
-    if len(kl_a) != len(kl_b) or len(kl_a) < 2:
-        raise ValueError(f"paired windows needed: {len(kl_a)} against {len(kl_b)}")
-    test = ttest_rel(kl_a, kl_b)
-    low, high = test.confidence_interval(0.95)
-    return {"kl_diff": sum(a - b for a, b in zip(kl_a, kl_b)) / len(kl_a),
-            "kl_diff_95": [float(low), float(high)], "kl_p_value": float(test.pvalue),
-            "kl_windows_better": sum(a < b for a, b in zip(kl_a, kl_b))}
+    mean, low, high, p, won = _paired(kl_a, kl_b)
+    return {"kl_diff": mean, "kl_diff_95": [low, high], "kl_p_value": p,
+            "kl_windows_better": won}
 
 
 def compare(a: dict, b: dict) -> dict:
