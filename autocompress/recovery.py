@@ -50,6 +50,10 @@ class KDSettings:
     # most this many times (SmolLM2: 2e-3 suits the searched 3-bit plan; its 4-bit plan,
     # closer to the model, rose at once and needed 5e-4, experiments/recovery.py)
     lr_backoffs: int = 2
+    # a stall is not always the end: at a rate too large for the late steps, held-out KL stops
+    # improving long before the cosine has decayed it. At most this many times a stall goes
+    # back to the best state and on at a quarter of the rate instead of stopping (0: stop)
+    plateau_backoffs: int = 0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -62,10 +66,10 @@ class KDSettings:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise AutocompressError(f"KD {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.lr_backoffs, int) or isinstance(self.lr_backoffs, bool) or \
-                self.lr_backoffs < 0:
-            raise AutocompressError(f"KD lr_backoffs must be a whole number, got "
-                                    f"{self.lr_backoffs!r}")
+        for name in ("lr_backoffs", "plateau_backoffs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise AutocompressError(f"KD {name} must be a whole number, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise AutocompressError(f"KD learning rate must be in (0, 1), got {self.lr!r}")
 
@@ -89,6 +93,8 @@ class RecoveryRecord:
     schedule: str = "constant"  # the learning rate's (plans before it existed: constant)
     # rates started and abandoned because the first validation was no better (back-off)
     lr_abandoned: list[float] = field(default_factory=list)
+    # steps at which a stall sent the run back to its best state at a quarter of the rate
+    lr_lowered_at: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -113,6 +119,9 @@ class RecoveryRecord:
     def describe(self) -> str:
         backoff = (f", at {self.lr:g} after {', '.join(f'{r:g}' for r in self.lr_abandoned)} "
                    "made it worse" if self.lr_abandoned else "")
+        if self.lr_lowered_at:
+            backoff += (f", rate quartered at step{'s' if len(self.lr_lowered_at) > 1 else ''} "
+                        f"{', '.join(map(str, self.lr_lowered_at))} (stalled)")
         return (f"{self.method} recovery ({self.steps} steps{backoff}): held-out KL "
                 f"{self.kl_before:.4f} -> {self.kl_after:.4f}")
 

@@ -657,6 +657,7 @@ class RecoveryRecordRow(_Model):
     best_step: int
     lr: float  # the rate trained at
     lr_abandoned: list[float] = []  # rates backed off from (rows before back-off: none)
+    lr_lowered_at: list[int] = []  # steps where a stall quartered the rate (rows before: none)
     train_windows: int
     val_windows: int
     kl_before: float

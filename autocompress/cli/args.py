@@ -102,6 +102,9 @@ def _add_recover(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kd-lr-backoffs", type=int, default=kd.lr_backoffs, metavar="N",
                    help="at most N times the run starts over from the plan at a quarter of "
                         "the rate (default %(default)s; 0: never)")
+    p.add_argument("--kd-plateau-backoffs", type=int, default=kd.plateau_backoffs, metavar="N",
+                   help="at most N times a stalled run goes back to its best state at a "
+                        "quarter of the rate instead of stopping (default %(default)s)")
     p.add_argument("--kd-schedule", choices=["constant", "cosine"], default=kd.schedule,
                    help="the learning rate over the steps: constant, or cosine-decayed to 0 "
                         "(default %(default)s)")

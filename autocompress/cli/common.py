@@ -12,7 +12,8 @@ def _kd_settings(args):
 
     return KDSettings(steps=args.kd_steps, lr=args.kd_lr, val_windows=args.kd_val_windows,
                       train_windows=args.kd_train_windows, schedule=args.kd_schedule,
-                      lr_backoffs=args.kd_lr_backoffs) \
+                      lr_backoffs=args.kd_lr_backoffs,
+                      plateau_backoffs=args.kd_plateau_backoffs) \
         if args.recover else None
 
 

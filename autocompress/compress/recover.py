@@ -50,6 +50,7 @@ class RecoveryResult:
     history: list[tuple[int, float]] = field(default_factory=list)
     lr: float = 0.0  # the rate trained at, after any back-off
     lr_abandoned: list[float] = field(default_factory=list)
+    lr_lowered_at: list[int] = field(default_factory=list)  # steps where a stall quartered it
 
 
 def trainable_parts(model: nn.Module) -> tuple[dict[str, CodesLinear], dict[str, nn.Module]]:
@@ -125,6 +126,18 @@ class _Trainer:
             for name, value in self.norm_weights.items():
                 value.copy_(self._originals[name])
 
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Back to a state as ``state()`` gave it (its float16 scales as log-ratios to the
+        built ones; a group whose built scale is 0 keeps θ = 0)."""
+        with torch.no_grad():
+            for name, built in self.built.items():
+                ratio = state[f"{name}.scale"].to(built) / built
+                ok = torch.isfinite(ratio) & (ratio > 0)
+                self.theta[name].copy_(torch.where(ok, ratio.clamp_min(1e-30).log(),
+                                                   torch.zeros_like(ratio)))
+            for name, value in self.norm_weights.items():
+                value.copy_(state[f"{name}.weight"])
+
     def load_values(self, theta: dict, norms: dict) -> None:
         with torch.no_grad():
             for name, value in theta.items():
@@ -177,10 +190,10 @@ class KDRecovery:
             p.requires_grad_(False)
         generator = torch.Generator().manual_seed(s.seed)
         order = torch.randperm(teacher.windows.shape[0], generator=generator).tolist()
-        step, history, best, lr, abandoned = 0, [], None, s.lr, []
+        step, history, best, lr, abandoned, lowered = 0, [], None, s.lr, [], []
         loaded = self._load_checkpoint(trainer, optimizer)
         if loaded is not None:
-            step, history, best, lr, abandoned = loaded
+            step, history, best, lr, abandoned, lowered = loaded
         try:
             with trainer:
                 if not history:
@@ -217,11 +230,21 @@ class KDRecovery:
                             bar.reset()
                             bar.set_description(f"recover (kd, lr {lr:g})")
                     # (step 0 after a back-off too: a resume goes on at the lowered rate)
+                    since = max(best[1], lowered[-1] if lowered else 0)
+                    if _stalled(history, since, s.patience) and step < s.steps:
+                        if len(lowered) >= s.plateau_backoffs:
+                            self._save_checkpoint(trainer, optimizer, step, history, best, lr,
+                                                  abandoned, lowered)
+                            break
+                        # stalled at this rate: on from the best state at a quarter of it
+                        lowered.append(step)
+                        lr /= 4
+                        trainer.load_state(best[2])
+                        optimizer = torch.optim.Adam(trainer.parameters(), lr=lr)
+                        bar.set_description(f"recover (kd, lr {lr:g})")
                     if step % s.checkpoint_every == 0 or step == s.steps:
                         self._save_checkpoint(trainer, optimizer, step, history, best, lr,
-                                              abandoned)
-                    if _stalled(history, best[1], s.patience):
-                        break
+                                              abandoned, lowered)
                 bar.close()
         finally:
             for p, flag in frozen:
@@ -230,7 +253,7 @@ class KDRecovery:
         apply_recovered(model, tensors)  # the float16-rounded best, measured as it is stored
         kl_after = evaluate(model, holdout.windows, holdout, progress=False).kl
         return RecoveryResult(tensors, kl_before, kl_after, best_step, step, history, lr,
-                              abandoned)
+                              abandoned, lowered)
 
     @staticmethod
     def _kl_loss(model: nn.Module, teacher: ReferenceCache, index: int) -> torch.Tensor:
@@ -246,7 +269,7 @@ class KDRecovery:
             return evaluate(model, holdout.windows, holdout, progress=False).kl
 
     def _save_checkpoint(self, trainer: _Trainer, optimizer, step, history, best, lr,
-                         abandoned) -> None:
+                         abandoned, lowered) -> None:
         if self.checkpoint is None:
             return
         import io
@@ -256,7 +279,7 @@ class KDRecovery:
 
         buffer = io.BytesIO()
         torch.save({"step": step, "history": history, "best": best, "lr": lr,
-                    "lr_abandoned": abandoned,
+                    "lr_abandoned": abandoned, "lr_lowered_at": lowered,
                     "theta": {n: t.detach() for n, t in trainer.theta.items()},
                     "norms": {n: t.detach() for n, t in trainer.norm_weights.items()},
                     "optimizer": optimizer.state_dict(), "settings": asdict(self.settings)},
@@ -277,7 +300,8 @@ class KDRecovery:
             raise AutocompressError(f"the recovery checkpoint {self.checkpoint} cannot be "
                                     f"resumed ({exc}); delete it to start over") from None
         return (saved["step"], saved["history"], saved["best"],
-                saved.get("lr", self.settings.lr), saved.get("lr_abandoned", []))
+                saved.get("lr", self.settings.lr), saved.get("lr_abandoned", []),
+                saved.get("lr_lowered_at", []))
 
 
 def _lr_factor(schedule: str, step: int, steps: int) -> float:
@@ -356,6 +380,7 @@ def recovered_in_place(loaded, plan, recipe, settings: KDSettings = KDSettings()
         record = RecoveryRecord(
             method="kd", sha256=digest(data), steps=result.steps_run,
             best_step=result.best_step, lr=result.lr, lr_abandoned=result.lr_abandoned,
+            lr_lowered_at=result.lr_lowered_at,
             schedule=settings.schedule,
             seed=settings.seed,
             train_windows=int(train.shape[0]), val_windows=int(val.shape[0]),

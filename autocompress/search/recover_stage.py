@@ -40,7 +40,7 @@ def recover_chosen(loaded: LoadedModel, plan: Plan, holdout, settings: KDSetting
     tried = {"method": recovered.recovery.method, "kept": kept,
              "steps": recovered.recovery.steps, "best_step": recovered.recovery.best_step,
              "lr": recovered.recovery.lr, "lr_abandoned": recovered.recovery.lr_abandoned,
-             "measured": measured}
+             "lr_lowered_at": recovered.recovery.lr_lowered_at, "measured": measured}
     log(f"{recovered.recovery.describe()}; held-out KL of the plan {before['kl']:.4f} -> "
         f"{result.kl:.4f}" + ("" if kept else "; not lower, so the plan stays as it was"))
     if not kept:

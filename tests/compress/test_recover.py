@@ -212,6 +212,85 @@ def test_a_recovery_record_keeps_the_rates_it_abandoned():
     assert RecoveryRecord.from_dict(old).lr_abandoned == []  # plans from before back-off
 
 
+def _scripted_validation(patch, kls):
+    """The held-out KL the run sees at each validation, in order (the final measurement of
+    the best state is evaluate's own)."""
+    from autocompress.compress.recover import KDRecovery as _KD
+
+    seen = iter(kls)
+    patch.setattr(_KD, "_held_out_kl", staticmethod(lambda model, holdout: next(seen)))
+
+
+def test_a_stalled_run_goes_on_from_its_best_state_at_a_quarter_of_the_rate(
+        tiny_loaded, tmp_path, monkeypatch):
+    """Validation improves at step 4, then stalls (patience 2: steps 8 and 12). Without
+    plateau back-offs the run stops at 12; with one it goes back to step 4's tensors (checked
+    as they are put back) and trains on at a quarter of the rate, here to a new best at 16;
+    a second stall then stops it. Killed after the lowering, it resumes at the lowered rate."""
+    from autocompress.compress.recover import _Trainer
+
+    teacher, holdout = _references(tiny_loaded)
+    kls = [1.0, 0.8, 0.9, 0.85, 0.7, 0.75, 0.72]  # steps 0, 4, 8, 12, 16, 20, 24
+
+    def run(backoffs, checkpoint=None):
+        s = KDSettings(steps=40, lr=0.02, eval_every=4, checkpoint_every=4, patience=2,
+                       lr_backoffs=0, plateau_backoffs=backoffs)
+        with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+            return KDRecovery(s, checkpoint, progress=False).run(model, teacher, holdout)
+
+    with monkeypatch.context() as patch:
+        _scripted_validation(patch, kls)
+        stopped = run(0)
+    assert stopped.steps_run == 12 and stopped.best_step == 4 and stopped.lr_lowered_at == []
+    restored = []
+    original = _Trainer.load_state
+
+    def spy(trainer, state):
+        original(trainer, state)
+        restored.append((trainer.state(), state))
+
+    with monkeypatch.context() as patch:
+        _scripted_validation(patch, kls)
+        patch.setattr(_Trainer, "load_state", spy)
+        lowered = run(1)
+    assert lowered.lr_lowered_at == [12] and lowered.lr == pytest.approx(0.005)
+    assert lowered.best_step == 16 and lowered.steps_run == 24
+    assert [s for s, _ in lowered.history] == [0, 4, 8, 12, 16, 20, 24]
+    (now, best), = restored
+    assert set(now) == set(best) and all(torch.allclose(now[k], best[k]) for k in best)
+    # what was put back is step 4's state (the stopped run's result), not step 12's
+    assert all(torch.allclose(best[k], stopped.tensors[k]) for k in best)
+    checkpoint = tmp_path / "kd.pt"
+    with monkeypatch.context() as patch:
+        _scripted_validation(patch, kls)
+        _stop_after(patch, 14)  # two steps past the lowering
+        with pytest.raises(_Stop):
+            run(1, checkpoint)
+    with monkeypatch.context() as patch:
+        _scripted_validation(patch, kls[4:])  # the resume validates from step 16 on
+        resumed = run(1, checkpoint)
+    assert resumed.lr_lowered_at == [12] and resumed.lr == pytest.approx(0.005)
+    assert resumed.best_step == 16 and resumed.steps_run == 24
+
+
+def test_the_trainer_puts_back_a_state_it_gave(tiny_loaded):
+    from autocompress.compress.recover import _Trainer
+
+    with compressed_in_place(tiny_loaded, _plan(tiny_loaded), codes=True) as model:
+        trainer = _Trainer(model)
+        with trainer, torch.no_grad():
+            for i, theta in enumerate(trainer.theta.values()):
+                theta.add_(0.01 * (i + 1))
+            for w in trainer.norm_weights.values():
+                w.mul_(1.5)
+            saved = trainer.state()
+            trainer.restart()
+            assert not all(torch.allclose(trainer.state()[k], saved[k]) for k in saved)
+            trainer.load_state(saved)
+            again = trainer.state()
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
+
+
 def test_a_plan_without_codes_has_nothing_to_recover(tiny_loaded):
     teacher, holdout = _references(tiny_loaded)
     with compressed_in_place(tiny_loaded, _plan(tiny_loaded, bits=16), codes=True) as model:
@@ -220,7 +299,8 @@ def test_a_plan_without_codes_has_nothing_to_recover(tiny_loaded):
 
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"lr": 0.0}, {"lr": 3}, {"patience": True},
-                                 {"lr_backoffs": -1}])
+                                 {"lr_backoffs": -1}, {"plateau_backoffs": -1},
+                                 {"plateau_backoffs": 1.5}])
 def test_kd_settings_refuse_nonsense(bad):
     with pytest.raises(AutocompressError):
         KDSettings(**bad)
