@@ -50,9 +50,10 @@ OPERATORS = (("rtn", {}), ("rtn+clip", {"clip": True}), ("rtn+awq", {"awq": True
 FORMATS = ((3, 64), (3, 128), (4, 64), (4, 128))
 
 
-# recovered rows (each also costs the recovery's steps): every operator at the target format
+# recovered rows (each also costs the recovery's steps): every operator at the target format,
+# and at each other format the best operator that is not learned rounding
 KD_ROWS = ("3g64-rtn", "3g64-rtn+clip", "3g64-gptq", "3g64-gptq+clip", "3g64-signround",
-           "4g64-gptq+clip")
+           "3g128-gptq+awq+clip", "4g64-gptq+awq+clip", "4g128-gptq+awq+clip")
 # apply --recover kd's defaults when these rows were measured (recovery.py measured better ones)
 KD = KDSettings(steps=200, lr=1e-3, schedule="constant", train_windows=None, val_windows=4)
 
@@ -81,8 +82,9 @@ def recovered_row(loaded, cfg: LayerConfig, windows, window_len: int) -> dict:
         ppl = evaluate(model, windows, progress=False).ppl
     record = recovered.recovery.to_dict()
     return {"ppl": ppl, "config": cfg.to_dict(), "build_s": build_s,
-            "kd": {k: record[k] for k in ("steps", "best_step", "lr", "train_windows",
-                                          "val_windows", "kl_before", "kl_after")}}
+            "kd": {k: record[k] for k in ("steps", "best_step", "lr", "lr_abandoned",
+                                          "train_windows", "val_windows", "kl_before",
+                                          "kl_after")}}
 
 
 def main() -> None:

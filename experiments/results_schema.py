@@ -122,6 +122,8 @@ class Recovered(_Model):
     best_step: int
     kl_before: float
     kl_after: float
+    lr: float | None = None  # the rate trained at (after any back-off)
+    lr_abandoned: list[float] = []  # rates backed off from (rows before it was kept: not said)
 
 
 class SignRoundRecord(_Model):

@@ -126,9 +126,11 @@ def quality(store: Store) -> str:
                 elif e.kd is None:
                     cells.append(f"{_fmt_ppl(e.ppl)} ({_secs(e.build_s)} s)")
                 else:
+                    rate = f" at lr {_rate_path(e.kd.lr, e.kd.lr_abandoned)}" \
+                        if e.kd.lr is not None else ""
                     cells.append(f"{_fmt_ppl(e.ppl)} ({_secs(e.build_s)} s; val KL "
                                  f"{e.kd.kl_before:.3f} → {e.kd.kl_after:.3f}, "
-                                 f"{e.kd.steps} steps)")
+                                 f"{e.kd.steps} steps{rate})")
             rows.append(f"| {label}{' + KD recovery' if kd else ''} | " + " | ".join(cells) + " |")
     learned = {(e.signround.steps, e.signround.lr, e.signround.eval_every)
                for e in entries.values() if getattr(e, "signround", None) is not None}
