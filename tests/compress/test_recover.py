@@ -210,6 +210,9 @@ def test_a_recovery_record_keeps_the_rates_it_abandoned():
     assert "at 0.0005 after 0.002 made it worse" in record.describe()
     old = {k: v for k, v in record.to_dict().items() if k != "lr_abandoned"}
     assert RecoveryRecord.from_dict(old).lr_abandoned == []  # plans from before back-off
+    lowered = RecoveryRecord.from_dict({**record.to_dict(), "lr_lowered_at": [140]})
+    assert lowered.lr_lowered_at == [140] and "quartered at step 140" in lowered.describe()
+    assert RecoveryRecord.from_dict(lowered.to_dict()) == lowered
 
 
 def _scripted_validation(patch, kls):
