@@ -71,7 +71,9 @@ SECTIONS = {"gguf": gguf, "gguf-qwen": lambda store: gguf(store, "gguf_qwen1.5b.
             "studies-fronts": studies_fronts, "studies-families": studies_families,
             "studies-fronts-speed": lambda store: studies_fronts(store, "fronts-speed"),
             "recovery": recovery, "studies-proxies": studies_proxies,
-            "recovery-4bit": lambda store: recovery(store, "recovery_4bit.json", " --plan-bits 4")}
+            "recovery-4bit": lambda store: recovery(store, "recovery_4bit.json", " --plan 4"),
+            "recovery-3bit-awq": lambda store: recovery(store, "recovery_3bit_awq.json",
+                                                        " --plan 3-awq")}
 
 MARKED = re.compile(r"(<!-- results:([\w-]+) -->\n)(.*?)(\n<!-- /results:\2 -->)", re.S)
 

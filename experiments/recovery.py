@@ -1,7 +1,7 @@
 """What distillation recovery buys on the searched 3-bit plan of SmolLM2-135M, and what it
 needs: the plan the search chose at the bytes of uniform 3-bit (search.json row ``sr-kd:3``,
 after its learned-rounding stage, before its recovery; kept in
-experiments/configs/plans/smollm2-3bit-searched-rounded.json; ``--plan-bits 4``: the 4-bit
+experiments/configs/plans/smollm2-3bit-searched-rounded.json; ``--plan 4``: the 4-bit
 row ``sr-kd64:4``'s, smollm2-4bit-searched-rounded.json, into recovery_4bit.json; ``--plan
 3-awq``: row ``sr-awq:3``'s, its AWQ layers rounded too, into recovery_3bit_awq.json) recovered
 by ``apply --recover kd`` (compress/recover.py: every quantized layer's scales and every norm

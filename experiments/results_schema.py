@@ -737,10 +737,10 @@ SPECS: dict[str, FileSpec] = {
     "dtype.json": FileSpec(DtypeProtocol, _by_key({}, DtypeRun),
                            keys=r"(?:float32|bfloat16|float16)/[\w-]+"),
     "recovery.json": FileSpec(RecoveryProtocol, _by_key({"before": RecoveryBefore}, RecoveryRow),
-                              keys=r"before|kd-\d+w[\w.-]*", required=("before",)),
+                              keys=r"before|kd-(?:\d+w|defaults)[\w.-]*", required=("before",)),
     "recovery_*.json": FileSpec(RecoveryProtocol,
                                 _by_key({"before": RecoveryBefore}, RecoveryRow),
-                                keys=r"before|kd-\d+w[\w.-]*", required=("before",)),
+                                keys=r"before|kd-(?:\d+w|defaults)[\w.-]*", required=("before",)),
     "table_fast_path.json": FileSpec(TableFastPathProtocol, _by_key({"fisher": FastPath}, None),
                                      required=("fisher",)),
 }

@@ -69,6 +69,8 @@ def _timings(t: dict[str, float]) -> str:
     return ", ".join(known + other) or "not recorded"
 
 
-def _rate_path(lr: float, abandoned: list[float] | None) -> str:
-    """The rates a recovery went through: those it backed off from, then the one it kept."""
-    return " → ".join(f"{r:g}" for r in [*(abandoned or []), lr])
+def _rate_path(lr: float, abandoned: list[float] | None, lowered: int = 0) -> str:
+    """The rates a recovery went through: those it backed off from, those a stall quartered
+    (``lowered`` times), then the one it ended at."""
+    stalled = [lr * 4 ** (lowered - i) for i in range(lowered)]
+    return " → ".join(f"{r:g}" for r in [*(abandoned or []), *stalled, lr])

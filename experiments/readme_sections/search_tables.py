@@ -29,7 +29,8 @@ def _stage_names(r) -> str:
         names.append(f"learned rounding ({r.stages.rounding['method']})")
     tried = r.stages.recovery or r.stages.recovery_tried
     if tried:
-        said = [f"lr {_rate_path(tried['lr'], tried.get('lr_abandoned'))}"] \
+        lowered = len(tried.get("lr_lowered_at") or [])
+        said = [f"lr {_rate_path(tried['lr'], tried.get('lr_abandoned'), lowered)}"] \
             if "lr" in tried else []
         if not r.stages.recovery:
             said.append("tried, not kept")
@@ -47,6 +48,10 @@ def _rate(record: dict) -> str:
     if abandoned:
         text += (f" (backed off from {', '.join(f'{r:g}' for r in abandoned)}: the first "
                  "validation was worse)")
+    lowered = record.get("lr_lowered_at") or []
+    if lowered:
+        text += (f" (quartered at step {', '.join(map(str, lowered))}: validation had "
+                 "stalled)")
     return text
 
 

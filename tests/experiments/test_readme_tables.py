@@ -197,6 +197,21 @@ def test_a_search_rows_recovery_says_its_rate_and_whether_it_was_kept(copy):
     assert "at lr 0.0005 (backed off from 0.002: the first validation was worse)" in body
     assert "KD recovery (lr 0.002 → 0.0005)" in body
 
+    _edit_json(results / "search.json", lambda d: d["entries"]["sr-kd:3"]["stages"][
+        "recovery"].update(lr=5e-4, lr_abandoned=[], lr_lowered_at=[140]))
+    body = readme_tables.search(readme_tables.Store(results))
+    assert "at lr 0.0005 (quartered at step 140: validation had stalled)" in body
+    assert "KD recovery (lr 0.002 → 0.0005)" in body
+
+
+def test_a_recovery_row_says_where_a_stall_quartered_its_rate(copy):
+    _, results = copy
+    _edit_json(results / "recovery.json", lambda d: d["entries"]["kd-64w-cos"]["kd"].update(
+        lr=1.25e-4, lr_lowered_at=[140, 300]))
+    row = next(line for line in readme_tables.recovery(readme_tables.Store(results)).splitlines()
+               if line.startswith("| kd-64w-cos |"))
+    assert "| 0.002 → 0.0005 → 0.000125, cosine (quartered at step 140, 300: stalled) |" in row
+
 
 def test_missing_results_file_renders_not_measured(copy, capsys):
     readme, results = copy
