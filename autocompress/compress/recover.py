@@ -223,12 +223,10 @@ class KDRecovery:
                             # the first validation is no better: the rate overshoots; start
                             # over from the plan's tensors at a quarter of it
                             abandoned.append(lr)
-                            lr /= 4
                             trainer.restart()
-                            optimizer = torch.optim.Adam(trainer.parameters(), lr=lr)
                             step, history = 0, history[:1]
                             bar.reset()
-                            bar.set_description(f"recover (kd, lr {lr:g})")
+                            lr, optimizer = self._quarter_rate(trainer, lr, bar)
                     # (step 0 after a back-off too: a resume goes on at the lowered rate)
                     since = max(best[1], lowered[-1] if lowered else 0)
                     if _stalled(history, since, s.patience) and step < s.steps:
@@ -238,10 +236,8 @@ class KDRecovery:
                             break
                         # stalled at this rate: on from the best state at a quarter of it
                         lowered.append(step)
-                        lr /= 4
                         trainer.load_state(best[2])
-                        optimizer = torch.optim.Adam(trainer.parameters(), lr=lr)
-                        bar.set_description(f"recover (kd, lr {lr:g})")
+                        lr, optimizer = self._quarter_rate(trainer, lr, bar)
                     if step % s.checkpoint_every == 0 or step == s.steps:
                         self._save_checkpoint(trainer, optimizer, step, history, best, lr,
                                               abandoned, lowered)
@@ -254,6 +250,14 @@ class KDRecovery:
         kl_after = evaluate(model, holdout.windows, holdout, progress=False).kl
         return RecoveryResult(tensors, kl_before, kl_after, best_step, step, history, lr,
                               abandoned, lowered)
+
+    @staticmethod
+    def _quarter_rate(trainer: _Trainer, lr: float, bar) -> tuple[float, torch.optim.Adam]:
+        """A quarter of the rate, and a new Adam over the trainer's tensors as they are now
+        (the old one's moments belong to the larger steps)."""
+        lr /= 4
+        bar.set_description(f"recover (kd, lr {lr:g})")
+        return lr, torch.optim.Adam(trainer.parameters(), lr=lr)
 
     @staticmethod
     def _kl_loss(model: nn.Module, teacher: ReferenceCache, index: int) -> torch.Tensor:
