@@ -13,11 +13,19 @@ is `fronts` with a decode speed each device must reach (--min-tps): between each
 equal-memory optimum and its fastest plan of that size, so that the limit binds. `proxies`
 runs on SmolLM2 and the 1.5B (hours on the 1.5B: three tables and 32 measured plans; it
 resumes where it stopped, each table charged all its attempts' time).
+
+A study longer than one machine's life goes on from the repository: stopped (SIGTERM or
+Ctrl-C; the study saves what it finished), its resume state (the study's JSON, its output
+marker and its sensitivity-table caches, which fill layer by layer; not the calibration
+statistics, gigabytes that are taken again) is copied to experiments/results/studies/NAME/
+in-progress/, and a run that finds no work directory starts from there. A finished run
+removes it.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,18 +60,51 @@ COMMANDS = {
                          "2.5,3,3.5,4", "--calib-text", str(CALIB_TEXT)],
 }
 KEPT = ("*.json", "*.csv", "figures/*.png")
+IN_PROGRESS = "in-progress"
+# what a stopped study needs to go on elsewhere (small: its JSON and its tables' caches)
+RESUME_STATE = (".autocompress.json", "{study}.json", "*.cache.json", "tables/*.cache.json")
+
+
+def _copy(source: Path, target: Path, patterns) -> int:
+    copied = 0
+    for pattern in patterns:
+        for path in source.glob(pattern):
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination)
+            copied += 1
+    return copied
 
 
 def run(name: str) -> None:
     out = RUNS / name
     args = COMMANDS[name]()
     study = args[1]  # the study's own name: its results file is STUDY.json
+    kept = RESULTS / "studies" / name
+    state = [p.format(study=study) for p in RESUME_STATE]
+    if not (out / f"{study}.json").is_file() and (kept / IN_PROGRESS).is_dir():
+        n = _copy(kept / IN_PROGRESS, out, state)
+        print(f"going on from {kept / IN_PROGRESS} ({n} files)", flush=True)
     command = [sys.executable, "-m", "autocompress.cli", *args, "--out", str(out)]
     if (out / f"{study}.json").is_file():
         command.append("--resume")
     print(" ".join(command[2:]), flush=True)
-    subprocess.run(command, check=True)
-    kept = RESULTS / "studies" / name
+    child = subprocess.Popen(command)
+    # SIGTERM to this script reaches the study, which saves and stops; then the state is kept
+    previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:  # the study had the Ctrl-C too
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        if (out / f"{study}.json").is_file():
+            shutil.rmtree(kept / IN_PROGRESS, ignore_errors=True)
+            n = _copy(out, kept / IN_PROGRESS, state)
+            print(f"{name} stopped (exit {code}); its resume state ({n} files) is in "
+                  f"{kept / IN_PROGRESS}: commit it to go on from another checkout", flush=True)
+        raise SystemExit(code)
     for pattern in KEPT:
         for path in out.glob(pattern):
             if path.name.endswith(".cache.json"):  # the sensitivity cache: input, not a result
@@ -71,6 +112,7 @@ def run(name: str) -> None:
             target = kept / path.relative_to(out)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
+    shutil.rmtree(kept / IN_PROGRESS, ignore_errors=True)
     print(f"copied {name}'s results to {kept}", flush=True)
 
 
