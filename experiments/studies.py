@@ -76,6 +76,21 @@ def _copy(source: Path, target: Path, patterns) -> int:
     return copied
 
 
+def _replace_dir(target: Path, fill) -> int:
+    """``fill`` a new directory beside ``target``, then swap it in: a kill at any point leaves
+    the old state or the new one whole, never a half-copied one."""
+    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n = fill(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return n
+
+
 def run(name: str) -> None:
     out = RUNS / name
     args = COMMANDS[name]()
@@ -100,8 +115,7 @@ def run(name: str) -> None:
         signal.signal(signal.SIGTERM, previous)
     if code != 0:
         if (out / f"{study}.json").is_file():
-            shutil.rmtree(kept / IN_PROGRESS, ignore_errors=True)
-            n = _copy(out, kept / IN_PROGRESS, state)
+            n = _replace_dir(kept / IN_PROGRESS, lambda tmp: _copy(out, tmp, state))
             print(f"{name} stopped (exit {code}); its resume state ({n} files) is in "
                   f"{kept / IN_PROGRESS}: commit it to go on from another checkout", flush=True)
         raise SystemExit(code)
