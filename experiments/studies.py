@@ -65,10 +65,12 @@ IN_PROGRESS = "in-progress"
 RESUME_STATE = (".autocompress.json", "{study}.json", "*.cache.json", "tables/*.cache.json")
 
 
-def _copy(source: Path, target: Path, patterns) -> int:
+def _copy(source: Path, target: Path, patterns, skip=lambda path: False) -> int:
     copied = 0
     for pattern in patterns:
         for path in source.glob(pattern):
+            if skip(path):
+                continue
             destination = target / path.relative_to(source)
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, destination)
@@ -119,13 +121,8 @@ def run(name: str) -> None:
             print(f"{name} stopped (exit {code}); its resume state ({n} files) is in "
                   f"{kept / IN_PROGRESS}: commit it to go on from another checkout", flush=True)
         raise SystemExit(code)
-    for pattern in KEPT:
-        for path in out.glob(pattern):
-            if path.name.endswith(".cache.json"):  # the sensitivity cache: input, not a result
-                continue
-            target = kept / path.relative_to(out)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
+    # the sensitivity caches are inputs, not results
+    _copy(out, kept, KEPT, skip=lambda path: path.name.endswith(".cache.json"))
     shutil.rmtree(kept / IN_PROGRESS, ignore_errors=True)
     print(f"copied {name}'s results to {kept}", flush=True)
 
