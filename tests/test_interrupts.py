@@ -211,3 +211,33 @@ def test_progress_bars_left_open_by_the_interrupt_write_nothing_after_its_line(c
     err = capsys.readouterr().err
     assert err.endswith("files already written are kept, nothing is half-written\n"), \
         repr(err[-80:])
+
+
+@pytest.mark.parametrize("interrupt, code, word", [(Terminated(), 143, "terminated"),
+                                                   (KeyboardInterrupt(), 130, "interrupted")])
+def test_a_signal_python_wrapped_in_another_error_still_ends_with_one_line(
+        monkeypatch, capsys, interrupt, code, word):
+    """A signal that lands in a class body's __set_name__ (a dataclass defined while a module
+    imports) reaches the program as a RuntimeError caused by it: it ends as the signal does,
+    not with a traceback (the SIGINT/SIGTERM drill met it). Other errors still propagate."""
+    from autocompress.cli import program
+
+    class Wrapping:
+        def __set_name__(self, owner, name):
+            raise interrupt
+
+    def command_hit_while_importing(args):
+        type("Table", (), {"meta": Wrapping()})  # what defining the dataclass did
+        return 0
+
+    monkeypatch.setitem(program.COMMANDS, "devices", command_hit_while_importing)
+    assert program.main(["devices"]) == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(word), lines
+
+    def command_failing(args):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setitem(program.COMMANDS, "devices", command_failing)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        program.main(["devices"])

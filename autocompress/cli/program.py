@@ -41,6 +41,26 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
             return exc.exit_code
         except KeyboardInterrupt as exc:
             return _interrupted(args, exc)
+        except Exception as exc:
+            # Python wraps what a signal raises in some places: inside a class body's
+            # __set_name__ (a dataclass being defined while a module imports) it becomes a
+            # RuntimeError caused by it (the fault drill's SIGTERM met it)
+            interrupt = _interrupt_behind(exc)
+            if interrupt is None:
+                raise
+            return _interrupted(args, interrupt)
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM an exception was raised from, if any (its cause or context
+    chain)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _interrupted(args, exc: KeyboardInterrupt) -> int:
