@@ -336,6 +336,11 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
                          "candidate": tune.grid_search(candidates)},
             tune_config=tune.TuneConfig(
                 metric="kl", mode="min", max_concurrent_trials=max(1, slots),
+                # a worker measures candidate after candidate with the model it loaded once
+                # (_worker_state); Ray's default starts a process, torch and the model per
+                # candidate. A trial stopped mid-build leaves its thread running: Ray then
+                # refuses the reset and starts a fresh worker
+                reuse_actors=True,
                 scheduler=ASHAScheduler(time_attr="tokens", max_t=max_t,
                                         grace_period=settings.grace_windows * tokens_per_window,
                                         reduction_factor=settings.reduction_factor)),

@@ -251,6 +251,12 @@ def test_eval_of_a_search_plan_reproduces_the_kl_the_search_reported(tiny_loaded
 
             ray.shutdown()
     assert any(cfg.method == "gptq" for cfg in result.chosen.configs.values())
+    if level3:  # one worker measured every candidate, with the model it loaded once (each
+        # candidate built in place and the model restored after: the KL check below holds
+        # for whichever candidate came after others)
+        trials = list((tmp_path / "level3" / "level3").glob("*/result.json"))
+        pids = {json.loads(t.read_text().splitlines()[0])["pid"] for t in trials}
+        assert len(trials) == len(result.candidates) > 1 and len(pids) == 1
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.provenance.mode == mode and plan.provenance.made_by == "search"
     assert plan.provenance.calib_windows == 2 and plan.provenance.calib_digest
