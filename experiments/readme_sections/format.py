@@ -69,6 +69,15 @@ def _timings(t: dict[str, float]) -> str:
     return ", ".join(known + other) or "not recorded"
 
 
+def _quartered(steps: list[int]) -> str:
+    """Where a recovery's validation stalled and its rate was quartered ("" when it never
+    did): one phrase for every table that shows a recovery's rate."""
+    if not steps:
+        return ""
+    plural = "s" if len(steps) > 1 else ""
+    return f" (quartered at step{plural} {', '.join(map(str, steps))}: validation had stalled)"
+
+
 def _rate_path(lr: float, abandoned: list[float] | None, lowered: int = 0) -> str:
     """The rates a recovery went through: those it backed off from, those a stall quartered
     (``lowered`` times), then the one it ended at."""

@@ -9,6 +9,7 @@ from .format import (
     NOT_MEASURED,
     Store,
     _fmt_ppl,
+    _quartered,
     _range,
     _rate_path,
     _secs,
@@ -159,8 +160,7 @@ def recovery(store: Store, name: str = "recovery.json", options: str = "") -> st
         lr = f"{_rate_path(e.kd.lr, e.kd.lr_abandoned, lowered)}, {schedule}"
         if e.kd.lr_abandoned:  # the rate it started at made the first validation worse
             lr += " (backed off)"
-        if lowered:
-            lr += f" (quartered at step {', '.join(map(str, e.kd.lr_lowered_at))}: stalled)"
+        lr += _quartered(e.kd.lr_lowered_at)
         rows.append(f"| {key} | {e.kd.train_windows} windows | {lr} | {e.kd.steps} ({e.kd.best_step}) "
                     f"| {e.holdout_kl_after:.4f} | {100 * e.holdout_kl_change:+.1f}% | "
                     f"{_fmt_ppl(e.test_ppl)} | {_secs(e.recover_s)} s |")

@@ -7,7 +7,7 @@ import re
 
 from results_schema import SEARCH_KEY
 
-from .format import TIMINGS, Store, _fmt_ppl, _range, _rate_path
+from .format import TIMINGS, Store, _fmt_ppl, _quartered, _range, _rate_path
 
 
 def _search_parts(key: str) -> tuple[str, str, str]:
@@ -48,11 +48,7 @@ def _rate(record: dict) -> str:
     if abandoned:
         text += (f" (backed off from {', '.join(f'{r:g}' for r in abandoned)}: the first "
                  "validation was worse)")
-    lowered = record.get("lr_lowered_at") or []
-    if lowered:
-        text += (f" (quartered at step {', '.join(map(str, lowered))}: validation had "
-                 "stalled)")
-    return text
+    return text + _quartered(record.get("lr_lowered_at") or [])
 
 
 def _stages_note(key: str, stages) -> str:
