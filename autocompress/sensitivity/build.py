@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..accounting import layer_bytes
 from ..compress.apply import hessian_layers, layer_stats, uses_calibration
-from ..compress.calibration import InputStats, collect_stats
+from ..compress.calibration import InputStats, sequential
 from ..compress.memo import LayerMemo, for_memo, memo_dir, worth_keeping
 from ..compress.stats_store import StatsStore
 from ..compress import gptq, lowrank
@@ -52,7 +52,8 @@ def make_proxy(name: str) -> SensitivityProxy:
 def table_key(loaded: LoadedModel, calib_digest: str, options: list[list[LayerConfig]],
               proxy: SensitivityProxy) -> dict:
     option_digest = hashlib.sha256(json.dumps(
-        [[o.to_dict() for o in opts] for opts in options], sort_keys=True).encode()).hexdigest()[:16]
+        [[o.to_dict() for o in opts] for opts in options],
+        sort_keys=True).encode()).hexdigest()[:16]
     from dataclasses import asdict
 
     from ..compress.weights import GPTQSettings
@@ -201,11 +202,17 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
                                  lambda block_layers, stats: rows(block_layers,
                                                                   stats if calibrated else None),
                                  hessian_layers=full if calibrated else set(), progress=progress)
+        elif calibrated:
+            proxy.prepare(loaded, windows, todo, progress=progress)
+            # the statistics one block at a time: one pass over the whole model would hold
+            # every layer's E[x xᵀ] at once (10 GB on a 1.5B model, 18 GB of float64 sums)
+            sequential(loaded.model, todo, windows,
+                       lambda index, stats, _runner: rows(
+                           [layer for layer in todo if layer.block == index], stats),
+                       progress=progress, hessian_layers=full)
         else:
             proxy.prepare(loaded, windows, todo, progress=progress)
-            stats = collect_stats(loaded.model, todo, windows, progress=progress,
-                                  hessian_layers=full) if calibrated else None
-            rows(todo, stats)
+            rows(todo, None)
         bar.close()
     return SensitivityTable(
         layers=[layer.name for layer in layers], options=options,

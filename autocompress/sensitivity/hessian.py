@@ -17,6 +17,8 @@ measured KL and the Hutchinson proxy on a tiny model with self-sampled windows.)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from tqdm.auto import tqdm
 
@@ -25,6 +27,7 @@ from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
 from ..placement import model_device, on_device_of
 from .base import SensitivityProxy, register
+from .blockwise import _output_squares_into, gradient_squares_by_block
 from .fisher import gradients_for
 
 
@@ -37,11 +40,8 @@ def output_fisher(loaded: LoadedModel, layers: list[LayerInfo], windows: torch.T
     sums = {layer.name: torch.zeros(layer.out_features, device=device) for layer in layers}
     handles = []
     for layer in layers:
-        def hook(_module, _grad_input, grad_output, name=layer.name):
-            g = grad_output[0].detach().float()
-            sums[name] += g.reshape(-1, g.shape[-1]).square().sum(dim=0)
-
-        handles.append(model.get_submodule(layer.name).register_full_backward_hook(hook))
+        handles.append(model.get_submodule(layer.name).register_full_backward_hook(
+            _output_squares_into(sums[layer.name])))
     # gradients must flow to the layers' outputs; the embedding is the cheapest leaf to enable
     try:
         with gradients_for(model, [model.get_input_embeddings().weight]):
@@ -67,6 +67,32 @@ class HessianProxy(SensitivityProxy):
         self.stats = collect_stats(loaded.model, layers, windows, progress=progress)
         self.weights = output_fisher(loaded, layers, windows, progress=progress)
         self.tokens = windows.shape[1] - 1  # T: the tokens each window's loss is the mean of
+
+    blockwise = True
+
+    def prepare_blocks(self, loaded: LoadedModel, windows: torch.Tensor,
+                       layers: list[LayerInfo], on_block, hessian_layers: set[str],
+                       progress: bool = True) -> None:
+        """One block at a time (blockwise.py): its layers' channel weights s from the
+        block's backward and their E[x xᵀ] from the same pass; the whole model's would hold
+        every layer's E[x xᵀ] at once (10 GB on a 1.5B model, ffn_down's 8960² each)."""
+        self.tokens = windows.shape[1] - 1
+        names = {layer.name: layer for layer in layers}
+
+        def ready(_index: int, sums: dict[str, torch.Tensor], stats: dict) -> None:
+            self.weights, self.stats = sums, stats
+            try:
+                # the operators see the full E[x xᵀ] only where the plans' statistics have it
+                # (GPTQ's layers): elsewhere what ``collect_stats`` would have kept
+                on_block([names[name] for name in sums],
+                         {name: s if name in hessian_layers else replace(s, hessian=None)
+                          for name, s in stats.items()})
+            finally:
+                self.weights, self.stats = {}, {}
+
+        gradient_squares_by_block(loaded.model, layers, windows, ready, "outputs",
+                                  progress=progress, desc="hessian",
+                                  hessian_layers={layer.name for layer in layers})
 
     def layer_costs(self, layer: LayerInfo, weight: torch.Tensor,
                     deltas: list[torch.Tensor]) -> list[float]:

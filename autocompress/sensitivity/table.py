@@ -103,4 +103,5 @@ class SensitivityTable:
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
-            raise AutocompressError(f"sensitivity table {str(path)!r} is not valid JSON ({exc})") from None
+            raise AutocompressError(
+                f"sensitivity table {str(path)!r} is not valid JSON ({exc})") from None

@@ -210,7 +210,8 @@ def test_a_recovery_row_says_where_a_stall_quartered_its_rate(copy):
         lr=1.25e-4, lr_lowered_at=[140, 300]))
     row = next(line for line in readme_tables.recovery(readme_tables.Store(results)).splitlines()
                if line.startswith("| kd-64w-cos |"))
-    assert "| 0.002 → 0.0005 → 0.000125, cosine (quartered at steps 140, 300: validation had stalled) |" in row
+    assert ("| 0.002 → 0.0005 → 0.000125, cosine (quartered at steps 140, 300: "
+            "validation had stalled) |") in row
 
 
 def test_missing_results_file_renders_not_measured(copy, capsys):

@@ -206,6 +206,81 @@ def test_hutchinson_trace_estimate_within_its_error_of_exact_trace(tiny_loaded, 
     assert abs(got - exact) < 4 * std_error
 
 
+def _hutchinson_by_autograd_grad(model, layers, windows, seed):
+    """The estimator written plainly: every gradient, probe and product at once, through
+    ``autograd.grad`` (the same probes: signs drawn per window in the layers' order)."""
+    params = [model.get_submodule(x.name).weight for x in layers]
+    generator = torch.Generator().manual_seed(seed)
+    sums = [0.0] * len(params)
+    with gradients_for(model, params), sdpa_kernel(SDPBackend.MATH):
+        for w in windows:
+            vs = [torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8).float()
+                  * 2 - 1 for p in params]
+            loss = model(w[None], labels=w[None], use_cache=False).loss
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            hvs = torch.autograd.grad(grads, params, grad_outputs=vs)
+            for k, (v, hv) in enumerate(zip(vs, hvs)):
+                sums[k] += float((v * hv).sum())
+    return {x.name: s / windows.shape[0] for x, s in zip(layers, sums)}
+
+
+def test_lean_hutchinson_is_the_plain_estimator_over_many_layers(tiny_loaded):
+    """Over every layer at once (cross-layer terms included), the lean double backward (each
+    gradient and product consumed as it arrives) gives the plain ``autograd.grad`` estimate."""
+    layers = tiny_loaded.layers
+    windows = _windows(tiny_loaded, 2, 12, seed=5)
+    got = hutchinson_traces(tiny_loaded, layers, windows, seed=3, progress=False)
+    expected = _hutchinson_by_autograd_grad(tiny_loaded.model, layers, windows, seed=3)
+    scale = max(abs(v) for v in expected.values())
+    assert scale > 0
+    for x in layers:
+        assert got[x.name] == pytest.approx(expected[x.name], rel=1e-4, abs=1e-5 * scale), x.name
+    assert not any(p.requires_grad or p.grad is not None
+                   for p in tiny_loaded.model.parameters())
+
+
+def test_output_gradients_taken_block_by_block_are_the_whole_model_s(tiny_loaded):
+    """The Hessian proxy's channel weights from the block-by-block backward equal the whole
+    model's backward hooks' (output_fisher), block after block from the last."""
+    from autocompress.sensitivity.blockwise import gradient_squares_by_block
+
+    layers = tiny_loaded.layers
+    windows = _windows(tiny_loaded, 3, 16, seed=4)
+    expected = output_fisher(tiny_loaded, layers, windows, progress=False)
+    got, seen = {}, []
+
+    def on_block(index, sums, _stats):
+        seen.append(index)
+        got.update(sums)
+
+    gradient_squares_by_block(tiny_loaded.model, layers, windows, on_block, "outputs",
+                              progress=False)
+    assert seen == sorted({x.block for x in layers}, reverse=True)
+    assert got.keys() == expected.keys()
+    for name, s in expected.items():
+        assert float(s.sum()) > 0
+        assert torch.allclose(got[name], s, rtol=1e-5, atol=1e-12 * float(s.max())), name
+    assert not any(p.requires_grad for p in tiny_loaded.model.parameters())
+
+
+def test_a_hessian_table_built_block_by_block_is_the_table_built_in_memory(tiny_loaded,
+                                                                           tmp_path):
+    """The Hessian proxy's table of the joint space (GPTQ, Wanda, low rank: statistics too)
+    is the same from its block-by-block preparation as from the whole model's."""
+    space = SearchSpace.load("joint")
+    windows = _windows(tiny_loaded, 2, 32, seed=6)
+    in_memory = HessianProxy()
+    in_memory.blockwise = False
+    reference = build_table(tiny_loaded, space, in_memory, windows, "test",
+                            cache=tmp_path / "memory.json", progress=False)
+    blockwise = build_table(tiny_loaded, space, HessianProxy(), windows, "test",
+                            cache=tmp_path / "blocks.json", progress=False)
+    assert blockwise.layers == reference.layers and blockwise.bytes == reference.bytes
+    for name, got, expected in zip(reference.layers, blockwise.cost, reference.cost):
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-9), name
+    assert max(max(row) for row in reference.cost) > 0
+
+
 def test_hutchinson_costs_scale_with_squared_norm(tiny_loaded):
     layer = _layer(tiny_loaded, 1, "down")
     proxy = HutchinsonProxy(probes=1)
