@@ -50,7 +50,8 @@ def studies_layers(store: Store) -> str:
              f"{_rho(rhos(row, 'measured').depth)} (measured)"
              for pair, row in data.correlations.items()]
     sources = "; ".join(
-        f"{e.name}: {'table ' + Path(e.source.table).name if e.source.table else 'table built here'}"
+        f"{e.name}: "
+        f"{'table ' + Path(e.source.table).name if e.source.table else 'table built here'}"
         f" ({e.source.proxy})" for e in data.models.values())
     every = (f"blocks 0, {p.measure_every}, {2 * p.measure_every}, …" if p.measure_every > 1
              else "every block")
@@ -110,8 +111,11 @@ def studies_proxies(store: Store) -> str:
         for name, record in entry.proxies.items():
             cells = [_rho(record.families[f].spearman) if f in record.families else "–"
                      for f in families]
-            rows.append(f"| {Path(spec).name} | {name} | {_secs(record.table_s)} s | "
-                        + " | ".join(cells) + " |")
+            attempts = len(record.attempts_s or [])
+            # a resumed table's time holds each attempt's own start-up (its forward redone)
+            cost = f"{_secs(record.table_s)} s" + (f" ({attempts} attempts)"
+                                                   if attempts > 1 else "")
+            rows.append(f"| {Path(spec).name} | {name} | {cost} | " + " | ".join(cells) + " |")
     plans = {Path(spec).name: len(e.plans) for spec, e in data.models.items()}
     text = Path(p.calib_text).name if p.calib_text else "the default corpus"
     return "\n".join(rows) + (
@@ -119,8 +123,9 @@ def studies_proxies(store: Store) -> str:
         f"plans per option family ({p.plans_per_family} per family; plans measured: "
         f"{', '.join(f'{m} {n}' for m, n in plans.items())}); table: the wall time of the "
         f"proxy's table on {p.calib_windows} calibration windows of {p.window_len} tokens of "
-        f"{text}. Protocol: {p.measured}; cost: {p.cost}. Reproduce: `.venv/bin/python "
-        "experiments/studies.py proxies`.")
+        f"{text}, summed over the attempts of a table that was stopped and resumed (each "
+        f"attempt redoes its forward pass). Protocol: {p.measured}; cost: {p.cost}. "
+        "Reproduce: `.venv/bin/python experiments/studies.py proxies`.")
 
 
 def studies_families(store: Store) -> str:

@@ -311,16 +311,18 @@ def test_the_proxies_study_renders_each_models_proxies_per_family(tmp_path):
                          "window_len": 512, "calib_text": "/d/wiki.valid.tokens", "seed": 0,
                          "plans": "…", "measured": "KL on 4 windows", "cost": "wall seconds"},
             "models": {spec: {"plans": {"quantization/0": {}, "2:4/0": {}},
-                              "proxies": {"fisher": {"table_s": s, "families": {
+                              "proxies": {"fisher": {"table_s": s, "attempts_s": a,
+                                                     "families": {
                                   "quantization": corr(0.8, 3), "2:4": corr(None, 2),
                                   "all": corr(0.5, 6)}}}}
-                       for spec, s in (("smollm2-135m", 201.3), ("/q/qwen.gguf", 3300.0))}}
+                       for spec, s, a in (("smollm2-135m", 201.3, [201.3]),
+                                          ("/q/qwen.gguf", 3300.0, [1000.0, 2300.0]))}}
     path = tmp_path / "studies" / "proxies" / "proxies.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(data))
     text = readme_tables.studies_proxies(readme_tables.Store(tmp_path))
     assert "| smollm2-135m | fisher | 201 s | +0.80 | – | +0.50 |" in text
-    assert "| qwen.gguf | fisher | 3300 s | +0.80 | – | +0.50 |" in text
+    assert "| qwen.gguf | fisher | 3300 s (2 attempts) | +0.80 | – | +0.50 |" in text
     data["models"]["smollm2-135m"]["proxies"]["fisher"]["families"]["all"]["plans"] = "six"
     path.write_text(json.dumps(data))
     with pytest.raises(results_schema.ResultsError, match="families.all.plans"):
