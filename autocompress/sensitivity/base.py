@@ -57,6 +57,18 @@ class SensitivityProxy(ABC):
         scores them from their ΔW. Must equal ``layer_costs`` on the same options."""
         return None
 
+    def prepared_state(self) -> dict | None:
+        """What ``prepare`` gathered, as JSON, where it is small enough to keep beside the
+        table's rows (None: not kept). A build resumed after an interruption then scores its
+        remaining layers with the same preparation, so its table is the uninterrupted one's
+        (a Hutchinson estimate depends on which layers share its probes)."""
+        return None
+
+    def restore_prepared(self, state: dict | None, layers: list[LayerInfo]) -> bool:
+        """Take back a ``prepared_state``; False (prepare again) where it does not cover
+        ``layers`` or the proxy keeps none."""
+        return False
+
     def describe(self) -> dict:
         """Settings that change the table's numbers (part of its cache key)."""
         return {"proxy": self.name}

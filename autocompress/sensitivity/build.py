@@ -75,6 +75,7 @@ class TableCache:
     def __init__(self, path: Path, key: dict, log: Callable[[str], None] = print):
         self.path, self.key, self.log = Path(path), key, log
         self.rows: dict[str, dict] = {}
+        self.prepared: dict | None = None  # the proxy's prepared_state, where it keeps one
         if not self.path.is_file():
             return
         try:
@@ -88,6 +89,7 @@ class TableCache:
             log(f"sensitivity cache {self.path} is for other inputs; rebuilding it")
             return
         self.rows = data["rows"]
+        self.prepared = data.get("prepared")
         if self.rows:
             log(f"reusing {len(self.rows)} cached rows of {self.path}")
 
@@ -109,7 +111,18 @@ class TableCache:
 
     def put(self, layer: str, cost: list[float], size: list[int]) -> None:
         self.rows[layer] = {"cost": cost, "bytes": size}
-        atomic_write_text(self.path, json.dumps({"key": self.key, "rows": self.rows}))
+        self._write()
+
+    def keep_prepared(self, state: dict | None) -> None:
+        if state is not None:
+            self.prepared = state
+            self._write()
+
+    def _write(self) -> None:
+        data = {"key": self.key, "rows": self.rows}
+        if self.prepared is not None:
+            data["prepared"] = self.prepared
+        atomic_write_text(self.path, json.dumps(data))
 
 
 def _row_ok(row, n: int) -> bool:
@@ -202,17 +215,23 @@ def build_table(loaded: LoadedModel, space, proxy: SensitivityProxy, windows: to
                                  lambda block_layers, stats: rows(block_layers,
                                                                   stats if calibrated else None),
                                  hessian_layers=full if calibrated else set(), progress=progress)
-        elif calibrated:
-            proxy.prepare(loaded, windows, todo, progress=progress)
-            # the statistics one block at a time: one pass over the whole model would hold
-            # every layer's E[x xᵀ] at once (10 GB on a 1.5B model, 18 GB of float64 sums)
-            sequential(loaded.model, todo, windows,
-                       lambda index, stats, _runner: rows(
-                           [layer for layer in todo if layer.block == index], stats),
-                       progress=progress, hessian_layers=full)
         else:
-            proxy.prepare(loaded, windows, todo, progress=progress)
-            rows(todo, None)
+            # a resumed build scores its remaining layers with the first attempt's preparation
+            # where the proxy keeps one: the table is then the uninterrupted build's
+            if proxy.restore_prepared(cache.prepared, todo):
+                log(f"reusing the {proxy.name} proxy's preparation from {cache.path}")
+            else:
+                proxy.prepare(loaded, windows, todo, progress=progress)
+                cache.keep_prepared(proxy.prepared_state())
+            if calibrated:
+                # the statistics one block at a time: one pass over the whole model would hold
+                # every layer's E[x xᵀ] at once (10 GB on a 1.5B model, 18 GB of float64 sums)
+                sequential(loaded.model, todo, windows,
+                           lambda index, stats, _runner: rows(
+                               [layer for layer in todo if layer.block == index], stats),
+                           progress=progress, hessian_layers=full)
+            else:
+                rows(todo, None)
         bar.close()
     return SensitivityTable(
         layers=[layer.name for layer in layers], options=options,

@@ -95,6 +95,17 @@ class HutchinsonProxy(SensitivityProxy):
                 progress: bool = True) -> None:
         self.traces = hutchinson_traces(loaded, layers, windows, self.probes, progress=progress)
 
+    def prepared_state(self) -> dict | None:
+        return {"traces": self.traces}
+
+    def restore_prepared(self, state: dict | None, layers: list[LayerInfo]) -> bool:
+        traces = (state or {}).get("traces")
+        if not isinstance(traces, dict) or any(
+                not isinstance(traces.get(layer.name), (int, float)) for layer in layers):
+            return False
+        self.traces = {name: float(t) for name, t in traces.items()}
+        return True
+
     def layer_costs(self, layer: LayerInfo, weight: torch.Tensor,
                     deltas: list[torch.Tensor]) -> list[float]:
         # a negative trace estimate (noise, or a saddle) would reward damage: floor it at 0

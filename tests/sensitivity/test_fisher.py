@@ -9,7 +9,8 @@ from autocompress.sensitivity.fisher import fisher_diagonal
 def test_fisher_is_mean_squared_gradient_per_window(tiny_loaded):
     model = tiny_loaded.model
     layers = tiny_loaded.layers[:3]
-    windows = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, model.config.vocab_size, (3, 16),
+                            generator=torch.Generator().manual_seed(0))
     fisher = fisher_diagonal(model, layers, windows, progress=False)
     weight = model.get_submodule(layers[2].name).weight
     expected = torch.zeros_like(weight)

@@ -361,6 +361,47 @@ def test_interrupted_build_resumes_at_the_next_layer(tiny_loaded, tmp_path):
     assert again.calls == [] and again.prepared == []
 
 
+class StoppingHutchinson(HutchinsonProxy):
+    """Hutchinson, stopped after ``fail_after`` layers; counts its preparations."""
+
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.fail_after, self.scored, self.prepares = fail_after, 0, 0
+
+    def prepare(self, *args, **kwargs):
+        self.prepares += 1
+        super().prepare(*args, **kwargs)
+
+    def rtn_costs(self, *args):
+        if self.fail_after is not None and self.scored >= self.fail_after:
+            raise RuntimeError("interrupted")
+        self.scored += 1
+        return super().rtn_costs(*args)
+
+
+def test_a_resumed_hutchinson_table_is_the_uninterrupted_one(tiny_loaded, tmp_path):
+    """The traces (whose estimates depend on which layers share the probes) are kept with the
+    rows: the resumed build does not prepare again and its table is the uninterrupted build's,
+    not one estimated over the remaining layers only."""
+    path, lines = tmp_path / "table-cache.json", []
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _build(tiny_loaded, StoppingHutchinson(fail_after=5), path, lines)
+    resumed = StoppingHutchinson()
+    table = _build(tiny_loaded, resumed, path, lines)
+    assert resumed.prepares == 0
+    assert any("reusing the hutchinson proxy's preparation" in line for line in lines)
+    fresh = _build(tiny_loaded, HutchinsonProxy(), tmp_path / "fresh.json", [])
+    assert table.cost == fresh.cost
+    # a preparation that does not cover the layers left is taken again
+    data = json.loads(path.read_text())
+    data["rows"] = {}
+    del data["prepared"]["traces"][tiny_loaded.layers[-1].name]
+    path.write_text(json.dumps(data))
+    again = StoppingHutchinson()
+    _build(tiny_loaded, again, path, [])
+    assert again.prepares == 1
+
+
 def test_cache_for_other_inputs_is_rebuilt_with_a_line(tiny_loaded, tmp_path):
     path, lines = tmp_path / "table-cache.json", []
     first = _build(tiny_loaded, CountingProxy(scale=1.0), path, lines)
