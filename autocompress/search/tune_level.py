@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import faults
 from ..compress.weights import GPTQSettings
 from ..errors import AutocompressError
 from ..interrupts import Terminated
@@ -113,8 +114,8 @@ def _worker_state(job_dir: Path, job: dict, threads: int):
         windows = load_file(str(job_dir / "windows.safetensors"))["windows"]
         saved = [load_file(str(job_dir / f"reference_{i}.safetensors"))
                  for i in range(job["windows"])]
-        _WORKER.update(job=(str(job_dir), job), windows=windows, reference=ReferenceCache.from_saved(
-            _WORKER["loaded"].model, windows, saved))
+        reference = ReferenceCache.from_saved(_WORKER["loaded"].model, windows, saved)
+        _WORKER.update(job=(str(job_dir), job), windows=windows, reference=reference)
     return _WORKER["loaded"], _WORKER["windows"], _WORKER["reference"]
 
 
@@ -201,6 +202,20 @@ def _progress_bar(n_candidates: int, windows: int):
             self.bar.close()
 
     return ProgressBar()
+
+
+def _fault_point():
+    """A Tune callback for the fault drill: the driver passes ``level3_result`` at each trial
+    result it receives, so a test can kill it with trials half-measured (a kill timed from
+    outside lands there only by luck: on the tiny model level 3 lasts a fraction of a
+    second)."""
+    from ray import tune
+
+    class FaultPoint(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            faults.point("level3_result")
+
+    return FaultPoint()
 
 
 @contextlib.contextmanager
@@ -318,6 +333,7 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
     on_gpu = job.get("placement", {}).get("device") == "cuda"
     trainable = tune.with_resources(evaluate_candidate, {"cpu": cpus, "gpu": 1 if on_gpu else 0})
     callbacks = [_progress_bar(len(candidates), job["windows"])] if progress else []
+    callbacks.append(_fault_point())
     storage = str(job_dir.resolve())
     experiment = Path(storage) / EXPERIMENT
     max_t = job["windows"] * tokens_per_window

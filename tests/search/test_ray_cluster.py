@@ -127,7 +127,8 @@ def test_a_search_killed_in_level3_on_the_cluster_resumes_there(two_nodes, tiny_
     """SIGKILL of the driver while the cluster measures; `--resume --address` continues the
     Tune experiment on the same cluster (waiting, if it must, for the dead driver's trials to
     free their CPUs) and repeats no level-2 trial."""
-    from tests.search.test_levels import _budget, _complete, _kill_when, _search_argv
+    from tests.search.test_levels import (KILL_IN_LEVEL3, _budget, _complete, _search_argv,
+                                          _wait_for_the_fault)
 
     out = tmp_path / "run"
     argv = _search_argv(tiny_model_dir, out, _budget(tiny_loaded), "--trials", "6",
@@ -136,9 +137,9 @@ def test_a_search_killed_in_level3_on_the_cluster_resumes_there(two_nodes, tiny_
     experiment = out / "level3" / "level3"
     command = [sys.executable, "-m", "autocompress.cli", *argv]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    _kill_when(driver, lambda: any(p.stat().st_size > 0
-                                   for p in experiment.glob("*/progress.csv")))
+                              start_new_session=True,
+                              env={**os.environ, "AUTOCOMPRESS_FAULT": KILL_IN_LEVEL3})
+    _wait_for_the_fault(driver)
     # in a process of its own with a time limit: a resume that waits on the cluster fails
     # this test instead of hanging the suite
     resumed = subprocess.run(command + ["--resume"], check=False, capture_output=True,
