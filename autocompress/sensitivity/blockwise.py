@@ -76,25 +76,11 @@ def gradient_squares_by_block(model: nn.Module, layers: list[LayerInfo], windows
             modules = {layer.name: model.get_submodule(layer.name) for layer in block_layers}
             accumulators: dict = {}
             hooks = _hook_layers(model, block_layers, accumulators, hessian_layers)
-            if gather == "weights":
-                params = [m.weight for m in modules.values()]
-                sums = {name: torch.zeros_like(m.weight, dtype=torch.float32)
-                        for name, m in modules.items()}
-            else:
-                params = []  # the block's input takes gradients: its layers' outputs get them
-                sums = {name: torch.zeros(m.weight.shape[0], device=m.weight.device)
-                        for name, m in modules.items()}
+            params, sums, hook_squares = _gathering(gather, modules)
             with gradients_for(model, params):
                 for p in params:
                     p.grad = None  # a gradient left from elsewhere would be counted
-                if gather == "weights":
-                    # each gradient is squared into its sum and dropped as soon as backward
-                    # has it: one layer's gradient alive at a time
-                    handles = [m.weight.register_post_accumulate_grad_hook(
-                        _squared_into(sums[name])) for name, m in modules.items()]
-                else:
-                    handles = [m.register_full_backward_hook(_output_squares_into(sums[name]))
-                               for name, m in modules.items()]
+                handles = hook_squares()
                 try:
                     for w, (h, kwargs) in enumerate(zip(hidden, runner.kwargs)):
                         h = h.detach().requires_grad_(True)
@@ -118,14 +104,36 @@ def gradient_squares_by_block(model: nn.Module, layers: list[LayerInfo], windows
     bar.close()
 
 
-def _squared_into(total: torch.Tensor):
+def _gathering(gather: Gathered, modules: dict[str, nn.Module]):
+    """What ``gather`` takes of a block's layers: the parameters that must take gradients,
+    the zeroed sums, and a function that hooks the squares into them and returns the handles
+    (called once the parameters take gradients: a weight's hook needs that)."""
+    if gather == "weights":
+        # each gradient is squared into its sum and dropped as soon as backward has it: one
+        # layer's gradient alive at a time
+        sums = {name: torch.zeros_like(m.weight, dtype=torch.float32)
+                for name, m in modules.items()}
+        return [m.weight for m in modules.values()], sums, lambda: [
+            m.weight.register_post_accumulate_grad_hook(squared_into(sums[name]))
+            for name, m in modules.items()]
+    # no parameter takes gradients: the block's input does, so its layers' outputs get them
+    sums = {name: torch.zeros(m.weight.shape[0], device=m.weight.device)
+            for name, m in modules.items()}
+    return [], sums, lambda: [m.register_full_backward_hook(output_squares_into(sums[name]))
+                              for name, m in modules.items()]
+
+
+def squared_into(total: torch.Tensor):
+    """A post-accumulate-grad hook: adds the parameter's squared gradient to ``total`` and
+    drops the gradient."""
     def hook(param: torch.Tensor) -> None:
         total.add_(param.grad.float().square())
         param.grad = None
     return hook
 
 
-def _output_squares_into(total: torch.Tensor):
+def output_squares_into(total: torch.Tensor):
+    """A full backward hook: adds Σ_t (∂L/∂y_t)² per output channel to ``total``."""
     def hook(_module, _grad_input, grad_output) -> None:
         g = grad_output[0].detach().float()
         total.add_(g.reshape(-1, g.shape[-1]).square().sum(dim=0))

@@ -20,7 +20,7 @@ from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
 from ..placement import on_device_of
 from .base import SensitivityProxy, register
-from .blockwise import OnBlock, _squared_into, gradient_squares_by_block
+from .blockwise import OnBlock, squared_into, gradient_squares_by_block
 
 
 def fisher_diagonal(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,
@@ -36,7 +36,7 @@ def fisher_diagonal(model: nn.Module, layers: list[LayerInfo], windows: torch.Te
             p.grad = None  # a gradient left from elsewhere would be counted in the first sum
         # each gradient is squared into its sum and dropped as soon as backward has it: one
         # layer's gradient alive at a time, not the whole model's
-        handles = [p.register_post_accumulate_grad_hook(_squared_into(sums[name]))
+        handles = [p.register_post_accumulate_grad_hook(squared_into(sums[name]))
                    for name, p in params.items()]
         try:
             for i in tqdm(range(windows.shape[0]), desc="fisher", disable=not progress,

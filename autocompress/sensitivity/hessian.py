@@ -27,7 +27,7 @@ from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
 from ..placement import model_device, on_device_of
 from .base import SensitivityProxy, register
-from .blockwise import _output_squares_into, gradient_squares_by_block
+from .blockwise import output_squares_into, gradient_squares_by_block
 from .fisher import gradients_for
 
 
@@ -41,7 +41,7 @@ def output_fisher(loaded: LoadedModel, layers: list[LayerInfo], windows: torch.T
     handles = []
     for layer in layers:
         handles.append(model.get_submodule(layer.name).register_full_backward_hook(
-            _output_squares_into(sums[layer.name])))
+            output_squares_into(sums[layer.name])))
     # gradients must flow to the layers' outputs; the embedding is the cheapest leaf to enable
     try:
         with gradients_for(model, [model.get_input_embeddings().weight]):
