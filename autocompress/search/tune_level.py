@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import tempfile
@@ -218,6 +219,27 @@ def _fault_point():
     return FaultPoint()
 
 
+class _MissingFilesWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to fetch metrics")
+
+
+@contextlib.contextmanager
+def _without_missing_files_warnings():
+    """Tune's results (loaded when an experiment is restored, and when it ends) warn "Failed to
+    fetch metrics ... FileNotFoundError" for a trial whose result files a killed driver never
+    flushed, which reads as lost work on a resume.
+    Nothing is lost: level 3's figures are each trial's last result, kept in the experiment's
+    state, and a trial without one stops the search below."""
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    quiet = _MissingFilesWarning()
+    analysis_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        analysis_log.removeFilter(quiet)
+
+
 @contextlib.contextmanager
 def _keeping_sigterm_handler():
     """ray.init replaces the process's SIGTERM handler (with sys.exit, and its core worker's
@@ -339,8 +361,9 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
     max_t = job["windows"] * tokens_per_window
     if resume and tune.Tuner.can_restore(str(experiment)):
         log("level 3: restoring the Ray Tune experiment")
-        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        with _without_missing_files_warnings():  # it loads the killed run's results
+            tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True,
+                                       resume_errored=True)
     else:
         if experiment.exists():
             import shutil
@@ -367,7 +390,8 @@ def run_level3(job_dir: Path, candidates: list[str], settings: Level3Settings,
                                       # num_to_keep=1 a kill between deleting the old one and
                                       # saving the state leaves the state naming a deleted one
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=None)))
-    results = tuner.fit()
+    with _without_missing_files_warnings():
+        results = tuner.fit()
     out = {}
     for result in results:
         if result.error is not None:

@@ -20,7 +20,7 @@ from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
 from ..placement import on_device_of
 from .base import SensitivityProxy, register
-from .blockwise import OnBlock, squared_into, gradient_squares_by_block
+from .blockwise import OnBlock, gradient_squares_by_block, squared_into
 
 
 def fisher_diagonal(model: nn.Module, layers: list[LayerInfo], windows: torch.Tensor,

@@ -27,7 +27,7 @@ from ..compress.quant import quant_error_many
 from ..model import LayerInfo, LoadedModel
 from ..placement import model_device, on_device_of
 from .base import SensitivityProxy, register
-from .blockwise import output_squares_into, gradient_squares_by_block
+from .blockwise import gradient_squares_by_block, output_squares_into
 from .fisher import gradients_for
 
 
