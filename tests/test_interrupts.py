@@ -97,7 +97,7 @@ _NATIVE_SIGTERM = """
 import ctypes, signal
 import ray
 from autocompress.interrupts import signals_unwind
-from autocompress.search.tune_level import start_ray
+from autocompress.search.ray_cluster import start_ray
 from autocompress.sensitivity.measured import {pool}
 
 def native(sig):  # the action the kernel runs, whatever Python has on record
@@ -139,7 +139,7 @@ def test_sigterm_during_ray_init_ends_as_everywhere_else(monkeypatch):
     import sys
     import types
 
-    from autocompress.search import tune_level
+    from autocompress.search import ray_cluster
 
     def init_hit_by_sigterm(**kwargs):
         raise SystemExit(signal.SIGTERM)  # what Ray's handler does
@@ -148,7 +148,7 @@ def test_sigterm_during_ray_init_ends_as_everywhere_else(monkeypatch):
     fake = types.SimpleNamespace(is_initialized=lambda: False, init=init_hit_by_sigterm)
     monkeypatch.setitem(sys.modules, "ray", fake)
     with signals_unwind(), pytest.raises(Terminated):
-        tune_level.start_ray(1, None)
+        ray_cluster.start_ray(1, None)
 
 
 def test_the_command_line_is_built_without_torch():

@@ -65,7 +65,7 @@ def cmd_search(args) -> int:
     state = check_search_dir(args.out, resume=args.resume, force=args.force, inputs=inputs)
     check_storage(args.storage, args.out)
     if args.address:
-        from ..search.tune_level import check_cluster_address
+        from ..search.ray_cluster import check_cluster_address
 
         check_cluster_address(args.address)  # said now, not after the sensitivity table
     export = args.export or ("gguf" if space.all_gguf else "none")

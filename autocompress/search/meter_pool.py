@@ -78,7 +78,7 @@ class MeterPool:
 
         import ray
 
-        from .tune_level import start_ray
+        from .ray_cluster import start_ray
 
         start_ray(num_cpus, address)
         placement = placement or {"device": "cpu", "dtype": "float32"}

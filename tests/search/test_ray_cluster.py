@@ -156,7 +156,7 @@ def test_a_cluster_without_a_free_cpu_is_a_clear_error_not_a_hang(monkeypatch):
     import ray
 
     from autocompress.errors import AutocompressError
-    from autocompress.search.tune_level import wait_for_cpus
+    from autocompress.search.ray_cluster import wait_for_cpus
 
     lines = []
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
