@@ -218,11 +218,6 @@ def _fault_point():
     return FaultPoint()
 
 
-class _MissingFilesWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to fetch metrics")
-
-
 @contextlib.contextmanager
 def _without_missing_files_warnings():
     """Tune's results (loaded when an experiment is restored, and when it ends) warn "Failed to
@@ -231,7 +226,10 @@ def _without_missing_files_warnings():
     Nothing is lost: level 3's figures are each trial's last result, kept in the experiment's
     state, and a trial without one stops the search below."""
     analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    quiet = _MissingFilesWarning()
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to fetch metrics")
+
     analysis_log.addFilter(quiet)
     try:
         yield

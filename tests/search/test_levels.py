@@ -185,13 +185,13 @@ def _search_argv(model_dir, out, budget, *extra):
 KILL_IN_LEVEL3 = "level3_result:3"
 
 
-def _start(argv, fault=KILL_IN_LEVEL3):
+def _start(argv):
     code = ("import sys, torch; torch.set_num_threads(1); from autocompress.cli import main; "
             "sys.exit(main(sys.argv[1:]))")
     return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "RAY_AUTH_MODE": "disabled",
-                                 "AUTOCOMPRESS_FAULT": fault})
+                                 "AUTOCOMPRESS_FAULT": KILL_IN_LEVEL3})
 
 
 def _wait_for_the_fault(proc, timeout=240):
